@@ -1,0 +1,192 @@
+"""``knowsam-bench``: the command line. Heavy imports (torch, pandas) happen inside commands
+so that ``--help`` stays fast. Expected failures print one line on stderr and exit non-zero;
+``--debug`` shows the traceback instead."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from knowsam.errors import KnowsamError
+
+app = typer.Typer(
+    name="knowsam-bench",
+    help="Benchmark harness for KnowSAM and semi-supervised medical image segmentation.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+_state = {"debug": False}
+
+PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Params file (DVC's params.yaml).")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _load_params(path: Path):
+    from knowsam import config
+
+    return config.load(path)
+
+
+def _run_ids(params, method, dataset, ratio, seed):
+    from knowsam.runs import RunId
+
+    if dataset not in params.datasets:
+        raise KnowsamError(f"dataset {dataset!r} is not in params 'datasets' ({', '.join(params.datasets)})", 2)
+    if method not in params.methods:
+        raise KnowsamError(f"method {method!r} is not in params 'methods' ({', '.join(params.methods)})", 2)
+    return RunId(method=method, dataset=dataset, ratio=ratio, seed=seed)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods, one line each."""
+    from rich.console import Console
+
+    from knowsam.methods import get_method, method_names
+
+    console = Console()
+    names = method_names()
+    width = max(map(len, names))
+    for name in names:
+        console.print(f"[bold]{name:<{width}}[/]  {get_method(name).description}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, paper."),
+            params_file: Path = PARAMS_OPTION) -> None:
+    """Switch params.yaml to a profile (the demo is the default)."""
+    import yaml
+
+    from knowsam import config, io
+
+    source = config.profile_path(name)
+    config.validate(config.parse(yaml.safe_load(source.read_text()), str(source)))
+    io.write_text(params_file, source.read_text())
+    typer.echo(f"{params_file}: now profile '{name}' (from {source.name}); run `dvc repro`")
+
+
+@app.command()
+def acquire(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION,
+            offline: bool = typer.Option(False, help="Use only the mirror, never the network.")) -> None:
+    """Fetch a dataset (mirror, else official download) into data/raw/<dataset>."""
+    from knowsam.data.acquire import acquire as do_acquire
+
+    params = _load_params(params_file)
+    mirror = Path(params.data.mirror) if params.data.mirror else None
+    path = do_acquire(dataset, Path(params.data.raw_root), mirror=mirror, offline=offline,
+                      demo_train=params.data.demo_train, demo_test=params.data.demo_test)
+    typer.echo(f"{dataset}: ready in {path}")
+
+
+@app.command()
+def prepare(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION) -> None:
+    """Prepare a dataset: checked, resized arrays + original masks + fingerprint report."""
+    import time
+
+    from knowsam.data.preparers import prepare_dataset
+
+    params = _load_params(params_file)
+    start = time.perf_counter()
+    meta = prepare_dataset(dataset, params)
+    counts = ", ".join(f"{k} {v}" for k, v in meta["test_sets"].items())
+    typer.echo(f"{dataset}: train {meta['train']}; test {counts} "
+               f"({time.perf_counter() - start:.1f} s at {meta['image_size']} px)")
+
+
+@app.command()
+def split(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION,
+          ratio: Optional[float] = typer.Option(None, help="Only this ratio (default: every ratio in params)."),
+          seed: Optional[int] = typer.Option(None, help="Only this seed (default: every seed in params).")) -> None:
+    """Write the split files of a dataset (every ratio and seed in params unless one is given)."""
+    from knowsam.data.prepared import PreparedDataset
+    from knowsam.data.splits import split_path, write_split
+
+    params = _load_params(params_file)
+    data = PreparedDataset(Path(params.data.prepared_root) / dataset)
+    for ratio in [ratio] if ratio is not None else params.ratios:
+        for seed in [seed] if seed is not None else params.seeds:
+            out = split_path(params.data.splits_root, dataset, ratio, seed)
+            counts = write_split(data, out, ratio, seed, params.data.val_fraction)["counts"]
+            typer.echo(f"{out}: labeled {counts['labeled']}, unlabeled {counts['unlabeled']}, "
+                       f"validation {counts['validation']}")
+
+
+@app.command()
+def train(method: str = typer.Option(..., help="Method name (see `knowsam-bench methods`)."),
+          dataset: str = typer.Option(...), ratio: float = typer.Option(...), seed: int = typer.Option(...),
+          params_file: Path = PARAMS_OPTION,
+          progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
+    """Train one run (what a DVC train stage calls); resumes from its last checkpoint."""
+    from knowsam.train import train_run
+
+    params = _load_params(params_file)
+    run = _run_ids(params, method, dataset, ratio, seed)
+    summary = train_run(params, run, progress=progress)
+    typer.echo(f"{run.stage_name}: {summary['iterations']} iterations, best validation Dice "
+               f"{summary['best_val_dice']:.4f} at {summary['best_step']}")
+
+
+@app.command()
+def evaluate(method: str = typer.Option(...), dataset: str = typer.Option(...), ratio: float = typer.Option(...),
+             seed: int = typer.Option(...), params_file: Path = PARAMS_OPTION) -> None:
+    """Score one trained run on every test set of its dataset."""
+    from knowsam.evaluate import evaluate_run
+
+    params = _load_params(params_file)
+    run = _run_ids(params, method, dataset, ratio, seed)
+    summary = evaluate_run(params, run)
+    parts = ", ".join(f"{k} {v['mDice']:.4f}" for k, v in summary["test_sets"].items())
+    typer.echo(f"{run.stage_name}: mDice {parts}")
+
+
+@app.command()
+def leaderboard(params_file: Path = PARAMS_OPTION,
+                out: Path = typer.Option(Path("reports"), help="Folder for leaderboard.md/.csv and figures.")) -> None:
+    """Build reports/leaderboard.md and .csv from every evaluated run of the params matrix."""
+    from knowsam.report.leaderboard import write_leaderboard
+
+    params = _load_params(params_file)
+    path = write_leaderboard(params, out)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def score(pred_dir: Path = typer.Argument(..., help="Folder of prediction maps (png/jpg, 0-255)."),
+          gt_dir: Path = typer.Argument(..., help="Folder of ground-truth masks, matched by file stem."),
+          threshold: float = typer.Option(0.5, help="Foreground if value/255 > threshold."),
+          as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+          out: Optional[Path] = typer.Option(None, help="Write the per-image CSV here.")) -> None:
+    """Score any folder of predictions against ground-truth masks at the masks' resolution."""
+    from knowsam.report.score import score_command
+
+    raise typer.Exit(score_command(pred_dir, gt_dir, threshold, out, as_json))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: turns expected errors into one stderr line and an exit status."""
+    try:
+        app(args=argv, prog_name="knowsam-bench", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KnowsamError as exc:
+        if _state["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())

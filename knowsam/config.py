@@ -1,0 +1,217 @@
+"""Parameters: typed, validated before anything runs, loaded from ``params.yaml``.
+
+``params.yaml`` is what DVC reads (its lists drive the stage matrix) and what every
+stage validates first. A profile (``knowsam/profiles/<name>.yaml``) is a complete
+``params.yaml``; ``knowsam-bench profile NAME`` switches to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from knowsam.errors import ConfigError
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    raw_root: str = "data/raw"
+    prepared_root: str = "data/prepared"
+    splits_root: str = "data/splits"
+    mirror: str | None = None  # folder holding datasets offline; env KNOWSAM_MIRROR is the fallback
+    image_size: int = 256
+    interpolation: str = "bilinear"  # "nearest" reproduces the official code (defect 10)
+    val_fraction: float = 0.05  # of the training pool, held out for model selection
+    demo_train: int = 200
+    demo_test: int = 40
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    iterations: int = 30000
+    batch_size: int = 24
+    labeled_batch: int = 12
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    eval_every: int = 200
+    checkpoint_every: int = 1000
+    threads: int = 0  # 0: torch's default
+    device: str = "auto"  # auto | cpu | cuda | mps
+
+
+@dataclass(frozen=True)
+class SamParams:
+    arch: str = "vit_b"  # vit_b | vit_l | vit_h | tiny
+    checkpoint: str = "official"  # official | none (random init, stated in every table) | a file path
+    cache_dir: str = "~/.cache/knowsam-bench"
+    normalize_pixels: bool = False  # official code feeds [0,1] pixels without SAM's normalisation
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    resolution: str = "original"  # original | training
+    overlay_images: int = 4
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str
+    datasets: list[str]
+    methods: list[str]
+    ratios: list[float]
+    seeds: list[int]
+    data: DataParams = field(default_factory=DataParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    sam: SamParams = field(default_factory=SamParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+INTERPOLATIONS = ("bilinear", "nearest")
+RESOLUTIONS = ("original", "training")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"params: '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"params: '{key}' must be a list, got {type(value).__name__}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"params: '{key}' must be a mapping, got {type(value).__name__}")
+        return {str(k): v for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is a subclass of int: refuse `iterations: true` and `normalize_pixels: 1` alike.
+    if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
+        raise ConfigError(f"params: '{key}' must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"params: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], prefix + f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"params: missing key '{prefix}{f.name}'")
+    return cls(**kwargs)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"params: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate(params: Params) -> Params:
+    """Semantic checks that types alone cannot express. Returns ``params`` unchanged."""
+    from knowsam.data.sources import DATASETS
+    from knowsam.methods.registry import method_names, validate_method_params
+
+    for key, items in (("datasets", params.datasets), ("methods", params.methods),
+                       ("ratios", params.ratios), ("seeds", params.seeds)):
+        if not items:
+            raise ConfigError(f"params: '{key}' is empty; list at least one")
+        if len(set(items)) != len(items):
+            raise ConfigError(f"params: '{key}' has duplicates: {items}")
+    for i, name in enumerate(params.datasets):
+        if name not in DATASETS:
+            raise ConfigError(f"params: 'datasets[{i}]' unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    known = method_names()
+    for i, name in enumerate(params.methods):
+        if name not in known:
+            raise ConfigError(f"params: 'methods[{i}]' unknown method {name!r}; known: {', '.join(known)}")
+    for i, ratio in enumerate(params.ratios):
+        if not 0.0 < ratio <= 1.0:
+            raise ConfigError(f"params: 'ratios[{i}]' = {ratio} must be in (0, 1]")
+    for i, seed in enumerate(params.seeds):
+        if seed < 0:
+            raise ConfigError(f"params: 'seeds[{i}]' = {seed} must be >= 0")
+    d, t = params.data, params.train
+    _check_choice(d.interpolation, INTERPOLATIONS, "data.interpolation")
+    _check_choice(params.eval.resolution, RESOLUTIONS, "eval.resolution")
+    _check_choice(t.device, DEVICES, "train.device")
+    if d.image_size < 16 or d.image_size % 16:
+        raise ConfigError(f"params: 'data.image_size' = {d.image_size} must be a positive multiple of 16 "
+                          "(four 2x poolings in the U-Net and SAM's 16-pixel patches)")
+    if not 0.0 <= d.val_fraction < 0.5:
+        raise ConfigError(f"params: 'data.val_fraction' = {d.val_fraction} must be in [0, 0.5)")
+    for key in ("iterations", "batch_size", "eval_every", "checkpoint_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"params: 'train.{key}' must be >= 1, got {getattr(t, key)}")
+    if not 1 <= t.labeled_batch <= t.batch_size:
+        raise ConfigError(f"params: 'train.labeled_batch' = {t.labeled_batch} must be in [1, train.batch_size = {t.batch_size}]")
+    if t.lr <= 0:
+        raise ConfigError(f"params: 'train.lr' must be > 0, got {t.lr}")
+    for name, overrides in params.method_params.items():
+        if name not in known:
+            raise ConfigError(f"params: 'method_params.{name}' names an unknown method; known: {', '.join(known)}")
+        validate_method_params(name, overrides)
+    return params
+
+
+def parse(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    return _build(Params, raw)
+
+
+def load(path: str | Path = "params.yaml", *, check: bool = True) -> Params:
+    """Read, type-check and (by default) semantically validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    params = parse(raw, str(path))
+    return validate(params) if check else params
+
+
+def to_dict(params: Params) -> dict:
+    return dataclasses.asdict(params)
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def profile_path(name: str) -> Path:
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown profile {name!r}; known: {', '.join(profile_names())}")
+    return path

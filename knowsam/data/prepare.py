@@ -1,0 +1,220 @@
+"""Preparation: raw dataset folder -> the prepared format (see ``knowsam.data.prepared``).
+
+Polyp-layout datasets (the PraNet protocol and the synthetic demo) are handled here;
+each image/mask pair is checked (missing mask, size mismatch, non-binary values) and
+exact duplicates across train/test are found by content hash. A fingerprint report
+(counts, sizes, foreground fraction, problems) is written next to the arrays and to
+``reports/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from knowsam import io
+from knowsam.data.prepared import FORMAT_VERSION, part_slug
+from knowsam.errors import KnowsamError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class PairResult:
+    name: str
+    image: np.ndarray  # (C, S, S) uint8
+    mask_small: np.ndarray  # (S, S) uint8 class ids
+    mask_orig: np.ndarray  # (H, W) uint8 class ids
+    image_sha256: str
+    nonbinary_pixels: int
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB frame as (H, W, 3) uint8; TIFFs go through tifffile (CVC frames mis-tagged as grey)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            arr = tifffile.imread(path)
+        else:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise KnowsamError(f"{path}: unreadable image ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        raise KnowsamError(f"{path}: expected a colour image, got array shape {arr.shape}")
+    return np.ascontiguousarray(arr[:, :, :3]).astype(np.uint8, copy=False)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask as (H, W) uint8 grey values (colour masks are converted to grey)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            arr = tifffile.imread(path)
+            if arr.ndim == 3:
+                arr = arr[..., :3].max(axis=2)
+        else:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("L"))
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise KnowsamError(f"{path}: unreadable mask ({exc.__class__.__name__})") from None
+    return arr.astype(np.uint8, copy=False)
+
+
+def resize_image(arr: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    """(H, W, C) uint8 -> (C, S, S); PIL's bilinear filter antialiases when shrinking."""
+    im = Image.fromarray(arr).resize((size, size), _PIL_FILTERS[interpolation])
+    return np.asarray(im).transpose(2, 0, 1).copy()
+
+
+def resize_binary_mask(mask: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    """Binary {0,1} mask to S x S: bilinear coverage thresholded at 0.5 keeps boundaries smooth."""
+    im = Image.fromarray(mask * 255).resize((size, size), _PIL_FILTERS[interpolation])
+    return (np.asarray(im) > 127).astype(np.uint8)
+
+
+def find_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(stem, image, mask) matched by file stem; a frame without a mask is an error."""
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise KnowsamError(f"{d}: folder not found")
+    images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+    masks = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+    if not images:
+        raise KnowsamError(f"{images_dir}: no images found")
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        raise KnowsamError(f"{images_dir / missing[0]}: no mask with this stem in {masks_dir} "
+                           f"({len(missing)} frame(s) without a mask)")
+    return [(stem, images[stem], masks[stem]) for stem in sorted(images, key=_natural_key)]
+
+
+def _natural_key(stem: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", stem))
+
+
+def load_pair(args: tuple[str, Path, Path, int, str]) -> PairResult:
+    name, image_path, mask_path, size, interpolation = args
+    image = read_image(image_path)
+    grey = read_mask(mask_path)
+    if grey.shape != image.shape[:2]:
+        raise KnowsamError(f"{mask_path}: mask size {grey.shape[1]}x{grey.shape[0]} differs from "
+                           f"its image's {image.shape[1]}x{image.shape[0]}")
+    binary = (grey > 127).astype(np.uint8)
+    nonbinary = int(np.count_nonzero((grey != 0) & (grey != 255)))
+    return PairResult(
+        name=name,
+        image=resize_image(image, size, interpolation),
+        mask_small=resize_binary_mask(binary, size, interpolation),
+        mask_orig=binary,
+        image_sha256=hashlib.sha256(image.tobytes()).hexdigest(),
+        nonbinary_pixels=nonbinary,
+    )
+
+
+def _load_all(pairs, size: int, interpolation: str, workers: int) -> list[PairResult]:
+    jobs = [(n, i, m, size, interpolation) for n, i, m in pairs]
+    if workers <= 1 or len(jobs) < 32:
+        return [load_pair(j) for j in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(load_pair, jobs, chunksize=16))
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with io.atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with io.atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def _stats(results: list[PairResult]) -> dict:
+    sizes = Counter(f"{r.mask_orig.shape[1]}x{r.mask_orig.shape[0]}" for r in results)
+    fg = np.array([r.mask_orig.mean() for r in results]) if results else np.zeros(0)
+    return {
+        "n": len(results),
+        "sizes": dict(sizes.most_common()),
+        "foreground_fraction": {"mean": float(fg.mean()) if len(fg) else 0.0,
+                                "min": float(fg.min()) if len(fg) else 0.0,
+                                "max": float(fg.max()) if len(fg) else 0.0},
+        "empty_masks": int(sum(r.mask_orig.max() == 0 for r in results)),
+        "nonbinary_masks": int(sum(r.nonbinary_pixels > 0 for r in results)),
+    }
+
+
+def prepare_polyp_layout(raw: Path, out: Path, *, dataset: str, image_size: int, interpolation: str,
+                         test_sets: list[str], workers: int = 2) -> dict:
+    """Prepare ``raw/TrainDataset`` and each available ``raw/TestDataset/<set>`` into ``out``.
+
+    Output is assembled in a temporary sibling folder and renamed into place, so an
+    interrupted preparation never leaves a half-prepared dataset behind.
+    """
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        train_pairs = find_pairs(raw / "TrainDataset" / "images", raw / "TrainDataset" / "masks")
+        train = _load_all(train_pairs, image_size, interpolation, workers)
+        _save_npy(tmp / "train_images.npy", np.stack([r.image for r in train]))
+        _save_npy(tmp / "train_masks.npy", np.stack([r.mask_small for r in train]))
+        io.write_text(tmp / "train_index.csv",
+                      pd.DataFrame({"name": [r.name for r in train], "case": [r.name for r in train]})
+                      .to_csv(index=False))
+        fingerprint = {"train": _stats(train), "test_sets": {}, "unavailable": [], "problems": []}
+        train_hashes = {r.image_sha256: r.name for r in train}
+        available = []
+        for test_set in test_sets:
+            folder = raw / "TestDataset" / test_set
+            if not folder.is_dir():
+                fingerprint["unavailable"].append(test_set)
+                continue
+            results = _load_all(find_pairs(folder / "images", folder / "masks"), image_size, interpolation, workers)
+            slug = part_slug(test_set)
+            _save_npy(tmp / f"{slug}_images.npy", np.stack([r.image for r in results]))
+            index = pd.DataFrame({
+                "name": [r.name for r in results], "case": [r.name for r in results], "slice": 0,
+                "orig_h": [r.mask_orig.shape[0] for r in results], "orig_w": [r.mask_orig.shape[1] for r in results],
+                "spacing_z": 1.0, "spacing_y": 1.0, "spacing_x": 1.0,
+            })
+            io.write_text(tmp / f"{slug}_index.csv", index.to_csv(index=False))
+            _save_npz(tmp / f"{slug}_gt.npz", {r.name: r.mask_orig for r in results})
+            stats = _stats(results)
+            dupes = sorted(f"{test_set}/{r.name} == train/{train_hashes[r.image_sha256]}"
+                           for r in results if r.image_sha256 in train_hashes)
+            stats["duplicates_of_train"] = len(dupes)
+            fingerprint["problems"] += [f"cross-set duplicate: {d}" for d in dupes]
+            fingerprint["test_sets"][test_set] = stats
+            available.append(test_set)
+        meta = {
+            "format_version": FORMAT_VERSION, "dataset": dataset, "num_classes": 2, "in_channels": 3,
+            "class_names": ["background", "lesion"], "image_size": image_size, "interpolation": interpolation,
+            "kind": "2d", "train": len(train), "test_sets": {s: fingerprint["test_sets"][s]["n"] for s in available},
+            "unavailable": fingerprint["unavailable"], "has_val": False,
+        }
+        io.write_json(tmp / "fingerprint.json", fingerprint)
+        io.write_json(tmp / "meta.json", meta)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta

@@ -1,0 +1,87 @@
+"""The prepared-dataset format: the file boundary between preparation and training/evaluation.
+
+``data/prepared/<dataset>/``::
+
+    meta.json                  dataset, num_classes, in_channels, image_size, parts and counts
+    train_images.npy           (N, C, S, S) uint8 (8-bit sources) or float16 in [0, 1]; memory-mapped
+    train_masks.npy            (N, S, S) uint8 class ids at training size
+    train_index.csv            name, case (slices of one volume share a case)
+    <part>_images.npy          evaluation parts (test sets, and "val" where the dataset defines one)
+    <part>_index.csv           name, case, slice, orig_h, orig_w, spacing_z, spacing_y, spacing_x
+    <part>_gt.npz              one original-resolution label array per case (2D image or 3D volume)
+
+Training reads the arrays memory-mapped; evaluation predicts at training size and scores
+against the original masks in ``*_gt.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from knowsam.errors import KnowsamError
+
+FORMAT_VERSION = 1
+
+
+def part_slug(part: str) -> str:
+    """File-name-safe form of a part name (test set names contain dashes and may contain spaces)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", part)
+
+
+@dataclass
+class PreparedDataset:
+    root: Path
+
+    @cached_property
+    def meta(self) -> dict:
+        path = self.root / "meta.json"
+        if not path.is_file():
+            raise KnowsamError(f"{path}: prepared dataset not found; run the prepare stage first")
+        meta = json.loads(path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise KnowsamError(f"{path}: prepared with format version {meta.get('format_version')}, "
+                               f"this version reads {FORMAT_VERSION}; re-run the prepare stage")
+        return meta
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.meta["in_channels"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def eval_parts(self) -> list[str]:
+        """Evaluation parts in the dataset's table order (test sets; "val" is separate)."""
+        return list(self.meta["test_sets"])
+
+    def images(self, part: str = "train") -> np.ndarray:
+        return np.load(self.root / f"{part_slug(part)}_images.npy", mmap_mode="r")
+
+    def masks(self) -> np.ndarray:
+        return np.load(self.root / "train_masks.npy", mmap_mode="r")
+
+    def index(self, part: str = "train") -> pd.DataFrame:
+        return pd.read_csv(self.root / f"{part_slug(part)}_index.csv", dtype={"name": str, "case": str})
+
+    def ground_truth(self, part: str) -> np.lib.npyio.NpzFile:
+        return np.load(self.root / f"{part_slug(part)}_gt.npz")
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 -> [0, 1] float32; float16 arrays are already in [0, 1]."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    return images.astype(np.float32)

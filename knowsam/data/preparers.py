@@ -1,0 +1,27 @@
+"""Preparation entry point: picks the preparer for a dataset's on-disk layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from knowsam import io
+from knowsam.config import Params
+from knowsam.data.prepare import prepare_polyp_layout
+from knowsam.data.sources import get_dataset
+from knowsam.errors import KnowsamError
+
+
+def prepare_dataset(name: str, params: Params, reports_root: str | Path = "reports/fingerprints") -> dict:
+    spec = get_dataset(name)
+    raw = Path(params.data.raw_root) / name
+    if not raw.is_dir():
+        raise KnowsamError(f"{raw}: raw dataset folder not found; run `knowsam-bench acquire {name}` first")
+    out = Path(params.data.prepared_root) / name
+    if spec.layout == "polyp":
+        meta = prepare_polyp_layout(raw, out, dataset=name, image_size=params.data.image_size,
+                                    interpolation=params.data.interpolation, test_sets=list(spec.test_sets))
+    else:
+        raise KnowsamError(f"{name}: no preparer for layout {spec.layout!r}")
+    fingerprint = (out / "fingerprint.json").read_text()
+    io.write_text(Path(reports_root) / f"{name}.json", fingerprint)
+    return meta

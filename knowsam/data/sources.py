@@ -1,0 +1,218 @@
+"""The dataset registry: every fact about where a dataset comes from and what it holds.
+
+Acquisition (``knowsam.data.acquire``), loaders and reports all read these specs,
+so a URL, a count or a class list is written down exactly once.
+
+Canonical layouts (relative to ``<raw_root>/<dataset>/``) are the ``files`` globs of
+each spec's parts. Notes per dataset:
+
+* ``polyp``: PraNet protocol. The PraNet archives name the training folders
+  ``TrainDataset/image`` and ``TrainDataset/mask``; acquisition renames them to
+  ``images``/``masks`` so training and test sets share one layout (``renames``).
+  Test sets are optional parts: a source lacking one (the offline mirror has no
+  ETIS-LaribPolypDB) yields the others, with the missing one recorded as unavailable.
+* ``promise12``: the Zenodo ``training_data.zip`` unpacks to ``training_data/CaseNN*``;
+  the canonical layout keeps that folder.
+* ``acdc``: the SSL4MIS preprocessing (h5 slices and volumes plus split lists). The
+  SSL4MIS repository (``data/ACDC``) holds only the split lists; its README points to a
+  password-protected BaiduDisk archive for the h5 files, which no script can fetch.
+  So acdc has no automatic download: a mirror folder (see ``acquire``) is the
+  practical route, and ``manual_sources`` tells the user where to get the files.
+* ``demo``: synthetic, written by ``knowsam.data.demo.generate_demo``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from knowsam.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One official download.
+
+    ``marker`` names an entry (file or folder) that sits at the archive's content root,
+    wherever that root is inside the archive (archives often wrap it in extra folders);
+    the root's children are installed under ``install_to`` in the dataset folder.
+    """
+
+    filename: str  # saved under this name; also the name looked for in a mirror folder
+    marker: str
+    install_to: str = ""
+    url: str | None = None
+    gdrive_id: str | None = None
+    sha256: str | None = None  # pinned digest; None where the publisher gives none
+    size: str = ""  # approximate, for people reading messages
+
+    @property
+    def source(self) -> str:
+        """A URL a person can open, for messages and provenance records."""
+        if self.url:
+            return self.url
+        return f"https://drive.google.com/uc?id={self.gdrive_id}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A unit of a dataset that is either complete or absent (a split, a test set).
+
+    ``files`` pairs a glob relative to the dataset folder with the number of files it must
+    match; ``None`` means "at least one" (sizes chosen by a generator). An optional part
+    may be absent ("unavailable") without failing the dataset; a part that is present
+    with the wrong counts always fails, since that means damaged data.
+    """
+
+    name: str
+    files: tuple[tuple[str, int | None], ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    kind: str  # "polyp-2d" | "volume-mri"
+    num_classes: int
+    class_names: tuple[str, ...]
+    in_channels: int
+    parts: tuple[Part, ...]
+    archives: tuple[Archive, ...] = ()
+    manual_sources: tuple[str, ...] = ()  # where a person gets data that no script can fetch
+    renames: tuple[tuple[str, str], ...] = ()  # (found, canonical) folder pairs, applied after extraction
+    generator: str | None = None  # "module:function" writing the dataset, for synthetic data
+    licence: str = ""
+    citation: str = ""
+
+    def part(self, name: str) -> Part:
+        for part in self.parts:
+            if part.name == name:
+                return part
+        raise ConfigError(f"dataset {self.name!r} has no part {name!r}; parts: {', '.join(p.name for p in self.parts)}")
+
+    @property
+    def optional_parts(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parts if p.optional)
+
+    @property
+    def top_level(self) -> tuple[str, ...]:
+        """First path components of the required layout: what marks an extracted copy."""
+        names = {glob.split("/", 1)[0] for p in self.parts if not p.optional for glob, _ in p.files}
+        return tuple(sorted(names))
+
+
+def _pairs(prefix: str, count: int) -> tuple[tuple[str, int], ...]:
+    return ((f"{prefix}/images/*", count), (f"{prefix}/masks/*", count))
+
+
+POLYP_TEST_SETS: dict[str, int] = {
+    "Kvasir": 100,
+    "CVC-ClinicDB": 62,
+    "CVC-ColonDB": 380,
+    "ETIS-LaribPolypDB": 196,
+    "CVC-300": 60,
+}
+
+_POLYP_DIRS = ("TrainDataset", *(f"TestDataset/{s}" for s in POLYP_TEST_SETS))
+
+POLYP = DatasetSpec(
+    name="polyp",
+    kind="polyp-2d",
+    num_classes=2,
+    class_names=("background", "polyp"),
+    in_channels=3,
+    parts=(
+        # 1450 = 900 Kvasir-SEG + 550 CVC-ClinicDB frames (PraNet's training split).
+        Part("train", _pairs("TrainDataset", 1450)),
+        *(Part(s, _pairs(f"TestDataset/{s}", n), optional=True) for s, n in POLYP_TEST_SETS.items()),
+    ),
+    archives=(
+        Archive("TrainDataset.zip", marker="TrainDataset", gdrive_id="1YiGHLw4iTvKdvbT6MgwO9zcCv8zJ_Bnb", size="~400 MB"),
+        Archive("TestDataset.zip", marker="TestDataset", gdrive_id="1Y2z7FD5p5y31vkZwQQomXFRB0HutHyao", size="~327 MB"),
+    ),
+    renames=tuple((f"{d}/{old}", f"{d}/{new}") for d in _POLYP_DIRS for old, new in (("image", "images"), ("mask", "masks"))),
+    licence="research and education only, under each source dataset's terms; no commercial use",
+    citation=(
+        "Fan et al., PraNet, MICCAI 2020 (split); Jha et al., Kvasir-SEG, MMM 2020; Bernal et al., CVC-ClinicDB, "
+        "CMIG 2015; Bernal et al., CVC-ColonDB, Pattern Recognition 2012; Silva et al., ETIS-LaribPolypDB, IJCARS 2014; "
+        "Vazquez et al., EndoScene (CVC-300), J. Healthcare Engineering 2017"
+    ),
+)
+
+_CASE = "training_data/Case[0-9][0-9]"
+
+PROMISE12 = DatasetSpec(
+    name="promise12",
+    kind="volume-mri",
+    num_classes=2,
+    class_names=("background", "prostate"),
+    in_channels=1,
+    parts=(
+        Part(
+            "train",
+            (
+                (f"{_CASE}.mhd", 50),
+                (f"{_CASE}.raw", 50),
+                (f"{_CASE}_segmentation.mhd", 50),
+                (f"{_CASE}_segmentation.raw", 50),
+            ),
+        ),
+    ),
+    archives=(
+        Archive(
+            "training_data.zip",
+            marker="Case00.mhd",
+            install_to="training_data",
+            url="https://zenodo.org/records/8026660/files/training_data.zip?download=1",
+            size="~324 MB",
+        ),
+    ),
+    licence="research use under the terms stated on Zenodo record 8026660",
+    citation="Litjens et al., Evaluation of prostate segmentation algorithms for MRI: the PROMISE12 challenge, "
+    "Medical Image Analysis 18(2), 2014",
+)
+
+_PATIENT = "data/patient[0-9][0-9][0-9]_frame[0-9][0-9]"
+
+ACDC = DatasetSpec(
+    name="acdc",
+    kind="volume-mri",
+    num_classes=4,
+    class_names=("background", "right ventricle", "myocardium", "left ventricle"),
+    in_channels=1,
+    parts=(
+        Part("train_slices", ((f"{_PATIENT}_slice_*.h5", 1312),)),
+        Part("volumes", ((f"{_PATIENT}.h5", 60),)),  # 20 validation + 40 test volumes
+        Part("lists", tuple((name, 1) for name in ("train_slices.list", "train.list", "val.list", "test.list"))),
+    ),
+    manual_sources=(
+        "https://github.com/HiLab-git/SSL4MIS/tree/master/data/ACDC",
+        "https://pan.baidu.com/s/1d0cFhj3LU029oHajNni8KQ",
+    ),
+    licence="research use under the ACDC challenge terms (https://www.creatis.insa-lyon.fr/Challenge/acdc/)",
+    citation="Bernard et al., IEEE TMI 37(11), 2018; preprocessing from SSL4MIS (Luo et al., github.com/HiLab-git/SSL4MIS)",
+)
+
+DEMO = DatasetSpec(
+    name="demo",
+    kind="polyp-2d",
+    num_classes=2,
+    class_names=("background", "polyp"),
+    in_channels=3,
+    # Sizes are generator arguments, so only "non-empty" is checked here; SOURCE.json
+    # records the counts the generator reported.
+    parts=(
+        Part("train", (("TrainDataset/images/*", None), ("TrainDataset/masks/*", None))),
+        Part("test", (("TestDataset/*/images/*", None), ("TestDataset/*/masks/*", None))),
+    ),
+    generator="knowsam.data.demo:generate_demo",
+    licence="synthetic, no patient data",
+    citation="knowsam-bench synthetic demo dataset",
+)
+
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (POLYP, PROMISE12, ACDC, DEMO)}
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]

@@ -1,0 +1,20 @@
+"""One exception type for every expected failure.
+
+The CLI turns a ``KnowsamError`` into one line on stderr and its ``exit_code``;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class KnowsamError(Exception):
+    """A failure caused by input, configuration or environment, not by a bug."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ConfigError(KnowsamError):
+    """Invalid parameters: exit status 2, like a usage error."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)

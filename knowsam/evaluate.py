@@ -1,0 +1,110 @@
+"""Evaluation of one trained run on every test part of its dataset.
+
+Predictions are made at training size; by default the class probabilities are resized
+(bilinearly) back to each image's original size before the argmax, and scored against
+the original masks (the polyp convention). Per case: one 2D image, or one volume made of
+its slices with the voxel spacing. Writes ``per_case.csv`` and ``predictions.npz`` to the
+run's eval folder and the summary JSON (DVC metrics) to ``reports/metrics``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from knowsam import io
+from knowsam.config import Params
+from knowsam.data.prepared import PreparedDataset, to_float
+from knowsam.errors import KnowsamError
+from knowsam.metrics import EMPTY_MASK_POLICY, case_metrics, summarize
+from knowsam.runs import RunId
+from knowsam.train import build_method, pick_device
+
+
+@torch.no_grad()
+def predict_probs(method, images: np.ndarray, device: torch.device, batch: int = 16) -> torch.Tensor:
+    method.eval()
+    out = []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(to_float(np.asarray(images[start:start + batch]))).to(device)
+        out.append(method.predict(x).float().cpu())
+    return torch.cat(out)
+
+
+def case_prediction(probs: torch.Tensor, shape: tuple[int, int], resolution: str) -> np.ndarray:
+    """(D, K, S, S) slice probabilities -> (D, H, W) labels at the requested resolution."""
+    if resolution == "original" and tuple(probs.shape[-2:]) != shape:
+        probs = F.interpolate(probs, size=shape, mode="bilinear", align_corners=False)
+    return probs.argmax(1).to(torch.uint8).numpy()
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """Ground truth to training size for the (non-default) training-resolution evaluation."""
+    t = torch.from_numpy(labels.reshape((-1,) + labels.shape[-2:]).astype(np.float32))[:, None]
+    return F.interpolate(t, size=(size, size), mode="nearest")[:, 0].to(torch.uint8).numpy().reshape(
+        labels.shape[:-2] + (size, size))
+
+
+def evaluate_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs",
+                 eval_root: str | Path = "data/eval", metrics_root: str | Path = "reports/metrics") -> dict:
+    device = pick_device(params.train.device)
+    data = PreparedDataset(Path(params.data.prepared_root) / run.dataset)
+    weights_path = run.train_dir(runs_root) / "best.pt"
+    if not weights_path.is_file():
+        raise KnowsamError(f"{weights_path}: trained weights not found; run the train stage for {run.stage_name}")
+    method = build_method(params, run, data, device)
+    saved = torch.load(weights_path, map_location=device, weights_only=True)
+    method.load_eval_state_dict(saved["weights"])
+    resolution = params.eval.resolution
+    rows, predictions, parts = [], {}, {}
+    for part in data.eval_parts:
+        index = data.index(part)
+        probs = predict_probs(method, data.images(part), device)
+        gt_all = data.ground_truth(part)
+        for case, case_rows in index.groupby("case", sort=False):
+            case_rows = case_rows.sort_values("slice")
+            first = case_rows.iloc[0]
+            shape = (int(first.orig_h), int(first.orig_w))
+            pred = case_prediction(probs[case_rows.index.to_numpy()], shape, resolution)
+            gt = gt_all[case]
+            if gt.ndim == 2:
+                pred = pred[0]
+            spacing = (float(first.spacing_z), float(first.spacing_y), float(first.spacing_x))[-gt.ndim:]
+            if resolution == "training":
+                gt = resize_labels(gt, data.image_size)
+                spacing = tuple(spacing[:-2]) + (spacing[-2] * shape[0] / data.image_size,
+                                                 spacing[-1] * shape[1] / data.image_size)
+            rows.append({"test_set": part, "case": case, **case_metrics(pred, gt, data.num_classes, spacing)})
+            predictions[f"{part}/{case}"] = pred
+        parts[part] = summarize(pd.DataFrame([r for r in rows if r["test_set"] == part]))
+    per_case = pd.DataFrame(rows)
+    out_dir = run.eval_dir(eval_root)
+    io.write_text(out_dir / "per_case.csv", per_case.to_csv(index=False, float_format="%.6f"))
+    with io.atomic_path(out_dir / "predictions.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **predictions)
+    summary = {
+        "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
+        "best_step": int(saved["step"]),
+        "evaluation_resolution": resolution,
+        "empty_mask_policy": EMPTY_MASK_POLICY,
+        "provenance": method.provenance(),
+        "test_sets": parts,
+    }
+    io.write_json(run.metrics_file(metrics_root), _rounded(summary))
+    return summary
+
+
+def _rounded(obj):
+    """Round floats for stable, readable metrics files (6 decimals is far below any reported digit)."""
+    if isinstance(obj, float):
+        return round(obj, 6)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj

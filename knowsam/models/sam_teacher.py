@@ -1,0 +1,289 @@
+"""KnowSAM's SAM teacher: SAM with adapters in the image encoder and learnable class prompts.
+
+Built from ``segment_anything``'s own modules so that a SAM checkpoint loads by key name
+(see :mod:`knowsam.models.sam_checkpoint`). Differences from stock SAM, all from KnowSAM:
+
+* the image encoder runs at ``image_size`` (256 in the paper) instead of 1024, with relative
+  positions off, so only the absolute positional embedding depends on the input size;
+* every encoder block gets an attention adapter and a parallel MLP adapter (:class:`AdaptedBlock`);
+* the sparse prompt is not a box but two tokens per class predicted from the image embedding
+  (Learnable Prompt Strategy, :class:`ClassPromptHead`); the dense prompt is a logit map given
+  by the caller (the fused sub-network output), embedded by SAM's frozen mask encoder;
+* the decoder runs once per class, every (image, class) pair in one batched call.
+
+Only the adapters and the prompt heads train; the rest of SAM is frozen. SAM's modules contain
+no dropout or batch norm (only LayerNorm), so train/eval mode does not change the frozen parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
+
+from knowsam.errors import ConfigError
+from knowsam.models.registry import register_model
+
+PATCH_SIZE = 16
+# SAM's pixel statistics on the 0-255 scale (used only with normalize_pixels=True).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class SamArch:
+    """Sizes of one SAM variant; the official three match ``segment_anything.build_sam``."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    prompt_dim: int = 256  # channels of the image embedding, prompt tokens and decoder
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    mask_in_chans: int = 16
+
+
+ARCHS: dict[str, SamArch] = {
+    "vit_b": SamArch(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": SamArch(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": SamArch(1280, 32, 16, (7, 15, 23, 31)),
+    # Same structure at toy width for CPU tests, profiles and demos (no official weights):
+    # 4 blocks of width 128 (4 heads), windows of 4 tokens with global attention in blocks 1
+    # and 3 (the windowed/global mix of the real models), 64-channel embedding, and a 2-layer
+    # decoder (4 heads, MLP 256). About 1.1 M parameters; a step at 128 px takes milliseconds.
+    "tiny": SamArch(128, 4, 4, (1, 3), window_size=4, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4),
+}
+
+
+def build_sam_parts(
+    arch: str, image_size: int, *, use_rel_pos: bool = False
+) -> tuple[ImageEncoderViT, PromptEncoder, MaskDecoder]:
+    """SAM's three modules for ``arch`` at ``image_size``, configured as ``segment_anything.build_sam``.
+
+    ``use_rel_pos=True`` with ``image_size=1024`` gives exactly the stock SAM layout (used to make
+    checkpoints in SAM's format); the teacher uses ``use_rel_pos=False`` as KnowSAM does.
+    """
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown SAM arch {arch!r}; known: {', '.join(ARCHS)}")
+    if image_size <= 0 or image_size % PATCH_SIZE:
+        raise ConfigError(
+            f"image size {image_size} cannot be patched by SAM (patch {PATCH_SIZE}): use a multiple of {PATCH_SIZE}"
+        )
+    a = ARCHS[arch]
+    grid = image_size // PATCH_SIZE
+    encoder = ImageEncoderViT(
+        img_size=image_size,
+        patch_size=PATCH_SIZE,
+        embed_dim=a.embed_dim,
+        depth=a.depth,
+        num_heads=a.num_heads,
+        mlp_ratio=4,
+        out_chans=a.prompt_dim,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=use_rel_pos,
+        window_size=a.window_size,
+        global_attn_indexes=a.global_attn_indexes,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=a.prompt_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=a.mask_in_chans,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=a.decoder_depth, embedding_dim=a.prompt_dim, mlp_dim=a.decoder_mlp_dim, num_heads=a.decoder_heads
+        ),
+        transformer_dim=a.prompt_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=a.prompt_dim,
+    )
+    return encoder, prompt_encoder, decoder
+
+
+class Adapter(nn.Module):
+    """Bottleneck dim -> dim/4 -> dim with GELU, optionally with its own skip connection.
+
+    The last Linear starts small (normal, std 1e-3; bias 0) rather than zero or PyTorch's
+    default: the adapted SAM then starts within ~1e-3 of the pretrained one, yet the first
+    Linear gets a non-zero gradient from the first step (a zero last layer would block it).
+    """
+
+    def __init__(self, dim: int, skip: bool):
+        super().__init__()
+        self.skip = skip
+        self.down = nn.Linear(dim, dim // 4)
+        self.act = nn.GELU()
+        self.up = nn.Linear(dim // 4, dim)
+        nn.init.normal_(self.up.weight, std=1e-3)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.up(self.act(self.down(x)))
+        return x + out if self.skip else out
+
+
+class AdaptedBlock(nn.Module):
+    """SAM's encoder ``Block`` with KnowSAM's adapters.
+
+    Takes over the original block's submodules under their original names (``norm1``, ``attn``,
+    ``norm2``, ``mlp``), so SAM checkpoint keys ``image_encoder.blocks.<i>.*`` still match.
+    """
+
+    MLP_ADAPTER_SCALE = 0.5
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+        self.window_size = block.window_size
+        dim = block.norm1.normalized_shape[0]
+        self.attn_adapter = Adapter(dim, skip=True)  # after attention, before the residual sum
+        self.mlp_adapter = Adapter(dim, skip=False)  # in parallel with the MLP
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            h, w = x.shape[1], x.shape[2]
+            x, pad_hw = window_partition(x, self.window_size)
+        x = self.attn(x)
+        if self.window_size > 0:
+            x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+        x = shortcut + self.attn_adapter(x)
+        xn = self.norm2(x)
+        return x + self.mlp(xn) + self.MLP_ADAPTER_SCALE * self.mlp_adapter(xn)
+
+
+class ConvBlock(nn.Sequential):
+    """3x3 conv + BatchNorm + ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+
+class ClassPromptHead(nn.Sequential):
+    """LPS head for one class: image embedding (B, C, E, E) -> two prompt tokens (B, 2, C).
+
+    Pooling uses ``ceil_mode`` so that small token grids (E < 4, e.g. 32 px inputs) still work.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__(
+            ConvBlock(dim),
+            nn.MaxPool2d(2, ceil_mode=True),
+            ConvBlock(dim),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(dim, dim, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(dim, 4 * dim),
+            nn.GELU(),
+            nn.Linear(4 * dim, 2 * dim),
+            nn.Unflatten(1, (2, dim)),
+        )
+
+
+@register_model("sam_teacher")
+class SamTeacher(nn.Module):
+    """SAM teacher producing per-class logits (B, K, H, W) at ``image_size``.
+
+    Input images are in [0, 1], shape (B, in_channels, image_size, image_size); grey images are
+    repeated to RGB. ``normalize_pixels=True`` applies SAM's pixel mean/std on the 0-255 scale;
+    the official KnowSAM code feeds [0, 1] inputs unnormalised, hence the default False.
+    """
+
+    def __init__(
+        self, arch: str, image_size: int, num_classes: int, in_channels: int = 3, normalize_pixels: bool = False
+    ):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ConfigError(f"SAM teacher takes 1 or 3 input channels, got in_channels={in_channels}")
+        if num_classes < 1:
+            raise ConfigError(f"SAM teacher needs num_classes >= 1, got {num_classes}")
+        self.arch, self.image_size, self.num_classes = arch, image_size, num_classes
+        self.in_channels, self.normalize_pixels = in_channels, normalize_pixels
+        self.image_encoder, self.prompt_encoder, self.mask_decoder = build_sam_parts(arch, image_size)
+        self.image_encoder.blocks = nn.ModuleList(AdaptedBlock(b) for b in self.image_encoder.blocks)
+        dim = ARCHS[arch].prompt_dim
+        self.prompt_heads = nn.ModuleList(ClassPromptHead(dim) for _ in range(num_classes))
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    @staticmethod
+    def is_added_name(name: str) -> bool:
+        """True for tensors KnowSAM adds to SAM (adapters, prompt heads): exactly the trainable ones."""
+        return name.startswith("prompt_heads.") or ".attn_adapter." in name or ".mlp_adapter." in name
+
+    def freeze(self) -> None:
+        """Make exactly the adapters and prompt heads trainable; freeze the rest of SAM."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(self.is_added_name(name))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, in_channels, S, S) in [0, 1] -> image embeddings (B, prompt_dim, S/16, S/16)."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"SAM teacher expects (B, {self.in_channels}, {self.image_size}, {self.image_size}), got {tuple(x.shape)}"
+            )
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.normalize_pixels:
+            x = (x * 255.0 - self.pixel_mean) / self.pixel_std
+        return self.image_encoder(x)
+
+    def decode(self, embeddings: torch.Tensor, dense_logits: torch.Tensor) -> torch.Tensor:
+        """Per-class SAM logits (B, K, S, S) from image embeddings and dense logit prompts (B, K, h, w).
+
+        ``dense_logits`` is detached here as well: the dense prompt must never pass SAM's loss
+        back into the sub-networks that produced it.
+        """
+        b, k = embeddings.shape[0], self.num_classes
+        if dense_logits.ndim != 4 or dense_logits.shape[:2] != (b, k):
+            raise ValueError(f"dense prompt must be (B={b}, K={k}, h, w), got {tuple(dense_logits.shape)}")
+        sparse = torch.stack([head(embeddings) for head in self.prompt_heads], dim=1)  # (B, K, 2, C)
+        masks = F.interpolate(
+            dense_logits.detach().to(embeddings.dtype),
+            size=self.prompt_encoder.mask_input_size,
+            mode="bilinear",
+            align_corners=False,
+        )
+        dense = self.prompt_encoder.mask_downscaling(masks.reshape(b * k, 1, *masks.shape[-2:]))  # (B*K, C, E, E)
+        low_res = self._predict_masks(embeddings, sparse.flatten(0, 1), dense)  # (B*K, 4E, 4E)
+        low_res = low_res.view(b, k, *low_res.shape[-2:])
+        return F.interpolate(low_res, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+
+    def forward(self, x: torch.Tensor, dense_logits: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), dense_logits)
+
+    def _predict_masks(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """SAM's single-mask prediction for N = B*K prompts over B images, in one decoder call.
+
+        ``MaskDecoder.predict_masks`` repeats the image embedding once per prompt assuming a single
+        image; here image b is repeated K times so that row b*K + k pairs image b with class k.
+        Output is mask token 0, as SAM's ``multimask_output=False``.
+        """
+        dec = self.mask_decoder
+        n, c, e = dense.shape[0], embeddings.shape[1], embeddings.shape[-1]
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+        src = embeddings.repeat_interleave(n // embeddings.shape[0], dim=0) + dense
+        pos = self.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
+        hs, src = dec.transformer(src, pos, tokens)
+        mask_token = hs[:, 1, :]  # index 0 is the IoU token
+        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(n, c, e, e))  # (N, C/8, 4E, 4E)
+        hyper = dec.output_hypernetworks_mlps[0](mask_token)  # (N, C/8)
+        return torch.einsum("nc,nchw->nhw", hyper, upscaled)

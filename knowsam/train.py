@@ -1,0 +1,260 @@
+"""The shared training loop: data, schedule, validation, checkpoint/resume and logging.
+
+A run folder holds ``config.json`` (resolved configuration), ``checkpoint.pt`` (+ the
+previous one, ``checkpoint.prev.pt``), ``best.pt`` (weights with the best validation
+Dice, what evaluation loads), ``train_log.json`` and ``live/`` (dvclive curves).
+Restarting the same command after a crash resumes from the newest readable checkpoint
+and ends with exactly the metrics of an uninterrupted run (on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from knowsam import __version__, io
+from knowsam.config import Params, to_dict
+from knowsam.data.prepared import PreparedDataset, to_float
+from knowsam.data.splits import read_split, split_path
+from knowsam.errors import KnowsamError
+from knowsam.methods import Method, MethodContext, get_method
+from knowsam.runs import RunId
+
+CHECKPOINT_VERSION = 1
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KnowsamError("train.device is 'cuda' but no CUDA device is available", exit_code=2)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_config(params: Params, run: RunId) -> dict[str, Any]:
+    """Everything that determines a run's result (and nothing that does not, e.g. eval settings)."""
+    cls = get_method(run.method)
+    method_params = cls.make_params(params.method_params.get(run.method, {}))
+    cfg = to_dict(params)
+    return {
+        "version": __version__, "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
+        "data": cfg["data"], "train": cfg["train"], "sam": cfg["sam"],
+        "method_params": cls.params_dict(method_params),
+    }
+
+
+def config_hash(cfg: dict) -> str:
+    # Device and thread count change speed, not maths; leave them out so a run moved to
+    # another machine can still resume.
+    stable = json.loads(json.dumps(cfg))
+    stable["train"].pop("device", None)
+    stable["train"].pop("threads", None)
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_method(params: Params, run: RunId, data: PreparedDataset, device: torch.device) -> Method:
+    cls = get_method(run.method)
+    ctx = MethodContext(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size,
+                        iterations=params.train.iterations, train=params.train, sam=params.sam, device=device,
+                        seed=run.seed)
+    return cls(ctx, cls.make_params(params.method_params.get(run.method, {})))
+
+
+def validation_arrays(data: PreparedDataset, split: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """Validation images/masks at training size: held-out training cases, or the dataset's own val part."""
+    if data.meta.get("has_val"):
+        return data.images("val"), np.load(data.root / "val_masks.npy", mmap_mode="r")
+    if not split["validation"]:
+        return None
+    index = data.index("train")
+    rows = np.flatnonzero(index["case"].isin(set(split["validation"])).to_numpy())
+    return data.images("train")[rows], data.masks()[rows]
+
+
+@torch.no_grad()
+def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, device: torch.device,
+                    batch: int = 16) -> float:
+    """Mean over images and foreground classes of Dice at training size; both-empty counts as 1."""
+    method.eval()
+    scores = []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(to_float(np.asarray(images[start:start + batch]))).to(device)
+        pred = method.predict(x).argmax(1).cpu()
+        gt = torch.from_numpy(np.asarray(masks[start:start + batch]).astype(np.int64))
+        for c in range(1, method.ctx.num_classes):
+            p, g = pred == c, gt == c
+            inter = (p & g).sum((1, 2)).double()
+            total = (p.sum((1, 2)) + g.sum((1, 2))).double()
+            scores.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)))
+    method.train()
+    return float(torch.cat(scores).mean())
+
+
+def _save_checkpoint(run_dir: Path, state: dict) -> None:
+    """New checkpoint in place atomically; the previous one kept as a fallback."""
+    current, previous = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
+    with io.atomic_path(current) as tmp:
+        torch.save(state, tmp)
+        if current.exists():
+            os.replace(current, previous)
+
+
+def _load_checkpoint(run_dir: Path, expected_hash: str) -> dict | None:
+    """Newest readable checkpoint of this configuration; unreadable ones are reported and skipped."""
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    for path in (run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated/corrupt files raise many different types
+            err.print(f"[yellow]warning[/]: {path}: unreadable checkpoint ({type(exc).__name__}); trying an older one")
+            continue
+        if state.get("version") != CHECKPOINT_VERSION or state.get("config_hash") != expected_hash:
+            raise KnowsamError(f"{path}: checkpoint from a different configuration or version; "
+                               f"delete {run_dir} to start this run afresh")
+        return state
+    return None
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(legacy=False), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs", progress: bool = True) -> dict:
+    """Train one (method, dataset, ratio, seed) run to completion, resuming if possible."""
+    from knowsam.data.loader import TrainStream
+
+    if params.train.threads:
+        torch.set_num_threads(params.train.threads)
+    device = pick_device(params.train.device)
+    data = PreparedDataset(Path(params.data.prepared_root) / run.dataset)
+    split = read_split(split_path(params.data.splits_root, run.dataset, run.ratio, run.seed), data)
+    cfg = run_config(params, run)
+    chash = config_hash(cfg)
+    run_dir = run.train_dir(runs_root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(run.seed)
+    method = build_method(params, run, data, device)
+    stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
+                         batch_size=params.train.batch_size, labeled_batch=params.train.labeled_batch,
+                         seed=run.seed, device=device)
+    val = validation_arrays(data, split)
+    t = params.train
+
+    state = _load_checkpoint(run_dir, chash)
+    step, best, history = 0, {"dice": -1.0, "step": -1}, []
+    if state is not None:
+        method.load_state_dict(state["method"])
+        stream.load_state_dict(state["stream"])
+        _set_rng_state(state["rng"])
+        step, best, history = state["step"], state["best"], state["history"]
+    io.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
+
+    from dvclive import Live
+
+    live = Live(str(run_dir / "live"), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
+    method.train()
+    started = time.perf_counter()
+    with _progress(progress, run, t.iterations, step) as advance:
+        while step < t.iterations:
+            batch = stream.next_batch()
+            losses = method.train_step(batch, step)
+            for term, value in losses.items():
+                if not math.isfinite(value):
+                    raise KnowsamError(f"{run.method} on {run.dataset}: loss term '{term}' is {value} at iteration "
+                                       f"{step}; stopped, last good checkpoint kept in {run_dir}")
+            step += 1
+            for term, value in losses.items():
+                live.log_metric(f"train/{term}", value)
+            record = {"step": step, **{k: round(v, 6) for k, v in losses.items()}}
+            if val is not None and (step % t.eval_every == 0 or step == t.iterations):
+                dice = validation_dice(method, *val, device)
+                live.log_metric("val/dice", dice)
+                record["val_dice"] = dice
+                if dice > best["dice"]:
+                    best = {"dice": dice, "step": step}
+                    _save_weights(run_dir / "best.pt", method, step)
+            live.next_step()
+            history.append(record)
+            advance(losses)
+            if step % t.checkpoint_every == 0 or step == t.iterations:
+                _save_checkpoint(run_dir, {
+                    "version": CHECKPOINT_VERSION, "config_hash": chash, "step": step, "method": method.state_dict(),
+                    "stream": stream.state_dict(), "rng": _rng_state(), "best": best, "history": history,
+                })
+    live.end()
+    if val is None:  # no validation data: the last weights are the reported ones
+        best = {"dice": float("nan"), "step": step}
+        _save_weights(run_dir / "best.pt", method, step)
+    summary = {"iterations": step, "best_step": best["step"], "best_val_dice": best["dice"],
+               "final_losses": history[-1] if history else {},
+               "seconds_this_session": round(time.perf_counter() - started, 2)}
+    io.write_json(run_dir / "train_log.json", {"summary": summary, "history": history})
+    return summary
+
+
+def _save_weights(path: Path, method: Method, step: int) -> None:
+    with io.atomic_path(path) as tmp:
+        torch.save({"version": CHECKPOINT_VERSION, "step": step, "weights": method.eval_state_dict()}, tmp)
+
+
+class _progress:
+    """Rich progress bar with the current losses and it/s; silent when disabled."""
+
+    def __init__(self, enabled: bool, run: RunId, total: int, completed: int):
+        self.enabled, self.run, self.total, self.completed = enabled, run, total, completed
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda losses: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[losses]}"),
+                            TimeRemainingColumn())
+        self.bar.start()
+        task = self.bar.add_task(self.run.stage_name, total=self.total, completed=self.completed, losses="", rate="")
+        start, done = time.perf_counter(), [0]
+
+        def advance(losses: dict[str, float]) -> None:
+            done[0] += 1
+            rate = f"{done[0] / max(time.perf_counter() - start, 1e-9):.1f} it/s"
+            text = " ".join(f"{k}={v:.3f}" for k, v in list(losses.items())[:3])
+            self.bar.update(task, advance=1, losses=text, rate=rate)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+        return False

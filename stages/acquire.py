@@ -1,0 +1,11 @@
+"""DVC stage `acquire`: Fetch one dataset into data/raw/<dataset> (offline mirror first, else the official sources).
+
+Same as `knowsam-bench acquire ...`; kept as a file so dvc.yaml names its entry points.
+"""
+
+import sys
+
+from knowsam.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["acquire", *sys.argv[1:]]))

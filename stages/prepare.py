@@ -1,0 +1,11 @@
+"""DVC stage `prepare`: Turn data/raw/<dataset> into checked, memory-mappable arrays in data/prepared/<dataset>.
+
+Same as `knowsam-bench prepare ...`; kept as a file so dvc.yaml names its entry points.
+"""
+
+import sys
+
+from knowsam.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["prepare", *sys.argv[1:]]))

@@ -1,0 +1,11 @@
+"""DVC stage `train`: Train one (method, dataset, ratio, seed) cell of the matrix; resumes after a crash.
+
+Same as `knowsam-bench train ...`; kept as a file so dvc.yaml names its entry points.
+"""
+
+import sys
+
+from knowsam.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

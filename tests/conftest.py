@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny prepared demo dataset and small, fast params."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from knowsam import config
+
+torch.set_num_threads(2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mirror_root() -> Path | None:
+    """The offline data mirror (env KNOWSAM_MIRROR, else ../shared/data next to the repo), if present."""
+    path = Path(os.environ.get("KNOWSAM_MIRROR", REPO.parent / "shared" / "data"))
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def demo_prepared(tmp_path_factory) -> Path:
+    """A 48-image demo dataset prepared at 32 px; returns the workspace root holding data/."""
+    from knowsam.data.demo import generate_demo
+    from knowsam.data.prepare import prepare_polyp_layout
+
+    root = tmp_path_factory.mktemp("ws")
+    generate_demo(root / "data/raw/demo", seed=0, n_train=48, test_sets={"Demo-Kvasir": 6, "Demo-Colon": 6})
+    prepare_polyp_layout(root / "data/raw/demo", root / "data/prepared/demo", dataset="demo", image_size=32,
+                         interpolation="bilinear", test_sets=["Demo-Kvasir", "Demo-Colon"], workers=1)
+    return root
+
+
+def small_params(root: Path, **train_overrides) -> config.Params:
+    """Demo profile shrunk for tests, with paths inside ``root``."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "knowsam/profiles/demo.yaml").read_text())
+    params = config.parse(raw)
+    data = dataclasses.replace(params.data, raw_root=str(root / "data/raw"), prepared_root=str(root / "data/prepared"),
+                               splits_root=str(root / "data/splits"), image_size=32)
+    train = dataclasses.replace(params.train, **{"iterations": 6, "batch_size": 4, "labeled_batch": 2,
+                                                 "eval_every": 3, "checkpoint_every": 3, **train_overrides})
+    return dataclasses.replace(params, data=data, train=train)

@@ -1,0 +1,72 @@
+"""Params validation: every kind of bad value is one line naming the key, exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from knowsam import config
+from knowsam.errors import ConfigError
+from tests.conftest import REPO
+
+DEMO = yaml.safe_load((REPO / "knowsam/profiles/demo.yaml").read_text())
+
+
+def _with(path: str, value):
+    raw = yaml.safe_load(yaml.safe_dump(DEMO))
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return raw
+
+
+def test_every_profile_validates():
+    for name in config.profile_names():
+        params = config.load(config.profile_path(name))
+        assert params.profile == name
+
+
+def test_repo_params_is_the_demo_profile():
+    assert (REPO / "params.yaml").read_text() == (REPO / "knowsam/profiles/demo.yaml").read_text()
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("train.iterationz", 5, "unknown key 'train.iterationz'"),
+    ("train.iterations", "many", "'train.iterations' must be int"),
+    ("train.iterations", True, "'train.iterations' must be int"),
+    ("sam.normalize_pixels", 1, "'sam.normalize_pixels' must be bool"),
+    ("ratios", [0.0], "'ratios[0]' = 0.0 must be in (0, 1]"),
+    ("ratios", [1.5], "'ratios[0]' = 1.5 must be in (0, 1]"),
+    ("seeds", [], "'seeds' is empty"),
+    ("methods", ["nope"], "'methods[0]' unknown method 'nope'"),
+    ("datasets", ["mnist"], "'datasets[0]' unknown dataset 'mnist'"),
+    ("data.image_size", 100, "'data.image_size' = 100 must be a positive multiple of 16"),
+    ("train.labeled_batch", 9, "'train.labeled_batch' = 9 must be in [1, train.batch_size = 8]"),
+    ("data.interpolation", "cubic", "'data.interpolation' must be one of bilinear, nearest"),
+    ("method_params", {"labeled-only": {"x": 1}}, "unknown key 'method_params.labeled-only.x'"),
+])
+def test_bad_params_name_the_key(path, value, message):
+    with pytest.raises(ConfigError) as err:
+        config.validate(config.parse(_with(path, value)))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_float_accepts_int():
+    params = config.parse(_with("train.lr", 1))
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+
+
+def test_cli_reports_bad_params_in_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(_with("ratios", [2.0])))
+    proc = subprocess.run([sys.executable, "-m", "knowsam", "split", "demo", "--params", str(bad)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: params: 'ratios[0]' = 2.0 must be in (0, 1]"

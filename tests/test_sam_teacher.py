@@ -1,0 +1,157 @@
+"""SamTeacher: what trains, shapes, the batched decoder against SAM's own, adapters, input handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Block
+
+from knowsam.errors import ConfigError
+from knowsam.models import build_model
+from knowsam.models.fusion import Fusion
+from knowsam.models.sam_teacher import PIXEL_MEAN, PIXEL_STD, AdaptedBlock, SamTeacher
+
+
+def _teacher(size: int = 64, k: int = 2, **kw) -> SamTeacher:
+    torch.manual_seed(0)
+    return SamTeacher("tiny", size, k, **kw)
+
+
+def test_only_adapters_and_prompt_heads_get_gradients():
+    teacher = _teacher()
+    fusion = Fusion(2)
+    x = torch.rand(2, 3, 64, 64)
+    fused = fusion(torch.randn(2, 2, 64, 64), torch.randn(2, 2, 64, 64))  # requires grad
+    y = torch.randint(0, 2, (2, 64, 64))
+    # Not detached on purpose: decode must cut the dense-prompt path itself.
+    F.cross_entropy(teacher(x, fused), y).backward()
+
+    trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
+    assert trainable and all(".attn_adapter." in n or ".mlp_adapter." in n or n.startswith("prompt_heads.") for n in trainable)
+    assert len([n for n in trainable if "adapter" in n]) == 4 * 2 * 4  # 4 blocks x 2 adapters x (2 weights + 2 biases)
+    for name, p in teacher.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert all(p.grad is None for p in fusion.parameters())
+    assert {id(p) for p in teacher.trainable_parameters()} == {id(p) for n, p in teacher.named_parameters() if n in trainable}
+
+
+def test_decode_leaves_a_detached_prompt_alone():
+    teacher = _teacher()
+    emb = teacher.encode(torch.rand(2, 3, 64, 64))
+    dense = torch.randn(2, 2, 16, 16)
+    out = teacher.decode(emb, dense)
+    assert not dense.requires_grad and dense.grad is None
+    assert out.requires_grad  # through the adapters and prompt heads
+
+
+@pytest.mark.parametrize("size", [64, 96])
+@pytest.mark.parametrize("k", [2, 4])
+def test_output_shapes(size: int, k: int):
+    teacher = _teacher(size, k)
+    emb = teacher.encode(torch.rand(3, 3, size, size))
+    assert emb.shape == (3, 64, size // 16, size // 16)
+    # Mask-input size follows the image size (4 x token grid), not a hard-coded 64.
+    assert teacher.prompt_encoder.mask_input_size == (size // 4, size // 4)
+    assert teacher.image_encoder.pos_embed.shape == (1, size // 16, size // 16, 128)
+    out = teacher.decode(emb, torch.randn(3, k, size // 2, size // 2))  # any prompt resolution
+    assert out.shape == (3, k, size, size)
+    assert torch.isfinite(out).all()
+
+
+def test_bad_configs_are_config_errors():
+    with pytest.raises(ConfigError, match="image size 100 cannot be patched by SAM \\(patch 16\\)"):
+        SamTeacher("tiny", 100, 2)
+    with pytest.raises(ConfigError, match="vit_x"):
+        SamTeacher("vit_x", 64, 2)
+    with pytest.raises(ConfigError, match="in_channels=2"):
+        SamTeacher("tiny", 64, 2, in_channels=2)
+    assert isinstance(build_model("sam_teacher", arch="tiny", image_size=32, num_classes=1), SamTeacher)
+
+
+def test_batched_decoder_matches_sam_decoder_per_image():
+    teacher = _teacher(64, 3).eval()  # eval: prompt-head BatchNorm must not mix images
+    with torch.no_grad():
+        x, dense_logits = torch.rand(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+        emb = teacher.encode(x)
+        ours = teacher.decode(emb, dense_logits)
+        for b in range(2):
+            sparse = torch.stack([h(emb[b : b + 1])[0] for h in teacher.prompt_heads])  # (K, 2, C)
+            masks = F.interpolate(dense_logits[b : b + 1].transpose(0, 1), size=(16, 16), mode="bilinear")
+            dense = teacher.prompt_encoder.mask_downscaling(masks)  # (K, C, 4, 4)
+            low, _ = teacher.mask_decoder(
+                image_embeddings=emb[b : b + 1],
+                image_pe=teacher.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            ref = F.interpolate(low.transpose(0, 1), size=(64, 64), mode="bilinear")[0]
+            torch.testing.assert_close(ours[b], ref, rtol=1e-4, atol=1e-5)
+        # The dense prompt matters: another prompt gives another answer.
+        assert (teacher.decode(emb, -dense_logits) - ours).abs().max() > 1e-3
+
+
+def test_adapted_block_formula_and_small_init():
+    torch.manual_seed(0)
+    block = Block(dim=32, num_heads=2, window_size=0)
+    adapted = AdaptedBlock(block)
+    x = torch.randn(2, 4, 4, 32)
+    with torch.no_grad():
+        a = block.attn(block.norm1(x))
+        x1 = x + a + adapted.attn_adapter.up(F.gelu(adapted.attn_adapter.down(a)))
+        xn = block.norm2(x1)
+        expected = x1 + block.mlp(xn) + 0.5 * adapted.mlp_adapter.up(F.gelu(adapted.mlp_adapter.down(xn)))
+        out = adapted(x)
+        torch.testing.assert_close(out, expected)
+        stock = Block.forward(adapted, x)  # SAM's own forward over the same submodules
+        gap = (out - stock).abs().max().item()
+        assert 0 < gap < 1e-2  # small init: near the pretrained block, but not identical
+        for ad in (adapted.attn_adapter, adapted.mlp_adapter):
+            ad.up.weight.zero_()
+        torch.testing.assert_close(adapted(x), stock)
+    # Checkpoint keys of the original block survive the wrapping.
+    assert set(block.state_dict()) <= set(adapted.state_dict())
+
+
+def test_windowed_adapted_block_matches_sam_block_with_zeroed_adapters():
+    torch.manual_seed(0)
+    block = Block(dim=32, num_heads=2, window_size=3)  # 5x5 grid: windows need padding
+    adapted = AdaptedBlock(block)
+    with torch.no_grad():
+        for ad in (adapted.attn_adapter, adapted.mlp_adapter):
+            ad.up.weight.zero_()
+        x = torch.randn(2, 5, 5, 32)
+        torch.testing.assert_close(adapted(x), block(x))
+
+
+def test_pixel_handling():
+    x = torch.rand(2, 1, 64, 64)
+    grey = _teacher(in_channels=1)
+    with torch.no_grad():
+        torch.testing.assert_close(grey.encode(x), grey.image_encoder(x.repeat(1, 3, 1, 1)))
+        norm = _teacher(normalize_pixels=True)
+        rgb = x.repeat(1, 3, 1, 1)
+        mean, std = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(norm.encode(rgb), norm.image_encoder((rgb * 255 - mean) / std))
+    with pytest.raises(ValueError, match="expects"):
+        grey.encode(torch.rand(2, 1, 32, 32))
+
+
+def test_frozen_parts_behave_the_same_in_train_and_eval():
+    teacher = _teacher()
+    frozen = [teacher.prompt_encoder, teacher.mask_decoder] + [
+        m for n, m in teacher.image_encoder.named_modules() if "adapter" not in n
+    ]
+    for module in frozen:
+        for m in module.modules():
+            assert not isinstance(m, (nn.Dropout, nn.Dropout2d, nn.modules.batchnorm._BatchNorm)), type(m)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        train_out = teacher.train().encode(x)
+        eval_out = teacher.eval().encode(x)
+    torch.testing.assert_close(train_out, eval_out, rtol=0, atol=0)

@@ -1,0 +1,94 @@
+"""The shared loop: a step lowers the loss, runs are deterministic, a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from knowsam.data.prepared import PreparedDataset
+from knowsam.data.splits import split_path, write_split
+from knowsam.losses import ce_dice_loss
+from knowsam.runs import RunId
+from knowsam.train import build_method, train_run
+from tests.conftest import small_params
+
+
+@pytest.fixture(scope="module")
+def workspace(demo_prepared):
+    params = small_params(demo_prepared)
+    data = PreparedDataset(demo_prepared / "data/prepared/demo")
+    write_split(data, split_path(params.data.splits_root, "demo", 0.1, 0), 0.1, 0, 0.1)
+    return demo_prepared
+
+
+def test_one_step_lowers_the_loss_on_its_batch(workspace):
+    from knowsam.data.loader import TrainStream
+    from knowsam.data.splits import read_split
+
+    params = small_params(workspace, batch_size=8, labeled_batch=8, lr=0.05)
+    data = PreparedDataset(workspace / "data/prepared/demo")
+    run = RunId("fully-supervised", "demo", 0.1, 0)
+    torch.manual_seed(0)
+    method = build_method(params, run, data, torch.device("cpu"))
+    split = read_split(split_path(params.data.splits_root, "demo", 0.1, 0), data)
+    stream = TrainStream(data, split, label_pool="all", uses_unlabeled=False, batch_size=8, labeled_batch=8,
+                         seed=0, device=torch.device("cpu"))
+    batch = stream.next_batch()
+    net = method.nets["unet"]
+
+    def loss_now() -> float:
+        net.eval()  # fixed dropout/BN behaviour so the two numbers are comparable
+        with torch.no_grad():
+            return ce_dice_loss(net(batch.x_l), batch.y_l).item()
+
+    before = loss_now()
+    net.train()
+    method.train_step(batch, 0)
+    after = loss_now()
+    assert after < before
+
+
+def _train(workspace, runs_root, **overrides):
+    params = small_params(workspace, **overrides)
+    return train_run(params, RunId("labeled-only", "demo", 0.1, 0), runs_root=runs_root, progress=False)
+
+
+def test_same_seed_same_result(workspace, tmp_path):
+    a = _train(workspace, tmp_path / "a")
+    b = _train(workspace, tmp_path / "b")
+    la = json.loads((tmp_path / "a/demo/labeled-only/ratio-0.1_seed-0/train_log.json").read_text())["history"]
+    lb = json.loads((tmp_path / "b/demo/labeled-only/ratio-0.1_seed-0/train_log.json").read_text())["history"]
+    assert la == lb
+    assert a["best_val_dice"] == b["best_val_dice"]
+
+
+def test_resumed_run_equals_uninterrupted(workspace, tmp_path):
+    full = _train(workspace, tmp_path / "full")
+    # Simulate a crash after the checkpoint at step 3: train to 3, then restart with the full budget.
+    _train(workspace, tmp_path / "resumed", iterations=6, checkpoint_every=3)
+    run_dir = tmp_path / "resumed/demo/labeled-only/ratio-0.1_seed-0"
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(run_dir, interrupted)
+    state = torch.load(run_dir / "checkpoint.prev.pt", weights_only=True)
+    assert state["step"] == 3
+    (run_dir / "checkpoint.pt").unlink()  # the crash happened before the step-6 checkpoint landed
+    resumed = _train(workspace, tmp_path / "resumed")
+    la = json.loads((tmp_path / "full/demo/labeled-only/ratio-0.1_seed-0/train_log.json").read_text())["history"]
+    lb = json.loads((run_dir / "train_log.json").read_text())["history"]
+    assert la == lb
+    assert full["best_val_dice"] == resumed["best_val_dice"]
+    wa = torch.load(tmp_path / "full/demo/labeled-only/ratio-0.1_seed-0/best.pt", weights_only=True)["weights"]
+    wb = torch.load(run_dir / "best.pt", weights_only=True)["weights"]
+    assert all(torch.equal(wa["unet"][k], wb["unet"][k]) for k in wa["unet"])
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(workspace, tmp_path, capsys):
+    _train(workspace, tmp_path / "r", iterations=6, checkpoint_every=3)
+    run_dir = tmp_path / "r/demo/labeled-only/ratio-0.1_seed-0"
+    (run_dir / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:100])
+    summary = _train(workspace, tmp_path / "r")
+    assert summary["iterations"] == 6
+    assert "unreadable checkpoint" in capsys.readouterr().err
