@@ -82,8 +82,7 @@ def acquire(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTIO
 
     params = _load_params(params_file)
     mirror = Path(params.data.mirror) if params.data.mirror else None
-    path = do_acquire(dataset, Path(params.data.raw_root), mirror=mirror, offline=offline,
-                      demo_train=params.data.demo_train, demo_test=params.data.demo_test)
+    path = do_acquire(dataset, Path(params.data.raw_root), mirror=mirror, offline=offline)
     typer.echo(f"{dataset}: ready in {path}")
 
 

@@ -30,8 +30,6 @@ class DataParams:
     image_size: int = 256
     interpolation: str = "bilinear"  # "nearest" reproduces the official code (defect 10)
     val_fraction: float = 0.05  # of the training pool, held out for model selection
-    demo_train: int = 200
-    demo_test: int = 40
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,35 @@ from knowsam.train import build_method, pick_device
 
 
 @torch.no_grad()
-def predict_probs(method, images: np.ndarray, device: torch.device, batch: int = 16) -> torch.Tensor:
+def predict_probs(method, images: np.ndarray, device: torch.device, batch: int = 16,
+                  variant: str | None = None) -> torch.Tensor:
     method.eval()
     out = []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(to_float(np.asarray(images[start:start + batch]))).to(device)
-        out.append(method.predict(x).float().cpu())
+        out.append(method.predict(x, variant).float().cpu())
     return torch.cat(out)
+
+
+def _score_part(data: PreparedDataset, part: str, probs: torch.Tensor, resolution: str):
+    """Yield (metrics row, prediction key, prediction) for every case of one evaluation part."""
+    index = data.index(part)
+    gt_all = data.ground_truth(part)
+    for case, case_rows in index.groupby("case", sort=False):
+        case_rows = case_rows.sort_values("slice")
+        first = case_rows.iloc[0]
+        shape = (int(first.orig_h), int(first.orig_w))
+        pred = case_prediction(probs[case_rows.index.to_numpy()], shape, resolution)
+        gt = gt_all[case]
+        if gt.ndim == 2:
+            pred = pred[0]
+        spacing = (float(first.spacing_z), float(first.spacing_y), float(first.spacing_x))[-gt.ndim:]
+        if resolution == "training":
+            gt = resize_labels(gt, data.image_size)
+            spacing = tuple(spacing[:-2]) + (spacing[-2] * shape[0] / data.image_size,
+                                             spacing[-1] * shape[1] / data.image_size)
+        row = {"test_set": part, "case": case, **case_metrics(pred, gt, data.num_classes, spacing)}
+        yield row, f"{part}/{case}", pred
 
 
 def case_prediction(probs: torch.Tensor, shape: tuple[int, int], resolution: str) -> np.ndarray:
@@ -60,28 +82,19 @@ def evaluate_run(params: Params, run: RunId, *, runs_root: str | Path = "data/ru
     saved = torch.load(weights_path, map_location=device, weights_only=True)
     method.load_eval_state_dict(saved["weights"])
     resolution = params.eval.resolution
-    rows, predictions, parts = [], {}, {}
-    for part in data.eval_parts:
-        index = data.index(part)
-        probs = predict_probs(method, data.images(part), device)
-        gt_all = data.ground_truth(part)
-        for case, case_rows in index.groupby("case", sort=False):
-            case_rows = case_rows.sort_values("slice")
-            first = case_rows.iloc[0]
-            shape = (int(first.orig_h), int(first.orig_w))
-            pred = case_prediction(probs[case_rows.index.to_numpy()], shape, resolution)
-            gt = gt_all[case]
-            if gt.ndim == 2:
-                pred = pred[0]
-            spacing = (float(first.spacing_z), float(first.spacing_y), float(first.spacing_x))[-gt.ndim:]
-            if resolution == "training":
-                gt = resize_labels(gt, data.image_size)
-                spacing = tuple(spacing[:-2]) + (spacing[-2] * shape[0] / data.image_size,
-                                                 spacing[-1] * shape[1] / data.image_size)
-            rows.append({"test_set": part, "case": case, **case_metrics(pred, gt, data.num_classes, spacing)})
-            predictions[f"{part}/{case}"] = pred
-        parts[part] = summarize(pd.DataFrame([r for r in rows if r["test_set"] == part]))
+    rows, predictions = [], {}
+    for variant in (None, *method.variants):
+        for part in data.eval_parts:
+            probs = predict_probs(method, data.images(part), device, variant=variant)
+            for row, key, pred in _score_part(data, part, probs, resolution):
+                rows.append({"variant": variant or "", **row})
+                if variant is None:
+                    predictions[key] = pred
     per_case = pd.DataFrame(rows)
+    main = per_case[per_case.variant == ""]
+    parts = {p: summarize(main[main.test_set == p].drop(columns=["variant"])) for p in data.eval_parts}
+    variants = {v: {p: summarize(per_case[(per_case.variant == v) & (per_case.test_set == p)].drop(columns=["variant"]))
+                    for p in data.eval_parts} for v in method.variants}
     out_dir = run.eval_dir(eval_root)
     io.write_text(out_dir / "per_case.csv", per_case.to_csv(index=False, float_format="%.6f"))
     with io.atomic_path(out_dir / "predictions.npz") as tmp:
@@ -94,6 +107,7 @@ def evaluate_run(params: Params, run: RunId, *, runs_root: str | Path = "data/ru
         "empty_mask_policy": EMPTY_MASK_POLICY,
         "provenance": method.provenance(),
         "test_sets": parts,
+        "variants": variants,
     }
     io.write_json(run.metrics_file(metrics_root), _rounded(summary))
     return summary

@@ -35,3 +35,21 @@ def sigmoid_rampup(step: int, length: int) -> float:
         return 1.0
     phase = 1.0 - min(max(step, 0), length) / length
     return float(torch.exp(torch.tensor(-5.0 * phase * phase)))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Knowledge distillation: T^2 x mean over pixels of KL(teacher_T || student_T), classes on dim 1.
+
+    The teacher is detached here so callers cannot leak gradients into it by accident.
+    """
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1)
+    return kl.mean() * temperature * temperature
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of the Shannon entropy of softmax(logits), normalised by log K to [0, 1]."""
+    log_p = F.log_softmax(logits, dim=1)
+    ent = -(log_p.exp() * log_p).sum(1)
+    return ent.mean() / torch.log(torch.tensor(float(logits.shape[1])))

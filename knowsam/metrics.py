@@ -12,8 +12,10 @@ segmentation code reports), computed faster and made total:
   the ground-truth surface (directed, so it does not see missed parts of the
   ground truth); ``assd`` is the symmetric mean over both sets pooled;
 * ``hd`` is the symmetric Hausdorff distance of the surfaces and
-  ``hd_x095_paper`` is ``0.95 * hd``: the quantity the official KnowSAM code
-  labels "HD95". It is offered only to compare with the paper's tables.
+  ``hd_x095_paper`` is ``0.95 * hd`` (empty masks included): the formula the
+  official KnowSAM code labels "HD95", applied to true surface distances (that
+  code measures between image rows instead, so its values are not reproduced
+  bit for bit). It is offered only to compare with the paper's tables.
 
 medpy returns 0 Dice for two empty masks and raises for distances on an empty
 mask; callers then drop or patch those cases. Here every case gets a finite
@@ -58,6 +60,8 @@ SUMMARY_DEFINITIONS: dict[str, str] = {
     "mIoU": "mean of per-image IoU",
     "HD95": "mean of per-image HD95 (95th percentile of both directed surface-distance sets pooled)",
     "ASD": "mean of per-image ASD (mean distance from predicted to ground-truth surface)",
+    "assd": "mean of per-image ASSD (mean of both directed surface-distance sets pooled)",
+    "hd": "mean of per-image Hausdorff distance (largest surface distance)",
     "precision": "mean of per-image precision",
     "recall": "mean of per-image recall",
     "hd_x095_paper": "mean of per-image 0.95 x Hausdorff distance (what the KnowSAM code calls HD95)",
@@ -196,7 +200,8 @@ def case_metrics(
             raise KnowsamError(f"{role} labels must be integer class indices, got dtype {labels.dtype}")
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
             raise KnowsamError(
-                f"{role} labels span {labels.min()}..{labels.max()}, outside 0..{num_classes - 1} (num_classes={num_classes})"
+                f"{role} labels span {labels.min()}..{labels.max()}, "
+                f"outside 0..{num_classes - 1} (num_classes={num_classes})"
             )
     per_class = [binary_metrics(pred_labels == c, gt_labels == c, spacing) for c in range(1, num_classes)]
     result = {key: float(np.mean([m[key] for m in per_class])) for key in BINARY_METRICS}
@@ -205,25 +210,32 @@ def case_metrics(
     return result
 
 
+def _is_metric_column(column: object) -> bool:
+    """A ``BINARY_METRICS`` key or its per-class form ``<key>_c<k>``; ids such as an integer case column are not."""
+    name = str(column)
+    base, _, suffix = name.rpartition("_c")
+    return name in BINARY_METRICS or (base in BINARY_METRICS and suffix.isdigit())
+
+
 def summarize(per_case: pd.DataFrame) -> dict[str, float | int | None]:
-    """Mean and sample standard deviation over cases of every numeric column, plus ``n``.
+    """Mean and sample standard deviation over cases of every metric column, plus ``n``.
 
     Means are of per-case values (mDice = mean of per-image Dice, the polyp
     convention, not a dataset-global Dice). Columns in ``HEADLINE_NAMES`` are
     renamed (``dice`` -> ``mDice`` ...), others keep their name; each std is
-    ``<name>_std`` (ddof=1, None for a single case). A NaN is an error, never
-    skipped, so a missing case cannot silently improve a mean.
+    ``<name>_std`` (ddof=1, None for a single case). Other columns (names, ids)
+    are ignored. A NaN is an error, never skipped, so a missing case cannot
+    silently improve a mean.
     """
-    numeric = per_case.select_dtypes("number")
-    if len(per_case) == 0 or numeric.shape[1] == 0:
-        raise KnowsamError("no per-case metrics to summarise (empty table)")
-    bad = [column for column in numeric.columns if not np.all(np.isfinite(numeric[column].to_numpy(dtype=float)))]
-    if bad:
-        raise KnowsamError(f"per-case column {bad[0]!r} holds NaN or infinite values; refusing to summarise")
+    columns = [column for column in per_case.columns if _is_metric_column(column)]
+    if len(per_case) == 0 or not columns:
+        raise KnowsamError("no per-case metrics to summarise (empty table or no metric columns)")
     summary: dict[str, float | int | None] = {"n": int(len(per_case))}
-    for column in numeric.columns:
+    for column in columns:
+        values = pd.to_numeric(per_case[column], errors="coerce").to_numpy(dtype=float)
+        if not np.all(np.isfinite(values)):
+            raise KnowsamError(f"per-case column {column!r} holds NaN, infinite or non-numeric values; not summarised")
         name = HEADLINE_NAMES.get(column, column)
-        values = numeric[column].to_numpy(dtype=float)
         summary[name] = float(values.mean())
         summary[f"{name}_std"] = float(values.std(ddof=1)) if values.size > 1 else None
     return summary

@@ -93,7 +93,7 @@ def validation_arrays(data: PreparedDataset, split: dict) -> tuple[np.ndarray, n
 @torch.no_grad()
 def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, device: torch.device,
                     batch: int = 16) -> float:
-    """Mean over images and foreground classes of Dice at training size; both-empty counts as 1."""
+    """Mean over images and foreground classes of Dice at training size (both empty: the method's rule, 1 by default)."""
     method.eval()
     scores = []
     for start in range(0, len(images), batch):
@@ -104,7 +104,8 @@ def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, devic
             p, g = pred == c, gt == c
             inter = (p & g).sum((1, 2)).double()
             total = (p.sum((1, 2)) + g.sum((1, 2))).double()
-            scores.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)))
+            scores.append(torch.where(total > 0, 2 * inter / total.clamp(min=1),
+                                      torch.full_like(total, method.validation_empty_score)))
     method.train()
     return float(torch.cat(scores).mean())
 
@@ -139,13 +140,17 @@ def _load_checkpoint(run_dir: Path, expected_hash: str) -> dict | None:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(legacy=False), "torch": torch.get_rng_state()}
+    """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
 
 

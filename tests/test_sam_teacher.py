@@ -29,7 +29,8 @@ def test_only_adapters_and_prompt_heads_get_gradients():
     F.cross_entropy(teacher(x, fused), y).backward()
 
     trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
-    assert trainable and all(".attn_adapter." in n or ".mlp_adapter." in n or n.startswith("prompt_heads.") for n in trainable)
+    assert trainable
+    assert all(".attn_adapter." in n or ".mlp_adapter." in n or n.startswith("prompt_heads.") for n in trainable)
     assert len([n for n in trainable if "adapter" in n]) == 4 * 2 * 4  # 4 blocks x 2 adapters x (2 weights + 2 biases)
     for name, p in teacher.named_parameters():
         if name in trainable:
@@ -37,7 +38,8 @@ def test_only_adapters_and_prompt_heads_get_gradients():
         else:
             assert p.grad is None, name
     assert all(p.grad is None for p in fusion.parameters())
-    assert {id(p) for p in teacher.trainable_parameters()} == {id(p) for n, p in teacher.named_parameters() if n in trainable}
+    expected_ids = {id(p) for n, p in teacher.named_parameters() if n in trainable}
+    assert {id(p) for p in teacher.trainable_parameters()} == expected_ids
 
 
 def test_decode_leaves_a_detached_prompt_alone():
@@ -53,12 +55,13 @@ def test_decode_leaves_a_detached_prompt_alone():
 @pytest.mark.parametrize("k", [2, 4])
 def test_output_shapes(size: int, k: int):
     teacher = _teacher(size, k)
-    emb = teacher.encode(torch.rand(3, 3, size, size))
+    with torch.no_grad():
+        emb = teacher.encode(torch.rand(3, 3, size, size))
+        out = teacher.decode(emb, torch.randn(3, k, size // 2, size // 2))  # any prompt resolution
     assert emb.shape == (3, 64, size // 16, size // 16)
     # Mask-input size follows the image size (4 x token grid), not a hard-coded 64.
     assert teacher.prompt_encoder.mask_input_size == (size // 4, size // 4)
     assert teacher.image_encoder.pos_embed.shape == (1, size // 16, size // 16, 128)
-    out = teacher.decode(emb, torch.randn(3, k, size // 2, size // 2))  # any prompt resolution
     assert out.shape == (3, k, size, size)
     assert torch.isfinite(out).all()
 

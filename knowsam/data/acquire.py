@@ -110,7 +110,7 @@ def acquire(
     pins = _pins(spec, sha256_pins)
     raw_root = Path(raw_root)
     final = raw_root / spec.name
-    if final.exists():
+    if final.exists() and not (final.is_dir() and not any(final.iterdir())):  # an empty folder gets replaced
         return _accept_existing(spec, final)
     raw_root.mkdir(parents=True, exist_ok=True)
     if spec.generator:
@@ -128,9 +128,13 @@ def acquire(
         tried.append(_mirror_miss(spec, mirror_dir))
 
     if not spec.archives:
-        tried.append(f"no scripted download exists; get the files from {' or '.join(spec.manual_sources)}")
+        tried.append(
+            f"no scripted download exists (get the files from {' or '.join(spec.manual_sources)} "
+            f"and put them in <mirror>/{spec.name})"
+        )
     elif offline:
-        tried.append(f"network skipped (offline): {', '.join(a.source for a in spec.archives)}")
+        wanted = ", ".join(f"{a.source} ({a.size})" if a.size else a.source for a in spec.archives)
+        tried.append(f"network skipped (offline): {wanted}")
     else:
         cache = raw_root / ".downloads" / spec.name
         try:
@@ -346,10 +350,15 @@ def _unpack(archive: Archive, path: Path, stage: Path) -> None:
     root = _find_root(scratch, archive.marker)
     if root is None:
         raise KnowsamError(f"{path} has no {archive.marker!r} entry: not the expected archive")
+    # macOS archivers add "._<name>" resource forks next to real files; a loader globbing
+    # "*.png" would take them for images.
+    for junk in [*root.rglob("._*"), *root.rglob(".DS_Store")]:
+        if junk.is_file():
+            junk.unlink()
     target = stage / archive.install_to
     target.mkdir(parents=True, exist_ok=True)
     for child in root.iterdir():
-        if child.name == "__MACOSX":  # resource forks added by macOS archivers
+        if child.name == "__MACOSX":  # the same resource forks, in a parallel tree
             continue
         if (target / child.name).exists():
             raise KnowsamError(f"{path} provides {child.name!r}, which another archive already provided")

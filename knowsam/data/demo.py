@@ -56,8 +56,8 @@ class DemoStyle:
     lesion_contrast: tuple[float, float]  # range of the lesion's colour offset from the mucosa
 
 
-TRAIN_STYLE = DemoStyle(mucosa_rgb=(0.78, 0.37, 0.32), lesion_contrast=(0.12, 0.30))
-SHIFTED_STYLE = DemoStyle(mucosa_rgb=(0.74, 0.45, 0.30), lesion_contrast=(0.10, 0.24))
+TRAIN_STYLE = DemoStyle(mucosa_rgb=(0.78, 0.37, 0.32), lesion_contrast=(0.24, 0.46))
+SHIFTED_STYLE = DemoStyle(mucosa_rgb=(0.77, 0.40, 0.315), lesion_contrast=(0.22, 0.40))
 
 # Directions in which a lesion's colour departs from the mucosa: paler, yellowish,
 # redder, darker. Mixing them keeps any single channel from separating lesions.
@@ -69,6 +69,8 @@ _LESION_TINTS = np.array(
 
 @dataclass(frozen=True)
 class DemoSample:
+    """One rendered frame with its ground truth."""
+
     image: np.ndarray  # (H, W, 3) uint8 RGB
     mask: np.ndarray  # (H, W) bool, True exactly on lesion pixels
     n_lesions: int
@@ -98,7 +100,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float
 def _background(rng: np.random.Generator, style: DemoStyle, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     shape = yy.shape
     side = min(shape)
-    base = np.asarray(style.mucosa_rgb, np.float32) + rng.normal(0.0, 0.03, 3).astype(np.float32)
+    base = np.asarray(style.mucosa_rgb, np.float32) + rng.normal(0.0, 0.04, 3).astype(np.float32)
     rgb = np.broadcast_to(base, shape + (3,)).copy()
     rgb *= (1.0 + 0.12 * _smooth_field(rng, shape, side / 5))[..., None]
     rgb[..., 1] += 0.035 * _smooth_field(rng, shape, side / 4)  # slow hue drift
@@ -140,10 +142,12 @@ def _place_lesions(rng: np.random.Generator, h: int, w: int, n_wanted: int) -> l
     A bounded number of tries keeps rendering time fixed; a lesion that finds no room is dropped.
     """
     placed: list[_LesionGeometry] = []
-    for lesion_index in range(n_wanted):
-        radius = min(h, w) * (rng.uniform(0.14, 0.30) if lesion_index == 0 else rng.uniform(0.10, 0.20))
+    # Two lesions are drawn smaller, so that both usually fit with a gap between them.
+    radius_range = (0.14, 0.30) if n_wanted == 1 else (0.10, 0.22)
+    for _ in range(n_wanted):
+        radius = min(h, w) * rng.uniform(*radius_range)
         elongation = rng.uniform(0.6, 1.0)
-        for _ in range(20):
+        for _attempt in range(20):
             candidate = _LesionGeometry((rng.uniform(0.18, 0.82) * h, rng.uniform(0.18, 0.82) * w), radius, elongation)
             if all(
                 np.hypot(candidate.centre[0] - other.centre[0], candidate.centre[1] - other.centre[1])
@@ -237,21 +241,21 @@ def render_sample(seed: int, split: str, index: int, style: DemoStyle = TRAIN_ST
     return DemoSample(image=image, mask=mask, n_lesions=len(lesions))
 
 
-def _encode(array: np.ndarray, fmt: str) -> bytes:
+def _encode(array: np.ndarray, image_format: str, **options: int) -> bytes:
     buffer = io.BytesIO()
-    if fmt == "JPEG":
-        Image.fromarray(array).save(buffer, format="JPEG", quality=_JPEG_QUALITY)
-    else:
-        Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(array).save(buffer, format=image_format, **options)
     return buffer.getvalue()
 
 
 def _write_split(folder: Path, seed: int, split: str, count: int, style: DemoStyle) -> None:
+    # Stems differ between splits, as real test frames never share a name with training frames.
     stem_prefix = "train" if split == TRAIN_SPLIT else split.lower()
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)  # an empty split still has the full layout
     for index in range(count):
         sample = render_sample(seed, split, index, style)
         stem = f"{stem_prefix}_{index:04d}"
-        write_bytes(folder / "images" / f"{stem}.jpg", _encode(sample.image, "JPEG"))
+        write_bytes(folder / "images" / f"{stem}.jpg", _encode(sample.image, "JPEG", quality=_JPEG_QUALITY))
         write_bytes(folder / "masks" / f"{stem}.png", _encode(sample.mask.astype(np.uint8) * 255, "PNG"))
 
 
@@ -298,6 +302,7 @@ def generate_demo(
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
     try:
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; the dataset is meant to be shared
         _write_split(staging / TRAIN_SPLIT, seed, TRAIN_SPLIT, n_train, TRAIN_STYLE)
         for position, (name, count) in enumerate(test_sets.items()):
             style = TRAIN_STYLE if position == 0 else SHIFTED_STYLE
@@ -312,6 +317,7 @@ def generate_demo(
 
 
 def _swap_into_place(staging: Path, root: Path) -> None:
+    """Rename ``staging`` to ``root``; an existing ``root`` is moved aside first and deleted last."""
     if not root.exists():
         os.replace(staging, root)
         return

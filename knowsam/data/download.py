@@ -15,13 +15,23 @@ import time
 from pathlib import Path
 
 import requests
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+import urllib3
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from knowsam.errors import ConfigError, KnowsamError
 
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
+_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")\]]+")
 _GDRIVE_ID = re.compile(r"[A-Za-z0-9_-]{10,}")
 
 
@@ -90,13 +100,12 @@ def download_file(
             except _Retry as exc:
                 failure = str(exc)
         else:
-            raise DownloadError(
-                f"download of {url} failed after {retries + 1} attempts: {failure} (partial data kept in {part})"
-            )
+            kept = f" (partial data kept in {part})" if part.is_file() and part.stat().st_size else ""
+            raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {failure}{kept}")
     return _finish(part, dest, sha256, url)
 
 
-def _fetch(session: requests.Session, url: str, part: Path, timeout: float, bar: Progress, task) -> None:
+def _fetch(session: requests.Session, url: str, part: Path, timeout: float, bar: Progress, task: TaskID) -> None:
     """One request: append to ``part`` (206) or rewrite it (200); raise ``_Retry`` on a transient failure."""
     offset = part.stat().st_size if part.exists() else 0
     # identity: a compressed transfer would make Content-Length and byte ranges refer to other bytes.
@@ -106,7 +115,7 @@ def _fetch(session: requests.Session, url: str, part: Path, timeout: float, bar:
     try:
         response = session.get(url, headers=headers, stream=True, timeout=timeout)
     except requests.RequestException as exc:
-        raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        raise _Retry(_describe(exc)) from None
     with response:
         status = response.status_code
         if status == 416 and offset:
@@ -119,7 +128,8 @@ def _fetch(session: requests.Session, url: str, part: Path, timeout: float, bar:
             match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != offset:
                 part.unlink()
-                raise _Retry(f"server resumed at the wrong offset ({response.headers.get('Content-Range')!r}); restarting")
+                got = response.headers.get("Content-Range")
+                raise _Retry(f"server resumed at the wrong offset ({got!r}); restarting")
             total = None if match.group(3) == "*" else int(match.group(3))
             mode = "ab"
         elif status == 200:
@@ -134,10 +144,12 @@ def _fetch(session: requests.Session, url: str, part: Path, timeout: float, bar:
         bar.update(task, total=total, completed=offset)
         try:
             with open(part, mode) as fh:
-                for chunk in response.iter_content(CHUNK):
+                # read1 hands over each piece as it arrives; buffered reads would drop the
+                # bytes received just before a connection loss, which resuming relies on.
+                while chunk := response.raw.read1(CHUNK, decode_content=False):
                     fh.write(chunk)
                     bar.advance(task, len(chunk))
-        except requests.RequestException as exc:  # before OSError: requests' errors subclass it
+        except (urllib3.exceptions.HTTPError, requests.RequestException) as exc:
             raise _Retry(f"connection lost after {part.stat().st_size} bytes ({type(exc).__name__})") from None
         except OSError as exc:
             raise KnowsamError(f"cannot write {part}: {exc}") from None
@@ -146,12 +158,21 @@ def _fetch(session: requests.Session, url: str, part: Path, timeout: float, bar:
         raise _Retry(f"short read: {size} of {total} bytes")
 
 
+def _describe(exc: Exception) -> str:
+    """The useful end of requests' nested messages (e.g. "[Errno 111] Connection refused")."""
+    text = str(exc)
+    match = _ERRNO.search(text)
+    return match.group(0) if match else f"{type(exc).__name__}: {text[:200]}"
+
+
 def _finish(part: Path, dest: Path, sha256: str | None, source: str) -> str:
     """Verify ``part`` against the pin and rename it to ``dest``; return its digest."""
     digest = sha256_file(part)
     if sha256 is not None and digest != sha256.lower():
         part.unlink(missing_ok=True)
-        raise ChecksumError(f"checksum mismatch for {dest} from {source}: expected sha256 {sha256.lower()}, got {digest}")
+        raise ChecksumError(
+            f"checksum mismatch for {dest} from {source}: expected sha256 {sha256.lower()}, got {digest}"
+        )
     with open(part, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(part, dest)
@@ -169,8 +190,9 @@ def download_gdrive(
 ) -> str:
     """Download a Google Drive file (Drive needs gdown's confirm-page handling); return its sha256.
 
-    gdown keeps its own resumable partial files next to its output; its finished output
-    is our ``.part``, verified and renamed like a plain download.
+    gdown keeps its own resumable partial files next to its output and moves them to the
+    output (``<dest>.gdown``) only when complete; that file is then verified and renamed
+    like a plain download.
     """
     if not _GDRIVE_ID.fullmatch(file_id or ""):
         raise ConfigError(f"not a Google Drive file id: {file_id!r}")
@@ -178,14 +200,19 @@ def download_gdrive(
     import gdown.exceptions
 
     dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
+    # Not ".part": gdown treats an existing output as finished, so only it may create this name.
+    fetched = dest.with_name(dest.name + ".gdown")
     dest.parent.mkdir(parents=True, exist_ok=True)
     source = f"https://drive.google.com/uc?id={file_id}"
     try:
-        out = gdown.download(id=file_id, output=str(part), quiet=not progress, resume=True, retries=retries, timeout=timeout)
-    except (gdown.exceptions.DownloadError, requests.RequestException) as exc:
+        out = gdown.download(
+            id=file_id, output=str(fetched), quiet=not progress, resume=True, retries=retries, timeout=timeout
+        )
+    except requests.RequestException as exc:
+        raise DownloadError(f"download of {source} failed: {_describe(exc)}") from None
+    except gdown.exceptions.DownloadError as exc:
         reason = " ".join(str(exc).split())  # gdown's messages span several lines
         raise DownloadError(f"download of {source} failed: {reason}") from None
-    if out is None or not part.is_file():
+    if out is None or not fetched.is_file():
         raise DownloadError(f"download of {source} produced no file")
-    return _finish(part, dest, sha256, source)
+    return _finish(fetched, dest, sha256, source)

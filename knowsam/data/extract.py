@@ -198,7 +198,10 @@ def _extract_tar(archive: Path, root: Path) -> list[PurePosixPath]:
                 pass
     except tarfile.ReadError as exc:
         if not files and name == "(first header)":
-            raise KnowsamError(f"cannot extract {archive}: not a readable zip or tar archive ({exc})") from None
+            # tarfile's message lists every compression it tried, over several lines.
+            raise KnowsamError(
+                f"cannot extract {archive}: not a readable zip or tar archive (another format, or corrupt or truncated)"
+            ) from None
         raise _Refused(name, f"is corrupt or truncated ({exc})") from None
     except _READ_ERRORS as exc:
         raise _Refused(name, f"is corrupt or truncated ({type(exc).__name__}: {exc})") from None

@@ -11,17 +11,25 @@ from knowsam.data.sources import get_dataset
 from knowsam.errors import KnowsamError
 
 
+def polyp_test_sets(spec, raw: Path) -> list[str]:
+    """Test sets in table order: the spec's named parts, else (synthetic data) the folders found."""
+    named = [p.name for p in spec.parts if p.optional]
+    if named:
+        return named
+    return sorted(p.name for p in (raw / "TestDataset").iterdir() if p.is_dir())
+
+
 def prepare_dataset(name: str, params: Params, reports_root: str | Path = "reports/fingerprints") -> dict:
     spec = get_dataset(name)
     raw = Path(params.data.raw_root) / name
     if not raw.is_dir():
         raise KnowsamError(f"{raw}: raw dataset folder not found; run `knowsam-bench acquire {name}` first")
     out = Path(params.data.prepared_root) / name
-    if spec.layout == "polyp":
+    if spec.kind == "polyp-2d":
         meta = prepare_polyp_layout(raw, out, dataset=name, image_size=params.data.image_size,
-                                    interpolation=params.data.interpolation, test_sets=list(spec.test_sets))
+                                    interpolation=params.data.interpolation, test_sets=polyp_test_sets(spec, raw))
     else:
-        raise KnowsamError(f"{name}: no preparer for layout {spec.layout!r}")
+        raise KnowsamError(f"{name}: no preparer for dataset kind {spec.kind!r}")
     fingerprint = (out / "fingerprint.json").read_text()
     io.write_text(Path(reports_root) / f"{name}.json", fingerprint)
     return meta

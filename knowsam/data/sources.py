@@ -45,6 +45,10 @@ class Archive:
     sha256: str | None = None  # pinned digest; None where the publisher gives none
     size: str = ""  # approximate, for people reading messages
 
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.gdrive_id is None):
+            raise ValueError(f"archive {self.filename!r} needs exactly one of url and gdrive_id")
+
     @property
     def source(self) -> str:
         """A URL a person can open, for messages and provenance records."""
@@ -70,6 +74,8 @@ class Part:
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """Everything the harness knows about one dataset before it is on disk."""
+
     name: str
     kind: str  # "polyp-2d" | "volume-mri"
     num_classes: int
@@ -82,16 +88,6 @@ class DatasetSpec:
     generator: str | None = None  # "module:function" writing the dataset, for synthetic data
     licence: str = ""
     citation: str = ""
-
-    def part(self, name: str) -> Part:
-        for part in self.parts:
-            if part.name == name:
-                return part
-        raise ConfigError(f"dataset {self.name!r} has no part {name!r}; parts: {', '.join(p.name for p in self.parts)}")
-
-    @property
-    def optional_parts(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.parts if p.optional)
 
     @property
     def top_level(self) -> tuple[str, ...]:
@@ -126,15 +122,18 @@ POLYP = DatasetSpec(
         *(Part(s, _pairs(f"TestDataset/{s}", n), optional=True) for s, n in POLYP_TEST_SETS.items()),
     ),
     archives=(
-        Archive("TrainDataset.zip", marker="TrainDataset", gdrive_id="1YiGHLw4iTvKdvbT6MgwO9zcCv8zJ_Bnb", size="~400 MB"),
-        Archive("TestDataset.zip", marker="TestDataset", gdrive_id="1Y2z7FD5p5y31vkZwQQomXFRB0HutHyao", size="~327 MB"),
+        # Google Drive ids from the PraNet README; no checksums are published for them.
+        Archive("TrainDataset.zip", "TrainDataset", gdrive_id="1YiGHLw4iTvKdvbT6MgwO9zcCv8zJ_Bnb", size="~400 MB"),
+        Archive("TestDataset.zip", "TestDataset", gdrive_id="1Y2z7FD5p5y31vkZwQQomXFRB0HutHyao", size="~327 MB"),
     ),
-    renames=tuple((f"{d}/{old}", f"{d}/{new}") for d in _POLYP_DIRS for old, new in (("image", "images"), ("mask", "masks"))),
+    renames=tuple(
+        (f"{d}/{old}", f"{d}/{new}") for d in _POLYP_DIRS for old, new in (("image", "images"), ("mask", "masks"))
+    ),
     licence="research and education only, under each source dataset's terms; no commercial use",
     citation=(
-        "Fan et al., PraNet, MICCAI 2020 (split); Jha et al., Kvasir-SEG, MMM 2020; Bernal et al., CVC-ClinicDB, "
-        "CMIG 2015; Bernal et al., CVC-ColonDB, Pattern Recognition 2012; Silva et al., ETIS-LaribPolypDB, IJCARS 2014; "
-        "Vazquez et al., EndoScene (CVC-300), J. Healthcare Engineering 2017"
+        "Fan et al., PraNet, MICCAI 2020 (split); Jha et al., Kvasir-SEG, MMM 2020; "
+        "Bernal et al., CVC-ClinicDB, CMIG 2015; Bernal et al., CVC-ColonDB, Pattern Recognition 2012; "
+        "Silva et al., ETIS-LaribPolypDB, IJCARS 2014; Vazquez et al., EndoScene (CVC-300), J. Healthcare Eng. 2017"
     ),
 )
 
@@ -189,7 +188,7 @@ ACDC = DatasetSpec(
         "https://pan.baidu.com/s/1d0cFhj3LU029oHajNni8KQ",
     ),
     licence="research use under the ACDC challenge terms (https://www.creatis.insa-lyon.fr/Challenge/acdc/)",
-    citation="Bernard et al., IEEE TMI 37(11), 2018; preprocessing from SSL4MIS (Luo et al., github.com/HiLab-git/SSL4MIS)",
+    citation="Bernard et al., IEEE TMI 37(11), 2018; preprocessing from SSL4MIS (github.com/HiLab-git/SSL4MIS)",
 )
 
 DEMO = DatasetSpec(

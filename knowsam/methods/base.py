@@ -64,6 +64,11 @@ class Method:
     uses_unlabeled: ClassVar[bool] = True
     # Plug-in suffixes (e.g. "skd") that may be composed with this method.
     accepts_plugins: ClassVar[tuple[str, ...]] = ()
+    # Extra test-time outputs scored as separate leaderboard rows, e.g. ("sam",).
+    variants: ClassVar[tuple[str, ...]] = ()
+    # Score of an image whose prediction and ground truth are both empty, in validation
+    # (model selection). 1 is correct; a method may reproduce a published quirk.
+    validation_empty_score: float = 1.0
 
     @dataclass(frozen=True)
     class Params:
@@ -85,9 +90,22 @@ class Method:
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (B, K, H, W) of the network the method reports at test time."""
+    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+        """Class probabilities (B, K, H, W) of the network the method reports at test time.
+
+        ``variant`` names one of ``self.variants`` (extra outputs scored separately, e.g. the
+        SAM teacher's own prediction); ``None`` is the method's reported prediction.
+        """
         raise NotImplementedError
+
+    # --- hooks for plug-ins (e.g. SKD) ---------------------------------------------------------
+    def student_extra_loss(self, student: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor | float:
+        """A loss a plug-in adds to student ``student``'s loss; ``logits`` cover ``batch.x`` in order.
+
+        Methods call this once per student network per update, on logits for the whole batch
+        (labeled then unlabeled). The base method adds nothing.
+        """
+        return 0.0
 
     # --- shared machinery -----------------------------------------------------------------
     def add_net(self, name: str, net: nn.Module) -> nn.Module:

@@ -28,7 +28,7 @@ class _Supervised(Method):
         return {"loss": loss.item()}
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
         return self.nets["unet"](x).softmax(1)
 
 

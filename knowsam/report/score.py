@@ -62,7 +62,8 @@ def _list_images(folder: Path, role: str) -> dict[str, Path]:
         if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
         if path.stem in found:
-            raise KnowsamError(f"{role} folder {folder} has two images with stem {path.stem!r}: {found[path.stem].name}, {path.name}")
+            clash = f"{found[path.stem].name}, {path.name}"
+            raise KnowsamError(f"{role} folder {folder} has two images with stem {path.stem!r}: {clash}")
         found[path.stem] = path
     if not found:
         raise KnowsamError(f"{role} folder {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -170,6 +171,6 @@ def score_command(pred_dir: Path, gt_dir: Path, threshold: float, out: Path | No
         print(json.dumps(result.summary))
     else:
         Console(file=sys.stdout).print(_summary_table(result, threshold))
-    _report_unmatched(result.predictions_without_mask, f"predictions without a ground-truth mask in {gt_dir}")
-    _report_unmatched(result.masks_without_prediction, f"ground-truth masks without a prediction in {pred_dir}")
+    _report_unmatched(result.predictions_without_mask, f"prediction(s) without a ground-truth mask in {gt_dir}")
+    _report_unmatched(result.masks_without_prediction, f"ground-truth mask(s) without a prediction in {pred_dir}")
     return 0 if result.complete else 1

@@ -1,0 +1,71 @@
+"""Cross Pseudo Supervision (Chen et al., CVPR 2021) with the shared U-Net.
+
+Two U-Nets of the same architecture but different initialisation; each is supervised by the
+labels and by the other's hard (argmax) prediction on every image of the batch. The pseudo
+label is computed under ``no_grad``: a network learns from its peer, the peer is not pulled
+towards it through the target. Test time: the first network (as SSL4MIS reports ``model1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from knowsam.losses import ce_dice_loss
+from knowsam.methods.base import Batch, Method, MethodContext
+from knowsam.methods.ema import ramp_weight
+from knowsam.methods.registry import register_method
+from knowsam.models import build_model
+
+NETS = ("net1", "net2")
+
+
+@register_method
+class CrossPseudoSupervision(Method):
+    name = "cps"
+    description = ("Cross Pseudo Supervision: two U-Nets (different init), each trained by the other's "
+                   "argmax on all images; the first network predicts at test time")
+    accepts_plugins = ("skd",)
+    main_student = "net1"
+
+    @dataclass(frozen=True)
+    class Params:
+        cps_weight: float = 0.1  # weight of the cross pseudo-label CE once ramped up (SSL4MIS: 0.1)
+        rampup_fraction: float = 1.0  # ramp over this fraction of the run (SSL4MIS: the whole run)
+
+    def __init__(self, ctx: MethodContext, params: Any):
+        super().__init__(ctx, params)
+        for name in NETS:  # built one after the other from the seeded RNG: different initial weights
+            net = self.add_net(name, build_model("unet", in_channels=ctx.in_channels, num_classes=ctx.num_classes))
+            self.sgd(name, net.parameters())
+
+    def pseudo_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Hard targets from a peer's logits, cut from the graph."""
+        return logits.detach().argmax(1)
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        self.set_lr(step)
+        n_l = batch.n_labeled
+        logits = [self.nets[name](batch.x) for name in NETS]
+        targets = [self.pseudo_labels(out) for out in logits]
+        w = ramp_weight(step, self.ctx.iterations, self.p.cps_weight, self.p.rampup_fraction)
+        terms: dict[str, float] = {"w_cps": w}
+        loss = torch.zeros((), device=batch.x.device)
+        for i, name in enumerate(NETS):
+            sup = ce_dice_loss(logits[i][:n_l], batch.y_l)
+            cross = F.cross_entropy(logits[i], targets[1 - i])
+            loss = loss + sup + w * cross + self.student_extra_loss(name, logits[i], batch)
+            terms[f"sup_{name}"], terms[f"cps_{name}"] = sup.item(), cross.item()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        return {"loss": loss.item(), **terms}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+        return self.nets["net1"](x).softmax(1)

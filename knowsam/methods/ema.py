@@ -1,0 +1,66 @@
+"""Pieces shared by the semi-supervised baselines: EMA teachers, the consistency ramp, own RNG.
+
+Kept in one place so Mean Teacher and UCMT update their teachers with the same arithmetic,
+and every baseline ramps its unsupervised weight on the same schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from knowsam.errors import ConfigError
+from knowsam.losses import sigmoid_rampup
+from knowsam.methods.base import MethodContext
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """SSL4MIS's warm-up decay min(1 - 1/(step + 1), decay): 0 at step 0, so the teacher starts as a copy."""
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of ``student``: the teacher learns only through EMA updates, never by gradients."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, students: Sequence[tuple[nn.Module, float]], decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * sum_i w_i * student_i, over parameters.
+
+    Buffers (BatchNorm running statistics) are not averaged: the teacher runs in train mode
+    like its students, so its running statistics come from its own forward passes, which
+    match its own weights (as in SSL4MIS, which averages parameters only).
+    """
+    params = [dict(s.named_parameters()) for s, _ in students]
+    for name, t in teacher.named_parameters():
+        mix = sum(w * p[name].detach() for p, (_, w) in zip(params, students))
+        t.mul_(decay).add_(mix, alpha=1.0 - decay)
+
+
+def ramp_weight(step: int, iterations: int, weight: float, fraction: float) -> float:
+    """``weight`` x sigmoid ramp-up over the first ``fraction`` of the run.
+
+    SSL4MIS ramps over 200 "epochs" of 150 iterations, i.e. its whole 30k-iteration run;
+    expressing the length as a fraction of ``iterations`` keeps that shape for any run length.
+    """
+    return weight * sigmoid_rampup(step, round(fraction * iterations))
+
+
+def require_unlabeled(ctx: MethodContext, method: str) -> None:
+    """Refuse batches without unlabeled images: the consistency terms would average over nothing."""
+    if ctx.train.labeled_batch >= ctx.train.batch_size:
+        raise ConfigError(f"{method} needs unlabeled images in each batch: train.labeled_batch "
+                          f"({ctx.train.labeled_batch}) must be below train.batch_size ({ctx.train.batch_size})")
+
+
+def method_generator(ctx: MethodContext) -> torch.Generator:
+    """The method's own CPU generator for input noise/augmentation: saved in its state, so resume is
+    exact, and drawn on CPU then moved, so a seed gives the same draws on every device."""
+    return torch.Generator().manual_seed(ctx.seed * 1000 + 11)

@@ -1,0 +1,350 @@
+"""KnowSAM: co-trained U-Net and V-Net, a fusion module, and an adapted SAM teacher prompted by them.
+
+One step (see docs/knowsam-options.md for every option and the official-code defects):
+SAM encodes the batch, the sub-networks and the fusion module predict, SAM decodes with learnable
+sparse prompts and the fused logits (detached) as dense prompt. SAM learns from the labels
+(CE + Dice); each sub-network learns from the labels, from SAM (distillation), from entropy
+minimisation and from the other sub-network (consistency); the fusion module from the labels.
+After ``mixed_iterations`` the least uncertain patches are swapped between labeled and unlabeled
+images and the networks learn the same losses once more on the mixed batch.
+
+Loss forms chosen here (the description fixes the terms, not every form): supervised = CE + soft
+Dice with weight 1 each (SSL4MIS's Dice: batch-pooled, all classes); consistency = soft Dice between
+the two softmaxes, averaged over classes (only the last class with the official defect 2).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from knowsam.errors import ConfigError, KnowsamError
+from knowsam.losses import entropy_loss, kd_loss, sigmoid_rampup, soft_dice_loss
+from knowsam.methods.base import Batch, Method, MethodContext
+from knowsam.methods.registry import register_method
+from knowsam.methods.sam_support import (
+    build_sam_teacher,
+    frozen_fingerprint,
+    load_trained_state,
+    sam_optimizer,
+    trained_state,
+)
+from knowsam.models import build_model
+
+KD_ENTROPY_FORMS = ("k-class", "official-2class")
+STUDENTS = ("unet", "vnet")
+
+
+# --- loss terms (pure functions, each checked against an independent computation in tests) ----
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE + soft Dice (weights 1 and 1), as KnowSAM writes its supervised terms."""
+    return F.cross_entropy(logits, labels) + soft_dice_loss(logits.softmax(1), labels)
+
+
+def consistency_loss(logits: torch.Tensor, other_logits: torch.Tensor, all_classes: bool) -> torch.Tensor:
+    """Soft Dice loss between two softmaxes; ``all_classes=False`` keeps only the last class (defect 2).
+
+    The other network's output is a target: it is detached here.
+    """
+    p, q = logits.softmax(1), other_logits.detach().softmax(1)
+    if not all_classes:
+        p, q = p[:, -1:], q[:, -1:]
+    return soft_dice_loss(p, q)
+
+
+def consistency_weight(step: int, total: int, weight: float, rampup: int) -> float:
+    """weight * exp(-5 (1 - r)^2) with r = min(floor(t / (T / rampup)), rampup) / rampup.
+
+    The ramp counts ``rampup`` "epochs" of T / rampup iterations each, so it ends with the run.
+    """
+    epoch = min(step * rampup // total, rampup) if rampup > 0 else 0
+    return weight * sigmoid_rampup(epoch, rampup)
+
+
+def kd_two_class_official(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The official KD: pixels as rows of exactly 2 classes, batch-mean KL x T^2 (K = 2 only)."""
+    s = student.permute(0, 2, 3, 1).reshape(-1, 2)
+    t = teacher.detach().permute(0, 2, 3, 1).reshape(-1, 2)
+    kl = F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean")
+    return kl * temperature * temperature
+
+
+def entropy_two_class_official(logits: torch.Tensor) -> torch.Tensor:
+    """The official entropy: -sum p log(p + 1e-6), normalised by log 2 whatever K is (K = 2 only here)."""
+    p = logits.softmax(1)
+    return (-(p * torch.log(p + 1e-6)).sum(1) / math.log(2)).mean()
+
+
+# --- uncertainty-guided mixing ------------------------------------------------------------------
+def least_uncertain_patches(probs: torch.Tensor, grid: int, count: int) -> torch.Tensor:
+    """Pixel mask (B, H, W) of each image's ``count`` patches (of a grid x grid split) with lowest mean entropy."""
+    b, _, h, w = probs.shape
+    entropy = -(probs * torch.log(probs.clamp_min(1e-8))).sum(1, keepdim=True)
+    pooled = F.avg_pool2d(entropy, (h // grid, w // grid)).flatten(1)  # (B, grid*grid), row-major patches
+    chosen = pooled.topk(count, dim=1, largest=False).indices
+    cells = torch.zeros_like(pooled, dtype=torch.bool).scatter_(1, chosen, True).view(b, grid, grid)
+    return cells.repeat_interleave(h // grid, 1).repeat_interleave(w // grid, 2)
+
+
+def uncertainty_mix(
+    x: torch.Tensor, y_l: torch.Tensor, teacher: torch.Tensor, fused_probs: torch.Tensor, n_l: int, grid: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Swap least-uncertain patches between labeled and unlabeled images; returns (images, labels, teacher logits).
+
+    ``x``, ``teacher`` and ``fused_probs`` cover the batch (labeled rows first). Labeled image j is
+    paired with unlabeled image j mod n_u and unlabeled image i with labeled image i mod n_l: with
+    equal counts that is the official one-to-one pairing, otherwise every image is still mixed.
+    A labeled image takes its partner's content (and SAM pseudo-label) on its own least-uncertain
+    patches; an unlabeled image takes its partner's content (and ground truth) on its own
+    least-uncertain patches, SAM pseudo-label elsewhere. SAM's logits are moved the same way, so
+    the distillation target follows the content. Output order: mixed labeled, then mixed unlabeled.
+    """
+    n_u = len(x) - n_l
+    mask = least_uncertain_patches(fused_probs, grid, count)
+    pseudo = teacher.argmax(1)
+    part_of_l = torch.arange(n_l, device=x.device) % n_u + n_l  # row of each labeled image's partner
+    part_of_u = torch.arange(n_u, device=x.device) % n_l
+    partner = torch.cat([part_of_l, part_of_u])
+    labels = torch.cat([y_l, pseudo[n_l:]])  # every image's own labels: ground truth or SAM's argmax
+    m = mask[:, None]
+    return (
+        torch.where(m, x[partner], x),
+        torch.where(mask, labels[partner], labels),
+        torch.where(m, teacher[partner], teacher),
+    )
+
+
+# --- the method ----------------------------------------------------------------------------------
+@register_method
+class KnowSam(Method):
+    name = "knowsam"
+    description = "KnowSAM: co-trained U-Net/V-Net + fusion, distilled from an adapted SAM prompted by their fusion"
+    variants = ("sam",)
+
+    @dataclass(frozen=True)
+    class Params:
+        kd_temperature: float = 10.0
+        entropy_weight: float = 0.9
+        consistency_weight: float = 1.0  # official: consistency 0.1 x 10
+        consistency_rampup: int = 200  # ramp "epochs" spread over the whole run
+        sam_lr: float = 1e-4
+        mixed_iterations: float = 0.24  # < 1: fraction of train.iterations; >= 1: absolute iteration
+        mix_grid: int = 4
+        mix_patches: int = 5
+        fusion_official_activation: bool = True
+        vnet_consistency_grad: bool = False  # defect 1 (official: False)
+        consistency_all_classes: bool = False  # defect 2 (official: False, last class only)
+        kd_entropy_form: str = "k-class"  # defect 4: "official-2class" reproduces the 2-class code
+        validation_empty_zero: bool = True  # defect 11 (official: both-empty image scores Dice 0)
+        bf16: bool = False
+        channels_last: bool = False
+
+        def __post_init__(self) -> None:
+            if self.kd_entropy_form not in KD_ENTROPY_FORMS:
+                raise ConfigError(f"knowsam: kd_entropy_form must be one of {', '.join(KD_ENTROPY_FORMS)}, "
+                                  f"got {self.kd_entropy_form!r}")
+            if self.kd_temperature <= 0 or self.sam_lr <= 0 or self.mixed_iterations < 0 or self.consistency_rampup < 0:
+                raise ConfigError("knowsam: kd_temperature and sam_lr must be > 0, mixed_iterations and "
+                                  "consistency_rampup >= 0")
+            if self.mix_grid < 1 or not 0 <= self.mix_patches <= self.mix_grid**2:
+                raise ConfigError(f"knowsam: need mix_grid >= 1 and 0 <= mix_patches <= mix_grid^2, got "
+                                  f"{self.mix_grid}, {self.mix_patches}")
+
+    def __init__(self, ctx: MethodContext, params: "KnowSam.Params"):
+        super().__init__(ctx, params)
+        p = self.p
+        if p.kd_entropy_form == "official-2class" and ctx.num_classes != 2:
+            raise ConfigError(f"knowsam: kd_entropy_form 'official-2class' is only defined for 2 classes "
+                              f"(this dataset has {ctx.num_classes}); use 'k-class'")
+        if ctx.image_size % p.mix_grid:
+            raise ConfigError(f"knowsam: image size {ctx.image_size} is not divisible by mix_grid {p.mix_grid}")
+        self.validation_empty_score = 0.0 if p.validation_empty_zero else 1.0
+        k, c = ctx.num_classes, ctx.in_channels
+        memory = torch.channels_last if p.channels_last else torch.contiguous_format
+        for name in STUDENTS:
+            self.add_net(name, build_model(name, in_channels=c, num_classes=k)).to(memory_format=memory)
+        self.add_net("fusion", build_model("fusion", num_classes=k,
+                                           official_output_activation=p.fusion_official_activation)).to(memory_format=memory)
+        self.sgd("nets", [q for n in (*STUDENTS, "fusion") for q in self.nets[n].parameters()])
+        sam, self._provenance = build_sam_teacher(ctx)
+        self.add_net("sam", sam)
+        self.optimizers["sam"] = sam_optimizer(sam, p.sam_lr)
+        self._frozen_sha256 = frozen_fingerprint(sam)
+        self.mix_from = round(p.mixed_iterations * ctx.iterations) if p.mixed_iterations < 1 else int(p.mixed_iterations)
+        self.timings: dict[str, float] | None = None  # set to {} to accumulate seconds per part of a step
+
+    # --- pieces of a step -------------------------------------------------------------------
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        if self.timings is None:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.ctx.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
+
+    def _autocast(self):
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16) if self.p.bf16 else nullcontext()
+
+    def _sub_networks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """U-Net, V-Net and fused logits (float32)."""
+        if self.p.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            u, v = self.nets["unet"](x), self.nets["vnet"](x)
+            f = self.nets["fusion"](u, v)
+        return u.float(), v.float(), f.float()
+
+    def _sam_logits(self, x: torch.Tensor, fused: torch.Tensor, n_grad: int) -> torch.Tensor:
+        """SAM's per-class logits; the graph covers only the first ``n_grad`` images.
+
+        SAM's only loss uses the labeled rows, so encoding the rest without a graph saves the
+        encoder's activations and backward there without changing any gradient (the encoder
+        normalises per token). The decoder runs on the whole batch at once because the prompt
+        heads' BatchNorm must see the same batch statistics as with one full forward.
+        """
+        sam = self.nets["sam"]
+        with self._autocast():
+            with self._timed("sam_encoder"):
+                emb = sam.encode(x[:n_grad])
+                if n_grad < len(x):
+                    with torch.no_grad():
+                        rest = sam.encode(x[n_grad:])
+                    emb = torch.cat([emb, rest])
+            with self._timed("sam_decoder"):
+                logits = sam.decode(emb, fused.detach())
+        return logits.float()
+
+    def _kd(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.p.kd_entropy_form == "official-2class":
+            return kd_two_class_official(student, teacher, self.p.kd_temperature)
+        return kd_loss(student, teacher, self.p.kd_temperature)
+
+    def _entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.p.kd_entropy_form == "official-2class":
+            return entropy_two_class_official(logits)
+        return entropy_loss(logits)
+
+    def _student_terms(self, name: str, logits: torch.Tensor, other: torch.Tensor, teacher: torch.Tensor,
+                       labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A sub-network's terms; ``labels`` cover its first len(labels) rows, ``teacher`` all rows."""
+        cons_grad = name == "unet" or self.p.vnet_consistency_grad
+        return {
+            "sup": supervised_loss(logits[: len(labels)], labels),
+            "kd": self._kd(logits, teacher),
+            "ent": self._entropy(logits),
+            "cons": consistency_loss(logits if cons_grad else logits.detach(), other, self.p.consistency_all_classes),
+        }
+
+    def _student_loss(self, terms: dict[str, torch.Tensor], w: float) -> torch.Tensor:
+        return terms["sup"] + terms["kd"] + self.p.entropy_weight * terms["ent"] + w * terms["cons"]
+
+    def _net_loss(self, u: torch.Tensor, v: torch.Tensor, f: torch.Tensor, teacher: torch.Tensor,
+                  labels: torch.Tensor, w: float, batch: Batch | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_net = (L_u + L_v)/2 + L_f for one forward; plug-in losses only when ``batch`` is what was forwarded."""
+        logged: dict[str, torch.Tensor] = {}
+        student_losses = []
+        for name, own, other in (("unet", u, v), ("vnet", v, u)):
+            terms = self._student_terms(name, own, other, teacher, labels)
+            extra = self.student_extra_loss(name, own, batch) if batch is not None else 0.0
+            student_losses.append(self._student_loss(terms, w) + extra)
+            logged.update({f"{name}_{k}": t for k, t in terms.items()})
+        logged["fusion"] = supervised_loss(f[: len(labels)], labels)
+        return sum(student_losses) / 2 + logged["fusion"], logged
+
+    def losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Every loss term of iteration ``step`` with its graph; ``sam`` (L_sam) and ``net`` (L_net) are optimised."""
+        x, y, n_l = batch.x, batch.y_l, batch.n_labeled
+        w = consistency_weight(step, self.ctx.iterations, self.p.consistency_weight, self.p.consistency_rampup)
+        with self._timed("sub_networks"):
+            u, v, fused = self._sub_networks(x)
+        sam_logits = self._sam_logits(x, fused, n_l)
+        teacher = sam_logits.detach()
+        net, logged = self._net_loss(u, v, fused, teacher, y, w, batch)
+        logged["sam"] = supervised_loss(sam_logits[:n_l], y)
+        mixed = torch.zeros((), device=x.device)
+        if self.mixing_at(step) and len(batch.x_u):
+            with self._timed("mixing"), torch.no_grad():
+                xm, ym, tm = uncertainty_mix(x, y, teacher, fused.detach().softmax(1), n_l, self.p.mix_grid,
+                                             self.p.mix_patches)
+            with self._timed("sub_networks"):
+                um, vm, fm = self._sub_networks(xm)
+            mixed, _ = self._net_loss(um, vm, fm, tm, ym, w, None)
+        logged["mixed"] = mixed
+        logged["net"] = net + mixed
+        logged["cons_weight"] = torch.tensor(w)
+        return logged
+
+    def mixing_at(self, step: int) -> bool:
+        """Whether iteration ``step`` (0-based) adds the uncertainty-guided mixed batch."""
+        return step >= self.mix_from and self.p.mix_patches > 0
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        self.set_lr(step, power=1.0)  # KnowSAM decays both optimisers linearly: lr * (1 - t/T)
+        terms = self.losses(batch, step)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        # The two graphs are disjoint (SAM sees the fused logits detached; the networks see SAM's
+        # output detached), so two backward passes equal the official two separate updates.
+        with self._timed("sam_backward"):
+            terms["sam"].backward()
+        with self._timed("nets_backward"):
+            terms["net"].backward()
+        with self._timed("optimiser"):
+            self.optimizers["sam"].step()
+            self.optimizers["nets"].step()
+        out = {k: v.detach().item() for k, v in terms.items()}
+        out["loss"] = out["sam"] + out["net"]
+        return out
+
+    # --- test time ------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+        """Fused prediction (softmax); ``variant="sam"``: SAM prompted by the fused logits, as in training."""
+        if variant not in (None, *self.variants):
+            raise ValueError(f"knowsam: unknown variant {variant!r}; known: {', '.join(self.variants)}")
+        _, _, fused = self._sub_networks(x)
+        if variant is None:
+            return fused.softmax(1)
+        sam = self.nets["sam"]
+        with self._autocast():
+            return sam.decode(sam.encode(x), fused).float().softmax(1)
+
+    # --- persistence: the frozen SAM is rebuilt, never saved -------------------------------
+    def _weights(self) -> dict:
+        nets = {k: v.state_dict() for k, v in self.nets.items() if k != "sam"}
+        return {**nets, "sam_trained": trained_state(self.nets["sam"]), "sam_frozen_sha256": self._frozen_sha256}
+
+    def _load_weights(self, state: dict) -> None:
+        if state["sam_frozen_sha256"] != self._frozen_sha256:
+            raise KnowsamError("knowsam: saved weights were trained with other frozen SAM weights (checkpoint, "
+                               "arch, image size or seed changed); retrain or restore that configuration")
+        load_trained_state(self.nets["sam"], state["sam_trained"])
+        for k in (*STUDENTS, "fusion"):
+            self.nets[k].load_state_dict(state[k])
+
+    def state_dict(self) -> dict:
+        return {"weights": self._weights(), "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_weights(state["weights"])
+        for k, v in state["optimizers"].items():
+            self.optimizers[k].load_state_dict(v)
+
+    def eval_state_dict(self) -> dict:
+        return self._weights()
+
+    def load_eval_state_dict(self, state: dict) -> None:
+        self._load_weights(state)
+
+    def provenance(self) -> dict:
+        return dict(self._provenance)

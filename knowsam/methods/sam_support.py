@@ -1,0 +1,83 @@
+"""Building, optimising and persisting the SAM teacher, shared by KnowSAM and the SKD plug-in.
+
+Random SAM weights are only ever used when asked for (``sam.checkpoint: none``); a missing or
+corrupt checkpoint raises. The teacher is built from a generator seeded with the run seed, so a
+random-init teacher is the same whenever the method is rebuilt (training, resume, evaluation):
+that lets checkpoints store only the small trained part (adapters, prompt heads) instead of the
+whole frozen SAM (about 360 MB for ViT-B), with a fingerprint to prove the frozen part matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knowsam.errors import KnowsamError
+from knowsam.methods.base import MethodContext
+from knowsam.models.sam_checkpoint import SAM_CHECKPOINTS, load_sam_weights, resolve_checkpoint, sha256_file
+from knowsam.models.sam_teacher import SamTeacher
+
+
+def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
+    """SamTeacher for ``ctx``, loaded (or explicitly random), frozen except adapters/prompt heads, on ctx.device.
+
+    Returns the teacher and its provenance: ``sam_arch``, ``sam_weights`` ("random-init" or
+    "<file name> sha256 <first 12 hex>") and ``sam_load_report`` (one line).
+    """
+    s = ctx.sam
+    with torch.random.fork_rng(devices=[]):  # seeded build; the run's global RNG stream is untouched
+        torch.manual_seed(ctx.seed)
+        teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels)
+    path = resolve_checkpoint(s.checkpoint, s.arch, Path(s.cache_dir).expanduser())
+    if path is None:
+        weights, report = "random-init", f"random init (seed {ctx.seed}); no checkpoint loaded"
+    else:
+        report = load_sam_weights(teacher, path).summary()
+        weights = f"{path.name} sha256 {_checkpoint_sha256(path, s.arch)[:12]}"
+    # The constructor froze SAM; loading copies values only, so requires_grad is unchanged.
+    teacher.to(ctx.device)
+    return teacher, {"sam_arch": s.arch, "sam_weights": weights, "sam_load_report": report}
+
+
+def _checkpoint_sha256(path: Path, arch: str) -> str:
+    """The official file's known digest (``resolve_checkpoint`` has verified it), else hash the file."""
+    info = SAM_CHECKPOINTS.get(arch)
+    return info.sha256 if info is not None and path.name == info.filename else sha256_file(path)
+
+
+def sam_optimizer(teacher: SamTeacher, lr: float = 1e-4) -> torch.optim.Adam:
+    """Adam over the teacher's trainable tensors (adapters, prompt heads), as in KnowSAM."""
+    return torch.optim.Adam(teacher.trainable_parameters(), lr=lr)
+
+
+def linear_decay(lr: float, step: int, total: int) -> float:
+    """KnowSAM's schedule for both optimisers: lr * (1 - t/T)."""
+    return lr * (1.0 - step / total)
+
+
+def frozen_fingerprint(teacher: SamTeacher) -> str:
+    """sha256 over the frozen SAM tensors (names, shapes, bytes): identifies the weights not saved."""
+    h = hashlib.sha256()
+    for name, value in teacher.state_dict().items():
+        if not SamTeacher.is_added_name(name):
+            h.update(name.encode())
+            h.update(str(tuple(value.shape)).encode())
+            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def trained_state(teacher: SamTeacher) -> dict[str, torch.Tensor]:
+    """Only what training changes: adapters and prompt heads (with their BatchNorm buffers)."""
+    return {k: v for k, v in teacher.state_dict().items() if SamTeacher.is_added_name(k)}
+
+
+def load_trained_state(teacher: SamTeacher, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`trained_state`; every added tensor must be present and nothing else."""
+    expected = set(trained_state(teacher))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise KnowsamError(f"saved SAM state does not match the teacher (missing {missing[:3]}, unexpected {extra[:3]})")
+    teacher.load_state_dict(state, strict=False)

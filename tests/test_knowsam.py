@@ -1,0 +1,327 @@
+"""KnowSAM: gradients, every loss term against an independent computation, mixing, defect switches, training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from knowsam.config import SamParams, TrainParams
+from knowsam.data.prepare import find_pairs, load_pair
+from knowsam.errors import ConfigError, KnowsamError
+from knowsam.losses import entropy_loss, kd_loss
+from knowsam.methods import Batch, MethodContext, get_method
+from knowsam.methods.knowsam import (
+    KnowSam,
+    consistency_loss,
+    consistency_weight,
+    entropy_two_class_official,
+    kd_two_class_official,
+    least_uncertain_patches,
+    supervised_loss,
+    uncertainty_mix,
+)
+from knowsam.models.sam_teacher import SamTeacher, build_sam_parts
+from tests.conftest import mirror_root
+
+NET_NAMES = ("unet", "vnet", "fusion")
+
+
+def make(k: int = 2, size: int = 32, iterations: int = 100, seed: int = 0, checkpoint: str = "none",
+         lr: float = 0.01, **params) -> KnowSam:
+    ctx = MethodContext(in_channels=3, num_classes=k, image_size=size, iterations=iterations,
+                        train=TrainParams(lr=lr), sam=SamParams(arch="tiny", checkpoint=checkpoint),
+                        device=torch.device("cpu"), seed=seed)
+    method = get_method("knowsam")(ctx, KnowSam.Params(**params))
+    method.train()
+    return method
+
+
+def batch(n_l: int, n_u: int, k: int = 2, size: int = 32, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.rand(n_l, 3, size, size, generator=g), torch.randint(0, k, (n_l, size, size), generator=g),
+                 torch.rand(n_u, 3, size, size, generator=g))
+
+
+def grads(loss: torch.Tensor, module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
+    return {n: g for (n, _), g in zip(named, got)}
+
+
+def has_grad(g: torch.Tensor | None) -> bool:
+    return g is not None and bool(g.abs().sum() > 0)
+
+
+# --- gradients --------------------------------------------------------------------------------
+def test_gradients_reach_exactly_the_trainable_parts():
+    m = make()
+    m.train_step(batch(2, 2), 0)  # one step so that no parameter sits at an all-zero init
+    torch.manual_seed(1)
+    terms = m.losses(batch(2, 2, seed=1), 0)
+    sam = m.nets["sam"]
+    sam_grads = grads(terms["sam"], sam)
+    assert all(SamTeacher.is_added_name(n) for n in sam_grads)  # nothing else in SAM is trainable
+    assert any(".attn_adapter." in n for n in sam_grads) and any(n.startswith("prompt_heads.") for n in sam_grads)
+    assert all(has_grad(g) for g in sam_grads.values()), [n for n, g in sam_grads.items() if not has_grad(g)]
+    for name in NET_NAMES:
+        net_grads = grads(terms["net"], m.nets[name])
+        assert all(has_grad(g) for g in net_grads.values()), (name, [n for n, g in net_grads.items() if not has_grad(g)])
+        assert not any(has_grad(g) for g in grads(terms["sam"], m.nets[name]).values())  # dense prompt detached
+    assert not any(has_grad(g) for g in grads(terms["net"], sam).values())  # KD target detached
+
+
+def test_sam_graph_on_labeled_rows_only_gives_the_full_batch_gradient():
+    """The speed-up (unlabeled rows encoded without a graph) leaves SAM's gradient unchanged."""
+    m = make()
+    sam = m.nets["sam"]
+    b = batch(2, 3)
+    fused = torch.randn(5, 2, 32, 32)
+    split = grads(supervised_loss(m._sam_logits(b.x, fused, 2)[:2], b.y_l), sam)
+    full = grads(supervised_loss(sam.decode(sam.encode(b.x), fused)[:2], b.y_l), sam)
+    for n in full:
+        torch.testing.assert_close(split[n], full[n], rtol=1e-4, atol=1e-7)
+
+
+# --- loss terms against independent computations ------------------------------------------------
+def _softmax(a: np.ndarray, axis: int = 1) -> np.ndarray:
+    e = np.exp(a - a.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def test_kd_with_four_classes_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 4, 5, 6, generator=g) * 3, torch.randn(2, 4, 5, 6, generator=g) * 3
+    temp = 10.0
+    ps, pt = _softmax(s.double().numpy() / temp), _softmax(t.double().numpy() / temp)
+    expected = (pt * (np.log(pt) - np.log(ps))).sum(1).mean() * temp**2
+    assert kd_loss(s, t, temp).item() == pytest.approx(expected, rel=1e-4)
+    # The official 2-class computation agrees with the K-class one exactly where it is defined.
+    assert kd_two_class_official(s[:, :2], t[:, :2], temp).item() == pytest.approx(kd_loss(s[:, :2], t[:, :2], temp).item(), rel=1e-5)
+
+
+def test_entropy_terms_match_numpy():
+    logits = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(1)) * 2
+    p = _softmax(logits.double().numpy())
+    ent = -(p * np.log(p)).sum(1)
+    assert entropy_loss(logits).item() == pytest.approx(ent.mean() / math.log(4), rel=1e-5)
+    p2 = _softmax(logits[:, :2].double().numpy())
+    official = (-(p2 * np.log(p2 + 1e-6)).sum(1) / math.log(2)).mean()
+    assert entropy_two_class_official(logits[:, :2]).item() == pytest.approx(official, rel=1e-5)
+    assert entropy_loss(logits[:, :2]).item() == pytest.approx(official, abs=1e-4)
+
+
+def test_supervised_and_consistency_losses_match_numpy():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 4, 5, 6, generator=g), torch.randn(2, 4, 5, 6, generator=g)
+    y = torch.randint(0, 4, (2, 5, 6), generator=g)
+    pa, pb = _softmax(a.double().numpy()), _softmax(b.double().numpy())
+    onehot = np.eye(4)[y.numpy()].transpose(0, 3, 1, 2)
+    ce = -np.log((pa * onehot).sum(1)).mean()
+
+    def dice_loss(p, q):  # 1 - mean over classes of batch-pooled (2 sum pq + eps) / (sum p^2 + sum q^2 + eps)
+        inter, den = (p * q).sum((0, 2, 3)), (p * p).sum((0, 2, 3)) + (q * q).sum((0, 2, 3))
+        return 1 - ((2 * inter + 1e-5) / (den + 1e-5)).mean()
+
+    assert supervised_loss(a, y).item() == pytest.approx(ce + dice_loss(pa, onehot), rel=1e-5)
+    assert consistency_loss(a, b, all_classes=True).item() == pytest.approx(dice_loss(pa, pb), rel=1e-5)
+    assert consistency_loss(a, b, all_classes=False).item() == pytest.approx(dice_loss(pa[:, 3:], pb[:, 3:]), rel=1e-5)
+    # Defect 2: the official form ignores every class but the last. Redistribute the mass of
+    # classes 0 and 1 (their exp-sum, hence the last class's softmax, is unchanged).
+    mass = a[:, 0].exp() + a[:, 1].exp()
+    share = torch.rand(2, 5, 6, generator=g) * 0.98 + 0.01
+    a2 = a.clone()
+    a2[:, 0], a2[:, 1] = (mass * share).log(), (mass * (1 - share)).log()
+    assert consistency_loss(a2, b, False).item() == pytest.approx(consistency_loss(a, b, False).item(), rel=1e-5)
+    assert abs(consistency_loss(a2, b, True).item() - consistency_loss(a, b, True).item()) > 1e-3
+
+
+@pytest.mark.parametrize("t", [0, 1, 149, 150, 7499, 15000, 29999, 30000])
+def test_consistency_ramp(t: int):
+    total = 30000
+    r = min(math.floor(t / (total / 200)), 200) / 200
+    assert consistency_weight(t, total, 1.0, 200) == pytest.approx(0.1 * 10 * math.exp(-5 * (1 - r) ** 2), rel=1e-6)
+
+
+def test_net_loss_is_the_documented_combination():
+    m = make(iterations=10)
+    torch.manual_seed(0)
+    terms = {k: v.item() for k, v in m.losses(batch(2, 2), 3).items()}
+    w = consistency_weight(3, 10, 1.0, 200)
+    students = [terms[f"{n}_sup"] + terms[f"{n}_kd"] + 0.9 * terms[f"{n}_ent"] + w * terms[f"{n}_cons"]
+                for n in ("unet", "vnet")]
+    assert terms["mixed"] == 0.0  # 3 < round(0.24 * 10)
+    assert terms["net"] == pytest.approx(sum(students) / 2 + terms["fusion"], rel=1e-6)
+    assert terms["cons_weight"] == pytest.approx(w)
+
+
+# --- mixing --------------------------------------------------------------------------------------
+def _patchwise_probs(ent_order: np.ndarray, size: int = 32, grid: int = 4) -> torch.Tensor:
+    """2-class probabilities constant per patch; foreground probability from ``ent_order`` (B, grid, grid)."""
+    fg = torch.from_numpy(ent_order).float().repeat_interleave(size // grid, 1).repeat_interleave(size // grid, 2)
+    return torch.stack([1 - fg, fg], 1)
+
+
+@pytest.mark.parametrize("n_l,n_u", [(2, 2), (3, 1), (1, 3)])
+def test_mixing_moves_the_least_uncertain_patches(n_l: int, n_u: int):
+    rng = np.random.default_rng(n_l)
+    b, size, grid, count, cell = n_l + n_u, 32, 4, 5, 8
+    fg = rng.uniform(0.5, 0.999, (b, grid, grid))  # entropy falls as fg rises: distinct per patch
+    probs = _patchwise_probs(fg)
+    x = torch.rand(b, 3, size, size)
+    teacher = torch.randn(b, 2, size, size)
+    y_l = torch.randint(0, 2, (n_l, size, size))
+    xm, ym, tm = uncertainty_mix(x, y_l, teacher, probs, n_l, grid, count)
+
+    ent = -(fg * np.log(fg) + (1 - fg) * np.log(1 - fg))
+    pseudo = teacher.argmax(1)
+    for i in range(b):
+        chosen = set(np.argsort(ent[i].ravel())[:count].tolist())
+        partner = n_l + i % n_u if i < n_l else (i - n_l) % n_l
+        own_labels = y_l[i] if i < n_l else pseudo[i]
+        partner_labels = pseudo[partner] if i < n_l else y_l[partner]
+        for cell_id in range(grid * grid):
+            r, c = divmod(cell_id, grid)
+            sl = (slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell))
+            src, lab = (partner, partner_labels) if cell_id in chosen else (i, own_labels)
+            assert torch.equal(xm[i][(slice(None), *sl)], x[src][(slice(None), *sl)]), (i, cell_id)
+            assert torch.equal(tm[i][(slice(None), *sl)], teacher[src][(slice(None), *sl)]), (i, cell_id)
+            assert torch.equal(ym[i][sl], lab[sl]), (i, cell_id)
+
+
+def test_least_uncertain_patches_uses_mean_entropy_per_patch():
+    probs = torch.full((1, 2, 32, 32), 0.5)
+    probs[0, :, 0:8, 8:16] = torch.tensor([0.01, 0.99]).view(2, 1, 1)  # patch (0, 1): certain everywhere
+    probs[0, :, 8:12, 0:8] = torch.tensor([0.0, 1.0]).view(2, 1, 1)  # half of patch (1, 0): certain
+    mask = least_uncertain_patches(probs, 4, 2)
+    assert mask.sum() == 2 * 64
+    assert mask[0, 0:8, 8:16].all() and mask[0, 8:16, 0:8].all()
+
+
+# --- official-defect switches -------------------------------------------------------------------
+@pytest.mark.parametrize("fixed", [False, True])
+def test_vnet_consistency_gradient_only_when_fixed(fixed: bool):
+    m = make(vnet_consistency_grad=fixed)
+    terms = m.losses(batch(2, 2), 50)
+    vnet_from_cons = grads(terms["vnet_cons"], m.nets["vnet"]) if terms["vnet_cons"].requires_grad else {}
+    assert any(has_grad(g) for g in vnet_from_cons.values()) == fixed
+    assert any(has_grad(g) for g in grads(terms["unet_cons"], m.nets["unet"]).values())  # U-Net learns either way
+    assert not any(has_grad(g) for g in grads(terms["unet_cons"], m.nets["vnet"]).values())  # target detached
+
+
+def test_consistency_all_classes_switch_reaches_the_step():
+    torch.manual_seed(0)
+    official = make(k=4).losses(batch(2, 2, k=4), 50)["unet_cons"].item()
+    torch.manual_seed(0)
+    fixed = make(k=4, consistency_all_classes=True).losses(batch(2, 2, k=4), 50)["unet_cons"].item()
+    assert official != pytest.approx(fixed, abs=1e-4)
+
+
+def test_official_two_class_kd_entropy_is_refused_beyond_two_classes():
+    with pytest.raises(ConfigError, match="only defined for 2 classes"):
+        make(k=4, kd_entropy_form="official-2class")
+    torch.manual_seed(0)
+    a = make(kd_entropy_form="official-2class").losses(batch(2, 2), 0)
+    torch.manual_seed(0)
+    b = make().losses(batch(2, 2), 0)
+    assert a["unet_kd"].item() == pytest.approx(b["unet_kd"].item(), rel=1e-4)
+    assert a["unet_ent"].item() == pytest.approx(b["unet_ent"].item(), abs=1e-4)
+
+
+def test_validation_empty_score_and_mixing_start():
+    assert make().validation_empty_score == 0.0
+    assert make(validation_empty_zero=False).validation_empty_score == 1.0
+    m = make(iterations=50000)
+    assert m.mix_from == 12000 and not m.mixing_at(11999) and m.mixing_at(12000)
+    assert make(iterations=50000, mixed_iterations=3000.0).mix_from == 3000
+    with pytest.raises(ConfigError):
+        make(mix_patches=17)
+
+
+# --- whole steps --------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,n_l,n_u", [(4, 3, 1), (2, 4, 0)])
+def test_steps_run_for_four_classes_and_without_unlabeled(k: int, n_l: int, n_u: int):
+    m = make(k=k, mixed_iterations=0.0)
+    before = {n: p.clone() for n, p in m.nets["unet"].named_parameters()}
+    out = m.train_step(batch(n_l, n_u, k=k), 0)
+    assert all(math.isfinite(v) for v in out.values())
+    assert (out["mixed"] > 0) == (n_u > 0)  # no unlabeled partner: no mixing
+    assert any(not torch.equal(p, before[n]) for n, p in m.nets["unet"].named_parameters())
+    m.eval()
+    for variant in (None, "sam"):
+        probs = m.predict(batch(2, 0, k=k).x, variant)
+        assert probs.shape == (2, k, 32, 32)
+        torch.testing.assert_close(probs.sum(1), torch.ones(2, 32, 32))
+    with pytest.raises(ValueError):
+        m.predict(batch(1, 0).x, "unet")
+
+
+def test_saved_weights_restore_predictions_without_the_frozen_sam():
+    torch.manual_seed(0)
+    a = make()
+    a.train_step(batch(2, 2), 0)
+    saved = a.eval_state_dict()
+    assert not any(k.startswith("image_encoder.") for k in saved["sam_trained"])  # frozen SAM rebuilt, not saved
+    torch.manual_seed(123)  # evaluation builds the method under another RNG state
+    b = make()
+    b.load_eval_state_dict(saved)
+    a.eval(), b.eval()
+    x = batch(2, 0, seed=5).x
+    for variant in (None, "sam"):
+        torch.testing.assert_close(a.predict(x, variant), b.predict(x, variant))
+    with pytest.raises(KnowsamError, match="other frozen SAM"):
+        make(seed=1).load_eval_state_dict(saved)
+
+
+def test_provenance_random_init_and_checkpoint(tmp_path):
+    assert make().provenance() == {"sam_arch": "tiny", "sam_weights": "random-init",
+                                   "sam_load_report": "random init (seed 0); no checkpoint loaded"}
+    torch.manual_seed(0)
+    from segment_anything.modeling import Sam
+
+    path = tmp_path / "tiny_sam.pth"
+    torch.save(Sam(*build_sam_parts("tiny", 1024, use_rel_pos=True)).state_dict(), path)
+    import hashlib
+
+    prov = make(checkpoint=str(path)).provenance()
+    assert prov["sam_weights"] == f"tiny_sam.pth sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    assert "0 missing" not in prov["sam_load_report"] and "0 unexpected" in prov["sam_load_report"]
+    with pytest.raises(KnowsamError, match="not found"):
+        make(checkpoint=str(tmp_path / "absent.pth"))
+
+
+# --- training on real images ----------------------------------------------------------------------
+def polyp_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    root = mirror_root()
+    train = root / "polyp" / "TrainDataset" if root else None
+    if train is None or not (train / "images").is_dir():
+        pytest.skip("polyp mirror not found: set KNOWSAM_MIRROR to the offline data folder (needs polyp/TrainDataset)")
+    loaded = [load_pair((name, img, mask, size, "bilinear")) for name, img, mask in find_pairs(train / "images", train / "masks")[:n]]
+    x = torch.from_numpy(np.stack([r.image for r in loaded])).float() / 255.0
+    return x, torch.from_numpy(np.stack([r.mask_small for r in loaded])).long()
+
+
+def test_twenty_steps_on_polyp_images_lower_the_loss():
+    x, y = polyp_images(16, 64)
+    steps = 20
+    torch.manual_seed(0)
+    m = make(size=64, iterations=steps, lr=0.03)  # mixing from step round(0.24 * 20) = 5
+    fixed = Batch(x[:2], y[:2], x[8:10])
+
+    def fixed_loss() -> float:
+        torch.manual_seed(99)  # same dropout masks before and after
+        with torch.no_grad():
+            t = m.losses(fixed, 0)
+        return (t["sam"] + t["net"]).item()
+
+    before = fixed_loss()
+    mixed_steps = 0
+    for step in range(steps):
+        lab, unl = [(2 * step) % 8, (2 * step + 1) % 8], [8 + (2 * step) % 8, 8 + (2 * step + 1) % 8]
+        out = m.train_step(Batch(x[lab], y[lab], x[unl]), step)
+        mixed_steps += out["mixed"] > 0
+    after = fixed_loss()
+    assert mixed_steps == steps - 5
+    assert after < 0.9 * before, (before, after)

@@ -1,0 +1,216 @@
+"""Folder scoring: pairing, thresholds, resizing, output formats and failures."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import medpy.metric.binary as mb
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from knowsam.errors import ConfigError, KnowsamError
+from knowsam.report.score import PER_IMAGE_COLUMNS, SUMMARY_KEYS, score_command, score_folders
+
+
+def save(path: Path, array: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def square(shape: tuple[int, int], top: int, left: int, size: int) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[top : top + size, left : left + size] = 255
+    return mask
+
+
+def bilinear(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Independent half-pixel-centred bilinear upsampling with edge clamping."""
+    h, w = values.shape
+    y = np.clip((np.arange(height) + 0.5) * h / height - 0.5, 0, h - 1)
+    x = np.clip((np.arange(width) + 0.5) * w / width - 0.5, 0, w - 1)
+    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (y - y0)[:, None], (x - x0)[None, :]
+    v = values.astype(np.float64)
+    top = v[y0][:, x0] * (1 - wx) + v[y0][:, x1] * wx
+    bottom = v[y1][:, x0] * (1 - wx) + v[y1][:, x1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+@pytest.fixture
+def pairs(tmp_path: Path) -> tuple[Path, Path]:
+    """Four pairs: exact, shifted, missed (empty prediction) and a second exact one."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    save(gt / "exact.png", square((40, 50), 5, 5, 12))
+    save(pred / "exact.png", square((40, 50), 5, 5, 12))
+    save(gt / "shifted.png", square((30, 30), 4, 4, 10))
+    save(pred / "shifted.png", square((30, 30), 7, 4, 10))
+    save(gt / "missed.png", square((20, 25), 2, 2, 5))
+    save(pred / "missed.png", np.zeros((20, 25), np.uint8))
+    save(gt / "exact2.png", square((24, 24), 0, 0, 24))
+    save(pred / "exact2.png", square((24, 24), 0, 0, 24))
+    return pred, gt
+
+
+def test_per_image_values_and_summary(pairs: tuple[Path, Path]) -> None:
+    result = score_folders(*pairs)
+    table = result.per_image.set_index("name")
+    assert tuple(result.per_image.columns) == PER_IMAGE_COLUMNS
+    assert list(table.index) == ["exact", "exact2", "missed", "shifted"]
+    assert table.loc["exact", "dice"] == 1.0 and table.loc["exact", "hd95"] == 0.0
+    gt = square((30, 30), 4, 4, 10) > 0
+    pred = square((30, 30), 7, 4, 10) > 0
+    assert table.loc["shifted", "dice"] == pytest.approx(mb.dc(pred, gt))
+    assert table.loc["shifted", "hd95"] == pytest.approx(mb.hd95(pred, gt))
+    assert table.loc["shifted", "asd"] == pytest.approx(mb.asd(pred, gt))
+    assert table.loc["shifted", "hd_x095_paper"] == pytest.approx(0.95 * mb.hd(pred, gt))
+    # The miss stays in the means, with the diagonal as its distance.
+    assert table.loc["missed", "dice"] == 0.0
+    assert table.loc["missed", "hd95"] == pytest.approx(np.hypot(20, 25))
+    assert tuple(result.summary) == SUMMARY_KEYS
+    assert result.summary["n"] == 4
+    assert result.summary["mDice"] == pytest.approx(table["dice"].mean())
+    assert result.summary["HD95"] == pytest.approx(table["hd95"].mean())
+    assert result.summary["recall"] == pytest.approx(table["recall"].mean())
+    assert result.complete
+
+
+def test_workers_do_not_change_results(pairs: tuple[Path, Path]) -> None:
+    serial = score_folders(*pairs, workers=1)
+    parallel = score_folders(*pairs, workers=2)
+    pd.testing.assert_frame_equal(serial.per_image, parallel.per_image, check_exact=True)
+
+
+def test_probability_map_is_thresholded_strictly(tmp_path: Path) -> None:
+    gt = np.zeros((20, 20), np.uint8)
+    gt[5:10, 5:15] = 255  # 50 pixels
+    prob = np.zeros((20, 20), np.uint8)
+    prob[5:10, 5:15] = 200
+    prob[10:15, 5:15] = 100  # 50 more pixels at probability 100/255
+    save(tmp_path / "gt" / "a.png", gt)
+    save(tmp_path / "pred" / "a.png", prob)
+    dice = lambda t: score_folders(tmp_path / "pred", tmp_path / "gt", threshold=t).per_image["dice"].item()
+    assert dice(0.5) == 1.0
+    assert dice(0.3) == pytest.approx(2 * 50 / (100 + 50))
+    assert dice(100 / 255) == 1.0  # value/255 > threshold is strict
+    assert dice(99 / 255) == pytest.approx(2 * 50 / (100 + 50))
+
+
+def test_smaller_prediction_is_resized_bilinearly_then_thresholded(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    prob = rng.integers(0, 256, (15, 20)).astype(np.uint8)
+    upsampled = bilinear(prob, 30, 40) / 255.0
+    assert np.abs(upsampled - 0.5).min() > 1e-4  # no pixel sits on the threshold
+    expected = upsampled > 0.5
+    gt = np.zeros((30, 40), np.uint8)
+    gt[8:22, 10:30] = 255
+    save(tmp_path / "gt" / "a.png", gt)
+    save(tmp_path / "pred" / "a.png", prob)
+    row = score_folders(tmp_path / "pred", tmp_path / "gt").per_image.iloc[0]
+    assert row["dice"] == pytest.approx(mb.dc(expected, gt > 0))
+    assert row["hd95"] == pytest.approx(mb.hd95(expected, gt > 0))
+    assert row["asd"] == pytest.approx(mb.asd(expected, gt > 0))
+    # Thresholding first and upsampling the hard mask would give another mask.
+    hard = np.kron(prob > 127, np.ones((2, 2), bool))
+    assert mb.dc(hard, gt > 0) != pytest.approx(row["dice"])
+
+
+def test_colour_jpeg_prediction_is_read_as_grey(tmp_path: Path) -> None:
+    gt = square((64, 64), 16, 16, 32)
+    colour = np.stack([gt] * 3, axis=-1)
+    save(tmp_path / "gt" / "a.png", gt)
+    save(tmp_path / "pred" / "a.jpg", colour, quality=95)
+    row = score_folders(tmp_path / "pred", tmp_path / "gt").per_image.iloc[0]
+    assert row["dice"] == 1.0 and row["hd95"] == 0.0
+
+
+def test_unmatched_names_are_reported_and_fail(pairs: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    pred, gt = pairs
+    for name in ("extra1", "extra2"):
+        save(pred / f"{name}.png", square((10, 10), 1, 1, 3))
+    (pred / "missed.png").unlink()
+    out = tmp_path / "report" / "per_image.csv"
+    assert score_command(pred, gt, 0.5, out, as_json=True) == 1
+    captured = capsys.readouterr()
+    assert "2 prediction(s) without a ground-truth mask" in captured.err
+    assert "extra1, extra2" in captured.err
+    assert "1 ground-truth mask(s) without a prediction" in captured.err and "missed" in captured.err
+    assert json.loads(captured.out)["n"] == 3
+    written = pd.read_csv(out, dtype={"name": str})
+    assert list(written["name"]) == ["exact", "exact2", "shifted"]
+    assert tuple(written.columns) == PER_IMAGE_COLUMNS
+
+
+def test_many_unmatched_names_are_abbreviated(pairs: tuple[Path, Path], capsys) -> None:
+    pred, gt = pairs
+    for i in range(7):
+        save(pred / f"stray{i}.png", square((10, 10), 1, 1, 3))
+    assert score_command(pred, gt, 0.5, None, as_json=True) == 1
+    err = capsys.readouterr().err
+    assert "7 prediction(s)" in err and "stray4, ..." in err and "stray5" not in err
+
+
+def test_json_output_is_one_object_with_the_summary(pairs: tuple[Path, Path], capsys) -> None:
+    assert score_command(*pairs, 0.5, None, as_json=True) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert tuple(summary) == SUMMARY_KEYS
+    assert summary == pytest.approx(score_folders(*pairs).summary)
+    assert captured.err == ""
+
+
+def test_table_output_carries_policy_and_definitions(pairs: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "scores.csv"
+    assert score_command(*pairs, 0.5, out, as_json=False) == 0
+    # Drop the table's cell borders so that text wrapped inside a cell reads on.
+    text = " ".join(re.sub("[│┃]", " ", capsys.readouterr().out).split())
+    assert "mDice" in text and "mean of per-image Dice" in text
+    assert "Empty masks" in text and "never dropped" in text
+    assert "what the KnowSAM code calls HD95" in text
+    assert len(pd.read_csv(out)) == 4
+
+
+def test_missing_or_empty_folders_are_named(tmp_path: Path, pairs: tuple[Path, Path]) -> None:
+    pred, gt = pairs
+    with pytest.raises(KnowsamError, match="nowhere"):
+        score_folders(tmp_path / "nowhere", gt)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(KnowsamError, match="empty holds no image files"):
+        score_folders(pred, tmp_path / "empty")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_image_is_named(pairs: tuple[Path, Path], workers: int) -> None:
+    pred, gt = pairs
+    (pred / "shifted.png").write_bytes(b"not a png")
+    with pytest.raises(KnowsamError, match="shifted.png"):
+        score_folders(pred, gt, workers=workers)
+
+
+def test_sixteen_bit_prediction_is_refused(tmp_path: Path) -> None:
+    save(tmp_path / "gt" / "a.png", square((10, 10), 2, 2, 4))
+    save(tmp_path / "pred" / "a.png", np.full((10, 10), 40000, np.uint16))
+    with pytest.raises(KnowsamError, match="a.png.*not 8-bit"):
+        score_folders(tmp_path / "pred", tmp_path / "gt")
+
+
+def test_duplicate_stem_and_bad_threshold_are_refused(pairs: tuple[Path, Path]) -> None:
+    pred, gt = pairs
+    with pytest.raises(ConfigError, match="threshold"):
+        score_folders(pred, gt, threshold=1.0)
+    save(pred / "exact.jpg", square((40, 50), 5, 5, 12))
+    with pytest.raises(KnowsamError, match="exact.jpg"):
+        score_folders(pred, gt)
+
+
+def test_no_common_stem_is_an_error(tmp_path: Path) -> None:
+    save(tmp_path / "gt" / "a.png", square((10, 10), 2, 2, 4))
+    save(tmp_path / "pred" / "b.png", square((10, 10), 2, 2, 4))
+    with pytest.raises(KnowsamError, match="file stem"):
+        score_folders(tmp_path / "pred", tmp_path / "gt")
