@@ -44,7 +44,7 @@ def _score_part(data: PreparedDataset, part: str, probs: torch.Tensor, resolutio
         case_rows = case_rows.sort_values("slice")
         first = case_rows.iloc[0]
         shape = (int(first.orig_h), int(first.orig_w))
-        pred = case_prediction(probs[case_rows.index.to_numpy()], shape, resolution)
+        pred = case_prediction(probs[torch.from_numpy(case_rows.index.to_numpy().copy())], shape, resolution)
         gt = gt_all[case]
         if gt.ndim == 2:
             pred = pred[0]

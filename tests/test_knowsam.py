@@ -58,9 +58,7 @@ def has_grad(g: torch.Tensor | None) -> bool:
 # --- gradients --------------------------------------------------------------------------------
 def test_gradients_reach_exactly_the_trainable_parts():
     m = make()
-    m.train_step(batch(2, 2), 0)  # one step so that no parameter sits at an all-zero init
-    torch.manual_seed(1)
-    terms = m.losses(batch(2, 2, seed=1), 0)
+    terms = m.losses(batch(2, 2), 0)
     sam = m.nets["sam"]
     sam_grads = grads(terms["sam"], sam)
     assert all(SamTeacher.is_added_name(n) for n in sam_grads)  # nothing else in SAM is trainable
@@ -73,16 +71,29 @@ def test_gradients_reach_exactly_the_trainable_parts():
     assert not any(has_grad(g) for g in grads(terms["net"], sam).values())  # KD target detached
 
 
-def test_sam_graph_on_labeled_rows_only_gives_the_full_batch_gradient():
-    """The speed-up (unlabeled rows encoded without a graph) leaves SAM's gradient unchanged."""
+def test_sam_graph_over_the_batch_or_labeled_images_only():
+    """Official: one graph over the batch; through the prompt heads' BatchNorm statistics the
+    labeled loss reaches the adapters via the unlabeled images too. ``sam_full_graph=False``
+    encodes the unlabeled images without a graph: same outputs, that path cut."""
     m = make()
     sam = m.nets["sam"]
     b = batch(2, 3)
     fused = torch.randn(5, 2, 32, 32)
-    split = grads(supervised_loss(m._sam_logits(b.x, fused, 2)[:2], b.y_l), sam)
-    full = grads(supervised_loss(sam.decode(sam.encode(b.x), fused)[:2], b.y_l), sam)
-    for n in full:
-        torch.testing.assert_close(split[n], full[n], rtol=1e-4, atol=1e-7)
+    emb = sam.encode(b.x)
+    full = grads(supervised_loss(sam.decode(emb, fused)[:2], b.y_l), sam)
+    cut = grads(supervised_loss(sam.decode(torch.cat([emb[:2], emb[2:].detach()]), fused)[:2], b.y_l), sam)
+    name = "image_encoder.blocks.0.attn_adapter.down.weight"
+    assert (cut[name] - full[name]).norm() > 0.01 * full[name].norm()
+    for n_grad, expected in ((5, full), (2, cut)):
+        got = grads(supervised_loss(m._sam_logits(b.x, fused, n_grad)[:2], b.y_l), sam)
+        for n in expected:  # equal up to float reassociation (batch size changes summation order)
+            assert (got[n] - expected[n]).norm() <= 1e-4 * expected[n].norm() + 1e-12, (n_grad, n)
+    for full_graph, n_grad in ((True, 5), (False, 2)):  # the switch picks the graph
+        m = make(sam_full_graph=full_graph)
+        seen, sam_logits = [], m._sam_logits
+        m._sam_logits = lambda x, f, n: seen.append(n) or sam_logits(x, f, n)
+        m.losses(b, 0)
+        assert seen == [n_grad]
 
 
 # --- loss terms against independent computations ------------------------------------------------
@@ -148,11 +159,11 @@ def test_consistency_ramp(t: int):
 def test_net_loss_is_the_documented_combination():
     m = make(iterations=10)
     torch.manual_seed(0)
-    terms = {k: v.item() for k, v in m.losses(batch(2, 2), 3).items()}
-    w = consistency_weight(3, 10, 1.0, 200)
+    terms = {k: v.item() for k, v in m.losses(batch(2, 2), 1).items()}
+    w = consistency_weight(1, 10, 1.0, 200)
     students = [terms[f"{n}_sup"] + terms[f"{n}_kd"] + 0.9 * terms[f"{n}_ent"] + w * terms[f"{n}_cons"]
                 for n in ("unet", "vnet")]
-    assert terms["mixed"] == 0.0  # 3 < round(0.24 * 10)
+    assert terms["mixed"] == 0.0  # 1 < round(0.24 * 10)
     assert terms["net"] == pytest.approx(sum(students) / 2 + terms["fusion"], rel=1e-6)
     assert terms["cons_weight"] == pytest.approx(w)
 
@@ -204,7 +215,7 @@ def test_least_uncertain_patches_uses_mean_entropy_per_patch():
 @pytest.mark.parametrize("fixed", [False, True])
 def test_vnet_consistency_gradient_only_when_fixed(fixed: bool):
     m = make(vnet_consistency_grad=fixed)
-    terms = m.losses(batch(2, 2), 50)
+    terms = m.losses(batch(2, 2), 10)
     vnet_from_cons = grads(terms["vnet_cons"], m.nets["vnet"]) if terms["vnet_cons"].requires_grad else {}
     assert any(has_grad(g) for g in vnet_from_cons.values()) == fixed
     assert any(has_grad(g) for g in grads(terms["unet_cons"], m.nets["unet"]).values())  # U-Net learns either way
@@ -213,9 +224,9 @@ def test_vnet_consistency_gradient_only_when_fixed(fixed: bool):
 
 def test_consistency_all_classes_switch_reaches_the_step():
     torch.manual_seed(0)
-    official = make(k=4).losses(batch(2, 2, k=4), 50)["unet_cons"].item()
+    official = make(k=4).losses(batch(2, 2, k=4), 10)["unet_cons"].item()
     torch.manual_seed(0)
-    fixed = make(k=4, consistency_all_classes=True).losses(batch(2, 2, k=4), 50)["unet_cons"].item()
+    fixed = make(k=4, consistency_all_classes=True).losses(batch(2, 2, k=4), 10)["unet_cons"].item()
     assert official != pytest.approx(fixed, abs=1e-4)
 
 
@@ -263,7 +274,8 @@ def test_saved_weights_restore_predictions_without_the_frozen_sam():
     a = make()
     a.train_step(batch(2, 2), 0)
     saved = a.eval_state_dict()
-    assert not any(k.startswith("image_encoder.") for k in saved["sam_trained"])  # frozen SAM rebuilt, not saved
+    # The frozen SAM is rebuilt, not saved: only adapters and prompt heads are in the file.
+    assert saved["sam_trained"] and all(SamTeacher.is_added_name(k) for k in saved["sam_trained"])
     torch.manual_seed(123)  # evaluation builds the method under another RNG state
     b = make()
     b.load_eval_state_dict(saved)
@@ -304,10 +316,10 @@ def polyp_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_twenty_steps_on_polyp_images_lower_the_loss():
-    x, y = polyp_images(16, 64)
+    x, y = polyp_images(16, 32)
     steps = 20
     torch.manual_seed(0)
-    m = make(size=64, iterations=steps, lr=0.03)  # mixing from step round(0.24 * 20) = 5
+    m = make(size=32, iterations=steps, lr=0.03)  # mixing from step round(0.24 * 20) = 5
     fixed = Batch(x[:2], y[:2], x[8:10])
 
     def fixed_loss() -> float:
@@ -324,4 +336,5 @@ def test_twenty_steps_on_polyp_images_lower_the_loss():
         mixed_steps += out["mixed"] > 0
     after = fixed_loss()
     assert mixed_steps == steps - 5
+    print(before, after)
     assert after < 0.9 * before, (before, after)

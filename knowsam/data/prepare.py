@@ -39,18 +39,55 @@ class PairResult:
     nonbinary_pixels: int
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An RGB frame as (H, W, 3) uint8; TIFFs go through tifffile (CVC frames mis-tagged as grey)."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
+def read_tiff(path: Path) -> np.ndarray:
+    """The first image of a TIFF as stored: (H, W) or (H, W, samples), 8-bit.
 
-            arr = tifffile.imread(path)
-        else:
+    The layout comes from the sample axes, not the colour tag: polyp distributions (CVC,
+    ETIS-LaribPolypDB) include colour TIFFs tagged as greyscale, which PIL refuses.
+    Planar files (samples first) are turned samples-last. Compressions that tifffile decodes
+    only with optional codecs (LZW, JPEG) occur in ordinary RGB-tagged TIFFs, which PIL reads.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.pages:
+                raise KnowsamError(f"{path}: unreadable image (a TIFF without any image)")
+            page = tif.pages[0]
+            arr, axes = page.asarray(), page.axes
+    except (OSError, ValueError) as exc:
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError):
+            raise KnowsamError(f"{path}: unreadable TIFF ({describe_error(exc)})") from None
+    if axes.startswith("S") and arr.ndim == 3:
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16:
+        return (arr >> 8).astype(np.uint8)
+    if arr.dtype != np.uint8:
+        raise KnowsamError(f"{path}: unsupported TIFF sample type {arr.dtype} (expected 8- or 16-bit integers)")
+    return arr
+
+
+def describe_error(exc: BaseException) -> str:
+    """Exception class and first message line: error messages stay one line."""
+    text = str(exc).strip()
+    return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB frame as (H, W, 3) uint8; TIFFs go through ``read_tiff`` (colour frames tagged as grey)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        arr = read_tiff(path)
+    else:
+        try:
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise KnowsamError(f"{path}: unreadable image ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise KnowsamError(f"{path}: unreadable image ({describe_error(exc)})") from None
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] < 3:
@@ -60,18 +97,16 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_mask(path: Path) -> np.ndarray:
     """A mask as (H, W) uint8 grey values (colour masks are converted to grey)."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = tifffile.imread(path)
-            if arr.ndim == 3:
-                arr = arr[..., :3].max(axis=2)
-        else:
+    if path.suffix.lower() in (".tif", ".tiff"):
+        arr = read_tiff(path)
+        if arr.ndim == 3:
+            arr = arr[..., :3].max(axis=2)
+    else:
+        try:
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("L"))
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise KnowsamError(f"{path}: unreadable mask ({exc.__class__.__name__})") from None
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise KnowsamError(f"{path}: unreadable mask ({exc.__class__.__name__})") from None
     return arr.astype(np.uint8, copy=False)
 
 
@@ -88,7 +123,11 @@ def resize_binary_mask(mask: np.ndarray, size: int, interpolation: str) -> np.nd
 
 
 def find_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(stem, image, mask) matched by file stem; a frame without a mask is an error."""
+    """(stem, image, mask) matched by file stem; a frame without a mask is an error.
+
+    ETIS-LaribPolypDB's own distribution names the mask of frame ``N.tif`` ``pN.tif``: that
+    name is accepted when no mask has the frame's exact stem.
+    """
     for d in (images_dir, masks_dir):
         if not d.is_dir():
             raise KnowsamError(f"{d}: folder not found")
@@ -96,11 +135,12 @@ def find_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]
     masks = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
     if not images:
         raise KnowsamError(f"{images_dir}: no images found")
-    missing = sorted(set(images) - set(masks))
+    paired = {stem: masks.get(stem) or masks.get(f"p{stem}") for stem in images}
+    missing = sorted(stem for stem, mask in paired.items() if mask is None)
     if missing:
-        raise KnowsamError(f"{images_dir / missing[0]}: no mask with this stem in {masks_dir} "
+        raise KnowsamError(f"{images[missing[0]]}: no mask named {missing[0]} or p{missing[0]} in {masks_dir} "
                            f"({len(missing)} frame(s) without a mask)")
-    return [(stem, images[stem], masks[stem]) for stem in sorted(images, key=_natural_key)]
+    return [(stem, images[stem], paired[stem]) for stem in sorted(images, key=_natural_key)]
 
 
 def _natural_key(stem: str) -> tuple:
@@ -205,7 +245,7 @@ def prepare_polyp_layout(raw: Path, out: Path, *, dataset: str, image_size: int,
             available.append(test_set)
         meta = {
             "format_version": FORMAT_VERSION, "dataset": dataset, "num_classes": 2, "in_channels": 3,
-            "class_names": ["background", "lesion"], "image_size": image_size, "interpolation": interpolation,
+            "class_names": ["background", "polyp"], "image_size": image_size, "interpolation": interpolation,
             "kind": "2d", "train": len(train), "test_sets": {s: fingerprint["test_sets"][s]["n"] for s in available},
             "unavailable": fingerprint["unavailable"], "has_val": False,
         }

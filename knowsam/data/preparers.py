@@ -7,8 +7,12 @@ from pathlib import Path
 from knowsam import io
 from knowsam.config import Params
 from knowsam.data.prepare import prepare_polyp_layout
+from knowsam.data.prepare_volumes import prepare_acdc, prepare_promise12
 from knowsam.data.sources import get_dataset
 from knowsam.errors import KnowsamError
+
+# Volume datasets differ in file format and split protocol, so each has its own preparer.
+VOLUME_PREPARERS = {"acdc": prepare_acdc, "promise12": prepare_promise12}
 
 
 def polyp_test_sets(spec, raw: Path) -> list[str]:
@@ -28,6 +32,9 @@ def prepare_dataset(name: str, params: Params, reports_root: str | Path = "repor
     if spec.kind == "polyp-2d":
         meta = prepare_polyp_layout(raw, out, dataset=name, image_size=params.data.image_size,
                                     interpolation=params.data.interpolation, test_sets=polyp_test_sets(spec, raw))
+    elif spec.kind == "volume-mri" and name in VOLUME_PREPARERS:
+        meta = VOLUME_PREPARERS[name](raw, out, spec, image_size=params.data.image_size,
+                                      interpolation=params.data.interpolation)
     else:
         raise KnowsamError(f"{name}: no preparer for dataset kind {spec.kind!r}")
     fingerprint = (out / "fingerprint.json").read_text()

@@ -142,6 +142,7 @@ class KnowSam(Method):
         consistency_all_classes: bool = False  # defect 2 (official: False, last class only)
         kd_entropy_form: str = "k-class"  # defect 4: "official-2class" reproduces the 2-class code
         validation_empty_zero: bool = True  # defect 11 (official: both-empty image scores Dice 0)
+        sam_full_graph: bool = True  # False: SAM's backward on labeled images only (faster, drops a BN path)
         bf16: bool = False
         channels_last: bool = False
 
@@ -205,12 +206,12 @@ class KnowSam(Method):
         return u.float(), v.float(), f.float()
 
     def _sam_logits(self, x: torch.Tensor, fused: torch.Tensor, n_grad: int) -> torch.Tensor:
-        """SAM's per-class logits; the graph covers only the first ``n_grad`` images.
+        """SAM's per-class logits; the encoder's graph covers only the first ``n_grad`` images.
 
-        SAM's only loss uses the labeled rows, so encoding the rest without a graph saves the
-        encoder's activations and backward there without changing any gradient (the encoder
-        normalises per token). The decoder runs on the whole batch at once because the prompt
-        heads' BatchNorm must see the same batch statistics as with one full forward.
+        The decoder always runs on the whole batch at once, so the prompt heads' BatchNorm sees
+        the same batch statistics, and every output is the same, whatever ``n_grad`` is. Only
+        the gradient differs: through those statistics, L_sam (labeled rows) also reaches the
+        adapters via the unlabeled images, a path that encoding them without a graph drops.
         """
         sam = self.nets["sam"]
         with self._autocast():
@@ -267,7 +268,7 @@ class KnowSam(Method):
         w = consistency_weight(step, self.ctx.iterations, self.p.consistency_weight, self.p.consistency_rampup)
         with self._timed("sub_networks"):
             u, v, fused = self._sub_networks(x)
-        sam_logits = self._sam_logits(x, fused, n_l)
+        sam_logits = self._sam_logits(x, fused, len(x) if self.p.sam_full_graph else n_l)
         teacher = sam_logits.detach()
         net, logged = self._net_loss(u, v, fused, teacher, y, w, batch)
         logged["sam"] = supervised_loss(sam_logits[:n_l], y)

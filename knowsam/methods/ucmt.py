@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from knowsam.data.augment import strong_augment
+from knowsam.errors import ConfigError
 from knowsam.losses import ce_dice_loss, soft_dice_loss
 from knowsam.methods.base import Batch, Method, MethodContext
 from knowsam.methods.ema import (ema_decay, ema_update, make_teacher, method_generator, ramp_weight,
@@ -109,6 +110,9 @@ class UCMT(Method):
             self.sgd(name, net.parameters())
         self.add_net("teacher", make_teacher(self.nets["student1"]))
         self.grid = patch_grid(ctx.image_size, params.umix_grid, params.umix_min_patch)
+        if not 1 <= params.umix_topk <= self.grid ** 2:
+            raise ConfigError(f"ucmt: umix_topk = {params.umix_topk} must be in [1, {self.grid ** 2}] "
+                              f"(a {self.grid}x{self.grid} patch grid at {ctx.image_size} px)")
         self.gen = method_generator(ctx)
         self._mixes: dict[str, PatchMix] | None = None  # set only during the mixed update
 
@@ -127,8 +131,9 @@ class UCMT(Method):
         return torch.cat([per_pixel[:n_l], mix.apply(unlabeled, unlabeled)])
 
     def _update(self, batch: Batch, views: list[torch.Tensor], teacher_targets: list[torch.Tensor],
-                peer_targets: list[torch.Tensor] | None, w: float) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """One optimisation step of both students; returns their logits (labeled then view) and terms.
+                peer_targets: list[torch.Tensor] | None,
+                w: float) -> tuple[list[torch.Tensor], float, dict[str, float]]:
+        """One optimisation step of both students; returns their logits (labeled then view), loss and terms.
 
         ``peer_targets=None``: each student learns from the other's argmax in this same forward pass.
         """
@@ -149,7 +154,7 @@ class UCMT(Method):
         loss.backward()
         for opt in self.optimizers.values():
             opt.step()
-        return logits, {"loss": loss.item(), **terms}
+        return logits, loss.item(), terms
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         self.set_lr(step)
@@ -160,24 +165,26 @@ class UCMT(Method):
             teacher_prob = self.nets["teacher"](batch.x_u).softmax(1)
         teacher_label = teacher_prob.argmax(1)
 
-        logits, first = self._update(batch, views, [teacher_label] * 2, None, w)
+        logits, loss_plain, first = self._update(batch, views, [teacher_label] * 2, None, w)
         probs = [out[n_l:].detach().softmax(1) for out in logits]
         labels = [prob.argmax(1) for prob in probs]
         uncertainty = [mean_entropy(prob, teacher_prob) for prob in probs]
         mixes = [plan_mix(uncertainty[i], uncertainty[1 - i], self.grid, p.umix_topk) for i in range(2)]
         mixed_views = [mixes[i].apply(views[i], views[1 - i]) for i in range(2)]
+        # Pseudo-labels move with the pixels: both views share their geometry, so the teacher's and
+        # the peer's labels of a donor patch are those at its source position.
+        teacher_mixed = [mixes[i].apply(teacher_label, teacher_label) for i in range(2)]
+        peer_mixed = [mixes[i].apply(labels[1 - i], labels[1 - i]) for i in range(2)]
         self._mixes = dict(zip(STUDENTS, mixes))
         try:
-            _, second = self._update(batch, mixed_views,
-                                     [mixes[i].apply(teacher_label, teacher_label) for i in range(2)],
-                                     [mixes[i].apply(labels[1 - i], labels[1 - i]) for i in range(2)], w)
+            _, loss_mix, second = self._update(batch, mixed_views, teacher_mixed, peer_mixed, w)
         finally:
             self._mixes = None
         s1, s2 = (self.nets[s] for s in STUDENTS)
         ema_update(self.nets["teacher"], [(s1, p.student1_share), (s2, 1.0 - p.student1_share)],
                    ema_decay(step, p.ema_decay))
-        return {**first, **{f"{k}_mix": v for k, v in second.items()}, "w_unsup": w,
-                "loss": first["loss"] + second["loss"]}
+        return {"loss": loss_plain + loss_mix, "loss_plain": loss_plain, "loss_mix": loss_mix, "w_unsup": w,
+                **first, **{f"{k}_mix": v for k, v in second.items()}}
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:

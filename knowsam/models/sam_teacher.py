@@ -27,7 +27,6 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
 
 from knowsam.errors import ConfigError
-from knowsam.models.registry import register_model
 
 PATCH_SIZE = 16
 # SAM's pixel statistics on the 0-255 scale (used only with normalize_pixels=True).
@@ -199,7 +198,6 @@ class ClassPromptHead(nn.Sequential):
         )
 
 
-@register_model("sam_teacher")
 class SamTeacher(nn.Module):
     """SAM teacher producing per-class logits (B, K, H, W) at ``image_size``.
 

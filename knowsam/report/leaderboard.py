@@ -1,7 +1,13 @@
-"""Markdown/CSV leaderboards laid out like the paper's tables.
+"""Markdown/CSV leaderboards laid out like the paper's tables, plus their figures.
 
-Polyp-style 2D benchmarks: rows = method x labeled ratio, columns = test sets (mDice, mIoU).
-Values are mean +- std over seeds with n; mDice is the mean of per-image Dice.
+* polyp-2d datasets: rows = method x labeled ratio, columns = test sets x (mDice, mIoU);
+* volume datasets (PROMISE12, ACDC): one table per test set, rows = methods, column
+  groups = labeled ratios x (Dice, IoU, HD95, ASD).
+
+Cells are mean ± std over seeds with n. The best contender per column is bold; the
+upper bound, variant rows and the paper's numbers never compete. The paper's reported
+KnowSAM numbers sit in a separate small table per dataset with our difference to them,
+so the main table keeps exactly one plain row per method (and ratio).
 """
 
 from __future__ import annotations
@@ -12,68 +18,233 @@ import pandas as pd
 
 from knowsam import io
 from knowsam.config import Params
+from knowsam.data.sources import DATASETS
 from knowsam.errors import KnowsamError
-from knowsam.report.results import load_summaries, matrix
+from knowsam.metrics import EMPTY_MASK_POLICY
+from knowsam.report import figures, reference
+from knowsam.report.results import (is_upper_bound, load_summaries, matrix, ratio_label, repro_hint, row_label,
+                                    test_set_order)
+
+POLYP_METRICS = ("mDice", "mIoU")
+VOLUME_METRICS = ("mDice", "mIoU", "HD95", "ASD")
+VOLUME_HEADERS = {"mDice": "Dice", "mIoU": "IoU", "HD95": "HD95", "ASD": "ASD"}
+PERCENT_METRICS = frozenset({"mDice", "mIoU"})
+LOWER_IS_BETTER = frozenset({"HD95", "ASD"})
+_KEY = ["dataset", "method", "variant", "ratio", "test_set", "metric"]
+
+FAIRNESS_NOTE = (
+    "Fairness: every method here uses the same U-Net backbone, input size, iteration budget and batch "
+    "composition (labeled and unlabeled images per batch). UCMT's paper used a DeepLabv3+ backbone, so its "
+    "published numbers are not comparable with its row here."
+)
+RESOLUTION_TEXT = {
+    "original": "each image's original resolution (probabilities resized back before the argmax; the polyp convention)",
+    "training": "training size (masks resized to the network input; the official KnowSAM code's convention)",
+}
 
 
-def _cell(values: pd.Series) -> str:
-    values = values.dropna() * 100
-    if values.empty:
-        return "-"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.2f} (n=1)"
-    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
+def is_volume(dataset: str) -> bool:
+    return DATASETS[dataset].kind == "volume-mri"
 
 
-def aggregate(long: pd.DataFrame, metrics: tuple[str, ...] = ("mDice", "mIoU")) -> pd.DataFrame:
-    """Mean/std/n over seeds for each (dataset, method, ratio, test set, metric)."""
-    out = []
-    for (dataset, method, ratio, test_set), group in long.groupby(["dataset", "method", "ratio", "test_set"], sort=False):
-        for metric in metrics:
-            values = group[metric].dropna()
-            out.append({"dataset": dataset, "method": method, "ratio": ratio, "test_set": test_set, "metric": metric,
-                        "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else float("nan"),
-                        "n": len(values), "cell": _cell(group[metric])})
-    return pd.DataFrame(out)
+def table_metrics(dataset: str) -> tuple[str, ...]:
+    return VOLUME_METRICS if is_volume(dataset) else POLYP_METRICS
 
 
-def polyp_table(agg: pd.DataFrame, dataset: str, methods: list[str], ratios: list[float]) -> str:
-    part = agg[agg.dataset == dataset]
-    test_sets = list(dict.fromkeys(part.test_set))
-    header = ["Method", "Labeled"] + [f"{t} {m}" for t in test_sets for m in ("mDice", "mIoU")]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def aggregate(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, method, variant, ratio, test set, metric) over seeds, in table units.
+
+    Dice/IoU become percentages, distances stay in the evaluation's units. Adds the row
+    label, ``best`` and, for plain rows with a published value, ``paper`` and ``diff_vs_paper``.
+    """
+    book = reference.load()
+    rows = []
+    for (dataset, method, variant, ratio, test_set), group in long.groupby(_KEY[:-1], sort=False):
+        for metric in table_metrics(dataset):
+            values = group[metric].astype(float) * (100.0 if metric in PERCENT_METRICS else 1.0)
+            paper = None if variant else book.lookup(dataset, test_set, method, ratio, metric)
+            rows.append({"dataset": dataset, "method": method, "variant": variant, "label": row_label(method, variant),
+                         "ratio": ratio, "test_set": test_set, "metric": metric,
+                         "unit": "%" if metric in PERCENT_METRICS else "distance",
+                         "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else float("nan"),
+                         "n": len(values), "paper": paper,
+                         "diff_vs_paper": values.mean() - paper if paper is not None else float("nan")})
+    agg = pd.DataFrame(rows)
+    agg["best"] = _best_flags(agg)
+    return agg
+
+
+def _best_flags(agg: pd.DataFrame) -> pd.Series:
+    """Best mean per (dataset, ratio, test set, metric) among at least two contenders; ties at 2 decimals all win."""
+    best = pd.Series(False, index=agg.index)
+    contenders = agg[(agg.variant == "") & ~agg.method.map(is_upper_bound)]
+    for (_, _, _, metric), group in contenders.groupby(["dataset", "ratio", "test_set", "metric"]):
+        if len(group) < 2:
+            continue
+        shown = group["mean"].round(2)
+        target = shown.min() if metric in LOWER_IS_BETTER else shown.max()
+        best[group.index[shown == target]] = True
+    return best
+
+
+def format_cell(mean: float, std: float, n: int, bold: bool = False) -> str:
+    """``84.10 ± 0.50 (n=3)``; one seed has no std; bold covers mean and std."""
+    text = f"{mean:.2f}" if n < 2 else f"{mean:.2f} ± {std:.2f}"
+    return f"{f'**{text}**' if bold else text} (n={n})"
+
+
+def _md(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(cells: list[str]) -> list[str]:
+    return [_md(cells), "|" + "---|" * len(cells)]
+
+
+def _rows(part: pd.DataFrame, methods: list[str]) -> list[tuple[str, str]]:
+    """(method, variant) in params order, each method's variant rows right under it."""
+    rows = []
     for method in methods:
-        for ratio in ratios:
-            cells = [method, f"{ratio:.0%}" if ratio * 100 == int(ratio * 100) else f"{ratio * 100:g}%"]
-            for t in test_sets:
-                for m in ("mDice", "mIoU"):
-                    row = part[(part.method == method) & (part.ratio == ratio) & (part.test_set == t) & (part.metric == m)]
-                    cells.append(row.cell.iloc[0] if len(row) else "-")
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append((method, ""))
+        rows += [(method, v) for v in sorted(set(part.variant[part.method == method]) - {""})]
+    return rows
 
 
-def write_leaderboard(params: Params, out_dir: str | Path = "reports",
-                      metrics_root: str | Path = "reports/metrics") -> Path:
+def _cells(part: pd.DataFrame) -> dict[tuple, str]:
+    return {tuple(r[k] for k in _KEY): format_cell(r["mean"], r["std"], r["n"], r["best"])
+            for r in part.to_dict("records")}
+
+
+def polyp_table(part: pd.DataFrame, methods: list[str], ratios: list[float]) -> list[str]:
+    dataset = part.dataset.iloc[0]
+    test_sets = test_set_order(dataset, part.test_set)
+    lines = _header(["Method", "Labeled", *(f"{t} {m}" for t in test_sets for m in POLYP_METRICS)])
+    cells = _cells(part)
+    for ratio in ratios:
+        for method, variant in _rows(part, methods):
+            labeled = "100%" if is_upper_bound(method) else ratio_label(ratio)
+            values = [cells.get((dataset, method, variant, ratio, t, m), "-") for t in test_sets for m in POLYP_METRICS]
+            lines.append(_md([row_label(method, variant), labeled, *values]))
+    return lines
+
+
+def volume_table(part: pd.DataFrame, test_set: str, methods: list[str], ratios: list[float]) -> list[str]:
+    dataset = part.dataset.iloc[0]
+    lines = _header(["Method", *(f"{ratio_label(r)} {VOLUME_HEADERS[m]}" for r in ratios for m in VOLUME_METRICS)])
+    cells = _cells(part)
+    for method, variant in _rows(part, methods):
+        values = [cells.get((dataset, method, variant, r, test_set, m), "-") for r in ratios for m in VOLUME_METRICS]
+        lines.append(_md([row_label(method, variant), *values]))
+    return lines
+
+
+def reference_table(part: pd.DataFrame, refs: list[reference.Reference]) -> list[str]:
+    """The paper's numbers beside ours (plain rows, same ratio); ``test_set: null`` matches a sole test set."""
+    lines = _header(["Method", "Labeled", "Test set", "Metric", "Paper", "Ours", "Ours − paper"])
+    for ref in refs:
+        ours = part[(part.method == ref.method) & (part.variant == "") & (part.metric == ref.metric)
+                    & ((part.ratio - ref.ratio).abs() < 1e-9)]
+        if ref.test_set is not None:
+            ours = ours[ours.test_set == ref.test_set]
+        test_set = ref.test_set or "(sole test set)"
+        cell, diff = "-", "-"
+        if len(ours) == 1:
+            row = ours.iloc[0]
+            test_set, diff = row.test_set, f"{row['mean'] - ref.value:+.2f}"
+            cell = format_cell(row["mean"], row["std"], row["n"])
+        lines.append(_md([f"{ref.method} (paper)", ratio_label(ref.ratio), test_set,
+                          f"{ref.metric} (listed as {ref.listed_as})", f"{ref.value:.2f}", cell, diff]))
+    return lines
+
+
+def _sam_note(long: pd.DataFrame) -> str:
+    plain = long[(long.variant == "") & (long.sam_weights != "")]
+    if plain.empty:
+        return "SAM teacher: no evaluated run uses one."
+    random_init = sorted(set(plain.method[plain.sam_weights == "random-init"]))
+    if random_init:
+        return ("**SAM teacher: random initialisation, no pretrained SAM weights** in runs of "
+                f"{', '.join(random_init)}; these numbers do not show what a pretrained SAM brings.")
+    used = sorted({f"{a} {w}".strip() for a, w in zip(plain.sam_arch, plain.sam_weights)})
+    return f"SAM teacher weights: {'; '.join(used)}."
+
+
+def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]:
+    resolutions = sorted(set(long.resolution))
+    notes = [
+        f"Profile `{params.profile}`: images resized to {params.data.image_size}x{params.data.image_size} px for the "
+        f"networks, {params.train.iterations} training iterations, seeds {', '.join(map(str, params.seeds))}.",
+        "Cells: mean ± std over seeds (sample std; none for one seed) with n = seeds evaluated. Dice/IoU in %; "
+        "HD95/ASD in pixels for 2D images, in the volume's voxel-spacing units for volumes.",
+        "mDice = mean of per-image Dice (per-volume for volume datasets), not a dataset-global Dice; mIoU likewise.",
+        "HD95 = 95th percentile of both directed surface-distance sets pooled; the paper's \"HD95\" "
+        "(0.95 x Hausdorff) is a different quantity and is not shown. ASD = mean distance from the predicted "
+        "to the ground-truth surface.",
+        "Bold: best per column among methods at the same labeled ratio (higher is better for Dice/IoU, lower "
+        "for HD95/ASD), shown when at least two compete; ties at two decimals are all bold. Excluded from "
+        "\"best\": fully-supervised (the upper bound, trained on every label), variant rows and the paper's numbers.",
+        "Variant rows (`method [... output]`) score another output of the same trained runs, e.g. KnowSAM's "
+        "SAM teacher; the plain row is the method's reported prediction.",
+        _sam_note(long),
+        "Evaluation resolution: " + "; ".join(RESOLUTION_TEXT.get(r, r) for r in resolutions)
+        + (" (runs differ: not comparable)." if len(resolutions) > 1 else "."),
+        EMPTY_MASK_POLICY,
+        FAIRNESS_NOTE,
+    ]
+    if with_paper:
+        notes.append(f"Paper rows: {reference.load().source}")
+    return [f"- {n}" for n in notes]
+
+
+def render(params: Params, long: pd.DataFrame, agg: pd.DataFrame, missing: list, total: int,
+           figure_lines: list[str]) -> str:
+    book = reference.load()
+    lines = [f"# Leaderboard (profile `{params.profile}`)", ""]
+    with_paper = False
+    for dataset in params.datasets:
+        part = agg[agg.dataset == dataset]
+        if part.empty:
+            continue
+        lines += [f"## {dataset}", ""]
+        if is_volume(dataset):
+            for test_set in test_set_order(dataset, part.test_set):
+                lines += [f"### {test_set}", "", *volume_table(part, test_set, params.methods, params.ratios), ""]
+        else:
+            lines += [*polyp_table(part, params.methods, params.ratios), ""]
+        refs = book.for_dataset(dataset)
+        if refs:
+            with_paper = True
+            lines += [f"Reported by the paper ({dataset}): {book.protocols.get(dataset, '')}".rstrip(), "",
+                      *reference_table(part, refs), ""]
+    lines += ["## Notes", "", *footnotes(params, long, with_paper), "", "## Missing runs", ""]
+    if missing:
+        lines.append(f"{len(missing)} of {total} runs have no metrics: {repro_hint(missing)}")
+    else:
+        lines.append(f"None: all {total} runs of the params matrix are evaluated.")
+    lines += ["", "## Figures", "", *figure_lines]
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(params: Params, out_dir: str | Path = "reports", metrics_root: str | Path = "reports/metrics",
+                      eval_root: str | Path = "data/eval") -> Path:
+    """Write ``leaderboard.md``/``.csv``/``.png`` and ``overlays_<dataset>.png`` to ``out_dir``; returns the .md path."""
     runs = matrix(params)
     long, missing = load_summaries(runs, metrics_root)
     if long.empty:
-        raise KnowsamError(f"{metrics_root}: no evaluated runs of the params matrix; run `dvc repro` first")
+        raise KnowsamError(f"{metrics_root}: no evaluated run of the params matrix; run `dvc repro` first")
     agg = aggregate(long)
-    sections = [f"# Leaderboard (profile `{params.profile}`)", ""]
-    for dataset in params.datasets:
-        if dataset not in set(agg.dataset):
-            continue
-        sections += [f"## {dataset}", "", polyp_table(agg, dataset, params.methods, params.ratios), ""]
-    sections += [
-        f"Values in %: mean ± std over seeds (n = seeds). mDice / mIoU = mean over images of per-image Dice / IoU. "
-        f"Image size {params.data.image_size}, {params.train.iterations} iterations, "
-        f"evaluation at {params.eval.resolution} resolution.",
-    ]
-    if missing:
-        sections += ["", f"Missing runs ({len(missing)}): " + ", ".join(r.stage_name for r in missing)]
     out_dir = Path(out_dir)
+    figures.bar_chart(agg, out_dir / "leaderboard.png")
+    figure_lines = ["![mDice per test set](leaderboard.png)", ""]
+    for dataset in params.datasets:
+        name = f"overlays_{dataset}.png"
+        if figures.overlay_grid(params, dataset, out_dir / name, eval_root):
+            figure_lines += [f"![{dataset} predictions]({name})", ""]
+        else:
+            figure_lines += [f"{name}: not drawn, {Path(params.data.prepared_root) / dataset} is missing.", ""]
     path = out_dir / "leaderboard.md"
-    io.write_text(path, "\n".join(sections) + "\n")
-    io.write_text(out_dir / "leaderboard.csv", agg.drop(columns="cell").to_csv(index=False, float_format="%.6f"))
+    io.write_text(path, render(params, long, agg, missing, len(runs), figure_lines[:-1]))
+    columns = ["dataset", "method", "variant", "label", "ratio", "test_set", "metric", "unit", "mean", "std", "n",
+               "best", "paper", "diff_vs_paper"]
+    io.write_text(out_dir / "leaderboard.csv", agg[columns].to_csv(index=False, float_format="%.4f"))
     return path

@@ -1,4 +1,8 @@
-"""Collecting evaluated runs: the one reader of ``reports/metrics`` and ``data/eval`` for reports."""
+"""Collecting evaluated runs: the one reader of ``reports/metrics`` and ``data/eval`` for reports.
+
+Leaderboard, figures and ``compare`` all go through here, so a run counts as present or
+missing by one rule everywhere, and missing runs are named by the DVC stage that makes them.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ import pandas as pd
 from knowsam.config import Params
 from knowsam.runs import RunId
 
+# How a method's extra outputs (``Method.variants``) are named in tables.
+VARIANT_LABELS: dict[str, str] = {"sam": "SAM output"}
+
 
 def matrix(params: Params) -> list[RunId]:
     """Every run of the params matrix, in table order (dataset, method, ratio, seed)."""
@@ -18,8 +25,51 @@ def matrix(params: Params) -> list[RunId]:
             for d, m, r, s in product(params.datasets, params.methods, params.ratios, params.seeds)]
 
 
+def row_label(method: str, variant: str) -> str:
+    """``knowsam`` for the reported output, ``knowsam [SAM output]`` for a variant."""
+    return method if not variant else f"{method} [{VARIANT_LABELS.get(variant, variant + ' output')}]"
+
+
+def is_upper_bound(method: str) -> bool:
+    """A method trained on every label (e.g. fully-supervised): a reference, never a contender."""
+    from knowsam.methods.registry import get_method
+
+    return get_method(method).label_pool == "all"
+
+
+def ratio_label(ratio: float) -> str:
+    """0.1 -> "10%", 0.05 -> "5%": labeled fractions as the paper's tables write them."""
+    return f"{ratio * 100:.6g}%"
+
+
+def test_set_order(dataset: str, names) -> list[str]:
+    """Test sets in the dataset's registry order (the paper's column order), unknown names after, sorted.
+
+    Metrics files store test sets with sorted keys, so their order is not the table order.
+    """
+    from knowsam.data.sources import DATASETS
+
+    spec = DATASETS.get(dataset)
+    order = [p.name for p in spec.parts] if spec else []
+    return sorted(set(names), key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def evaluate_stage(run: RunId) -> str:
+    return f"evaluate@{run.stage_name}"
+
+
+def repro_hint(missing: list[RunId]) -> str:
+    """Names the missing runs and the one command that produces them."""
+    stages = [evaluate_stage(r) for r in missing]
+    return f"{', '.join(stages)}; produce them with `dvc repro {' '.join(stages)}`"
+
+
 def load_summaries(runs: list[RunId], metrics_root: str | Path = "reports/metrics") -> tuple[pd.DataFrame, list[RunId]]:
-    """Long table (one row per run x test set) of summary metrics, and the runs with no metrics file."""
+    """Long table (one row per run x variant x test set) of summary metrics, and the runs with no metrics file.
+
+    ``variant`` is "" for the method's reported output. Provenance (SAM weights) and the
+    evaluation resolution are copied onto every row so footnotes can be built from the table.
+    """
     rows, missing = [], []
     for run in runs:
         path = run.metrics_file(metrics_root)
@@ -28,12 +78,27 @@ def load_summaries(runs: list[RunId], metrics_root: str | Path = "reports/metric
             continue
         summary = json.loads(path.read_text())
         provenance = summary.get("provenance", {})
-        for test_set, metrics in summary["test_sets"].items():
-            rows.append({"dataset": run.dataset, "method": run.method, "ratio": run.ratio, "seed": run.seed,
-                         "test_set": test_set, "resolution": summary.get("evaluation_resolution"),
-                         "sam_weights": provenance.get("sam_weights", ""), **metrics})
+        common = {"dataset": run.dataset, "method": run.method, "ratio": run.ratio, "seed": run.seed,
+                  "resolution": summary.get("evaluation_resolution", ""),
+                  "sam_arch": provenance.get("sam_arch", ""), "sam_weights": provenance.get("sam_weights", "")}
+        outputs = {"": summary["test_sets"], **summary.get("variants", {})}
+        for variant, test_sets in outputs.items():
+            for test_set, metrics in test_sets.items():
+                rows.append({**common, "variant": variant, "test_set": test_set, **metrics})
     return pd.DataFrame(rows), missing
 
 
 def load_per_case(run: RunId, eval_root: str | Path = "data/eval") -> pd.DataFrame:
-    return pd.read_csv(run.eval_dir(eval_root) / "per_case.csv", dtype={"case": str})
+    """A run's per-case table; ``variant`` is "" for the reported output (also in files written before variants)."""
+    table = pd.read_csv(run.eval_dir(eval_root) / "per_case.csv", dtype={"case": str, "test_set": str, "variant": str})
+    if "variant" not in table.columns:
+        table.insert(0, "variant", "")
+    table["variant"] = table["variant"].fillna("")  # an empty CSV field reads as NaN
+    return table
+
+
+def missing_evaluations(runs: list[RunId], metrics_root: str | Path = "reports/metrics",
+                        eval_root: str | Path = "data/eval") -> list[RunId]:
+    """Runs lacking the metrics JSON or the per-case table (both come from the evaluate stage)."""
+    return [r for r in runs
+            if not (r.metrics_file(metrics_root).is_file() and (r.eval_dir(eval_root) / "per_case.csv").is_file())]

@@ -1,0 +1,79 @@
+"""Median KnowSAM training-step time, before and after mixing starts, with a per-part breakdown.
+
+Default setting: batch 8 (4 labeled), 256 px, ViT-B-sized SAM with random weights, 2 CPU threads,
+2 classes. Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_knowsam_step.py [--steps 3] [--size 256] [--arch vit_b]
+
+Timings depend on machine load: run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from knowsam.config import SamParams, TrainParams
+from knowsam.methods import Batch, MethodContext, get_method
+
+PARTS = ("sam_encoder", "sub_networks", "sam_decoder", "mixing", "sam_backward", "nets_backward", "optimiser")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--labeled", type=int, default=4)
+    ap.add_argument("--classes", type=int, default=2)
+    ap.add_argument("--arch", default="vit_b")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each phase")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per phase")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--channels-last", action="store_true")
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    iterations = 1000
+    ctx = MethodContext(in_channels=3, num_classes=a.classes, image_size=a.size, iterations=iterations,
+                        train=TrainParams(batch_size=a.batch, labeled_batch=a.labeled),
+                        sam=SamParams(arch=a.arch, checkpoint="none"), device=torch.device(a.device), seed=0)
+    cls = get_method("knowsam")
+    method = cls(ctx, cls.Params(bf16=a.bf16, channels_last=a.channels_last))
+    method.train()
+    n_u = a.batch - a.labeled
+    dev = ctx.device
+    batch = Batch(torch.rand(a.labeled, 3, a.size, a.size, device=dev),
+                  torch.randint(0, a.classes, (a.labeled, a.size, a.size), device=dev),
+                  torch.rand(n_u, 3, a.size, a.size, device=dev))
+    print(f"KnowSAM step: batch {a.batch} ({a.labeled} labeled), {a.size} px, SAM {a.arch} (random init), "
+          f"{a.classes} classes, {a.threads} threads, device {a.device}, bf16={a.bf16}, channels_last={a.channels_last}")
+    for phase, step in (("before mixing", 10), ("after mixing", method.mix_from + 10)):
+        assert method.mixing_at(step) == (phase == "after mixing")
+        for _ in range(a.warmup):
+            method.train_step(batch, step)
+        totals, parts = [], {p: [] for p in PARTS}
+        for _ in range(a.steps):
+            method.timings = {}
+            start = time.perf_counter()
+            method.train_step(batch, step)
+            totals.append(time.perf_counter() - start)
+            for p in PARTS:
+                parts[p].append(method.timings.get(p, 0.0))
+        method.timings = None
+        parts["other (losses, bookkeeping)"] = [t - sum(parts[p][i] for p in PARTS) for i, t in enumerate(totals)]
+        breakdown = ", ".join(f"{p} {statistics.median(v):.2f}" for p, v in parts.items())
+        print(f"{phase}: median {statistics.median(totals):.2f} s/step over {a.steps} "
+              f"(min {min(totals):.2f}, max {max(totals):.2f}); {breakdown}")
+
+
+if __name__ == "__main__":
+    main()

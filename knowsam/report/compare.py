@@ -1,0 +1,220 @@
+"""``knowsam-bench compare``: methods side by side with a paired significance test.
+
+For every dataset x labeled ratio selected: each method's mDice per test set as mean ±
+std over seeds, its difference to the first method named (the baseline), a two-sided
+Wilcoxon signed-rank test against the baseline over per-case Dice, and the paper's value
+where one is published.
+
+Pairing: each method's per-case Dice is first averaged over its seeds, then cases are
+paired by (test set, case). Seeds share the test cases, so pooling seed x case pairs
+would count one image several times and make p-values too small; averaging keeps one
+pair per independent test case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from scipy.stats import wilcoxon
+
+from knowsam import config
+from knowsam.config import Params
+from knowsam.errors import KnowsamError
+from knowsam.report import reference
+from knowsam.report.results import (load_per_case, load_summaries, missing_evaluations, ratio_label, repro_hint,
+                                    test_set_order)
+from knowsam.runs import RunId
+
+FORMATS = ("table", "md", "json")
+PAIRING = ("per case: each method's Dice averaged over its seeds, then paired by (test set, case); "
+           "two-sided Wilcoxon signed-rank test (scipy, zero differences dropped; all differences zero gives p = 1)")
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One method on one test set; Dice values in %, ``diff`` in percentage points vs the baseline."""
+
+    dataset: str
+    ratio: float
+    test_set: str
+    method: str
+    mean: float
+    std: float | None
+    n_seeds: int
+    n_cases: int
+    diff: float | None
+    p_value: float | None
+    paper: float | None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    baseline: str
+    methods: list[str]
+    rows: list[CompareRow]
+
+    def to_dict(self) -> dict:
+        return {"metric": "mDice", "unit": "percent", "baseline": self.baseline, "methods": self.methods,
+                "pairing": PAIRING, "rows": [dataclasses.asdict(r) for r in self.rows]}
+
+    def groups(self) -> dict[tuple[str, float], list[CompareRow]]:
+        out: dict[tuple[str, float], list[CompareRow]] = {}
+        for row in self.rows:
+            out.setdefault((row.dataset, row.ratio), []).append(row)
+        return out
+
+
+def parse_methods(values: str | list[str]) -> list[str]:
+    """``"ucmt,knowsam"`` or ``["ucmt", "knowsam"]`` (or a mix) -> ``["ucmt", "knowsam"]``."""
+    items = [values] if isinstance(values, str) else list(values)
+    return [name.strip() for item in items for name in item.split(",") if name.strip()]
+
+
+def paired_wilcoxon(baseline: pd.Series, other: pd.Series, what: str) -> float:
+    """Two-sided p-value of per-case scores paired by index (case); both must hold the same cases.
+
+    All-zero differences return 1 directly: scipy would warn and divide by zero there.
+    """
+    if set(baseline.index) != set(other.index):
+        odd = sorted(set(baseline.index) ^ set(other.index))[0]
+        raise KnowsamError(f"{what}: the methods were scored on different cases (e.g. {odd}); "
+                           "re-run their evaluate stages")
+    other = other.reindex(baseline.index)
+    if not np.any(other.to_numpy() - baseline.to_numpy()):
+        return 1.0
+    return float(wilcoxon(other.to_numpy(), baseline.to_numpy()).pvalue)
+
+
+def _case_dice(runs: list[RunId], eval_root: str | Path) -> pd.Series:
+    """Per-case Dice of the reported output, averaged over the runs (seeds); index (test_set, case)."""
+    tables = []
+    for run in runs:
+        table = load_per_case(run, eval_root)
+        tables.append(table[table.variant == ""][["test_set", "case", "dice"]])
+    grouped = pd.concat(tables).groupby(["test_set", "case"], sort=False)["dice"]
+    counts = grouped.size()
+    if (counts != len(runs)).any():
+        raise KnowsamError(f"{runs[0].method} on {runs[0].dataset}: seeds were scored on different cases "
+                           f"(e.g. {counts[counts != len(runs)].index[0]}); re-run their evaluate stages")
+    return grouped.mean() * 100.0
+
+
+def _check_selection(params: Params, methods: list[str], dataset: str | None, ratio: float | None) -> list[float]:
+    if len(methods) < 2 or len(set(methods)) != len(methods):
+        raise KnowsamError(f"compare needs two or more different methods, got {methods}", 2)
+    unknown = [m for m in methods if m not in params.methods]
+    if unknown:
+        raise KnowsamError(f"method {unknown[0]!r} is not in params 'methods' ({', '.join(params.methods)})", 2)
+    if dataset is not None and dataset not in params.datasets:
+        raise KnowsamError(f"dataset {dataset!r} is not in params 'datasets' ({', '.join(params.datasets)})", 2)
+    if ratio is None:
+        return list(params.ratios)
+    chosen = [r for r in params.ratios if math.isclose(r, ratio)]
+    if not chosen:
+        known = ", ".join(f"{r:g}" for r in params.ratios)
+        raise KnowsamError(f"ratio {ratio:g} is not in params 'ratios' ({known})", 2)
+    return chosen
+
+
+def compare(params: Params, methods: list[str], dataset: str | None = None, ratio: float | None = None,
+            metrics_root: str | Path = "reports/metrics", eval_root: str | Path = "data/eval") -> Comparison:
+    """Compare ``methods`` (the first is the baseline) on every selected dataset x ratio of the params.
+
+    Every run of the selection (all seeds) must be evaluated; otherwise a KnowsamError (exit 1)
+    names the missing ``evaluate@...`` stages and the ``dvc repro`` command that makes them.
+    """
+    ratios = _check_selection(params, methods, dataset, ratio)
+    datasets = [dataset] if dataset is not None else list(params.datasets)
+    runs = [RunId(m, d, r, s) for d in datasets for r in ratios for m in methods for s in params.seeds]
+    missing = missing_evaluations(runs, metrics_root, eval_root)
+    if missing:
+        raise KnowsamError(f"missing evaluated runs: {repro_hint(missing)}", 1)
+    long, _ = load_summaries(runs, metrics_root)
+    long = long[long.variant == ""]
+    rows: list[CompareRow] = []
+    for d in datasets:
+        for r in ratios:
+            cases = {m: _case_dice([RunId(m, d, r, s) for s in params.seeds], eval_root) for m in methods}
+            here = long[(long.dataset == d) & (long.ratio == r)]
+            for test_set in test_set_order(d, here.test_set):
+                rows += _test_set_rows(here[here.test_set == test_set], cases, d, r, test_set, methods)
+    return Comparison(baseline=methods[0], methods=list(methods), rows=rows)
+
+
+def _test_set_rows(summaries: pd.DataFrame, cases: dict[str, pd.Series], dataset: str, ratio: float,
+                   test_set: str, methods: list[str]) -> list[CompareRow]:
+    """Rows of one test set: seed statistics from the summaries, the test from the per-case Dice."""
+    where = f"{dataset} {ratio_label(ratio)} {test_set}"
+    for m in methods:
+        if m not in set(summaries.method) or test_set not in cases[m].index.get_level_values("test_set"):
+            raise KnowsamError(f"{where}: {m} has no results on this test set; re-run its evaluate stages")
+    own = {m: cases[m].xs(test_set, level="test_set") for m in methods}
+    seeds = {m: summaries[summaries.method == m]["mDice"].astype(float) * 100.0 for m in methods}
+    baseline = methods[0]
+    return [CompareRow(
+        dataset=dataset, ratio=ratio, test_set=test_set, method=m, mean=float(seeds[m].mean()),
+        std=float(seeds[m].std(ddof=1)) if len(seeds[m]) > 1 else None, n_seeds=len(seeds[m]), n_cases=len(own[m]),
+        diff=None if m == baseline else float(seeds[m].mean() - seeds[baseline].mean()),
+        p_value=None if m == baseline else paired_wilcoxon(own[baseline], own[m], f"{where}: {m} vs {baseline}"),
+        paper=reference.lookup(dataset, test_set, m, ratio, "mDice")) for m in methods]
+
+
+def _texts(row: CompareRow) -> list[str]:
+    mean = f"{row.mean:.2f}" if row.std is None else f"{row.mean:.2f} ± {row.std:.2f}"
+    p = "-" if row.p_value is None else f"{row.p_value:.3g} (n={row.n_cases})"
+    return [row.test_set, row.method, mean, str(row.n_seeds), "-" if row.diff is None else f"{row.diff:+.2f}", p,
+            "-" if row.paper is None else f"{row.paper:.2f}"]
+
+
+def _headers(baseline: str) -> list[str]:
+    return ["Test set", "Method", "mDice % (mean ± std over seeds)", "Seeds", f"Δ vs {baseline} (pp)",
+            "Wilcoxon p (cases)", "Paper"]
+
+
+def render_markdown(result: Comparison) -> str:
+    lines = []
+    headers = _headers(result.baseline)
+    for (dataset, ratio), rows in result.groups().items():
+        lines += [f"### {dataset}, {ratio_label(ratio)} labeled", "", "| " + " | ".join(headers) + " |",
+                  "|" + "---|" * len(headers), *("| " + " | ".join(_texts(r)) + " |" for r in rows), ""]
+    lines.append(f"Pairing: {PAIRING}. mDice = mean of per-image (per-volume) Dice.")
+    return "\n".join(lines) + "\n"
+
+
+def render_tables(result: Comparison) -> list[Table]:
+    tables = []
+    for (dataset, ratio), rows in result.groups().items():
+        table = Table(title=f"{dataset}, {ratio_label(ratio)} labeled", caption=f"Pairing: {PAIRING}.",
+                      caption_justify="left")
+        for header in _headers(result.baseline):
+            table.add_column(header, justify="left" if header in ("Test set", "Method") else "right")
+        for row in rows:
+            table.add_row(*_texts(row))
+        tables.append(table)
+    return tables
+
+
+def compare_command(params_file: str | Path, methods: str | list[str], dataset: str | None = None,
+                    ratio: float | None = None, fmt: str = "table") -> int:
+    """CLI body of ``compare``: prints the comparison in ``fmt`` and returns 0; failures raise KnowsamError."""
+    if fmt not in FORMATS:
+        raise KnowsamError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", 2)
+    result = compare(config.load(params_file), parse_methods(methods), dataset, ratio)
+    if fmt == "json":
+        print(json.dumps(result.to_dict(), indent=2))
+    elif fmt == "md":
+        print(render_markdown(result), end="")
+    else:
+        console = Console(file=sys.stdout)
+        for table in render_tables(result):
+            console.print(table)
+    return 0

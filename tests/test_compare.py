@@ -1,0 +1,171 @@
+"""``compare``: means over seeds, differences, the paired Wilcoxon test, formats and missing runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import yaml
+
+from knowsam import config
+from knowsam.errors import KnowsamError
+from knowsam.report.compare import compare, compare_command, paired_wilcoxon, parse_methods
+from knowsam.runs import RunId
+from tests.test_leaderboard import case_rows, make_params, write_run
+
+SEEDS = (0, 1, 2)
+N_CASES = {"Kvasir": 12, "CVC-ClinicDB": 9}
+
+
+def fabricated_dice() -> dict[tuple[str, str, int], np.ndarray]:
+    """(method, test set, seed) -> per-case Dice; mt equals ucmt case by case (all-zero differences)."""
+    rng = np.random.default_rng(7)
+    dice = {}
+    for test_set, n in N_CASES.items():
+        for seed in SEEDS:
+            ucmt = rng.uniform(0.5, 0.9, n)
+            dice["ucmt", test_set, seed] = ucmt
+            dice["mt", test_set, seed] = ucmt.copy()
+            dice["knowsam", test_set, seed] = np.clip(ucmt + rng.normal(0.03, 0.05, n), 0, 1)
+    return dice
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> tuple[Path, config.Params, dict]:
+    """ucmt, mt, knowsam evaluated for 3 seeds at 10%; cps in the params but never evaluated."""
+    root = tmp_path_factory.mktemp("cmp")
+    params = make_params(root, "polyp", ["ucmt", "mt", "knowsam", "cps"], [0.1], list(SEEDS))
+    dice = fabricated_dice()
+    for method in ("ucmt", "mt", "knowsam"):
+        for seed in SEEDS:
+            rows = [r for t in N_CASES for r in case_rows(t, list(dice[method, t, seed]))]
+            write_run(root, RunId(method, "polyp", 0.1, seed), rows)
+    return root, params, dice
+
+
+def seed_mean(dice: dict, method: str, test_set: str) -> tuple[float, float]:
+    per_seed = [100 * dice[method, test_set, s].mean() for s in SEEDS]
+    return float(np.mean(per_seed)), float(np.std(per_seed, ddof=1))
+
+
+def test_means_differences_and_wilcoxon(workspace) -> None:
+    root, params, dice = workspace
+    result = compare(params, ["ucmt", "knowsam"], metrics_root=root / "reports/metrics", eval_root=root / "data/eval")
+    rows = {(r.test_set, r.method): r for r in result.rows}
+    assert [(r.test_set, r.method) for r in result.rows] == [
+        ("Kvasir", "ucmt"), ("Kvasir", "knowsam"), ("CVC-ClinicDB", "ucmt"), ("CVC-ClinicDB", "knowsam")]
+    for test_set, n in N_CASES.items():
+        base_mean, base_std = seed_mean(dice, "ucmt", test_set)
+        mean, std = seed_mean(dice, "knowsam", test_set)
+        base, row = rows[test_set, "ucmt"], rows[test_set, "knowsam"]
+        assert (base.mean, base.std) == (pytest.approx(base_mean), pytest.approx(base_std))
+        assert (base.n_seeds, base.n_cases) == (3, n)
+        assert (base.diff, base.p_value) == (None, None)
+        assert (row.mean, row.std) == (pytest.approx(mean), pytest.approx(std))
+        assert row.diff == pytest.approx(mean - base_mean)
+        # Independent: average each case over seeds, pair by case, scipy on the raw arrays.
+        ours = np.mean([dice["knowsam", test_set, s] for s in SEEDS], axis=0)
+        theirs = np.mean([dice["ucmt", test_set, s] for s in SEEDS], axis=0)
+        assert row.p_value == pytest.approx(scipy.stats.wilcoxon(ours, theirs).pvalue, rel=1e-9)
+        assert 0.0 < row.p_value < 1.0
+    assert rows["Kvasir", "knowsam"].paper == 86.64
+    assert rows["CVC-ClinicDB", "knowsam"].paper == 82.54
+    assert rows["Kvasir", "ucmt"].paper is None
+
+
+def test_identical_scores_give_p_one(workspace) -> None:
+    root, params, _ = workspace
+    result = compare(params, ["ucmt", "mt"], "polyp", 0.1, root / "reports/metrics", root / "data/eval")
+    mt = [r for r in result.rows if r.method == "mt"]
+    assert [(r.diff, r.p_value) for r in mt] == [(0.0, 1.0), (0.0, 1.0)]
+
+
+def test_paired_wilcoxon_requires_same_cases() -> None:
+    a = pd.Series([0.5, 0.6, 0.7], index=["c1", "c2", "c3"])
+    b = pd.Series([0.6, 0.5, 0.9], index=["c3", "c2", "c1"])  # paired by case, not by position
+    assert paired_wilcoxon(a, b, "x") == pytest.approx(scipy.stats.wilcoxon([0.9, 0.5, 0.6], [0.5, 0.6, 0.7]).pvalue)
+    with pytest.raises(KnowsamError, match="different cases"):
+        paired_wilcoxon(a, b.rename({"c1": "c9"}), "Kvasir: knowsam vs ucmt")
+
+
+def test_missing_runs_name_stages_and_command(workspace) -> None:
+    root, params, _ = workspace
+    with pytest.raises(KnowsamError) as err:
+        compare(params, ["ucmt", "cps"], metrics_root=root / "reports/metrics", eval_root=root / "data/eval")
+    stages = " ".join(f"evaluate@cps-polyp-0.1-{s}" for s in SEEDS)
+    assert err.value.exit_code == 1
+    assert str(err.value) == (f"missing evaluated runs: {stages.replace(' ', ', ')}; "
+                              f"produce them with `dvc repro {stages}`")
+
+
+@pytest.mark.parametrize("methods, dataset, ratio, message", [
+    (["ucmt"], None, None, "two or more"),
+    (["ucmt", "ucmt"], None, None, "two or more"),
+    (["ucmt", "unet"], None, None, "'unet' is not in params 'methods'"),
+    (["ucmt", "mt"], "acdc", None, "'acdc' is not in params 'datasets'"),
+    (["ucmt", "mt"], None, 0.3, "ratio 0.3 is not in params 'ratios'"),
+])
+def test_bad_selection_is_usage_error(workspace, methods, dataset, ratio, message) -> None:
+    _, params, _ = workspace
+    with pytest.raises(KnowsamError, match=message) as err:
+        compare(params, methods, dataset, ratio)
+    assert err.value.exit_code == 2
+
+
+@pytest.fixture
+def in_workspace(workspace, monkeypatch) -> tuple[Path, dict]:
+    """cwd = the workspace with a params.yaml, as the CLI runs."""
+    root, params, dice = workspace
+    (root / "params.yaml").write_text(yaml.safe_dump(config.to_dict(params)))
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("COLUMNS", "200")
+    return root, dice
+
+
+def test_json_format(in_workspace, capsys) -> None:
+    _, dice = in_workspace
+    assert compare_command("params.yaml", "ucmt,knowsam", None, None, "json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["metric"], out["unit"], out["baseline"]) == ("mDice", "percent", "ucmt")
+    assert out["methods"] == ["ucmt", "knowsam"]
+    assert "averaged over its seeds" in out["pairing"]
+    knowsam = out["rows"][1]
+    assert (knowsam["dataset"], knowsam["ratio"], knowsam["test_set"], knowsam["method"], knowsam["n_seeds"]) == (
+        "polyp", 0.1, "Kvasir", "knowsam", 3)
+    assert knowsam["mean"] == pytest.approx(seed_mean(dice, "knowsam", "Kvasir")[0])
+    assert out["rows"][0]["p_value"] is None and out["rows"][0]["std"] > 0
+
+
+def test_markdown_format(in_workspace, capsys) -> None:
+    _, dice = in_workspace
+    assert compare_command("params.yaml", ["ucmt", "mt,knowsam"], "polyp", 0.1, "md") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "### polyp, 10% labeled"
+    table = [line for line in lines if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip()[1:-1].split("|")] for line in table]
+    assert cells[0] == ["Test set", "Method", "mDice % (mean ± std over seeds)", "Seeds", "Δ vs ucmt (pp)",
+                        "Wilcoxon p (cases)", "Paper"]
+    assert all(len(row) == 7 for row in cells)
+    mean, std = seed_mean(dice, "ucmt", "Kvasir")
+    assert cells[2] == ["Kvasir", "ucmt", f"{mean:.2f} ± {std:.2f}", "3", "-", "-", "-"]
+    assert cells[3][:2] == ["Kvasir", "mt"] and cells[3][4:6] == ["+0.00", "1 (n=12)"]
+    assert cells[4][:2] == ["Kvasir", "knowsam"] and cells[4][6] == "86.64"
+    assert lines[-1].startswith("Pairing: per case")
+
+
+def test_table_format_and_bad_format(in_workspace, capsys) -> None:
+    assert compare_command("params.yaml", "ucmt,knowsam", None, None, "table") == 0
+    out = capsys.readouterr().out
+    assert "polyp, 10% labeled" in out and "knowsam" in out and "Wilcoxon p" in out
+    with pytest.raises(KnowsamError, match="unknown format 'csv'") as err:
+        compare_command("params.yaml", "ucmt,knowsam", None, None, "csv")
+    assert err.value.exit_code == 2
+
+
+def test_parse_methods() -> None:
+    assert parse_methods("ucmt, knowsam") == ["ucmt", "knowsam"]
+    assert parse_methods(["ucmt", "mt,knowsam", ""]) == ["ucmt", "mt", "knowsam"]

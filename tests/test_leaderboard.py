@@ -1,0 +1,259 @@
+"""Leaderboard tables, CSV, footnotes and figures on fabricated evaluation outputs.
+
+Per-case Dice values are chosen so that every expected cell can be worked out by hand:
+case i of a test set scores base + 0.02 x seed + 0.01 x i (minus 0.05 on CVC-ClinicDB),
+IoU = 0.8 x Dice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from knowsam import config, io
+from knowsam.metrics import EMPTY_MASK_POLICY, summarize
+from knowsam.report import reference
+from knowsam.report.figures import overlay_cases
+from knowsam.report.leaderboard import write_leaderboard
+from knowsam.report.results import load_per_case
+from knowsam.runs import RunId
+from knowsam.data.prepared import FORMAT_VERSION, PreparedDataset
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+POLYP_SETS = {"Kvasir": 4, "CVC-ClinicDB": 3}
+POLYP_BASE = {"labeled-only": 0.60, "ucmt": 0.70, "knowsam": 0.80, "fully-supervised": 0.90}
+
+
+def case_rows(test_set: str, dice: list[float], variant: str = "", hd95: list[float] | None = None,
+              asd: list[float] | None = None) -> list[dict]:
+    """Per-case rows as evaluate writes them (the metric columns the tables read)."""
+    hd95 = hd95 or [20.0 * (1.0 - d) for d in dice]
+    asd = asd or [h / 2.0 for h in hd95]
+    return [{"variant": variant, "test_set": test_set, "case": f"{test_set.lower()}_{i:03d}", "dice": d,
+             "iou": 0.8 * d, "hd95": hd95[i], "asd": asd[i]} for i, d in enumerate(dice)]
+
+
+def write_run(root: Path, run: RunId, rows: list[dict], provenance: dict | None = None,
+              resolution: str = "original") -> None:
+    """per_case.csv under root/data/eval and the metrics JSON under root/reports/metrics, like evaluate does."""
+    table = pd.DataFrame(rows)
+    io.write_text(run.eval_dir(root / "data/eval") / "per_case.csv", table.to_csv(index=False))
+
+    def summaries(part: pd.DataFrame) -> dict:
+        return {t: summarize(g) for t, g in part.groupby("test_set", sort=True)}
+
+    variants = sorted(set(table.variant) - {""})
+    io.write_json(run.metrics_file(root / "reports/metrics"), {
+        "run": dataclasses.asdict(run), "best_step": 1, "evaluation_resolution": resolution,
+        "empty_mask_policy": EMPTY_MASK_POLICY, "provenance": provenance or {},
+        "test_sets": summaries(table[table.variant == ""]),
+        "variants": {v: summaries(table[table.variant == v]) for v in variants},
+    })
+
+
+def make_params(root: Path, dataset: str, methods: list[str], ratios: list[float], seeds: list[int]) -> config.Params:
+    return config.Params(
+        profile="unit", datasets=[dataset], methods=methods, ratios=ratios, seeds=seeds,
+        data=config.DataParams(prepared_root=str(root / "data/prepared"), image_size=64),
+        train=config.TrainParams(iterations=300), eval=config.EvalParams(overlay_images=3))
+
+
+def polyp_dice(method: str, seed: int, test_set: str, offset: float = 0.0) -> list[float]:
+    shift = -0.05 if test_set == "CVC-ClinicDB" else 0.0
+    return [POLYP_BASE[method] + offset + 0.02 * seed + 0.01 * i + shift for i in range(POLYP_SETS[test_set])]
+
+
+def write_prepared_polyp(root: Path) -> None:
+    """A minimal prepared polyp folder (16 px images, odd-sized original masks) for the overlay grid."""
+    out = root / "data/prepared/polyp"
+    out.mkdir(parents=True)
+    io.write_json(out / "meta.json", {"format_version": FORMAT_VERSION, "dataset": "polyp", "num_classes": 2,
+                                      "in_channels": 3, "image_size": 16, "test_sets": POLYP_SETS})
+    rng = np.random.default_rng(0)
+    for test_set, n in POLYP_SETS.items():
+        np.save(out / f"{test_set}_images.npy", rng.integers(0, 256, (n, 3, 16, 16), dtype=np.uint8))
+        cases = [f"{test_set.lower()}_{i:03d}" for i in range(n)]
+        pd.DataFrame({"name": cases, "case": cases, "slice": 0, "orig_h": 20, "orig_w": 24, "spacing_z": 1.0,
+                      "spacing_y": 1.0, "spacing_x": 1.0}).to_csv(out / f"{test_set}_index.csv", index=False)
+        masks = {c: (rng.random((20, 24)) > 0.5).astype(np.uint8) for c in cases}
+        np.savez(out / f"{test_set}_gt.npz", **masks)
+
+
+@pytest.fixture(scope="module")
+def polyp_workspace(tmp_path_factory) -> tuple[Path, config.Params, str]:
+    """Four methods x 2 seeds at 10%; ucmt seed 1 never evaluated; knowsam has a SAM variant and random-init SAM.
+
+    Built once per module (the figures dominate the cost); returns the root, the params and
+    the leaderboard text written to root/reports.
+    """
+    root = tmp_path_factory.mktemp("polyp")
+    params = make_params(root, "polyp", list(POLYP_BASE), [0.1], [0, 1])
+    for method in POLYP_BASE:
+        for seed in (0, 1):
+            if (method, seed) == ("ucmt", 1):
+                continue
+            rows = [r for t in POLYP_SETS for r in case_rows(t, polyp_dice(method, seed, t))]
+            provenance = None
+            if method == "knowsam":
+                rows += [r for t in POLYP_SETS for r in case_rows(t, polyp_dice(method, seed, t, -0.05), "sam")]
+                provenance = {"sam_arch": "tiny", "sam_weights": "random-init"}
+            run = RunId(method, "polyp", 0.1, seed)
+            write_run(root, run, rows, provenance)
+            if seed == 0 and method != "ucmt":
+                preds = {f"{t}/{r['case']}": np.eye(20, 24, dtype=np.uint8) for t in POLYP_SETS
+                         for r in case_rows(t, polyp_dice(method, 0, t))}
+                np.savez(run.eval_dir(root / "data/eval") / "predictions.npz", **preds)
+    write_prepared_polyp(root)
+    return root, params, build(root, params)
+
+
+def section_table(text: str, heading: str, first_header: str = "| Method") -> list[list[str]]:
+    """Cells of the first Markdown table after ``heading`` whose header starts with ``first_header``."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append([c.strip() for c in line.strip()[1:-1].split("|")])
+    return [[c.strip() for c in lines[start].strip()[1:-1].split("|")], *rows]
+
+
+def build(root: Path, params: config.Params, out: str = "reports") -> str:
+    path = write_leaderboard(params, root / out, root / "reports/metrics", root / "data/eval")
+    return path.read_text()
+
+
+def test_polyp_table_cells(polyp_workspace) -> None:
+    _, _, text = polyp_workspace
+    header, *rows = section_table(text, "## polyp")
+    assert header == ["Method", "Labeled", "Kvasir mDice", "Kvasir mIoU", "CVC-ClinicDB mDice", "CVC-ClinicDB mIoU"]
+    # Kvasir: mean offset 0.015 over 4 cases, seeds +0 / +0.02 -> mean base + 0.025, std sqrt(2) x 1 pp.
+    # CVC-ClinicDB: offset 0.01 - 0.05; IoU = 0.8 x Dice so its std is 0.8 x 1.41.
+    assert rows == [
+        ["labeled-only", "10%", "62.50 ± 1.41 (n=2)", "50.00 ± 1.13 (n=2)", "57.00 ± 1.41 (n=2)",
+         "45.60 ± 1.13 (n=2)"],
+        ["ucmt", "10%", "71.50 (n=1)", "57.20 (n=1)", "66.00 (n=1)", "52.80 (n=1)"],
+        ["knowsam", "10%", "**82.50 ± 1.41** (n=2)", "**66.00 ± 1.13** (n=2)", "**77.00 ± 1.41** (n=2)",
+         "**61.60 ± 1.13** (n=2)"],
+        ["knowsam [SAM output]", "10%", "77.50 ± 1.41 (n=2)", "62.00 ± 1.13 (n=2)", "72.00 ± 1.41 (n=2)",
+         "57.60 ± 1.13 (n=2)"],
+        ["fully-supervised", "100%", "92.50 ± 1.41 (n=2)", "74.00 ± 1.13 (n=2)", "87.00 ± 1.41 (n=2)",
+         "69.60 ± 1.13 (n=2)"],
+    ]
+
+
+def test_reference_rows_and_difference(polyp_workspace) -> None:
+    _, _, text = polyp_workspace
+    header, *rows = section_table(text, "Reported by the paper (polyp)")
+    assert header == ["Method", "Labeled", "Test set", "Metric", "Paper", "Ours", "Ours − paper"]
+    assert rows[0] == ["knowsam (paper)", "10%", "Kvasir", "mDice (listed as Dice)", "86.64", "82.50 ± 1.41 (n=2)",
+                       "-4.14"]
+    assert rows[1] == ["knowsam (paper)", "10%", "CVC-ClinicDB", "mDice (listed as Dice)", "82.54",
+                       "77.00 ± 1.41 (n=2)", "-5.54"]
+    assert rows[2] == ["knowsam (paper)", "10%", "CVC-ColonDB", "mDice (listed as mDice)", "68.21", "-", "-"]
+    assert len(rows) == 5
+
+
+def test_footnotes_and_missing_runs(polyp_workspace) -> None:
+    _, _, text = polyp_workspace
+    notes = text[text.index("## Notes"):]
+    assert "Profile `unit`: images resized to 64x64 px for the networks, 300 training iterations, seeds 0, 1." in notes
+    assert "**SAM teacher: random initialisation, no pretrained SAM weights** in runs of knowsam" in notes
+    assert f"- {EMPTY_MASK_POLICY}" in notes
+    assert "mDice = mean of per-image Dice" in notes
+    assert "Evaluation resolution: each image's original resolution" in notes
+    assert "same U-Net backbone, input size, iteration budget and batch composition" in notes
+    assert "DeepLabv3+" in notes
+    assert "fully-supervised (the upper bound" in notes
+    assert ("1 of 8 runs have no metrics: evaluate@ucmt-polyp-0.1-1; produce them with "
+            "`dvc repro evaluate@ucmt-polyp-0.1-1`") in text
+
+
+def test_csv_matches_table(polyp_workspace) -> None:
+    root, _, _ = polyp_workspace
+    csv = pd.read_csv(root / "reports/leaderboard.csv", keep_default_na=False, na_values=[""])
+    row = csv[(csv.method == "knowsam") & (csv.variant.isna()) & (csv.test_set == "Kvasir") & (csv.metric == "mDice")]
+    assert len(row) == 1
+    row = row.iloc[0]
+    assert (row["mean"], row["std"], row["n"], row["best"]) == (82.5, 1.4142, 2, True)
+    assert (row["paper"], row["diff_vs_paper"]) == (86.64, -4.14)
+    sam = csv[(csv.variant == "sam") & (csv.test_set == "Kvasir") & (csv.metric == "mDice")].iloc[0]
+    assert (sam["label"], sam["mean"], bool(sam["best"])) == ("knowsam [SAM output]", 77.5, False)
+    assert np.isnan(sam["paper"])
+    assert len(csv) == 5 * 2 * 2  # (4 methods + 1 variant) x 2 test sets x 2 metrics
+
+
+def test_figures_written_and_deterministic(polyp_workspace) -> None:
+    root, params, text = polyp_workspace
+    build(root, params, "again")
+    for name in ("leaderboard.png", "overlays_polyp.png"):
+        data = (root / "reports" / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+        assert data == (root / "again" / name).read_bytes()
+        assert f"]({name})" in text
+    cases = overlay_cases(PreparedDataset(root / "data/prepared/polyp"), 3)
+    assert cases == [("Kvasir", "kvasir_000"), ("CVC-ClinicDB", "cvc-clinicdb_000"), ("Kvasir", "kvasir_001")]
+
+
+def test_volume_table_and_reference(tmp_path: Path) -> None:
+    params = make_params(tmp_path, "promise12", ["mt", "knowsam", "fully-supervised"], [0.05, 0.1], [0])
+    base = {"mt": 0.70, "knowsam": 0.78, "fully-supervised": 0.90}
+    hd95 = {"mt": 5.0, "knowsam": 6.0, "fully-supervised": 3.0}
+    asd = {"mt": 2.0, "knowsam": 1.5, "fully-supervised": 1.0}
+    for method in base:
+        for ratio, bonus in ((0.05, 0.0), (0.1, 0.05)):
+            dice = [base[method] + bonus + 0.01 * i for i in range(3)]
+            write_run(tmp_path, RunId(method, "promise12", ratio, 0),
+                      case_rows("test", dice, hd95=[hd95[method] - bonus * 10] * 3, asd=[asd[method]] * 3),
+                      {"sam_arch": "vit_b", "sam_weights": "sam_vit_b.pth sha256 0123456789ab"}
+                      if method == "knowsam" else None)
+    text = build(tmp_path, params)
+    header, *rows = section_table(text, "### test")
+    assert header == ["Method", "5% Dice", "5% IoU", "5% HD95", "5% ASD", "10% Dice", "10% IoU", "10% HD95", "10% ASD"]
+    assert rows == [
+        ["mt", "71.00 (n=1)", "56.80 (n=1)", "**5.00** (n=1)", "2.00 (n=1)",
+         "76.00 (n=1)", "60.80 (n=1)", "**4.50** (n=1)", "2.00 (n=1)"],
+        ["knowsam", "**79.00** (n=1)", "**63.20** (n=1)", "6.00 (n=1)", "**1.50** (n=1)",
+         "**84.00** (n=1)", "**67.20** (n=1)", "5.50 (n=1)", "**1.50** (n=1)"],
+        ["fully-supervised", "91.00 (n=1)", "72.80 (n=1)", "3.00 (n=1)", "1.00 (n=1)",
+         "96.00 (n=1)", "76.80 (n=1)", "2.50 (n=1)", "1.00 (n=1)"],
+    ]
+    _, *refs = section_table(text, "Reported by the paper (promise12)")
+    assert refs == [["knowsam (paper)", "5%", "test", "mDice (listed as Dice)", "78.49", "79.00 (n=1)", "+0.51"],
+                    ["knowsam (paper)", "10%", "test", "mDice (listed as Dice)", "82.93", "84.00 (n=1)", "+1.07"]]
+    assert "SAM teacher weights: vit_b sam_vit_b.pth sha256 0123456789ab." in text
+    assert "None: all 6 runs of the params matrix are evaluated." in text
+    assert f"overlays_promise12.png: not drawn, {tmp_path / 'data/prepared/promise12'} is missing." in text
+
+
+def test_reference_lookup() -> None:
+    assert reference.lookup("polyp", "Kvasir", "knowsam", 0.1, "mDice") == 86.64
+    assert reference.lookup("polyp", "CVC-300", "knowsam", 0.1, "mDice") == 86.49
+    assert reference.lookup("promise12", "any-test-part", "knowsam", 0.05, "mDice") == 78.49
+    assert reference.lookup("promise12", None, "knowsam", 0.1, "mDice") == 82.93
+    assert reference.lookup("polyp", "Kvasir", "knowsam", 0.2, "mDice") is None
+    assert reference.lookup("polyp", "Kvasir", "ucmt", 0.1, "mDice") is None
+    assert reference.lookup("polyp", "Kvasir", "knowsam", 0.1, "HD95") is None
+    tables = {e.table for e in reference.load().entries}
+    assert tables == {"knowsam"}
+
+
+def test_no_runs_is_one_line_error(tmp_path: Path) -> None:
+    from knowsam.errors import KnowsamError
+
+    params = make_params(tmp_path, "polyp", ["mt"], [0.1], [0])
+    with pytest.raises(KnowsamError, match="no evaluated run") as err:
+        write_leaderboard(params, tmp_path / "reports", tmp_path / "reports/metrics", tmp_path / "data/eval")
+    assert "\n" not in str(err.value)
+
+
+def test_per_case_without_variant_column(tmp_path: Path) -> None:
+    run = RunId("mt", "polyp", 0.1, 0)
+    io.write_text(run.eval_dir(tmp_path) / "per_case.csv", "test_set,case,dice\nKvasir,001,0.5\n")
+    table = load_per_case(run, tmp_path)
+    assert table.to_dict("records") == [{"variant": "", "test_set": "Kvasir", "case": "001", "dice": 0.5}]
