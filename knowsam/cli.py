@@ -170,6 +170,18 @@ def score(pred_dir: Path = typer.Argument(..., help="Folder of prediction maps (
     raise typer.Exit(score_command(pred_dir, gt_dir, threshold, out, as_json))
 
 
+@app.command()
+def compare(methods: list[str] = typer.Option(..., "--methods", help="Comma-separated methods, e.g. ucmt,knowsam."),
+            dataset: Optional[str] = typer.Option(None, help="Only this dataset."),
+            ratio: Optional[float] = typer.Option(None, help="Only this labeled ratio."),
+            fmt: str = typer.Option("table", "--format", help="table | md | json"),
+            params_file: Path = PARAMS_OPTION) -> None:
+    """Compare methods: mean ± std over seeds, difference, paired Wilcoxon p-value, paper number."""
+    from knowsam.report.compare import compare_command
+
+    raise typer.Exit(compare_command(params_file, methods, dataset, ratio, fmt))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: turns expected errors into one stderr line and an exit status."""
     try:

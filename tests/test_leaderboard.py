@@ -191,7 +191,7 @@ def test_csv_matches_table(polyp_workspace) -> None:
 def test_figures_written_and_deterministic(polyp_workspace) -> None:
     root, params, text = polyp_workspace
     build(root, params, "again")
-    for name in ("leaderboard.png", "overlays_polyp.png"):
+    for name in ("figures/leaderboard.png", "figures/overlays_polyp.png"):
         data = (root / "reports" / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
         assert data == (root / "again" / name).read_bytes()
@@ -228,7 +228,7 @@ def test_volume_table_and_reference(tmp_path: Path) -> None:
                     ["knowsam (paper)", "10%", "test", "mDice (listed as Dice)", "82.93", "84.00 (n=1)", "+1.07"]]
     assert "SAM teacher weights: vit_b sam_vit_b.pth sha256 0123456789ab." in text
     assert "None: all 6 runs of the params matrix are evaluated." in text
-    assert f"overlays_promise12.png: not drawn, {tmp_path / 'data/prepared/promise12'} is missing." in text
+    assert f"figures/overlays_promise12.png: not drawn, {tmp_path / 'data/prepared/promise12'} is missing." in text
 
 
 def test_reference_lookup() -> None:

@@ -227,17 +227,21 @@ def render(params: Params, long: pd.DataFrame, agg: pd.DataFrame, missing: list,
 
 def write_leaderboard(params: Params, out_dir: str | Path = "reports", metrics_root: str | Path = "reports/metrics",
                       eval_root: str | Path = "data/eval") -> Path:
-    """Write ``leaderboard.md``/``.csv``/``.png`` and ``overlays_<dataset>.png`` to ``out_dir``; returns the .md path."""
+    """Write ``leaderboard.md``/``.csv`` and ``figures/`` (bar chart, overlays per dataset); returns the .md path.
+
+    Figures sit in one folder so the pipeline can declare them as a single output whatever
+    the dataset list.
+    """
     runs = matrix(params)
     long, missing = load_summaries(runs, metrics_root)
     if long.empty:
         raise KnowsamError(f"{metrics_root}: no evaluated run of the params matrix; run `dvc repro` first")
     agg = aggregate(long)
     out_dir = Path(out_dir)
-    figures.bar_chart(agg, out_dir / "leaderboard.png")
-    figure_lines = ["![mDice per test set](leaderboard.png)", ""]
+    figures.bar_chart(agg, out_dir / "figures/leaderboard.png")
+    figure_lines = ["![mDice per test set](figures/leaderboard.png)", ""]
     for dataset in params.datasets:
-        name = f"overlays_{dataset}.png"
+        name = f"figures/overlays_{dataset}.png"
         if figures.overlay_grid(params, dataset, out_dir / name, eval_root):
             figure_lines += [f"![{dataset} predictions]({name})", ""]
         else:
