@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from knowsam.config import SamParams, TrainParams
 from knowsam.methods import Batch, MethodContext, get_method
@@ -35,19 +36,33 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--flops", action="store_true", help="also count one step's FLOPs per phase (load-independent)")
+    ap.add_argument("--labeled-sam-graph", action="store_true",
+                    help="sam_full_graph=False (SAM's backward on labeled images only)")
     return ap.parse_args()
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Achieved float32 matmul throughput right now: says how loaded the machine is."""
+    m = torch.rand(n, n)
+    m @ m
+    start = time.perf_counter()
+    for _ in range(repeats):
+        m @ m
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(a.threads)
+    print(f"float32 matmul on {a.threads} threads: {matmul_gflops():.0f} GFLOP/s")
     torch.manual_seed(0)
     iterations = 1000
     ctx = MethodContext(in_channels=3, num_classes=a.classes, image_size=a.size, iterations=iterations,
                         train=TrainParams(batch_size=a.batch, labeled_batch=a.labeled),
                         sam=SamParams(arch=a.arch, checkpoint="none"), device=torch.device(a.device), seed=0)
     cls = get_method("knowsam")
-    method = cls(ctx, cls.Params(bf16=a.bf16, channels_last=a.channels_last))
+    method = cls(ctx, cls.Params(bf16=a.bf16, channels_last=a.channels_last, sam_full_graph=not a.labeled_sam_graph))
     method.train()
     n_u = a.batch - a.labeled
     dev = ctx.device
@@ -55,7 +70,8 @@ def main() -> None:
                   torch.randint(0, a.classes, (a.labeled, a.size, a.size), device=dev),
                   torch.rand(n_u, 3, a.size, a.size, device=dev))
     print(f"KnowSAM step: batch {a.batch} ({a.labeled} labeled), {a.size} px, SAM {a.arch} (random init), "
-          f"{a.classes} classes, {a.threads} threads, device {a.device}, bf16={a.bf16}, channels_last={a.channels_last}")
+          f"{a.classes} classes, {a.threads} threads, device {a.device}, bf16={a.bf16}, "
+          f"channels_last={a.channels_last}, sam_full_graph={not a.labeled_sam_graph}")
     for phase, step in (("before mixing", 10), ("after mixing", method.mix_from + 10)):
         assert method.mixing_at(step) == (phase == "after mixing")
         for _ in range(a.warmup):
@@ -69,10 +85,15 @@ def main() -> None:
             for p in PARTS:
                 parts[p].append(method.timings.get(p, 0.0))
         method.timings = None
+        flops = ""
+        if a.flops:
+            with FlopCounterMode(display=False) as counter:
+                method.train_step(batch, step)
+            flops = f"; {counter.get_total_flops() / 1e9:.0f} GFLOP/step"
         parts["other (losses, bookkeeping)"] = [t - sum(parts[p][i] for p in PARTS) for i, t in enumerate(totals)]
         breakdown = ", ".join(f"{p} {statistics.median(v):.2f}" for p, v in parts.items())
         print(f"{phase}: median {statistics.median(totals):.2f} s/step over {a.steps} "
-              f"(min {min(totals):.2f}, max {max(totals):.2f}); {breakdown}")
+              f"(min {min(totals):.2f}, max {max(totals):.2f}){flops}; {breakdown}")
 
 
 if __name__ == "__main__":

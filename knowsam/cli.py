@@ -43,7 +43,15 @@ def _run_ids(params, method, dataset, ratio, seed):
         raise KnowsamError(f"dataset {dataset!r} is not in params 'datasets' ({', '.join(params.datasets)})", 2)
     if method not in params.methods:
         raise KnowsamError(f"method {method!r} is not in params 'methods' ({', '.join(params.methods)})", 2)
+    _check_ratio_seed(ratio, seed)
     return RunId(method=method, dataset=dataset, ratio=ratio, seed=seed)
+
+
+def _check_ratio_seed(ratio: float | None, seed: int | None) -> None:
+    if ratio is not None and not 0.0 < ratio <= 1.0:
+        raise KnowsamError(f"--ratio {ratio:g} must be in (0, 1]", 2)
+    if seed is not None and seed < 0:
+        raise KnowsamError(f"--seed {seed} must be >= 0", 2)
 
 
 @app.command()
@@ -110,6 +118,7 @@ def split(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION,
     from knowsam.data.splits import split_path, write_split
 
     params = _load_params(params_file)
+    _check_ratio_seed(ratio, seed)
     data = PreparedDataset(Path(params.data.prepared_root) / dataset)
     for ratio in [ratio] if ratio is not None else params.ratios:
         for seed in [seed] if seed is not None else params.seeds:
@@ -180,6 +189,17 @@ def compare(methods: list[str] = typer.Option(..., "--methods", help="Comma-sepa
     from knowsam.report.compare import compare_command
 
     raise typer.Exit(compare_command(params_file, methods, dataset, ratio, fmt))
+
+
+@app.command()
+def bench(quick: bool = typer.Option(False, "--quick", help="Seconds instead of minutes: reduced sizes (for tests)."),
+          out: Path = typer.Option(Path("reports/benchmarks.md"), help="Markdown report to write."),
+          threads: int = typer.Option(2, help="torch threads for the training steps."),
+          mirror: Optional[Path] = typer.Option(None, help="Offline data mirror (default: $KNOWSAM_MIRROR).")) -> None:
+    """Measure step times, data-wait share, scoring/preparation throughput, CLI and pipeline overheads."""
+    from knowsam.bench import run_bench
+
+    typer.echo(f"wrote {run_bench(out, quick=quick, threads=threads, mirror=mirror)}")
 
 
 def main(argv: list[str] | None = None) -> int:

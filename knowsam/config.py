@@ -44,6 +44,9 @@ class TrainParams:
     checkpoint_every: int = 1000
     threads: int = 0  # 0: torch's default
     device: str = "auto"  # auto | cpu | cuda | mps
+    amp_bf16: bool = False  # bfloat16 autocast around each training step (no GradScaler needed)
+    channels_last: bool = False  # NHWC memory layout for nets and input batches
+    compile: bool = False  # torch.compile every net (off: compile time only pays back on long GPU runs)
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,14 @@ def evaluate_run(params: Params, run: RunId, *, runs_root: str | Path = "data/ru
     weights_path = run.train_dir(runs_root) / "best.pt"
     if not weights_path.is_file():
         raise KnowsamError(f"{weights_path}: trained weights not found; run the train stage for {run.stage_name}")
+    _check_trained_config(params, run, weights_path.parent)
     method = build_method(params, run, data, device)
-    saved = torch.load(weights_path, map_location=device, weights_only=True)
-    method.load_eval_state_dict(saved["weights"])
+    try:
+        saved = torch.load(weights_path, map_location=device, weights_only=True)
+        method.load_eval_state_dict(saved["weights"])
+    except Exception as exc:  # truncated/corrupt files and foreign state dicts raise many different types
+        raise KnowsamError(f"{weights_path}: unreadable or not this method's weights ({type(exc).__name__}); "
+                           f"re-run the train stage for {run.stage_name}") from None
     resolution = params.eval.resolution
     rows, predictions = [], {}
     for variant in (None, *method.variants):
@@ -111,6 +116,24 @@ def evaluate_run(params: Params, run: RunId, *, runs_root: str | Path = "data/ru
     }
     io.write_json(run.metrics_file(metrics_root), _rounded(summary))
     return summary
+
+
+def _check_trained_config(params: Params, run: RunId, run_dir: Path) -> None:
+    """Refuse weights trained under other parameters or another version (the run's config.json says which)."""
+    import json
+
+    from knowsam.train import config_hash, run_config
+
+    path = run_dir / "config.json"
+    try:
+        trained = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no readable record (an older run folder): best.pt is all there is to go on
+    trained.pop("config_hash", None)
+    trained.pop("distributed", None)  # how it was trained (processes), not what
+    if not isinstance(trained.get("train"), dict) or config_hash(trained) != config_hash(run_config(params, run)):
+        raise KnowsamError(f"{run_dir / 'best.pt'}: trained with other parameters or another version "
+                           f"(see {path}); re-run the train stage for {run.stage_name}")
 
 
 def _rounded(obj):

@@ -68,6 +68,8 @@ def config_hash(cfg: dict) -> str:
     stable = json.loads(json.dumps(cfg))
     stable["train"].pop("device", None)
     stable["train"].pop("threads", None)
+    stable["train"].pop("channels_last", None)  # memory layout and compilation: speed only, too
+    stable["train"].pop("compile", None)
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -130,7 +132,8 @@ def _load_checkpoint(run_dir: Path, expected_hash: str) -> dict | None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated/corrupt files raise many different types
-            err.print(f"[yellow]warning[/]: {path}: unreadable checkpoint ({type(exc).__name__}); trying an older one")
+            err.print(f"[yellow]warning[/]: {path}: unreadable checkpoint ({type(exc).__name__}); trying an older one",
+                      soft_wrap=True)  # one line, never wrapped at the terminal width
             continue
         if state.get("version") != CHECKPOINT_VERSION or state.get("config_hash") != expected_hash:
             raise KnowsamError(f"{path}: checkpoint from a different configuration or version; "
@@ -154,46 +157,111 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _rewind_live(live, step: int) -> None:
+    """Drop curve rows logged after the checkpoint being resumed (a killed run may have got further).
+
+    Iteration ``s`` (1-based) is dvclive step ``s - 1``, so a checkpoint at ``step`` keeps rows
+    with step < ``step`` and the next row is logged at ``step``: no duplicated or skipped steps.
+    """
+    for tsv in sorted(Path(live.plots_dir, "metrics").rglob("*.tsv")):
+        lines = tsv.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not lines:
+            continue
+        col = lines[0].rstrip("\r\n").split("\t").index("step")
+        kept = [line for line in lines[1:] if line.endswith("\n") and line.split("\t")[col].isdigit()
+                and int(line.split("\t")[col]) < step]
+        io.write_text(tsv, "".join(lines[:1] + kept))
+    live.step = step
+
+
+def apply_speed_options(method: Method, t) -> None:
+    """``train.channels_last`` / ``train.compile`` on every net of ``method`` (speed, not maths)."""
+    for net in method.nets.values():
+        if t.channels_last:
+            net.to(memory_format=torch.channels_last)
+        if t.compile:
+            net.compile()  # in place: state_dict keys stay those of the plain module
+
+
+def step_context(t, device: torch.device):
+    """bfloat16 autocast around a whole ``train_step`` if ``train.amp_bf16`` (no GradScaler needed for bf16)."""
+    import contextlib
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if t.amp_bf16 else contextlib.nullcontext()
+
+
+def batch_layout(batch, t):
+    """Input images in channels-last layout if ``train.channels_last``."""
+    if not t.channels_last:
+        return batch
+    import dataclasses
+
+    return dataclasses.replace(batch, x_l=batch.x_l.contiguous(memory_format=torch.channels_last),
+                               x_u=batch.x_u.contiguous(memory_format=torch.channels_last))
+
+
 def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs", progress: bool = True) -> dict:
-    """Train one (method, dataset, ratio, seed) run to completion, resuming if possible."""
+    """Train one (method, dataset, ratio, seed) run to completion, resuming if possible.
+
+    Under ``torchrun`` the run is data-parallel over the launched processes (``knowsam.distributed``).
+    """
+    from knowsam import distributed
     from knowsam.data.loader import TrainStream
 
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
-    device = pick_device(params.train.device)
+    dist = distributed.setup(pick_device(params.train.device))  # one process unless launched by torchrun
+    device = dist.device
     data = PreparedDataset(Path(params.data.prepared_root) / run.dataset)
     split = read_split(split_path(params.data.splits_root, run.dataset, run.ratio, run.seed), data)
     cfg = run_config(params, run)
+    if dist.enabled:  # batches (and so results) depend on the number of processes
+        cfg["distributed"] = {"world_size": dist.world}
     chash = config_hash(cfg)
-    run_dir = run.train_dir(runs_root)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run.train_dir(runs_root)  # created only once the method builds (no empty folder on error)
 
     seed_everything(run.seed)
     method = build_method(params, run, data, device)
+    apply_speed_options(method, params.train)
+    dist.prepare(method)  # rank 0's weights everywhere; optimisers average gradients over ranks
+    if dist.rank:  # same initial weights on every rank (seeded above); own dropout draws from here on
+        seed_everything(dist.stream_seed(run.seed))
+    batch_size, labeled_batch = dist.shard(params.train.batch_size, params.train.labeled_batch, method.uses_unlabeled)
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
-                         batch_size=params.train.batch_size, labeled_batch=params.train.labeled_batch,
-                         seed=run.seed, device=device)
+                         batch_size=batch_size, labeled_batch=labeled_batch,
+                         seed=dist.stream_seed(run.seed), device=device)
     val = validation_arrays(data, split)
     t = params.train
 
     state = _load_checkpoint(run_dir, chash)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".*.tmp"):  # left by a run killed while writing a file
+        stale.unlink(missing_ok=True)
+    dist.barrier()  # no rank removes a temporary file that rank 0 is writing
     step, best, history = 0, {"dice": -1.0, "step": -1}, []
     if state is not None:
         method.load_state_dict(state["method"])
-        stream.load_state_dict(state["stream"])
-        _set_rng_state(state["rng"])
+        stream.load_state_dict(dist.own(state)["stream"])
+        _set_rng_state(dist.own(state)["rng"])
         step, best, history = state["step"], state["best"], state["history"]
-    io.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
+    if dist.is_main:
+        io.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
 
     from dvclive import Live
 
-    live = Live(str(run_dir / "live"), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
+    live = (Live(str(run_dir / "live"), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
+            if dist.is_main else distributed.NullLive())
+    if state is not None and dist.is_main:
+        _rewind_live(live, step)
     method.train()
     started = time.perf_counter()
-    with _progress(progress, run, t.iterations, step) as advance:
+    with _progress(progress and dist.is_main, run, t.iterations, step) as advance:
         while step < t.iterations:
-            batch = stream.next_batch()
-            losses = method.train_step(batch, step)
+            batch = batch_layout(stream.next_batch(), t)
+            with step_context(t, device):
+                losses = method.train_step(batch, step)
+            dist.after_step()  # rank 0's BatchNorm statistics everywhere
+            losses = dist.average(losses)
             for term, value in losses.items():
                 if not math.isfinite(value):
                     raise KnowsamError(f"{run.method} on {run.dataset}: loss term '{term}' is {value} at iteration "
@@ -202,7 +270,7 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
             for term, value in losses.items():
                 live.log_metric(f"train/{term}", value)
             record = {"step": step, **{k: round(v, 6) for k, v in losses.items()}}
-            if val is not None and (step % t.eval_every == 0 or step == t.iterations):
+            if dist.is_main and val is not None and (step % t.eval_every == 0 or step == t.iterations):
                 dice = validation_dice(method, *val, device)
                 live.log_metric("val/dice", dice)
                 record["val_dice"] = dice
@@ -213,18 +281,24 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
             history.append(record)
             advance(losses)
             if step % t.checkpoint_every == 0 or step == t.iterations:
-                _save_checkpoint(run_dir, {
-                    "version": CHECKPOINT_VERSION, "config_hash": chash, "step": step, "method": method.state_dict(),
-                    "stream": stream.state_dict(), "rng": _rng_state(), "best": best, "history": history,
-                })
+                ranks = dist.gather({"stream": stream.state_dict(), "rng": _rng_state()})
+                if dist.is_main:
+                    _save_checkpoint(run_dir, {
+                        "version": CHECKPOINT_VERSION, "config_hash": chash, "step": step,
+                        "method": method.state_dict(), **ranks[0], "best": best, "history": history,
+                        **({"ranks": ranks} if dist.enabled else {}),
+                    })
     live.end()
     if val is None:  # no validation data: the last weights are the reported ones
         best = {"dice": float("nan"), "step": step}
-        _save_weights(run_dir / "best.pt", method, step)
+        if dist.is_main:
+            _save_weights(run_dir / "best.pt", method, step)
+    best = dist.gather(best)[0]  # rank 0 validated
     summary = {"iterations": step, "best_step": best["step"], "best_val_dice": best["dice"],
                "final_losses": history[-1] if history else {},
                "seconds_this_session": round(time.perf_counter() - started, 2)}
-    io.write_json(run_dir / "train_log.json", {"summary": summary, "history": history})
+    if dist.is_main:
+        io.write_json(run_dir / "train_log.json", {"summary": summary, "history": history})
     return summary
 
 

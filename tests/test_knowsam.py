@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
+from segment_anything.modeling import Sam
 
 from knowsam.config import SamParams, TrainParams
 from knowsam.data.prepare import find_pairs, load_pair
@@ -23,6 +26,7 @@ from knowsam.methods.knowsam import (
     supervised_loss,
     uncertainty_mix,
 )
+from knowsam.methods.sam_support import trained_state
 from knowsam.models.sam_teacher import SamTeacher, build_sam_parts
 from tests.conftest import mirror_root
 
@@ -30,8 +34,8 @@ NET_NAMES = ("unet", "vnet", "fusion")
 
 
 def make(k: int = 2, size: int = 32, iterations: int = 100, seed: int = 0, checkpoint: str = "none",
-         lr: float = 0.01, **params) -> KnowSam:
-    ctx = MethodContext(in_channels=3, num_classes=k, image_size=size, iterations=iterations,
+         lr: float = 0.01, channels: int = 3, **params) -> KnowSam:
+    ctx = MethodContext(in_channels=channels, num_classes=k, image_size=size, iterations=iterations,
                         train=TrainParams(lr=lr), sam=SamParams(arch="tiny", checkpoint=checkpoint),
                         device=torch.device("cpu"), seed=seed)
     method = get_method("knowsam")(ctx, KnowSam.Params(**params))
@@ -39,10 +43,11 @@ def make(k: int = 2, size: int = 32, iterations: int = 100, seed: int = 0, check
     return method
 
 
-def batch(n_l: int, n_u: int, k: int = 2, size: int = 32, seed: int = 0) -> Batch:
+def batch(n_l: int, n_u: int, k: int = 2, size: int = 32, seed: int = 0, channels: int = 3) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return Batch(torch.rand(n_l, 3, size, size, generator=g), torch.randint(0, k, (n_l, size, size), generator=g),
-                 torch.rand(n_u, 3, size, size, generator=g))
+    x_l = torch.rand(n_l, channels, size, size, generator=g)
+    y_l = torch.randint(0, k, (n_l, size, size), generator=g)
+    return Batch(x_l, y_l, torch.rand(n_u, channels, size, size, generator=g))
 
 
 def grads(loss: torch.Tensor, module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
@@ -66,7 +71,8 @@ def test_gradients_reach_exactly_the_trainable_parts():
     assert all(has_grad(g) for g in sam_grads.values()), [n for n, g in sam_grads.items() if not has_grad(g)]
     for name in NET_NAMES:
         net_grads = grads(terms["net"], m.nets[name])
-        assert all(has_grad(g) for g in net_grads.values()), (name, [n for n, g in net_grads.items() if not has_grad(g)])
+        assert all(has_grad(g) for g in net_grads.values()), (name, [n for n, g in net_grads.items()
+                                                                      if not has_grad(g)])
         assert not any(has_grad(g) for g in grads(terms["sam"], m.nets[name]).values())  # dense prompt detached
     assert not any(has_grad(g) for g in grads(terms["net"], sam).values())  # KD target detached
 
@@ -110,7 +116,8 @@ def test_kd_with_four_classes_matches_numpy():
     expected = (pt * (np.log(pt) - np.log(ps))).sum(1).mean() * temp**2
     assert kd_loss(s, t, temp).item() == pytest.approx(expected, rel=1e-4)
     # The official 2-class computation agrees with the K-class one exactly where it is defined.
-    assert kd_two_class_official(s[:, :2], t[:, :2], temp).item() == pytest.approx(kd_loss(s[:, :2], t[:, :2], temp).item(), rel=1e-5)
+    s2, t2 = s[:, :2], t[:, :2]
+    assert kd_two_class_official(s2, t2, temp).item() == pytest.approx(kd_loss(s2, t2, temp).item(), rel=1e-5)
 
 
 def test_entropy_terms_match_numpy():
@@ -252,21 +259,42 @@ def test_validation_empty_score_and_mixing_start():
 
 
 # --- whole steps --------------------------------------------------------------------------------
-@pytest.mark.parametrize("k,n_l,n_u", [(4, 3, 1), (2, 4, 0)])
-def test_steps_run_for_four_classes_and_without_unlabeled(k: int, n_l: int, n_u: int):
-    m = make(k=k, mixed_iterations=0.0)
+@pytest.mark.parametrize("k,n_l,n_u,size,channels", [(4, 3, 1, 48, 1), (2, 4, 0, 32, 3)])
+def test_steps_run_for_four_classes_and_without_unlabeled(k: int, n_l: int, n_u: int, size: int, channels: int):
+    m = make(k=k, size=size, channels=channels, mixed_iterations=0.0)
     before = {n: p.clone() for n, p in m.nets["unet"].named_parameters()}
-    out = m.train_step(batch(n_l, n_u, k=k), 0)
+    adapter = m.nets["sam"].image_encoder.blocks[0].attn_adapter.down.weight
+    adapter_before = adapter.clone()
+    out = m.train_step(batch(n_l, n_u, k=k, size=size, channels=channels), 0)
     assert all(math.isfinite(v) for v in out.values())
     assert (out["mixed"] > 0) == (n_u > 0)  # no unlabeled partner: no mixing
     assert any(not torch.equal(p, before[n]) for n, p in m.nets["unet"].named_parameters())
+    assert not torch.equal(adapter, adapter_before)  # SAM's Adam stepped too
     m.eval()
+    x = batch(2, 0, k=k, size=size, channels=channels).x
     for variant in (None, "sam"):
-        probs = m.predict(batch(2, 0, k=k).x, variant)
-        assert probs.shape == (2, k, 32, 32)
-        torch.testing.assert_close(probs.sum(1), torch.ones(2, 32, 32))
+        probs = m.predict(x, variant)
+        assert probs.shape == (2, k, size, size)
+        torch.testing.assert_close(probs.sum(1), torch.ones(2, size, size))
     with pytest.raises(ValueError):
-        m.predict(batch(1, 0).x, "unet")
+        m.predict(x, "unet")
+
+
+def test_channels_last_keeps_and_bf16_approximates_the_results():
+    def first(**params) -> tuple[dict[str, float], torch.Tensor]:
+        torch.manual_seed(0)
+        m = make(**params)
+        torch.manual_seed(1)
+        losses = {k: v.item() for k, v in m.losses(batch(2, 2), 0).items()}
+        m.eval()
+        return losses, m.predict(batch(2, 0, seed=3).x)
+
+    (ref, p_ref), (bf, p_bf), (_, p_cl) = first(), first(bf16=True), first(channels_last=True)
+    for k in ("net", "sam", "unet_kd"):
+        assert bf[k] == pytest.approx(ref[k], rel=0.05), k
+    # Channels-last draws dropout masks in another element order, so compare without dropout.
+    torch.testing.assert_close(p_cl, p_ref, rtol=1e-4, atol=1e-5)
+    assert (p_bf - p_ref).abs().max() < 0.05
 
 
 def test_saved_weights_restore_predictions_without_the_frozen_sam():
@@ -287,19 +315,40 @@ def test_saved_weights_restore_predictions_without_the_frozen_sam():
         make(seed=1).load_eval_state_dict(saved)
 
 
+def test_resumed_training_equals_uninterrupted():
+    torch.manual_seed(0)
+    a = make(iterations=4, mixed_iterations=0.0)
+    a.train_step(batch(2, 2), 0)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)  # as the loop's checkpoint stores it
+    rng = torch.get_rng_state()
+    expected = a.train_step(batch(2, 2, seed=1), 1)
+    torch.manual_seed(7)  # the resumed process builds the method under another RNG state
+    b = make(iterations=4, mixed_iterations=0.0)
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.set_rng_state(rng)
+    assert b.train_step(batch(2, 2, seed=1), 1) == expected
+    # Both optimisers decay linearly: lr (1 - t/T) at t = 1 of T = 4.
+    assert b.optimizers["sam"].param_groups[0]["lr"] == pytest.approx(1e-4 * 0.75)
+    assert b.optimizers["nets"].param_groups[0]["lr"] == pytest.approx(0.01 * 0.75)
+
+
 def test_provenance_random_init_and_checkpoint(tmp_path):
     assert make().provenance() == {"sam_arch": "tiny", "sam_weights": "random-init",
                                    "sam_load_report": "random init (seed 0); no checkpoint loaded"}
-    torch.manual_seed(0)
-    from segment_anything.modeling import Sam
-
+    torch.manual_seed(1)  # other weights than the teacher's own seeded initialisation
     path = tmp_path / "tiny_sam.pth"
     torch.save(Sam(*build_sam_parts("tiny", 1024, use_rel_pos=True)).state_dict(), path)
-    import hashlib
-
-    prov = make(checkpoint=str(path)).provenance()
+    m = make(checkpoint=str(path))
+    prov = m.provenance()
     assert prov["sam_weights"] == f"tiny_sam.pth sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
-    assert "0 missing" not in prov["sam_load_report"] and "0 unexpected" in prov["sam_load_report"]
+    # Every SAM tensor loaded (pos_embed resized, 4 x 2 rel-pos tables skipped); only added ones missing.
+    n_sam = len(m.nets["sam"].state_dict()) - len(trained_state(m.nets["sam"]))
+    assert prov["sam_load_report"] == (f"SAM weights: {n_sam} loaded (1 resized), 8 skipped, 0 unexpected, "
+                                       f"{len(trained_state(m.nets['sam']))} missing (adapters/prompt heads)")
+    torch.testing.assert_close(m.nets["sam"].mask_decoder.iou_token.weight,
+                               torch.load(path, weights_only=True)["mask_decoder.iou_token.weight"])
     with pytest.raises(KnowsamError, match="not found"):
         make(checkpoint=str(tmp_path / "absent.pth"))
 
@@ -310,7 +359,8 @@ def polyp_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     train = root / "polyp" / "TrainDataset" if root else None
     if train is None or not (train / "images").is_dir():
         pytest.skip("polyp mirror not found: set KNOWSAM_MIRROR to the offline data folder (needs polyp/TrainDataset)")
-    loaded = [load_pair((name, img, mask, size, "bilinear")) for name, img, mask in find_pairs(train / "images", train / "masks")[:n]]
+    pairs = find_pairs(train / "images", train / "masks")[:n]
+    loaded = [load_pair((name, img, mask, size, "bilinear")) for name, img, mask in pairs]
     x = torch.from_numpy(np.stack([r.image for r in loaded])).float() / 255.0
     return x, torch.from_numpy(np.stack([r.mask_small for r in loaded])).long()
 
@@ -336,5 +386,4 @@ def test_twenty_steps_on_polyp_images_lower_the_loss():
         mixed_steps += out["mixed"] > 0
     after = fixed_loss()
     assert mixed_steps == steps - 5
-    print(before, after)
     assert after < 0.9 * before, (before, after)

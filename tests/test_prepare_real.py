@@ -95,8 +95,8 @@ def test_acdc_counts_cases_and_meta(acdc):
     assert data.meta["has_val"] is True and data.meta["val"] == 1 and data.meta["val_slices"] == 5
     assert data.meta["test_sets"] == {"ACDC": 2} and data.eval_parts == ["ACDC"]
     index = data.index("train")
-    assert index["case"].value_counts().to_dict() == {"patient002_frame01": 4, "patient001_frame01": 3,
-                                                      "patient001_frame12": 3}
+    # Training cases are patients: both frames of patient001 count as one case for the split.
+    assert index["case"].value_counts().to_dict() == {"patient001": 6, "patient002": 4}
     assert index["name"].iloc[:3].tolist() == [f"patient001_frame01_slice_{k}" for k in (1, 2, 3)]
 
 
@@ -109,7 +109,7 @@ def test_acdc_arrays_resized_images_and_nearest_label_ids(acdc):
     expected = np.asarray(Image.fromarray(image[0]).resize((SIZE, SIZE), Image.BILINEAR))
     np.testing.assert_allclose(images[0, 0].astype(np.float32), expected, atol=1e-3)
     assert set(np.unique(masks[:3])) == {0, 1, 2, 3}
-    rows = data.index("train")["case"] == "patient002_frame01"
+    rows = data.index("train")["case"] == "patient002"
     assert set(np.unique(masks[rows.to_numpy()])) == {0, 1, 3}  # bilinear ids would put a 2 on the 1|3 edge
 
 
@@ -130,9 +130,9 @@ def test_acdc_eval_parts_keep_original_volumes(acdc):
 def test_acdc_validation_split_and_evaluation_contract(acdc):
     """The dataset's own val part feeds validation; evaluation rebuilds each volume at its original size."""
     data, volumes = acdc
-    split = make_split(data, 0.34, seed=0, val_fraction=0.2)
+    split = make_split(data, 0.5, seed=0, val_fraction=0.2)
     assert split["validation"] == [] and split["counts"]["validation"] == 1
-    assert len(split["labeled"]) == 1 and len(split["labeled"] + split["unlabeled"]) == 3
+    assert len(split["labeled"]) == 1 and len(split["labeled"] + split["unlabeled"]) == 2  # two patients
     val_images, val_masks = validation_arrays(data, split)
     assert len(val_images) == len(val_masks) == 5
     probs = torch.nn.functional.one_hot(torch.from_numpy(np.array(val_masks)).long(), 4).permute(0, 3, 1, 2).float()

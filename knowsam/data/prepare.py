@@ -10,6 +10,7 @@ exact duplicates across train/test are found by content hash. A fingerprint repo
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from collections import Counter
@@ -135,6 +136,12 @@ def find_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]
     masks = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
     if not images:
         raise KnowsamError(f"{images_dir}: no images found")
+    for path in (*images.values(), *masks.values()):
+        try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes come back as surrogates
+            raise KnowsamError(f"{path.parent}: file name {os.fsencode(path.name)!r} is not valid UTF-8; "
+                               "rename it") from None
     paired = {stem: masks.get(stem) or masks.get(f"p{stem}") for stem in images}
     missing = sorted(stem for stem, mask in paired.items() if mask is None)
     if missing:

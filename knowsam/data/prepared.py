@@ -44,9 +44,13 @@ class PreparedDataset:
         path = self.root / "meta.json"
         if not path.is_file():
             raise KnowsamError(f"{path}: prepared dataset not found; run the prepare stage first")
-        meta = json.loads(path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise KnowsamError(f"{path}: prepared with format version {meta.get('format_version')}, "
+        try:
+            meta = json.loads(path.read_text())
+        except (ValueError, OSError) as exc:
+            raise KnowsamError(f"{path}: unreadable ({type(exc).__name__}); re-run the prepare stage") from None
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if version != FORMAT_VERSION:
+            raise KnowsamError(f"{path}: prepared with format version {version}, "
                                f"this version reads {FORMAT_VERSION}; re-run the prepare stage")
         return meta
 
@@ -68,16 +72,25 @@ class PreparedDataset:
         return list(self.meta["test_sets"])
 
     def images(self, part: str = "train") -> np.ndarray:
-        return np.load(self.root / f"{part_slug(part)}_images.npy", mmap_mode="r")
+        return self._read(f"{part_slug(part)}_images.npy", np.load, mmap_mode="r")
 
     def masks(self) -> np.ndarray:
-        return np.load(self.root / "train_masks.npy", mmap_mode="r")
+        return self._read("train_masks.npy", np.load, mmap_mode="r")
 
     def index(self, part: str = "train") -> pd.DataFrame:
-        return pd.read_csv(self.root / f"{part_slug(part)}_index.csv", dtype={"name": str, "case": str})
+        return self._read(f"{part_slug(part)}_index.csv", pd.read_csv, dtype={"name": str, "case": str})
 
     def ground_truth(self, part: str) -> np.lib.npyio.NpzFile:
-        return np.load(self.root / f"{part_slug(part)}_gt.npz")
+        return self._read(f"{part_slug(part)}_gt.npz", np.load)
+
+    def _read(self, name: str, reader, **kwargs):
+        """A file of the prepared dataset; a missing or damaged one is a one-line error."""
+        self.meta  # a dataset that was never prepared (or is of another format) says so first
+        path = self.root / name
+        try:
+            return reader(path, **kwargs)
+        except (OSError, ValueError, pd.errors.ParserError) as exc:  # np.load: ValueError on a bad header
+            raise KnowsamError(f"{path}: missing or unreadable ({type(exc).__name__}); re-run the prepare stage") from None
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

@@ -20,6 +20,8 @@ def polyp_test_sets(spec, raw: Path) -> list[str]:
     named = [p.name for p in spec.parts if p.optional]
     if named:
         return named
+    if not (raw / "TestDataset").is_dir():
+        raise KnowsamError(f"{raw / 'TestDataset'}: folder not found (expected TestDataset/<set>/images and masks)")
     return sorted(p.name for p in (raw / "TestDataset").iterdir() if p.is_dir())
 
 
@@ -28,6 +30,8 @@ def prepare_dataset(name: str, params: Params, reports_root: str | Path = "repor
     raw = Path(params.data.raw_root) / name
     if not raw.is_dir():
         raise KnowsamError(f"{raw}: raw dataset folder not found; run `knowsam-bench acquire {name}` first")
+    if not any(raw.iterdir()):
+        raise KnowsamError(f"{raw}: raw dataset folder is empty; run `knowsam-bench acquire {name}` first")
     out = Path(params.data.prepared_root) / name
     if spec.kind == "polyp-2d":
         meta = prepare_polyp_layout(raw, out, dataset=name, image_size=params.data.image_size,

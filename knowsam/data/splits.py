@@ -81,9 +81,35 @@ def read_split(path: Path, data: PreparedDataset) -> dict:
     known = set(data.index("train")["case"])
     for key in ("labeled", "unlabeled", "validation"):
         unknown = [c for c in split.get(key, []) if c not in known]
+        leaked = _test_case(data, split.get(key, []), known)
+        if leaked:
+            raise KnowsamError(f"{path}: '{key}' names case {leaked[0]!r} of test set {leaked[1]!r}; "
+                               "training and test cases must not overlap")
         if unknown:
             raise KnowsamError(f"{path}: '{key}' names {len(unknown)} case(s) not in the prepared training set, e.g. {unknown[0]!r}")
     overlap = set(split["labeled"]) & (set(split["unlabeled"]) | set(split["validation"]))
     if overlap:
         raise KnowsamError(f"{path}: case {sorted(overlap)[0]!r} is both labeled and unlabeled/validation")
     return split
+
+
+def _test_case(data: PreparedDataset, cases: list[str], train_cases: set[str]) -> tuple[str, str] | None:
+    """(case, test set) for the first split case that is a test case: one that only the test set
+    has, or one the training set has too with identical images (a name alone may recur across the
+    source datasets of a polyp training pool, so a shared name with other images is no overlap)."""
+    wanted = set(cases)
+    if not wanted:
+        return None
+    train_index = None
+    for part in data.eval_parts:
+        index = data.index(part)
+        for case in sorted(wanted & set(index["case"])):
+            if case not in train_cases:
+                return case, part
+            if train_index is None:
+                train_index = data.index("train")
+            a = data.images("train")[np.flatnonzero(train_index["case"].to_numpy() == case)]
+            b = data.images(part)[np.flatnonzero(index["case"].to_numpy() == case)]
+            if a.shape == b.shape and np.array_equal(a, b):
+                return case, part
+    return None

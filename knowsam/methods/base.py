@@ -64,6 +64,8 @@ class Method:
     uses_unlabeled: ClassVar[bool] = True
     # Plug-in suffixes (e.g. "skd") that may be composed with this method.
     accepts_plugins: ClassVar[tuple[str, ...]] = ()
+    # The student whose prediction a plug-in uses as SAM's dense prompt (methods accepting plug-ins).
+    main_student: ClassVar[str] = ""
     # Extra test-time outputs scored as separate leaderboard rows, e.g. ("sam",).
     variants: ClassVar[tuple[str, ...]] = ()
     # Score of an image whose prediction and ground truth are both empty, in validation
@@ -103,9 +105,17 @@ class Method:
         """A loss a plug-in adds to student ``student``'s loss; ``logits`` cover ``batch.x`` in order.
 
         Methods call this once per student network per update, on logits for the whole batch
-        (labeled then unlabeled). The base method adds nothing.
+        (labeled then unlabeled; possibly a photometric, pixel-aligned view of ``batch.x``).
+        The base method adds nothing.
         """
         return 0.0
+
+    def align_to_update(self, student: str, per_pixel: torch.Tensor) -> torch.Tensor:
+        """Map per-pixel tensors computed on ``batch.x`` onto the images of the current update.
+
+        Identity, except in methods whose second update sees moved pixels (UCMT's mixing).
+        """
+        return per_pixel
 
     # --- shared machinery -----------------------------------------------------------------
     def add_net(self, name: str, net: nn.Module) -> nn.Module:

@@ -93,7 +93,8 @@ def least_uncertain_patches(probs: torch.Tensor, grid: int, count: int) -> torch
 
 
 def uncertainty_mix(
-    x: torch.Tensor, y_l: torch.Tensor, teacher: torch.Tensor, fused_probs: torch.Tensor, n_l: int, grid: int, count: int
+    x: torch.Tensor, y_l: torch.Tensor, teacher: torch.Tensor, fused_probs: torch.Tensor, n_l: int, grid: int,
+    count: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Swap least-uncertain patches between labeled and unlabeled images; returns (images, labels, teacher logits).
 
@@ -106,6 +107,8 @@ def uncertainty_mix(
     the distillation target follows the content. Output order: mixed labeled, then mixed unlabeled.
     """
     n_u = len(x) - n_l
+    if n_l < 1 or n_u < 1:
+        raise ValueError(f"mixing needs labeled and unlabeled images, got {n_l} and {n_u}")
     mask = least_uncertain_patches(fused_probs, grid, count)
     pseudo = teacher.argmax(1)
     part_of_l = torch.arange(n_l, device=x.device) % n_u + n_l  # row of each labeled image's partner
@@ -170,14 +173,15 @@ class KnowSam(Method):
         memory = torch.channels_last if p.channels_last else torch.contiguous_format
         for name in STUDENTS:
             self.add_net(name, build_model(name, in_channels=c, num_classes=k)).to(memory_format=memory)
-        self.add_net("fusion", build_model("fusion", num_classes=k,
-                                           official_output_activation=p.fusion_official_activation)).to(memory_format=memory)
+        fusion = build_model("fusion", num_classes=k, official_output_activation=p.fusion_official_activation)
+        self.add_net("fusion", fusion).to(memory_format=memory)
         self.sgd("nets", [q for n in (*STUDENTS, "fusion") for q in self.nets[n].parameters()])
         sam, self._provenance = build_sam_teacher(ctx)
         self.add_net("sam", sam)
         self.optimizers["sam"] = sam_optimizer(sam, p.sam_lr)
         self._frozen_sha256 = frozen_fingerprint(sam)
-        self.mix_from = round(p.mixed_iterations * ctx.iterations) if p.mixed_iterations < 1 else int(p.mixed_iterations)
+        mix = p.mixed_iterations
+        self.mix_from = round(mix * ctx.iterations) if mix < 1 else int(mix)  # first iteration with mixing
         self.timings: dict[str, float] | None = None  # set to {} to accumulate seconds per part of a step
 
     # --- pieces of a step -------------------------------------------------------------------

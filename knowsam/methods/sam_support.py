@@ -28,10 +28,10 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     "<file name> sha256 <first 12 hex>") and ``sam_load_report`` (one line).
     """
     s = ctx.sam
+    path = resolve_checkpoint(s.checkpoint, s.arch, Path(s.cache_dir).expanduser())  # fails before the build
     with torch.random.fork_rng(devices=[]):  # seeded build; the run's global RNG stream is untouched
         torch.manual_seed(ctx.seed)
         teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels)
-    path = resolve_checkpoint(s.checkpoint, s.arch, Path(s.cache_dir).expanduser())
     if path is None:
         weights, report = "random-init", f"random init (seed {ctx.seed}); no checkpoint loaded"
     else:
@@ -79,5 +79,6 @@ def load_trained_state(teacher: SamTeacher, state: dict[str, torch.Tensor]) -> N
     expected = set(trained_state(teacher))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise KnowsamError(f"saved SAM state does not match the teacher (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise KnowsamError(f"saved SAM state does not match the teacher "
+                           f"(missing {missing[:3]}, unexpected {extra[:3]})")
     teacher.load_state_dict(state, strict=False)

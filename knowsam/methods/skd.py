@@ -99,11 +99,7 @@ def with_skd(base: type[Method]) -> type[Method]:
         def student_extra_loss(self, student: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor | float:
             if self._sam_logits is None:
                 raise RuntimeError("student_extra_loss called outside an SKD training step")
-            target = self._sam_logits
-            align = getattr(self, "align_to_update", None)
-            if align is not None:
-                target = align(student, target)
-            kd = kd_loss(logits, target, self.p.kd_temperature)
+            kd = kd_loss(logits, self.align_to_update(student, self._sam_logits), self.p.kd_temperature)
             self._kd_terms.append(kd.item())
             return super().student_extra_loss(student, logits, batch) + self.p.kd_weight * kd
 

@@ -1,0 +1,552 @@
+"""The error catalogue (docs/errors.md): every bad input gives one line on stderr naming the
+culprit, a non-zero exit status, and leaves no half-written output behind.
+
+Most cases drive the real command line (``knowsam.cli.main``) from a workspace folder, the
+way a user or DVC stage runs it; a few library-level guards (archives, SAM checkpoint
+checksums) are called directly and checked for the same one-line ``KnowsamError``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from knowsam.errors import KnowsamError
+from tests.conftest import REPO
+
+RUN = ["--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0"]
+RUN_DIR = Path("data/runs/demo/labeled-only/ratio-0.1_seed-0")
+METRICS = Path("reports/metrics/demo/labeled-only/ratio-0.1_seed-0.json")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def params_dict(prepared_root: str = "data/prepared", **sections) -> dict:
+    raw = yaml.safe_load((REPO / "knowsam/profiles/demo.yaml").read_text())
+    raw["methods"] = ["labeled-only", "knowsam"]
+    raw["data"].update(prepared_root=prepared_root, image_size=32)
+    raw["train"].update(iterations=2, batch_size=4, labeled_batch=2, eval_every=1, checkpoint_every=1, threads=1)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw[key].update(value)
+        else:
+            raw[key] = value
+    return raw
+
+
+def write_params(ws: Path, raw: dict | str) -> Path:
+    ws.mkdir(parents=True, exist_ok=True)
+    path = ws / "params.yaml"
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (hidden temporaries included) with its bytes."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run the CLI in a workspace; return (exit status, stderr)."""
+    from knowsam.cli import main
+
+    def run(ws: Path, *args: str) -> tuple[int, str]:
+        monkeypatch.chdir(ws)
+        monkeypatch.delenv("KNOWSAM_MIRROR", raising=False)
+        capsys.readouterr()
+        code = main(list(args))
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def one_line(code: int, err: str, status: int, pattern: str) -> str:
+    """The promise: exit ``status``, exactly one stderr line, ``error: ...`` matching ``pattern``."""
+    lines = err.strip().splitlines()
+    assert code == status, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def library_error(fn, pattern: str, status: int = 1) -> str:
+    with pytest.raises(KnowsamError) as info:
+        fn()
+    message = str(info.value)
+    assert info.value.exit_code == status
+    assert "\n" not in message
+    assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+    return message
+
+
+@pytest.fixture(scope="module")
+def small_raw(tmp_path_factory) -> Path:
+    """A raw demo dataset of 6 training and 2 test images."""
+    from knowsam.data.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("raw") / "demo"
+    generate_demo(root, seed=1, n_train=6, test_sets={"Demo-Kvasir": 2})
+    return root
+
+
+@pytest.fixture
+def raw_ws(tmp_path, small_raw) -> Path:
+    """A workspace with its own copy of the raw data, ready for `prepare demo`."""
+    ws = tmp_path / "ws"
+    shutil.copytree(small_raw, ws / "data/raw/demo")
+    write_params(ws, params_dict())
+    return ws
+
+
+def train_images(ws: Path) -> list[Path]:
+    return sorted((ws / "data/raw/demo/TrainDataset/images").iterdir())
+
+
+def mask_of(image: Path) -> Path:
+    return next((image.parent.parent / "masks").glob(image.stem + ".*"))
+
+
+def assert_nothing_prepared(ws: Path) -> None:
+    prepared = ws / "data/prepared"
+    assert not (prepared / "demo").exists()
+    assert not prepared.exists() or not any(prepared.iterdir()), list(prepared.iterdir())
+    assert not (ws / "reports/fingerprints/demo.json").exists()
+
+
+@pytest.fixture(scope="module")
+def train_ws_base(demo_prepared, tmp_path_factory) -> Path:
+    """Workspace using the shared prepared demo data, with a split and a trained 2-iteration run."""
+    from knowsam import config
+    from knowsam.data.prepared import PreparedDataset
+    from knowsam.data.splits import split_path, write_split
+    from knowsam.runs import RunId
+    from knowsam.train import train_run
+
+    ws = tmp_path_factory.mktemp("trained")
+    write_params(ws, params_dict(prepared_root=str(demo_prepared / "data/prepared")))
+    data = PreparedDataset(demo_prepared / "data/prepared/demo")
+    write_split(data, split_path(ws / "data/splits", "demo", 0.1, 0), 0.1, 0, 0.1)
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        train_run(config.load("params.yaml"), RunId("labeled-only", "demo", 0.1, 0), progress=False)
+    finally:
+        os.chdir(cwd)
+    return ws
+
+
+@pytest.fixture
+def train_ws(train_ws_base, tmp_path) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(train_ws_base, ws)
+    return ws
+
+
+def own_prepared(ws: Path, demo_prepared: Path) -> Path:
+    """Give ``ws`` its own copy of the prepared data (for cases that damage it)."""
+    prepared = ws / "data/prepared/demo"
+    shutil.copytree(demo_prepared / "data/prepared/demo", prepared)
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    raw["data"]["prepared_root"] = "data/prepared"
+    write_params(ws, raw)
+    return prepared
+
+
+# --- raw data (prepare) -------------------------------------------------------------------------
+
+def test_corrupt_image(raw_ws, cli):
+    train_images(raw_ws)[2].write_bytes(b"this is not an image at all" * 10)
+    one_line(*cli(raw_ws, "prepare", "demo"), 1, r"TrainDataset/images/\S+: unreadable image \(")
+    assert_nothing_prepared(raw_ws)
+
+
+def test_truncated_image(raw_ws, cli):
+    image = train_images(raw_ws)[0]
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 3])
+    one_line(*cli(raw_ws, "prepare", "demo"), 1, rf"{re.escape(image.name)}: unreadable image \(")
+    assert_nothing_prepared(raw_ws)
+
+
+def test_mask_size_differs_from_image(raw_ws, cli):
+    mask = mask_of(train_images(raw_ws)[1])
+    Image.open(mask).resize((17, 13)).save(mask)
+    one_line(*cli(raw_ws, "prepare", "demo"), 1, rf"masks/{re.escape(mask.name)}: mask size 17x13 differs from its image's")
+    assert_nothing_prepared(raw_ws)
+
+
+def test_missing_mask(raw_ws, cli):
+    image = train_images(raw_ws)[3]
+    mask_of(image).unlink()
+    one_line(*cli(raw_ws, "prepare", "demo"), 1, rf"{re.escape(image.name)}: no mask named {image.stem} or p{image.stem}")
+    assert_nothing_prepared(raw_ws)
+
+
+def test_nonbinary_mask_is_binarised_and_reported(raw_ws, cli):
+    """Not an error: grey values are thresholded at > 127 and counted in the fingerprint."""
+    mask = mask_of(train_images(raw_ws)[0])
+    grey = np.asarray(Image.open(mask).convert("L")).copy()
+    grey[:4, :4] = 100  # below the threshold: background
+    grey[-4:, -4:] = 200  # above: foreground
+    Image.fromarray(grey).save(mask)
+    code, err = cli(raw_ws, "prepare", "demo")
+    assert code == 0, err
+    fingerprint = json.loads((raw_ws / "reports/fingerprints/demo.json").read_text())
+    assert fingerprint["train"]["nonbinary_masks"] == 1
+
+
+def test_empty_raw_dataset_folder(raw_ws, cli):
+    shutil.rmtree(raw_ws / "data/raw/demo")
+    (raw_ws / "data/raw/demo").mkdir()
+    one_line(*cli(raw_ws, "prepare", "demo"), 1, r"data/raw/demo: raw dataset folder is empty")
+    assert_nothing_prepared(raw_ws)
+
+
+def test_raw_dataset_without_test_folder(raw_ws, cli):
+    shutil.rmtree(raw_ws / "data/raw/demo/TestDataset")
+    one_line(*cli(raw_ws, "prepare", "demo"), 1, r"data/raw/demo/TestDataset: folder not found")
+    assert_nothing_prepared(raw_ws)
+
+
+def test_file_name_not_utf8(raw_ws, cli):
+    image = train_images(raw_ws)[0]
+    bad = os.fsdecode(b"frame-\xff\xfe" + image.suffix.encode())
+    os.rename(image, image.with_name(bad))
+    os.rename(mask_of(image), mask_of(image).with_name(bad))
+    line = one_line(*cli(raw_ws, "prepare", "demo"), 1, r"TrainDataset/images: file name b'frame-\\xff\\xfe\.\w+' is not valid UTF-8")
+    assert "\\udc" not in line
+    assert_nothing_prepared(raw_ws)
+
+
+def test_unreadable_file(raw_ws, cli):
+    image = train_images(raw_ws)[0]
+    image.chmod(0)
+    try:
+        if os.access(image, os.R_OK):
+            pytest.skip("running as a user that reads files despite mode 000 (root)")
+        one_line(*cli(raw_ws, "prepare", "demo"), 1, rf"{re.escape(image.name)}: unreadable image \(PermissionError")
+        assert_nothing_prepared(raw_ws)
+    finally:
+        image.chmod(0o644)
+
+
+def test_unknown_dataset_name(raw_ws, cli):
+    one_line(*cli(raw_ws, "prepare", "nosuch"), 2, r"unknown dataset 'nosuch'; known: .*demo")
+    assert_nothing_prepared(raw_ws)
+
+
+# --- params -------------------------------------------------------------------------------------
+
+PARAMS_CASES = {
+    "unknown dataset": (dict(datasets=["demo", "kvasir2"]), r"'datasets\[1\]' unknown dataset 'kvasir2'"),
+    "unknown method": (dict(methods=["labeled-only", "knowsam++"]), r"'methods\[1\]' unknown method 'knowsam\+\+'"),
+    "ratio 0": (dict(ratios=[0]), r"'ratios\[0\]' = 0.0 must be in \(0, 1\]"),
+    "ratio above 1": (dict(ratios=[0.1, 1.5]), r"'ratios\[1\]' = 1.5 must be in \(0, 1\]"),
+    "empty seed list": (dict(seeds=[]), r"'seeds' is empty; list at least one"),
+    "image size SAM cannot patch": (dict(data={"image_size": 40}), r"'data.image_size' = 40 must be a positive multiple of 16"),
+    "labeled batch larger than batch": (dict(train={"batch_size": 4, "labeled_batch": 6}),
+                                        r"'train.labeled_batch' = 6 must be in \[1, train.batch_size = 4\]"),
+    "wrong type": (dict(train={"iterations": "ten"}), r"'train.iterations' must be int, got 'ten'"),
+    "bool for int": (dict(train={"iterations": True}), r"'train.iterations' must be int, got True"),
+    "unknown key": (dict(train={"iteratons": 5}), r"unknown key 'train.iteratons'"),
+    "unknown method option": (dict(method_params={"knowsam": {"no_such_option": 1}}),
+                              r"unknown key 'method_params.knowsam.no_such_option'"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARAMS_CASES), ids=lambda c: c.replace(" ", "-"))
+def test_bad_params(tmp_path, cli, case):
+    overrides, pattern = PARAMS_CASES[case]
+    ws = tmp_path / "ws"
+    write_params(ws, params_dict(**overrides))
+    one_line(*cli(ws, "split", "demo"), 2, r"^error: params: " + pattern)
+    assert not (ws / "data").exists()
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("datasets: [demo\nmethods: x\n", r"params.yaml: not valid YAML \("),
+    ("- a\n- list\n", r"params.yaml: expected a mapping at the top level"),
+    (b"\xff\xfe binary".decode("latin-1"), r"params.yaml: not valid YAML"),
+], ids=["not-yaml", "not-a-mapping", "not-utf8"])
+def test_params_file_not_yaml(tmp_path, cli, text, pattern):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_bytes(text.encode("latin-1"))
+    one_line(*cli(ws, "split", "demo"), 2, pattern)
+    assert not (ws / "data").exists()
+
+
+def test_missing_params_file(tmp_path, cli):
+    one_line(*cli(tmp_path, "train", *RUN, "--params", "nope.yaml"), 2, r"nope.yaml: params file not found")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_profile(tmp_path, cli):
+    before = write_params(tmp_path, params_dict()).read_bytes()
+    one_line(*cli(tmp_path, "profile", "turbo"), 2, r"unknown profile 'turbo'; known: .*demo")
+    assert (tmp_path / "params.yaml").read_bytes() == before
+
+
+def test_method_not_in_params(train_ws, cli):
+    one_line(*cli(train_ws, "train", "--method", "cps", *RUN[2:]), 2, r"method 'cps' is not in params 'methods'")
+
+
+def test_dataset_not_in_params(train_ws, cli):
+    one_line(*cli(train_ws, "train", "--method", "labeled-only", "--dataset", "acdc", *RUN[4:]), 2,
+             r"dataset 'acdc' is not in params 'datasets'")
+
+
+@pytest.mark.parametrize("flag, value, pattern", [("--ratio", "0", r"--ratio 0 must be in \(0, 1\]"),
+                                                  ("--ratio", "1.5", r"--ratio 1.5 must be in \(0, 1\]"),
+                                                  ("--seed", "-1", r"--seed -1 must be >= 0")])
+def test_split_command_ratio_and_seed(train_ws, cli, flag, value, pattern):
+    before = tree(train_ws / "data/splits")
+    one_line(*cli(train_ws, "split", "demo", flag, value), 2, pattern)
+    assert tree(train_ws / "data/splits") == before
+
+
+# --- splits, prepared data, runs ----------------------------------------------------------------
+
+def _split_file(ws: Path) -> Path:
+    return ws / "data/splits/demo/ratio-0.1_seed-0.json"
+
+
+def _fresh_run(ws: Path) -> None:
+    shutil.rmtree(ws / "data/runs")
+
+
+def test_split_names_unknown_images(train_ws, cli):
+    path = _split_file(train_ws)
+    split = json.loads(path.read_text())
+    split["labeled"].append("no-such-frame")
+    path.write_text(json.dumps(split))
+    _fresh_run(train_ws)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
+             r"ratio-0.1_seed-0.json: 'labeled' names 1 case\(s\) not in the prepared training set, e.g. 'no-such-frame'")
+    assert not (train_ws / "data/runs").exists()
+
+
+def test_split_not_json(train_ws, cli):
+    _split_file(train_ws).write_text('{"version": 1, "labeled": [')
+    _fresh_run(train_ws)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1, r"ratio-0.1_seed-0.json: not a valid JSON split file")
+    assert not (train_ws / "data/runs").exists()
+
+
+def test_split_labels_a_test_case(train_ws, demo_prepared, cli):
+    """A test case named as labeled: by a name only a test set has ..."""
+    from knowsam.data.prepared import PreparedDataset
+
+    test_case = PreparedDataset(demo_prepared / "data/prepared/demo").index("Demo-Colon")["case"].iloc[0]
+    path = _split_file(train_ws)
+    split = json.loads(path.read_text())
+    split["labeled"].append(test_case)
+    path.write_text(json.dumps(split))
+    _fresh_run(train_ws)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
+             rf"'labeled' names case '{re.escape(test_case)}' of test set 'Demo-Colon'; training and test cases must not overlap")
+    assert not (train_ws / "data/runs").exists()
+
+
+def test_split_case_duplicated_in_a_test_set(train_ws, demo_prepared, cli):
+    """... or a training case that a test set holds too, same name and same pixels."""
+    import pandas as pd
+
+    prepared = own_prepared(train_ws, demo_prepared)
+    labeled = json.loads(_split_file(train_ws).read_text())["labeled"][0]
+    train_index = pd.read_csv(prepared / "train_index.csv", dtype=str)
+    row = int(np.flatnonzero(train_index["case"] == labeled)[0])
+    test_index = pd.read_csv(prepared / "Demo-Kvasir_index.csv", dtype={"name": str, "case": str})
+    test_index.loc[0, ["name", "case"]] = labeled
+    test_index.to_csv(prepared / "Demo-Kvasir_index.csv", index=False)
+    images = np.load(prepared / "Demo-Kvasir_images.npy")
+    images[0] = np.load(prepared / "train_images.npy")[row]
+    np.save(prepared / "Demo-Kvasir_images.npy", images)
+    _fresh_run(train_ws)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
+             rf"'labeled' names case '{re.escape(labeled)}' of test set 'Demo-Kvasir'")
+    assert not (train_ws / "data/runs").exists()
+
+
+def test_prepared_dataset_of_an_older_format(train_ws, demo_prepared, cli):
+    prepared = own_prepared(train_ws, demo_prepared)
+    meta = json.loads((prepared / "meta.json").read_text())
+    meta["format_version"] = 0
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    _fresh_run(train_ws)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
+             r"meta.json: prepared with format version 0, this version reads 1; re-run the prepare stage")
+    assert not (train_ws / "data/runs").exists()
+
+
+def test_prepared_dataset_missing_an_array(train_ws, demo_prepared, cli):
+    prepared = own_prepared(train_ws, demo_prepared)
+    (prepared / "train_masks.npy").unlink()
+    _fresh_run(train_ws)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
+             r"train_masks.npy: missing or unreadable \(FileNotFoundError\); re-run the prepare stage")
+    assert not (train_ws / "data/runs").exists()
+
+
+def test_prepared_dataset_not_found(train_ws, cli):
+    raw = yaml.safe_load((train_ws / "params.yaml").read_text())
+    raw["data"]["prepared_root"] = "nowhere"
+    write_params(train_ws, raw)
+    one_line(*cli(train_ws, "split", "demo"), 1, r"nowhere/demo/meta.json: prepared dataset not found")
+
+
+def test_run_folder_of_another_configuration(train_ws, cli):
+    raw = yaml.safe_load((train_ws / "params.yaml").read_text())
+    raw["train"]["lr"] = 0.02
+    write_params(train_ws, raw)
+    before = tree(train_ws / RUN_DIR)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
+             r"checkpoint.pt: checkpoint from a different configuration or version; delete \S+ratio-0.1_seed-0 ")
+    assert tree(train_ws / RUN_DIR) == before
+
+
+def test_run_folder_of_another_version(train_ws, cli):
+    ckpt = train_ws / RUN_DIR / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["version"] = 0
+    torch.save(state, ckpt)
+    before = tree(train_ws / RUN_DIR)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1, r"checkpoint.pt: checkpoint from a different configuration or version")
+    assert tree(train_ws / RUN_DIR) == before
+
+
+def test_evaluate_before_train(train_ws, cli):
+    _fresh_run(train_ws)
+    one_line(*cli(train_ws, "evaluate", *RUN), 1, r"best.pt: trained weights not found; run the train stage for labeled-only-demo-0.1-0")
+    assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
+
+
+def test_evaluate_weights_of_other_parameters(train_ws, cli):
+    raw = yaml.safe_load((train_ws / "params.yaml").read_text())
+    raw["train"]["iterations"] = 3
+    write_params(train_ws, raw)
+    one_line(*cli(train_ws, "evaluate", *RUN), 1,
+             r"best.pt: trained with other parameters or another version \(see \S+config.json\); re-run the train stage")
+    assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
+
+
+def test_evaluate_corrupt_weights(train_ws, cli):
+    best = train_ws / RUN_DIR / "best.pt"
+    best.write_bytes(best.read_bytes()[:200])
+    one_line(*cli(train_ws, "evaluate", *RUN), 1, r"best.pt: unreadable or not this method's weights \(")
+    assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
+
+
+# --- SAM checkpoints ----------------------------------------------------------------------------
+
+def test_missing_sam_checkpoint(train_ws, cli):
+    raw = yaml.safe_load((train_ws / "params.yaml").read_text())
+    raw["sam"]["checkpoint"] = str(train_ws / "weights/sam_tiny.pth")
+    write_params(train_ws, raw)
+    one_line(*cli(train_ws, "train", "--method", "knowsam", *RUN[2:], "--no-progress"), 1,
+             r"SAM checkpoint \S+/weights/sam_tiny.pth not found")
+    assert not (train_ws / "data/runs/demo/knowsam").exists()
+
+
+def test_sam_checkpoint_with_wrong_checksum(tmp_path):
+    from knowsam.models.sam_checkpoint import resolve_checkpoint
+
+    fake = tmp_path / "sam_vit_b_01ec64.pth"  # the official file name, other bytes
+    fake.write_bytes(b"not the real weights")
+    library_error(lambda: resolve_checkpoint(str(fake), "vit_b", tmp_path / "cache"),
+                  r"SAM checkpoint \S+sam_vit_b_01ec64.pth has sha256 [0-9a-f]{64}, expected [0-9a-f]{64} \(corrupt or wrong file")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(fake, cache / fake.name)  # a damaged file in the download cache is caught too
+    library_error(lambda: resolve_checkpoint("official", "vit_b", cache, download=False), r"has sha256 \w+, expected")
+
+
+def test_official_checkpoint_for_another_arch(tmp_path):
+    from knowsam.models.sam_checkpoint import resolve_checkpoint
+
+    fake = tmp_path / "sam_vit_b_01ec64.pth"
+    fake.write_bytes(b"x")
+    library_error(lambda: resolve_checkpoint(str(fake), "tiny", tmp_path), r"is the official vit_b file but arch is tiny",
+                  status=2)
+
+
+# --- archives -----------------------------------------------------------------------------------
+
+def _tar_with(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        ok = tarfile.TarInfo("TrainDataset/ok.txt")
+        ok.size = 2
+        tf.addfile(ok, io.BytesIO(b"ok"))
+        tf.addfile(member, io.BytesIO(data) if data else None)
+    return path
+
+
+def test_archive_with_traversal_entry(tmp_path):
+    from knowsam.data.extract import safe_extract
+
+    evil = tarfile.TarInfo("TrainDataset/../../evil.txt")
+    evil.size = 4
+    archive = _tar_with(tmp_path / "data.tar.gz", evil, b"evil")
+    library_error(lambda: safe_extract(archive, tmp_path / "out"),
+                  r"cannot extract \S+data.tar.gz: member 'TrainDataset/../../evil.txt' has a '..' component")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.tar.gz"]
+
+
+def test_archive_with_link(tmp_path):
+    from knowsam.data.extract import safe_extract
+
+    link = tarfile.TarInfo("TrainDataset/link")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    archive = _tar_with(tmp_path / "data.tar.gz", link)
+    library_error(lambda: safe_extract(archive, tmp_path / "out"),
+                  r"member 'TrainDataset/link' is a link to '/etc/passwd' \(links are not extracted\)")
+    zipped = tmp_path / "data.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        info = zipfile.ZipInfo("a/link")
+        info.create_system, info.external_attr = 3, (0o120777 << 16)
+        zf.writestr(info, "../../outside")
+    library_error(lambda: safe_extract(zipped, tmp_path / "out2"), r"member 'a/link' is a symbolic link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.tar.gz", "data.zip"]
+
+
+# --- score --------------------------------------------------------------------------------------
+
+def test_score_predictions_with_wrong_names(tmp_path, cli):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for folder, stems in ((pred, ["a", "b"]), (gt, ["x", "y"])):
+        folder.mkdir()
+        for stem in stems:
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{stem}.png")
+    one_line(*cli(tmp_path, "score", str(pred), str(gt), "--out", "scores.csv"), 1,
+             r"no prediction in \S+pred shares a file stem with a mask in \S+gt \(e.g. 'a' vs 'x'\)")
+    assert not (tmp_path / "scores.csv").exists()
+
+
+def test_score_missing_prediction_folder(tmp_path, cli):
+    (tmp_path / "gt").mkdir()
+    one_line(*cli(tmp_path, "score", str(tmp_path / "nope"), str(tmp_path / "gt")), 1,
+             r"prediction folder \S+nope does not exist or is not a folder")
+
+
+# --- the catalogue document ---------------------------------------------------------------------
+
+def test_catalogue_document_lists_every_case():
+    text = (REPO / "docs/errors.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Input")
+            and not set(line) <= set("|- ")]
+    assert len(rows) >= 25
