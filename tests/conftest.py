@@ -11,7 +11,9 @@ import torch
 
 from knowsam import config
 
-torch.set_num_threads(2)
+# One thread: small test tensors gain little from two, and two threads slow down badly
+# (OpenMP barriers spin) whenever anything else runs on a 2-core machine.
+torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,5 +45,6 @@ def small_params(root: Path, **train_overrides) -> config.Params:
     data = dataclasses.replace(params.data, raw_root=str(root / "data/raw"), prepared_root=str(root / "data/prepared"),
                                splits_root=str(root / "data/splits"), image_size=32)
     train = dataclasses.replace(params.train, **{"iterations": 6, "batch_size": 4, "labeled_batch": 2,
-                                                 "eval_every": 3, "checkpoint_every": 3, **train_overrides})
+                                                 "eval_every": 3, "checkpoint_every": 3, "threads": 1,
+                                                 **train_overrides})
     return dataclasses.replace(params, data=data, train=train)

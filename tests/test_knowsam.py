@@ -175,6 +175,30 @@ def test_net_loss_is_the_documented_combination():
     assert terms["cons_weight"] == pytest.approx(w)
 
 
+def test_mixed_term_is_the_sub_networks_loss_on_the_mixed_batch():
+    m = make(iterations=10, mixed_iterations=0.0)
+    m.eval()  # no dropout, running BatchNorm statistics: every forward below is reproducible
+    b = batch(2, 2)
+    terms = m.losses(b, 5)
+    nets, sam = m.nets, m.nets["sam"]
+    with torch.no_grad():
+        u, v = nets["unet"](b.x), nets["vnet"](b.x)
+        fused = nets["fusion"](u, v)
+        xm, ym, tm = uncertainty_mix(b.x, b.y_l, sam.decode(sam.encode(b.x), fused), fused.softmax(1), 2, 4, 5)
+        um, vm = nets["unet"](xm), nets["vnet"](xm)
+    w = consistency_weight(5, 10, 1.0, 200)
+
+    def student(a: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return (supervised_loss(a, ym) + kd_loss(a, tm, 10.0) + 0.9 * entropy_loss(a)
+                + w * consistency_loss(a, other, all_classes=False))
+
+    assert terms["mixed"].item() == pytest.approx(((student(um, vm) + student(vm, um)) / 2).item(), rel=1e-5)
+    assert terms["net"].item() > terms["mixed"].item() > 0
+    assert not any(has_grad(g) for g in grads(terms["mixed"], nets["fusion"]).values())  # fusion not re-run
+    for name in ("unet", "vnet"):
+        assert any(has_grad(g) for g in grads(terms["mixed"], nets[name]).values())
+
+
 # --- mixing --------------------------------------------------------------------------------------
 def _patchwise_probs(ent_order: np.ndarray, size: int = 32, grid: int = 4) -> torch.Tensor:
     """2-class probabilities constant per patch; foreground probability from ``ent_order`` (B, grid, grid)."""

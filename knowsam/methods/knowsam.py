@@ -6,7 +6,7 @@ sparse prompts and the fused logits (detached) as dense prompt. SAM learns from 
 (CE + Dice); each sub-network learns from the labels, from SAM (distillation), from entropy
 minimisation and from the other sub-network (consistency); the fusion module from the labels.
 After ``mixed_iterations`` the least uncertain patches are swapped between labeled and unlabeled
-images and the networks learn the same losses once more on the mixed batch.
+images and the two sub-networks learn their losses once more on the mixed batch.
 
 Loss forms chosen here (the description fixes the terms, not every form): supervised = CE + soft
 Dice with weight 1 each (SSL4MIS's Dice: batch-pooled, all classes); consistency = soft Dice between
@@ -200,14 +200,17 @@ class KnowSam(Method):
     def _autocast(self):
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16) if self.p.bf16 else nullcontext()
 
-    def _sub_networks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """U-Net, V-Net and fused logits (float32)."""
+    def _students(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """U-Net and V-Net logits (float32)."""
         if self.p.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             u, v = self.nets["unet"](x), self.nets["vnet"](x)
-            f = self.nets["fusion"](u, v)
-        return u.float(), v.float(), f.float()
+        return u.float(), v.float()
+
+    def _fuse(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.nets["fusion"](u, v).float()
 
     def _sam_logits(self, x: torch.Tensor, fused: torch.Tensor, n_grad: int) -> torch.Tensor:
         """SAM's per-class logits; the encoder's graph covers only the first ``n_grad`` images.
@@ -253,9 +256,9 @@ class KnowSam(Method):
     def _student_loss(self, terms: dict[str, torch.Tensor], w: float) -> torch.Tensor:
         return terms["sup"] + terms["kd"] + self.p.entropy_weight * terms["ent"] + w * terms["cons"]
 
-    def _net_loss(self, u: torch.Tensor, v: torch.Tensor, f: torch.Tensor, teacher: torch.Tensor,
-                  labels: torch.Tensor, w: float, batch: Batch | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_net = (L_u + L_v)/2 + L_f for one forward; plug-in losses only when ``batch`` is what was forwarded."""
+    def _students_loss(self, u: torch.Tensor, v: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                       w: float, batch: Batch | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(L_u + L_v)/2 for one forward; plug-in losses only when ``batch`` is what was forwarded."""
         logged: dict[str, torch.Tensor] = {}
         student_losses = []
         for name, own, other in (("unet", u, v), ("vnet", v, u)):
@@ -263,29 +266,30 @@ class KnowSam(Method):
             extra = self.student_extra_loss(name, own, batch) if batch is not None else 0.0
             student_losses.append(self._student_loss(terms, w) + extra)
             logged.update({f"{name}_{k}": t for k, t in terms.items()})
-        logged["fusion"] = supervised_loss(f[: len(labels)], labels)
-        return sum(student_losses) / 2 + logged["fusion"], logged
+        return sum(student_losses) / 2, logged
 
     def losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Every loss term of iteration ``step`` with its graph; ``sam`` (L_sam) and ``net`` (L_net) are optimised."""
         x, y, n_l = batch.x, batch.y_l, batch.n_labeled
         w = consistency_weight(step, self.ctx.iterations, self.p.consistency_weight, self.p.consistency_rampup)
         with self._timed("sub_networks"):
-            u, v, fused = self._sub_networks(x)
+            u, v = self._students(x)
+            fused = self._fuse(u, v)
         sam_logits = self._sam_logits(x, fused, len(x) if self.p.sam_full_graph else n_l)
         teacher = sam_logits.detach()
-        net, logged = self._net_loss(u, v, fused, teacher, y, w, batch)
+        students, logged = self._students_loss(u, v, teacher, y, w, batch)
+        logged["fusion"] = supervised_loss(fused[:n_l], y)
         logged["sam"] = supervised_loss(sam_logits[:n_l], y)
         mixed = torch.zeros((), device=x.device)
         if self.mixing_at(step) and len(batch.x_u):
             with self._timed("mixing"), torch.no_grad():
                 xm, ym, tm = uncertainty_mix(x, y, teacher, fused.detach().softmax(1), n_l, self.p.mix_grid,
                                              self.p.mix_patches)
-            with self._timed("sub_networks"):
-                um, vm, fm = self._sub_networks(xm)
-            mixed, _ = self._net_loss(um, vm, fm, tm, ym, w, None)
+            with self._timed("sub_networks"):  # the sub-networks only: the fusion module is not re-run
+                um, vm = self._students(xm)
+            mixed, _ = self._students_loss(um, vm, tm, ym, w, None)
         logged["mixed"] = mixed
-        logged["net"] = net + mixed
+        logged["net"] = students + logged["fusion"] + mixed
         logged["cons_weight"] = torch.tensor(w)
         return logged
 
@@ -317,7 +321,7 @@ class KnowSam(Method):
         """Fused prediction (softmax); ``variant="sam"``: SAM prompted by the fused logits, as in training."""
         if variant not in (None, *self.variants):
             raise ValueError(f"knowsam: unknown variant {variant!r}; known: {', '.join(self.variants)}")
-        _, _, fused = self._sub_networks(x)
+        fused = self._fuse(*self._students(x))
         if variant is None:
             return fused.softmax(1)
         sam = self.nets["sam"]

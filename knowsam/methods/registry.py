@@ -65,3 +65,4 @@ def validate_method_params(name: str, overrides: dict) -> None:
             isinstance(default, (int, float)) and not isinstance(value, (int, float))
         ) or (isinstance(default, str) and not isinstance(value, str)):
             raise ConfigError(f"params: 'method_params.{name}.{key}' must be {type(default).__name__}, got {value!r}")
+    cls.make_params(overrides)  # a method's own value checks (ConfigError) run before any stage starts
