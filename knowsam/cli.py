@@ -132,13 +132,15 @@ def split(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION,
 def train(method: str = typer.Option(..., help="Method name (see `knowsam-bench methods`)."),
           dataset: str = typer.Option(...), ratio: float = typer.Option(...), seed: int = typer.Option(...),
           params_file: Path = PARAMS_OPTION,
-          progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
+          progress: bool = typer.Option(True, help="Show a progress bar."),
+          restart_stale: bool = typer.Option(False, help="Discard a checkpoint of another configuration "
+                                             "(the pipeline does: DVC re-runs a stage when its params changed).")) -> None:
     """Train one run (what a DVC train stage calls); resumes from its last checkpoint."""
     from knowsam.train import train_run
 
     params = _load_params(params_file)
     run = _run_ids(params, method, dataset, ratio, seed)
-    summary = train_run(params, run, progress=progress)
+    summary = train_run(params, run, progress=progress, restart_stale=restart_stale)
     typer.echo(f"{run.stage_name}: {summary['iterations']} iterations, best validation Dice "
                f"{summary['best_val_dice']:.4f} at {summary['best_step']}")
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,13 @@ def _save_checkpoint(run_dir: Path, state: dict) -> None:
             os.replace(current, previous)
 
 
-def _load_checkpoint(run_dir: Path, expected_hash: str) -> dict | None:
-    """Newest readable checkpoint of this configuration; unreadable ones are reported and skipped."""
+def _load_checkpoint(run_dir: Path, expected_hash: str, restart_stale: bool = False) -> dict | None:
+    """Newest readable checkpoint of this configuration; unreadable ones are reported and skipped.
+
+    A checkpoint of another configuration is an error (it may be someone's finished run),
+    unless ``restart_stale``: the pipeline passes that, because DVC re-runs a train stage
+    exactly when its configuration changed, and the old run folder is then stale.
+    """
     from rich.console import Console
 
     err = Console(stderr=True)
@@ -136,6 +142,10 @@ def _load_checkpoint(run_dir: Path, expected_hash: str) -> dict | None:
                       soft_wrap=True)  # one line, never wrapped at the terminal width
             continue
         if state.get("version") != CHECKPOINT_VERSION or state.get("config_hash") != expected_hash:
+            if restart_stale:
+                err.print(f"{run_dir}: checkpoint of another configuration; starting this run afresh", soft_wrap=True)
+                shutil.rmtree(run_dir, ignore_errors=True)  # every rank may get here
+                return None
             raise KnowsamError(f"{path}: checkpoint from a different configuration or version; "
                                f"delete {run_dir} to start this run afresh")
         return state
@@ -200,7 +210,8 @@ def batch_layout(batch, t):
                                x_u=batch.x_u.contiguous(memory_format=torch.channels_last))
 
 
-def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs", progress: bool = True) -> dict:
+def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs", progress: bool = True,
+              restart_stale: bool = False) -> dict:
     """Train one (method, dataset, ratio, seed) run to completion, resuming if possible.
 
     Under ``torchrun`` the run is data-parallel over the launched processes (``knowsam.distributed``).
@@ -233,7 +244,7 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
     val = validation_arrays(data, split)
     t = params.train
 
-    state = _load_checkpoint(run_dir, chash)
+    state = _load_checkpoint(run_dir, chash, restart_stale)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(".*.tmp"):  # left by a run killed while writing a file
         stale.unlink(missing_ok=True)

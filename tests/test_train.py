@@ -92,3 +92,17 @@ def test_corrupt_checkpoint_falls_back_to_previous(workspace, tmp_path, capsys):
     summary = _train(workspace, tmp_path / "r")
     assert summary["iterations"] == 6
     assert "unreadable checkpoint" in capsys.readouterr().err
+
+
+def test_pipeline_restarts_a_run_of_another_configuration(workspace, tmp_path):
+    """DVC re-runs a train stage when its params change: the stale run folder is replaced, not an error."""
+    from knowsam.errors import KnowsamError
+
+    _train(workspace, tmp_path / "r", iterations=3, checkpoint_every=3)
+    params = small_params(workspace, iterations=6)
+    run = RunId("labeled-only", "demo", 0.1, 0)
+    with pytest.raises(KnowsamError, match="checkpoint from a different configuration"):
+        train_run(params, run, runs_root=tmp_path / "r", progress=False)
+    summary = train_run(params, run, runs_root=tmp_path / "r", progress=False, restart_stale=True)
+    fresh = _train(workspace, tmp_path / "fresh", iterations=6)
+    assert summary["iterations"] == 6 and summary["best_val_dice"] == fresh["best_val_dice"]
