@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -21,6 +22,24 @@ def mirror_root() -> Path | None:
     """The offline data mirror (env KNOWSAM_MIRROR, else ../shared/data next to the repo), if present."""
     path = Path(os.environ.get("KNOWSAM_MIRROR", REPO.parent / "shared" / "data"))
     return path if path.is_dir() else None
+
+
+@functools.cache  # decoded once for all real-image tests (callers must not modify the tensors)
+def polyp_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` training frames of the polyp mirror at ``size`` px, as the preparer resizes them."""
+    import numpy as np
+
+    from knowsam.data.prepare import find_pairs, load_pair
+
+    root = mirror_root()
+    train = root / "polyp" / "TrainDataset" if root else None
+    if train is None or not (train / "images").is_dir():
+        pytest.skip("polyp mirror not found: set KNOWSAM_MIRROR to the offline data folder (needs polyp/TrainDataset)")
+    pairs = find_pairs(train / "images", train / "masks")[:n]
+    loaded = [load_pair((name, img, mask, size, "bilinear")) for name, img, mask in pairs]
+    x = torch.from_numpy(np.stack([r.image for r in loaded])).float() / 255.0
+    y = torch.from_numpy(np.stack([r.mask_small for r in loaded])).long()
+    return x, y
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import pytest
 
 from knowsam.data import download as dl
 from knowsam.data.acquire import MIRROR_ENV, acquire
-from knowsam.data.sources import DATASETS, POLYP, Archive, Part
+from knowsam.data.sources import DATASETS, POLYP, Part
 from knowsam.errors import ConfigError, KnowsamError
 
 REPO = Path(__file__).resolve().parents[1]

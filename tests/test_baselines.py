@@ -3,7 +3,6 @@ exact resume, and learning on real polyp images."""
 
 from __future__ import annotations
 
-import functools
 import io
 
 import numpy as np
@@ -12,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from knowsam.config import SamParams, TrainParams
-from knowsam.data.prepare import find_pairs, load_pair
 from knowsam.losses import ce_dice_loss, soft_dice_loss
 from knowsam.methods import Batch, Method, MethodContext, get_method, method_names
 from knowsam.methods import ucmt as ucmt_module
 from knowsam.methods.ucmt import patch_grid, plan_mix
-from tests.conftest import mirror_root
+from tests.conftest import polyp_images
 
 
 def make_method(name: str, *, size: int = 32, iterations: int = 20, lr: float = 0.01, seed: int = 0,
@@ -190,18 +188,6 @@ def test_state_dict_round_trip_resumes_exactly(name):
             assert torch.equal(va, vb), f"{k}.{n}"
 
 
-@functools.cache  # decoded once for all real-image tests (callers must not modify the tensors)
-def polyp_images(n: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` training frames of the polyp mirror at ``size`` px, as the preparer resizes them."""
-    root = mirror_root()
-    train = root / "polyp" / "TrainDataset" if root else None
-    if train is None or not (train / "images").is_dir():
-        pytest.skip("polyp mirror not found: set KNOWSAM_MIRROR to the offline data folder (needs polyp/TrainDataset)")
-    pairs = find_pairs(train / "images", train / "masks")[:n]
-    loaded = [load_pair((name, img, mask, size, "bilinear")) for name, img, mask in pairs]
-    x = torch.from_numpy(np.stack([r.image for r in loaded])).float() / 255.0
-    y = torch.from_numpy(np.stack([r.mask_small for r in loaded])).long()
-    return x, y
 
 
 def eval_loss(method: Method, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -215,7 +201,7 @@ def eval_loss(method: Method, x: torch.Tensor, y: torch.Tensor) -> float:
 def loss_before_after(name: str, steps: int = 20, **params) -> tuple[float, float]:
     """Train on 4 labeled + 4 unlabeled real frames, one of each per batch (cheap, and 5 passes over
     the labeled frames in 20 steps); the loss is measured on the 4 labeled frames."""
-    x, y = polyp_images(8)
+    x, y = polyp_images(8, 64)
     m = make_method(name, size=64, iterations=steps, lr=0.05, labeled=1, **params)
     before = eval_loss(m, x[:4], y[:4])
     for step in range(steps):

@@ -12,7 +12,6 @@ import torch
 from segment_anything.modeling import Sam
 
 from knowsam.config import SamParams, TrainParams
-from knowsam.data.prepare import find_pairs, load_pair
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.losses import entropy_loss, kd_loss
 from knowsam.methods import Batch, MethodContext, get_method
@@ -28,7 +27,7 @@ from knowsam.methods.knowsam import (
 )
 from knowsam.methods.sam_support import trained_state
 from knowsam.models.sam_teacher import SamTeacher, build_sam_parts
-from tests.conftest import mirror_root
+from tests.conftest import polyp_images
 
 NET_NAMES = ("unet", "vnet", "fusion")
 
@@ -378,15 +377,6 @@ def test_provenance_random_init_and_checkpoint(tmp_path):
 
 
 # --- training on real images ----------------------------------------------------------------------
-def polyp_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    root = mirror_root()
-    train = root / "polyp" / "TrainDataset" if root else None
-    if train is None or not (train / "images").is_dir():
-        pytest.skip("polyp mirror not found: set KNOWSAM_MIRROR to the offline data folder (needs polyp/TrainDataset)")
-    pairs = find_pairs(train / "images", train / "masks")[:n]
-    loaded = [load_pair((name, img, mask, size, "bilinear")) for name, img, mask in pairs]
-    x = torch.from_numpy(np.stack([r.image for r in loaded])).float() / 255.0
-    return x, torch.from_numpy(np.stack([r.mask_small for r in loaded])).long()
 
 
 def test_twenty_steps_on_polyp_images_lower_the_loss():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -214,10 +213,7 @@ def prepare_polyp_layout(raw: Path, out: Path, *, dataset: str, image_size: int,
     Output is assembled in a temporary sibling folder and renamed into place, so an
     interrupted preparation never leaves a half-prepared dataset behind.
     """
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with io.atomic_dir(out) as tmp:
         train_pairs = find_pairs(raw / "TrainDataset" / "images", raw / "TrainDataset" / "masks")
         train = _load_all(train_pairs, image_size, interpolation, workers)
         _save_npy(tmp / "train_images.npy", np.stack([r.image for r in train]))
@@ -258,10 +254,4 @@ def prepare_polyp_layout(raw: Path, out: Path, *, dataset: str, image_size: int,
         }
         io.write_json(tmp / "fingerprint.json", fingerprint)
         io.write_json(tmp / "meta.json", meta)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

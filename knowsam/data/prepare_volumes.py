@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -319,21 +318,12 @@ def write_volume_dataset(out: Path, spec: DatasetSpec, *, train: list[Stack], va
         "has_val": True, "val": len(val), "val_slices": fingerprint["val"]["slices"],
         "test_sets": {test_part: len(test)}, "unavailable": [],
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with io.atomic_dir(out) as tmp:
         _write_train(tmp, train)
         _write_eval_part(tmp, "val", val, with_masks=True)
         _write_eval_part(tmp, test_part, test, with_masks=False)
         io.write_json(tmp / "fingerprint.json", fingerprint)
         io.write_json(tmp / "meta.json", meta)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
