@@ -37,8 +37,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--flops", action="store_true", help="also count one step's FLOPs per phase (load-independent)")
-    ap.add_argument("--labeled-sam-graph", action="store_true",
-                    help="sam_full_graph=False (SAM's backward on labeled images only)")
+    ap.add_argument("--full-sam-graph", action="store_true",
+                    help="sam_full_graph=True (SAM's graph over the whole batch, as the official code)")
     return ap.parse_args()
 
 
@@ -62,7 +62,7 @@ def main() -> None:
                         train=TrainParams(batch_size=a.batch, labeled_batch=a.labeled),
                         sam=SamParams(arch=a.arch, checkpoint="none"), device=torch.device(a.device), seed=0)
     cls = get_method("knowsam")
-    method = cls(ctx, cls.Params(bf16=a.bf16, channels_last=a.channels_last, sam_full_graph=not a.labeled_sam_graph))
+    method = cls(ctx, cls.Params(bf16=a.bf16, channels_last=a.channels_last, sam_full_graph=a.full_sam_graph))
     method.train()
     n_u = a.batch - a.labeled
     dev = ctx.device
@@ -71,7 +71,7 @@ def main() -> None:
                   torch.rand(n_u, 3, a.size, a.size, device=dev))
     print(f"KnowSAM step: batch {a.batch} ({a.labeled} labeled), {a.size} px, SAM {a.arch} (random init), "
           f"{a.classes} classes, {a.threads} threads, device {a.device}, bf16={a.bf16}, "
-          f"channels_last={a.channels_last}, sam_full_graph={not a.labeled_sam_graph}")
+          f"channels_last={a.channels_last}, sam_full_graph={a.full_sam_graph}")
     for phase, step in (("before mixing", 10), ("after mixing", method.mix_from + 10)):
         assert method.mixing_at(step) == (phase == "after mixing")
         for _ in range(a.warmup):

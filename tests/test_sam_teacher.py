@@ -121,15 +121,25 @@ def test_adapted_block_formula_and_small_init():
     assert set(block.state_dict()) <= set(adapted.state_dict())
 
 
-def test_windowed_adapted_block_matches_sam_block_with_zeroed_adapters():
+@pytest.mark.parametrize("window, grid", [(3, 5), (3, 6), (0, 5), (14, 16)])
+def test_adapted_block_with_zeroed_adapters_matches_sam_block_values_and_gradients(window: int, grid: int):
+    # (3, 5) and (14, 16) pad the grid to whole windows (as ViT-B at 256 px does), (3, 6) does not,
+    # window 0 is a global-attention block. The adapted block projects real tokens only.
     torch.manual_seed(0)
-    block = Block(dim=32, num_heads=2, window_size=3)  # 5x5 grid: windows need padding
+    block = Block(dim=32, num_heads=2, window_size=window)
+    with torch.no_grad():
+        block.attn.qkv.bias.normal_()  # padded tokens carry exactly this bias in SAM
     adapted = AdaptedBlock(block)
     with torch.no_grad():
         for ad in (adapted.attn_adapter, adapted.mlp_adapter):
             ad.up.weight.zero_()
-        x = torch.randn(2, 5, 5, 32)
-        torch.testing.assert_close(adapted(x), block(x))
+    x = torch.randn(2, grid, grid, 32, requires_grad=True)
+    ours = adapted(x)
+    (grad_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    stock = block(x)
+    (grad_stock,) = torch.autograd.grad(stock.square().sum(), x)
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_ours, grad_stock, rtol=1e-4, atol=1e-4)
 
 
 def test_pixel_handling():

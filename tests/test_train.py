@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,3 +108,16 @@ def test_pipeline_restarts_a_run_of_another_configuration(workspace, tmp_path):
     summary = train_run(params, run, runs_root=tmp_path / "r", progress=False, restart_stale=True)
     fresh = _train(workspace, tmp_path / "fresh", iterations=6)
     assert summary["iterations"] == 6 and summary["best_val_dice"] == fresh["best_val_dice"]
+
+
+def test_methods_without_sam_never_import_segment_anything():
+    # segment_anything pulls in torchvision (seconds per pipeline stage): only SAM methods pay for it.
+    code = (
+        "import sys\n"
+        "from knowsam import cli, evaluate, train\n"
+        "from knowsam.methods import method_names\n"
+        "assert 'knowsam' in method_names()\n"
+        "print(sorted(m for m in ('segment_anything', 'torchvision') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -145,7 +145,7 @@ class KnowSam(Method):
         consistency_all_classes: bool = False  # defect 2 (official: False, last class only)
         kd_entropy_form: str = "k-class"  # defect 4: "official-2class" reproduces the 2-class code
         validation_empty_zero: bool = True  # defect 11 (official: both-empty image scores Dice 0)
-        sam_full_graph: bool = True  # False: SAM's backward on labeled images only (faster, drops a BN path)
+        sam_full_graph: bool = False  # True: SAM's graph over the whole batch (the official gradient, slower)
         bf16: bool = False
         channels_last: bool = False
 

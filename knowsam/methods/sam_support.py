@@ -5,20 +5,25 @@ corrupt checkpoint raises. The teacher is built from a generator seeded with the
 random-init teacher is the same whenever the method is rebuilt (training, resume, evaluation):
 that lets checkpoints store only the small trained part (adapters, prompt heads) instead of the
 whole frozen SAM (about 360 MB for ViT-B), with a fingerprint to prove the frozen part matches.
+
+``segment_anything`` (and through it torchvision) is imported only when a teacher is built or
+inspected: importing it costs seconds, and every pipeline stage of a method without SAM (and
+every evaluation of one) would pay for it.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from knowsam.errors import KnowsamError
 from knowsam.methods.base import MethodContext
-from knowsam.models.sam_checkpoint import SAM_CHECKPOINTS, load_sam_weights, resolve_checkpoint, sha256_file
-from knowsam.models.sam_teacher import SamTeacher
+
+if TYPE_CHECKING:
+    from knowsam.models.sam_teacher import SamTeacher
 
 
 def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
@@ -27,6 +32,9 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     Returns the teacher and its provenance: ``sam_arch``, ``sam_weights`` ("random-init" or
     "<file name> sha256 <first 12 hex>") and ``sam_load_report`` (one line).
     """
+    from knowsam.models.sam_checkpoint import load_sam_weights, resolve_checkpoint
+    from knowsam.models.sam_teacher import SamTeacher
+
     s = ctx.sam
     path = resolve_checkpoint(s.checkpoint, s.arch, Path(s.cache_dir).expanduser())  # fails before the build
     with torch.random.fork_rng(devices=[]):  # seeded build; the run's global RNG stream is untouched
@@ -44,6 +52,8 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
 
 def _checkpoint_sha256(path: Path, arch: str) -> str:
     """The official file's known digest (``resolve_checkpoint`` has verified it), else hash the file."""
+    from knowsam.models.sam_checkpoint import SAM_CHECKPOINTS, sha256_file
+
     info = SAM_CHECKPOINTS.get(arch)
     return info.sha256 if info is not None and path.name == info.filename else sha256_file(path)
 
@@ -62,7 +72,7 @@ def frozen_fingerprint(teacher: SamTeacher) -> str:
     """sha256 over the frozen SAM tensors (names, shapes, bytes): identifies the weights not saved."""
     h = hashlib.sha256()
     for name, value in teacher.state_dict().items():
-        if not SamTeacher.is_added_name(name):
+        if not teacher.is_added_name(name):
             h.update(name.encode())
             h.update(str(tuple(value.shape)).encode())
             h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -71,7 +81,7 @@ def frozen_fingerprint(teacher: SamTeacher) -> str:
 
 def trained_state(teacher: SamTeacher) -> dict[str, torch.Tensor]:
     """Only what training changes: adapters and prompt heads (with their BatchNorm buffers)."""
-    return {k: v for k, v in teacher.state_dict().items() if SamTeacher.is_added_name(k)}
+    return {k: v for k, v in teacher.state_dict().items() if teacher.is_added_name(k)}
 
 
 def load_trained_state(teacher: SamTeacher, state: dict[str, torch.Tensor]) -> None:
