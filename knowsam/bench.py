@@ -413,7 +413,11 @@ def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path 
         paper = None
         n_train, n_scores, n_prep = 16, 6, 0
     else:
-        cpu = StepSetting("CPU profile", 64, 8, 4, "tiny", 1, 3, None)
+        from knowsam import config
+
+        prof = config.load(config.profile_path("cpu"))
+        cpu = StepSetting("CPU profile", prof.data.image_size, prof.train.batch_size, prof.train.labeled_batch,
+                          prof.sam.arch, 1, 3, None)
         paper = StepSetting("paper-sized configuration", 256, 8, 4, "vit_b", 1, 2,
                             ("fully-supervised", "knowsam", "mt"))
         n_train, n_scores, n_prep = 48, 60, 200

@@ -194,6 +194,20 @@ def compare(methods: list[str] = typer.Option(..., "--methods", help="Comma-sepa
 
 
 @app.command()
+def publish(out: Path = typer.Argument(..., help="Folder to write, e.g. reports/published/cpu."),
+            methods: str = typer.Option("ucmt,knowsam", "--compare", help="Methods for the comparison (first = baseline)."),
+            wall_seconds: Optional[float] = typer.Option(None, help="Wall time of the pipeline run, in seconds."),
+            command: str = typer.Option("dvc repro", help="The command that produced the runs."),
+            params_file: Path = PARAMS_OPTION) -> None:
+    """Freeze the evaluated runs into a folder for Git: leaderboard, figures, comparison, params, versions."""
+    from knowsam.report.compare import parse_methods
+    from knowsam.report.publish import publish as publish_results
+
+    path = publish_results(params_file, out, parse_methods(methods), wall_seconds=wall_seconds, command=command)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
 def bench(quick: bool = typer.Option(False, "--quick", help="Seconds instead of minutes: reduced sizes (for tests)."),
           out: Path = typer.Option(Path("reports/benchmarks.md"), help="Markdown report to write."),
           threads: int = typer.Option(2, help="torch threads for the training steps."),

@@ -79,7 +79,7 @@ def evaluate_run(params: Params, run: RunId, *, runs_root: str | Path = "data/ru
     if not weights_path.is_file():
         raise KnowsamError(f"{weights_path}: trained weights not found; run the train stage for {run.stage_name}")
     _check_trained_config(params, run, weights_path.parent)
-    method = build_method(params, run, data, device)
+    method = build_method(params, run, data, device, training=False)
     try:
         saved = torch.load(weights_path, map_location=device, weights_only=True)
         method.load_eval_state_dict(saved["weights"])

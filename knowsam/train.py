@@ -74,11 +74,12 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_method(params: Params, run: RunId, data: PreparedDataset, device: torch.device) -> Method:
+def build_method(params: Params, run: RunId, data: PreparedDataset, device: torch.device, *,
+                 training: bool = True) -> Method:
     cls = get_method(run.method)
     ctx = MethodContext(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size,
                         iterations=params.train.iterations, train=params.train, sam=params.sam, device=device,
-                        seed=run.seed)
+                        seed=run.seed, training=training)
     return cls(ctx, cls.make_params(params.method_params.get(run.method, {})))
 
 

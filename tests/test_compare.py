@@ -169,3 +169,35 @@ def test_table_format_and_bad_format(in_workspace, capsys) -> None:
 def test_parse_methods() -> None:
     assert parse_methods("ucmt, knowsam") == ["ucmt", "knowsam"]
     assert parse_methods(["ucmt", "mt,knowsam", ""]) == ["ucmt", "mt", "knowsam"]
+
+
+def test_publish_freezes_leaderboard_comparison_params_and_versions(workspace, tmp_path) -> None:
+    from knowsam.report.publish import publish
+
+    root, params, dice = workspace
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(config.to_dict(params)))
+    out = tmp_path / "published/cpu"
+    (out.parent).mkdir()
+    publish(params_file, out, ["ucmt", "knowsam"], wall_seconds=3725.4, command="dvc repro",
+            metrics_root=root / "reports/metrics", eval_root=root / "data/eval")
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert names == ["README.md", "compare.json", "compare.md", "figures/leaderboard.png", "leaderboard.csv",
+                     "leaderboard.md", "params.yaml", "versions.json"]
+    assert (out / "params.yaml").read_bytes() == params_file.read_bytes()
+    versions = json.loads((out / "versions.json").read_text())
+    assert versions["packages"]["torch"].startswith("2.") and int(versions["machine"]["cores"]) >= 1
+    # The comparison equals the one `compare` makes from the same runs.
+    saved = json.loads((out / "compare.json").read_text())
+    fresh = compare(params, ["ucmt", "knowsam"], metrics_root=root / "reports/metrics", eval_root=root / "data/eval")
+    assert saved == json.loads(json.dumps(fresh.to_dict()))
+    readme = (out / "README.md").read_text()
+    assert "wall time 3725 s (62 min 05 s)" in readme and "`knowsam-bench compare --methods ucmt,knowsam`" in readme
+    # The leaderboard lists the missing cps runs rather than hiding them.
+    assert "cps" in (out / "leaderboard.md").read_text()
+    # A failed publication (a method that is not evaluated) leaves the previous one untouched.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(KnowsamError, match="missing evaluated runs"):
+        publish(params_file, out, ["ucmt", "cps"], metrics_root=root / "reports/metrics",
+                eval_root=root / "data/eval")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

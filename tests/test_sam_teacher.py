@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -168,3 +171,18 @@ def test_frozen_parts_behave_the_same_in_train_and_eval():
         train_out = teacher.train().encode(x)
         eval_out = teacher.eval().encode(x)
     torch.testing.assert_close(train_out, eval_out, rtol=0, atol=0)
+
+
+def test_teacher_import_skips_torchvision_yet_segment_anything_stays_whole():
+    code = (
+        "import sys\n"
+        "from knowsam.models.sam_teacher import SamTeacher\n"
+        "assert 'torchvision' not in sys.modules\n"
+        "import segment_anything.modeling\n"
+        "from segment_anything import SamPredictor, sam_model_registry\n"
+        "from segment_anything.modeling import Sam\n"
+        "assert segment_anything.modeling.Sam is Sam and callable(sam_model_registry['vit_b'])\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"  # the package's own __init__ ran on first use

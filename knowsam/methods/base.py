@@ -30,6 +30,9 @@ class MethodContext:
     sam: SamParams
     device: torch.device
     seed: int = 0
+    # False when a method is built only to predict (evaluation): no optimisers are made, which
+    # also spares the process importing torch._dynamo (seconds; every optimiser constructor does).
+    training: bool = True
 
 
 @dataclass
@@ -122,10 +125,11 @@ class Method:
         self.nets[name] = net.to(self.ctx.device)
         return self.nets[name]
 
-    def sgd(self, name: str, params) -> torch.optim.Optimizer:
-        t = self.ctx.train
-        self.optimizers[name] = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        return self.optimizers[name]
+    def sgd(self, name: str, params) -> None:
+        """Register SSL4MIS's SGD over ``params`` as optimiser ``name`` (only when training)."""
+        if self.ctx.training:
+            t = self.ctx.train
+            self.optimizers[name] = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
     def set_lr(self, step: int, power: float = 0.9) -> None:
         """SSL4MIS's poly decay lr * (1 - t/T)^power for every optimiser, applied before each step."""

@@ -178,7 +178,8 @@ class KnowSam(Method):
         self.sgd("nets", [q for n in (*STUDENTS, "fusion") for q in self.nets[n].parameters()])
         sam, self._provenance = build_sam_teacher(ctx)
         self.add_net("sam", sam)
-        self.optimizers["sam"] = sam_optimizer(sam, p.sam_lr)
+        if ctx.training:
+            self.optimizers["sam"] = sam_optimizer(sam, p.sam_lr)
         self._frozen_sha256 = frozen_fingerprint(sam)
         mix = p.mixed_iterations
         self.mix_from = round(mix * ctx.iterations) if mix < 1 else int(mix)  # first iteration with mixing

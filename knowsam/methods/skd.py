@@ -55,7 +55,7 @@ def with_skd(base: type[Method]) -> type[Method]:
         def __init__(self, ctx: MethodContext, params: Any):
             super().__init__(ctx, params)
             self.sam, self.sam_provenance = build_sam_teacher(ctx)
-            self.sam_opt = sam_optimizer(self.sam, params.sam_lr)
+            self.sam_opt = sam_optimizer(self.sam, params.sam_lr) if ctx.training else None
             self._sam_logits: torch.Tensor | None = None  # SAM's view of the current batch.x
             self._kd_terms: list[float] = []
             self._frozen_sha256: str | None = None

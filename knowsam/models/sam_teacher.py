@@ -17,16 +17,50 @@ no dropout or batch norm (only LayerNorm), so train/eval mode does not change th
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
-from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
 
 from knowsam.errors import ConfigError
+
+
+def _defer_segment_anything_init() -> None:
+    """Let ``segment_anything.modeling`` load without the package's ``__init__`` running first.
+
+    That ``__init__`` also imports SAM's predictor and mask generator, which import torchvision
+    (seconds on a CPU, paid by every pipeline stage that builds a teacher); the modeling
+    subpackage needs only torch. The package module is registered unexecuted, and its own
+    ``__init__`` runs on the first access to any other top-level name (PEP 562 ``__getattr__``),
+    so ``from segment_anything import sam_model_registry`` still works, later, at its usual cost.
+    """
+    if "segment_anything" in sys.modules:
+        return
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None or spec.loader is None:
+        return  # not installed: the import below raises the usual ModuleNotFoundError
+    package = importlib.util.module_from_spec(spec)
+    running = []
+
+    def complete(name: str):
+        if running or name.startswith("__"):
+            raise AttributeError(f"module 'segment_anything' has no attribute {name!r}")
+        running.append(True)
+        del package.__getattr__
+        spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = complete
+    sys.modules["segment_anything"] = package
+
+
+_defer_segment_anything_init()
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer  # noqa: E402
+from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition  # noqa: E402
 
 PATCH_SIZE = 16
 # SAM's pixel statistics on the 0-255 scale (used only with normalize_pixels=True).
