@@ -69,4 +69,4 @@ def test_cli_reports_bad_params_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "knowsam", "split", "demo", "--params", str(bad)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: params: 'ratios[0]' = 2.0 must be in (0, 1]"
+    assert proc.stderr.strip() == "error: params: 'ratios[0]' = 2.0 must be in (0, 1]"
