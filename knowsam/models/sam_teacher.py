@@ -44,13 +44,11 @@ def _defer_segment_anything_init() -> None:
     if spec is None or spec.loader is None:
         return  # not installed: the import below raises the usual ModuleNotFoundError
     package = importlib.util.module_from_spec(spec)
-    running = []
 
     def complete(name: str):
-        if running or name.startswith("__"):
+        if name.startswith("__"):  # introspection probes (e.g. __all__) do not need the full package
             raise AttributeError(f"module 'segment_anything' has no attribute {name!r}")
-        running.append(True)
-        del package.__getattr__
+        del package.__getattr__  # runs once: the real __init__ defines everything else
         spec.loader.exec_module(package)
         return getattr(package, name)
 

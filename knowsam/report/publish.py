@@ -38,15 +38,9 @@ def package_versions() -> dict[str, str]:
 
 
 def machine_facts() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+    from knowsam.bench import cpu_model
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
             "cores": str(os.cpu_count())}
 
 
