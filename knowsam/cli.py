@@ -146,16 +146,25 @@ def train(method: str = typer.Option(..., help="Method name (see `knowsam-bench 
 
 
 @app.command()
-def evaluate(method: str = typer.Option(...), dataset: str = typer.Option(...), ratio: float = typer.Option(...),
-             seed: int = typer.Option(...), params_file: Path = PARAMS_OPTION) -> None:
-    """Score one trained run on every test set of its dataset."""
-    from knowsam.evaluate import evaluate_run
+def evaluate(dataset: str = typer.Argument(...), ratio: float = typer.Option(...), seed: int = typer.Option(...),
+             methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: every method "
+                                                   "in params, as the evaluate stage does)."),
+             params_file: Path = PARAMS_OPTION) -> None:
+    """Score the trained runs of one (dataset, ratio, seed) group on every test set of the dataset."""
+    from knowsam.evaluate import evaluate_group
 
     params = _load_params(params_file)
-    run = _run_ids(params, method, dataset, ratio, seed)
-    summary = evaluate_run(params, run)
-    parts = ", ".join(f"{k} {v['mDice']:.4f}" for k, v in summary["test_sets"].items())
-    typer.echo(f"{run.stage_name}: mDice {parts}")
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else list(params.methods)
+    for name in names:  # every name checked before any scoring
+        _run_ids(params, name, dataset, ratio, seed)
+    if not names:
+        raise KnowsamError("--methods names no method", 2)
+
+    def report(method: str, summary: dict) -> None:
+        parts = ", ".join(f"{k} {v['mDice']:.4f}" for k, v in summary["test_sets"].items())
+        typer.echo(f"{method}-{dataset}-{ratio:g}-{seed}: mDice {parts}")
+
+    evaluate_group(params, dataset, ratio, seed, names, on_result=report)
 
 
 @app.command()

@@ -1,14 +1,15 @@
-"""Evaluation of one trained run on every test part of its dataset.
+"""Evaluation of trained runs on every test part of their dataset, one (dataset, ratio, seed) group at a time.
 
 Predictions are made at training size; by default the class probabilities are resized
 (bilinearly) back to each image's original size before the argmax, and scored against
 the original masks (the polyp convention). Per case: one 2D image, or one volume made of
-its slices with the voxel spacing. Writes ``per_case.csv`` and ``predictions.npz`` to the
-run's eval folder and the summary JSON (DVC metrics) to ``reports/metrics``.
+its slices with the voxel spacing. Writes ``per_case.csv`` and ``predictions.npz`` to each
+run's eval folder and the group's summaries (DVC metrics, one key per method) to ``reports/metrics``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,14 +72,38 @@ def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
         labels.shape[:-2] + (size, size))
 
 
-def evaluate_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs",
-                 eval_root: str | Path = "data/eval", metrics_root: str | Path = "reports/metrics") -> dict:
+def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, methods: list[str] | None = None, *,
+                   runs_root: str | Path = "data/runs", eval_root: str | Path = "data/eval",
+                   metrics_root: str | Path = "reports/metrics", on_result=None) -> dict[str, dict]:
+    """Score the runs of one (dataset, ratio, seed) group; return and record their summaries by method.
+
+    ``methods`` defaults to every method in params (what the evaluate stage does). The group's
+    metrics file keeps the summaries of params methods not evaluated this time, so scoring one
+    method by hand does not drop the others. Every run's weights and training config are checked
+    before any scoring starts; ``on_result(method, summary)`` is called as each run finishes.
+    """
+    runs = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed)
+            for m in (params.methods if methods is None else methods)]
+    for run in runs:
+        _trained_weights(params, run, runs_root)
     device = pick_device(params.train.device)
-    data = PreparedDataset(Path(params.data.prepared_root) / run.dataset)
-    weights_path = run.train_dir(runs_root) / "best.pt"
-    if not weights_path.is_file():
-        raise KnowsamError(f"{weights_path}: trained weights not found; run the train stage for {run.stage_name}")
-    _check_trained_config(params, run, weights_path.parent)
+    data = PreparedDataset(Path(params.data.prepared_root) / dataset)
+    summaries = {}
+    for run in runs:
+        summaries[run.method] = evaluate_run(params, run, data, device, runs_root=runs_root, eval_root=eval_root)
+        if on_result is not None:
+            on_result(run.method, summaries[run.method])
+    metrics_path = runs[0].metrics_file(metrics_root)
+    recorded = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    kept = {m: recorded[m] for m in params.methods if m in recorded and m not in summaries}
+    io.write_json(metrics_path, {**kept, **_rounded(summaries)})
+    return summaries
+
+
+def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torch.device, *,
+                 runs_root: str | Path = "data/runs", eval_root: str | Path = "data/eval") -> dict:
+    """Score one run; write its ``per_case.csv`` and ``predictions.npz``; return its summary."""
+    weights_path = _trained_weights(params, run, runs_root)
     method = build_method(params, run, data, device, training=False)
     try:
         saved = torch.load(weights_path, map_location=device, weights_only=True)
@@ -105,7 +130,7 @@ def evaluate_run(params: Params, run: RunId, *, runs_root: str | Path = "data/ru
     with io.atomic_path(out_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **predictions)
-    summary = {
+    return {
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "best_step": int(saved["step"]),
         "evaluation_resolution": resolution,
@@ -114,14 +139,19 @@ def evaluate_run(params: Params, run: RunId, *, runs_root: str | Path = "data/ru
         "test_sets": parts,
         "variants": variants,
     }
-    io.write_json(run.metrics_file(metrics_root), _rounded(summary))
-    return summary
+
+
+def _trained_weights(params: Params, run: RunId, runs_root: str | Path) -> Path:
+    """The run's ``best.pt``, refused if absent or trained under other parameters."""
+    weights_path = run.train_dir(runs_root) / "best.pt"
+    if not weights_path.is_file():
+        raise KnowsamError(f"{weights_path}: trained weights not found; run the train stage for {run.stage_name}")
+    _check_trained_config(params, run, weights_path.parent)
+    return weights_path
 
 
 def _check_trained_config(params: Params, run: RunId, run_dir: Path) -> None:
     """Refuse weights trained under other parameters or another version (the run's config.json says which)."""
-    import json
-
     from knowsam.train import config_hash, run_config
 
     path = run_dir / "config.json"

@@ -1,4 +1,13 @@
-"""Where each run's files live: one naming scheme shared by training, evaluation and reports."""
+"""Where each run's files live: one naming scheme shared by training, evaluation and reports.
+
+Runs of one (dataset, labeled ratio, seed) share a folder, because they are evaluated and
+tabulated together: the evaluate stage scores every method of such a group in one process
+and writes one metrics file for it.
+
+    data/runs/<dataset>/ratio-<r>_seed-<s>/<method>/    checkpoints, config, log, curves
+    data/eval/<dataset>/ratio-<r>_seed-<s>/<method>/    per-case metrics, predictions
+    reports/metrics/<dataset>/ratio-<r>_seed-<s>.json   summaries, one key per method
+"""
 
 from __future__ import annotations
 
@@ -19,23 +28,20 @@ class RunId:
 
     @property
     def stage_name(self) -> str:
-        """The DVC matrix stage suffix, e.g. ``knowsam-polyp-0.1-0``."""
+        """The train stage's matrix suffix, e.g. ``knowsam-polyp-0.1-0``."""
         return f"{self.method}-{self.dataset}-{self.ratio:g}-{self.seed}"
 
+    @property
+    def group_stage_name(self) -> str:
+        """The evaluate stage's matrix suffix (every method of the group), e.g. ``polyp-0.1-0``."""
+        return f"{self.dataset}-{self.ratio:g}-{self.seed}"
+
     def train_dir(self, root: str | Path = "data/runs") -> Path:
-        return Path(root) / self.dataset / self.method / self.slug
+        return Path(root) / self.dataset / self.slug / self.method
 
     def eval_dir(self, root: str | Path = "data/eval") -> Path:
-        return Path(root) / self.dataset / self.method / self.slug
+        return Path(root) / self.dataset / self.slug / self.method
 
     def metrics_file(self, root: str | Path = "reports/metrics") -> Path:
-        return Path(root) / self.dataset / self.method / f"{self.slug}.json"
-
-
-def parse_metrics_path(path: Path, root: str | Path = "reports/metrics") -> RunId:
-    """Inverse of ``RunId.metrics_file``."""
-    rel = path.relative_to(root)
-    dataset, method, name = rel.parts
-    ratio_part, seed_part = Path(name).stem.split("_")
-    return RunId(method=method, dataset=dataset, ratio=float(ratio_part.removeprefix("ratio-")),
-                 seed=int(seed_part.removeprefix("seed-")))
+        """The group's summary file; this run's summary is under its method's key."""
+        return Path(root) / self.dataset / f"{self.slug}.json"

@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: Score one trained run on every test set of its dataset.
+"""DVC stage `evaluate`: score every method of one (dataset, ratio, seed) group on every test set.
 
 Same as `knowsam-bench evaluate ...`; kept as a file so dvc.yaml names its entry points.
 """

@@ -27,8 +27,8 @@ from knowsam.errors import KnowsamError
 from tests.conftest import REPO
 
 RUN = ["--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0"]
-RUN_DIR = Path("data/runs/demo/labeled-only/ratio-0.1_seed-0")
-METRICS = Path("reports/metrics/demo/labeled-only/ratio-0.1_seed-0.json")
+EVAL = ["demo", "--ratio", "0.1", "--seed", "0", "--methods", "labeled-only"]
+RUN_DIR = Path("data/runs/demo/ratio-0.1_seed-0/labeled-only")
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def test_run_folder_of_another_configuration(train_ws, cli):
     write_params(train_ws, raw)
     before = tree(train_ws / RUN_DIR)
     one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-             r"checkpoint.pt: checkpoint from a different configuration or version; delete \S+ratio-0.1_seed-0 ")
+             r"checkpoint.pt: checkpoint from a different configuration or version; delete \S+ratio-0.1_seed-0/labeled-only ")
     assert tree(train_ws / RUN_DIR) == before
 
 
@@ -432,7 +432,7 @@ def test_run_folder_of_another_version(train_ws, cli):
 
 def test_evaluate_before_train(train_ws, cli):
     _fresh_run(train_ws)
-    one_line(*cli(train_ws, "evaluate", *RUN), 1, r"best.pt: trained weights not found; run the train stage for labeled-only-demo-0.1-0")
+    one_line(*cli(train_ws, "evaluate", *EVAL), 1, r"best.pt: trained weights not found; run the train stage for labeled-only-demo-0.1-0")
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
 
@@ -440,7 +440,7 @@ def test_evaluate_weights_of_other_parameters(train_ws, cli):
     raw = yaml.safe_load((train_ws / "params.yaml").read_text())
     raw["train"]["iterations"] = 3
     write_params(train_ws, raw)
-    one_line(*cli(train_ws, "evaluate", *RUN), 1,
+    one_line(*cli(train_ws, "evaluate", *EVAL), 1,
              r"best.pt: trained with other parameters or another version \(see \S+config.json\); re-run the train stage")
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
@@ -448,7 +448,7 @@ def test_evaluate_weights_of_other_parameters(train_ws, cli):
 def test_evaluate_corrupt_weights(train_ws, cli):
     best = train_ws / RUN_DIR / "best.pt"
     best.write_bytes(best.read_bytes()[:200])
-    one_line(*cli(train_ws, "evaluate", *RUN), 1, r"best.pt: unreadable or not this method's weights \(")
+    one_line(*cli(train_ws, "evaluate", *EVAL), 1, r"best.pt: unreadable or not this method's weights \(")
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
 

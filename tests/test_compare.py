@@ -96,10 +96,10 @@ def test_missing_runs_name_stages_and_command(workspace) -> None:
     root, params, _ = workspace
     with pytest.raises(KnowsamError) as err:
         compare(params, ["ucmt", "cps"], metrics_root=root / "reports/metrics", eval_root=root / "data/eval")
-    stages = " ".join(f"evaluate@cps-polyp-0.1-{s}" for s in SEEDS)
+    runs = ", ".join(f"cps-polyp-0.1-{s}" for s in SEEDS)
+    stages = " ".join(f"evaluate@polyp-0.1-{s}" for s in SEEDS)
     assert err.value.exit_code == 1
-    assert str(err.value) == (f"missing evaluated runs: {stages.replace(' ', ', ')}; "
-                              f"produce them with `dvc repro {stages}`")
+    assert str(err.value) == f"missing evaluated runs: {runs}; produce them with `dvc repro {stages}`"
 
 
 @pytest.mark.parametrize("methods, dataset, ratio, message", [

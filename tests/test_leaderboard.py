@@ -8,6 +8,7 @@ IoU = 0.8 x Dice.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,15 @@ def write_run(root: Path, run: RunId, rows: list[dict], provenance: dict | None 
         return {t: summarize(g) for t, g in part.groupby("test_set", sort=True)}
 
     variants = sorted(set(table.variant) - {""})
-    io.write_json(run.metrics_file(root / "reports/metrics"), {
+    metrics_path = run.metrics_file(root / "reports/metrics")
+    group = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    group[run.method] = {
         "run": dataclasses.asdict(run), "best_step": 1, "evaluation_resolution": resolution,
         "empty_mask_policy": EMPTY_MASK_POLICY, "provenance": provenance or {},
         "test_sets": summaries(table[table.variant == ""]),
         "variants": {v: summaries(table[table.variant == v]) for v in variants},
-    })
+    }
+    io.write_json(metrics_path, group)
 
 
 def make_params(root: Path, dataset: str, methods: list[str], ratios: list[float], seeds: list[int]) -> config.Params:
@@ -170,8 +174,8 @@ def test_footnotes_and_missing_runs(polyp_workspace) -> None:
     assert "same U-Net backbone, input size, iteration budget and batch composition" in notes
     assert "DeepLabv3+" in notes
     assert "fully-supervised (the upper bound" in notes
-    assert ("1 of 8 runs have no metrics: evaluate@ucmt-polyp-0.1-1; produce them with "
-            "`dvc repro evaluate@ucmt-polyp-0.1-1`") in text
+    assert ("1 of 8 runs have no metrics: ucmt-polyp-0.1-1; produce them with "
+            "`dvc repro evaluate@polyp-0.1-1`") in text
 
 
 def test_csv_matches_table(polyp_workspace) -> None:

@@ -24,7 +24,7 @@ from knowsam.data.splits import split_path, write_split
 from tests.conftest import REPO
 
 RUN = ["--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0"]
-RUN_DIR = Path("data/runs/demo/labeled-only/ratio-0.1_seed-0")
+RUN_DIR = Path("data/runs/demo/ratio-0.1_seed-0/labeled-only")
 
 # Runs the real CLI. With KS_PAUSE > 0 the process pauses (a) inside every checkpoint write,
 # after the temporary file is complete but before it is renamed into place, and (b) right
@@ -316,17 +316,18 @@ def test_train_and_evaluate_twice_give_identical_files(demo_prepared, tmp_path):
     for name, hashseed in (("a", "1"), ("b", "987")):
         ws = tmp_path / name
         params = write_params(demo_prepared, ws, iterations=12, eval_every=4, checkpoint_every=6)
-        common = [*RUN, "--params", str(params)]
-        code = ("import sys; from knowsam.cli import main; "
-                f"sys.exit(main({['train', *common, '--no-progress']!r}) or main({['evaluate', *common]!r}))")
+        train = ["train", *RUN, "--params", str(params), "--no-progress"]
+        evaluate = ["evaluate", "demo", "--ratio", "0.1", "--seed", "0", "--methods", "labeled-only",
+                    "--params", str(params)]
+        code = f"import sys; from knowsam.cli import main; sys.exit(main({train!r}) or main({evaluate!r}))"
         proc = subprocess.run([sys.executable, "-c", code], cwd=ws, env=_env(PYTHONHASHSEED=hashseed),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
         log = json.loads((ws / RUN_DIR / "train_log.json").read_text())
         outputs.append({
-            "metrics": (ws / "reports/metrics/demo/labeled-only/ratio-0.1_seed-0.json").read_bytes(),
-            "per_case": (ws / "data/eval/demo/labeled-only/ratio-0.1_seed-0/per_case.csv").read_bytes(),
-            "predictions": _npz(ws / "data/eval/demo/labeled-only/ratio-0.1_seed-0/predictions.npz"),
+            "metrics": (ws / "reports/metrics/demo/ratio-0.1_seed-0.json").read_bytes(),
+            "per_case": (ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/per_case.csv").read_bytes(),
+            "predictions": _npz(ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/predictions.npz"),
             "history": log["history"],
             "live": tree_bytes(ws / RUN_DIR / "live"),
         })

@@ -61,8 +61,8 @@ def _train(workspace, runs_root, **overrides):
 def test_same_seed_same_result(workspace, tmp_path):
     a = _train(workspace, tmp_path / "a")
     b = _train(workspace, tmp_path / "b")
-    la = json.loads((tmp_path / "a/demo/labeled-only/ratio-0.1_seed-0/train_log.json").read_text())["history"]
-    lb = json.loads((tmp_path / "b/demo/labeled-only/ratio-0.1_seed-0/train_log.json").read_text())["history"]
+    la = json.loads((tmp_path / "a/demo/ratio-0.1_seed-0/labeled-only/train_log.json").read_text())["history"]
+    lb = json.loads((tmp_path / "b/demo/ratio-0.1_seed-0/labeled-only/train_log.json").read_text())["history"]
     assert la == lb
     assert a["best_val_dice"] == b["best_val_dice"]
 
@@ -71,25 +71,25 @@ def test_resumed_run_equals_uninterrupted(workspace, tmp_path):
     full = _train(workspace, tmp_path / "full")
     # Simulate a crash after the checkpoint at step 3: train to 3, then restart with the full budget.
     _train(workspace, tmp_path / "resumed", iterations=6, checkpoint_every=3)
-    run_dir = tmp_path / "resumed/demo/labeled-only/ratio-0.1_seed-0"
+    run_dir = tmp_path / "resumed/demo/ratio-0.1_seed-0/labeled-only"
     interrupted = tmp_path / "interrupted"
     shutil.copytree(run_dir, interrupted)
     state = torch.load(run_dir / "checkpoint.prev.pt", weights_only=True)
     assert state["step"] == 3
     (run_dir / "checkpoint.pt").unlink()  # the crash happened before the step-6 checkpoint landed
     resumed = _train(workspace, tmp_path / "resumed")
-    la = json.loads((tmp_path / "full/demo/labeled-only/ratio-0.1_seed-0/train_log.json").read_text())["history"]
+    la = json.loads((tmp_path / "full/demo/ratio-0.1_seed-0/labeled-only/train_log.json").read_text())["history"]
     lb = json.loads((run_dir / "train_log.json").read_text())["history"]
     assert la == lb
     assert full["best_val_dice"] == resumed["best_val_dice"]
-    wa = torch.load(tmp_path / "full/demo/labeled-only/ratio-0.1_seed-0/best.pt", weights_only=True)["weights"]
+    wa = torch.load(tmp_path / "full/demo/ratio-0.1_seed-0/labeled-only/best.pt", weights_only=True)["weights"]
     wb = torch.load(run_dir / "best.pt", weights_only=True)["weights"]
     assert all(torch.equal(wa["unet"][k], wb["unet"][k]) for k in wa["unet"])
 
 
 def test_corrupt_checkpoint_falls_back_to_previous(workspace, tmp_path, capsys):
     _train(workspace, tmp_path / "r", iterations=6, checkpoint_every=3)
-    run_dir = tmp_path / "r/demo/labeled-only/ratio-0.1_seed-0"
+    run_dir = tmp_path / "r/demo/ratio-0.1_seed-0/labeled-only"
     (run_dir / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:100])
     summary = _train(workspace, tmp_path / "r")
     assert summary["iterations"] == 6

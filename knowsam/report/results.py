@@ -54,14 +54,19 @@ def test_set_order(dataset: str, names) -> list[str]:
     return sorted(set(names), key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
-def evaluate_stage(run: RunId) -> str:
-    return f"evaluate@{run.stage_name}"
-
-
 def repro_hint(missing: list[RunId]) -> str:
-    """Names the missing runs and the one command that produces them."""
-    stages = [evaluate_stage(r) for r in missing]
-    return f"{', '.join(stages)}; produce them with `dvc repro {' '.join(stages)}`"
+    """Names the missing runs and the one command that produces them (their groups' evaluate stages)."""
+    runs = ", ".join(r.stage_name for r in missing)
+    stages = " ".join(dict.fromkeys(f"evaluate@{r.group_stage_name}" for r in missing))
+    return f"{runs}; produce them with `dvc repro {stages}`"
+
+
+def _read_summary(run: RunId, metrics_root: str | Path) -> dict | None:
+    """The run's summary from its group's metrics file, or None if not evaluated."""
+    path = run.metrics_file(metrics_root)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(run.method)
 
 
 def load_summaries(runs: list[RunId], metrics_root: str | Path = "reports/metrics") -> tuple[pd.DataFrame, list[RunId]]:
@@ -72,11 +77,10 @@ def load_summaries(runs: list[RunId], metrics_root: str | Path = "reports/metric
     """
     rows, missing = [], []
     for run in runs:
-        path = run.metrics_file(metrics_root)
-        if not path.is_file():
+        summary = _read_summary(run, metrics_root)
+        if summary is None:
             missing.append(run)
             continue
-        summary = json.loads(path.read_text())
         provenance = summary.get("provenance", {})
         common = {"dataset": run.dataset, "method": run.method, "ratio": run.ratio, "seed": run.seed,
                   "resolution": summary.get("evaluation_resolution", ""),
@@ -99,6 +103,6 @@ def load_per_case(run: RunId, eval_root: str | Path = "data/eval") -> pd.DataFra
 
 def missing_evaluations(runs: list[RunId], metrics_root: str | Path = "reports/metrics",
                         eval_root: str | Path = "data/eval") -> list[RunId]:
-    """Runs lacking the metrics JSON or the per-case table (both come from the evaluate stage)."""
+    """Runs lacking a summary or the per-case table (both come from the evaluate stage)."""
     return [r for r in runs
-            if not (r.metrics_file(metrics_root).is_file() and (r.eval_dir(eval_root) / "per_case.csv").is_file())]
+            if _read_summary(r, metrics_root) is None or not (r.eval_dir(eval_root) / "per_case.csv").is_file()]
