@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from knowsam.config import SamParams, TrainParams
 from knowsam.methods import Batch, MethodContext, get_method
+from knowsam.train import keep_freed_memory
 
 PARTS = ("sam_encoder", "sub_networks", "sam_decoder", "mixing", "sam_backward", "nets_backward", "optimiser")
 
@@ -36,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc's malloc thresholds as they are (training raises them: keep_freed_memory)")
     ap.add_argument("--flops", action="store_true", help="also count one step's FLOPs per phase (load-independent)")
     ap.add_argument("--full-sam-graph", action="store_true",
                     help="sam_full_graph=True (SAM's graph over the whole batch, as the official code)")
@@ -55,6 +58,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(a.threads)
+    if not a.default_allocator:
+        print(f"allocator: freed memory kept for reuse, as training does: {keep_freed_memory()}")
     print(f"float32 matmul on {a.threads} threads: {matmul_gflops():.0f} GFLOP/s")
     torch.manual_seed(0)
     iterations = 1000

@@ -405,7 +405,10 @@ def dvc_section(report: Report, work: Path, runs: int) -> None:
 def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path | None = None) -> Path:
     import torch
 
+    from knowsam.train import keep_freed_memory
+
     torch.set_num_threads(threads)
+    keep_freed_memory()  # step times as training sees them
     started, load_start = time.perf_counter(), load_text()
     mirror = mirror if mirror is not None else default_mirror()
     if quick:

@@ -9,12 +9,14 @@ and ends with exactly the metrics of an uninterrupted run (on CPU).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from knowsam.methods import Method, MethodContext, get_method
 from knowsam.runs import RunId
 
 CHECKPOINT_VERSION = 1
+_KEEP_FREED_BYTES = 1 << 30  # glibc's mmap and trim thresholds while training (see keep_freed_memory)
 
 
 def pick_device(name: str) -> torch.device:
@@ -43,6 +46,26 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise KnowsamError("train.device is 'cuda' but no CUDA device is available", exit_code=2)
     return torch.device(name)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing every large block back to the OS.
+
+    By default glibc serves blocks above 32 MiB with a fresh ``mmap`` and trims the heap top on
+    free, so a training step at 256 px, whose activations are 30-130 MB each, page-faults every
+    page of them again on every step: 5 U-Net steps at batch 8 took 2.9 M page faults and 9.5 s
+    of kernel time, 3.3 s per step, against 0.5 M, 1.6 s and 2.3 s per step with both thresholds
+    at 1 GiB. Only where memory comes from changes, not any value computed. Returns whether
+    it applied (glibc only; other C libraries keep their behaviour).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None)  # the C library already loaded into this process
+    if not hasattr(libc, "gnu_get_libc_version"):  # the parameter numbers below are glibc's
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, _KEEP_FREED_BYTES)) and bool(
+        libc.mallopt(m_trim_threshold, _KEEP_FREED_BYTES))
 
 
 def seed_everything(seed: int) -> None:
@@ -222,6 +245,7 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
 
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
+    keep_freed_memory()
     dist = distributed.setup(pick_device(params.train.device))  # one process unless launched by torchrun
     device = dist.device
     data = PreparedDataset(Path(params.data.prepared_root) / run.dataset)

@@ -70,3 +70,25 @@ def test_cli_reports_bad_params_in_one_line(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: params: 'ratios[0]' = 2.0 must be in (0, 1]"
+
+
+def test_method_index_matches_the_registered_methods():
+    from knowsam.methods import get_method, registry
+
+    get_method("mt")  # imports every method module
+    registered = list(registry._METHODS)
+    for suffix in registry._PLUGINS:
+        registered += [f"{n}+{suffix}" for n, cls in registry._METHODS.items() if suffix in cls.accepts_plugins]
+    assert sorted(registry.method_names()) == sorted(registered)
+    for name, module in registry.METHOD_INDEX.items():
+        base, _, suffix = name.partition("+")
+        defined_in = registry._PLUGINS[suffix].__module__ if suffix else registry._METHODS[base].__module__
+        assert defined_in == f"knowsam.methods.{module}", name
+
+
+def test_validating_params_does_not_import_torch():
+    # acquire, prepare and split validate every method name but never train: no torch import for them.
+    code = ("import sys; from knowsam import config; "
+            f"config.load({str(REPO / 'knowsam/profiles/paper.yaml')!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,9 +1,17 @@
-"""Training methods. Importing this package registers every method (one module each)."""
+"""Training methods, one module each, found by name through the registry.
 
-from knowsam.methods import supervised  # noqa: F401
-from knowsam.methods import knowsam  # noqa: F401
-from knowsam.methods import cps, mt, skd, ucmt  # noqa: F401
-from knowsam.methods.base import Batch, Method, MethodContext
+Importing the package is cheap: the method modules (which import torch) load on the first
+``get_method``, and ``Batch``, ``Method``, ``MethodContext`` on first access.
+"""
+
 from knowsam.methods.registry import get_method, method_names
 
 __all__ = ["Batch", "Method", "MethodContext", "get_method", "method_names"]
+
+
+def __getattr__(name: str):
+    if name in ("Batch", "Method", "MethodContext"):
+        from knowsam.methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

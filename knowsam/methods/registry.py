@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import TYPE_CHECKING, Callable
 
 from knowsam.errors import ConfigError
@@ -12,6 +13,15 @@ if TYPE_CHECKING:
 
 _METHODS: dict[str, type["Method"]] = {}
 _PLUGINS: dict[str, Callable[[type["Method"]], type["Method"]]] = {}
+
+# Every runnable name (table order) and the module that defines it. Listing and checking names
+# must not import the method modules: they import torch, seconds in every pipeline stage that
+# never trains (acquire, prepare, split). tests/test_config.py checks this index against what the
+# modules register (base methods, then each plug-in on each base method that accepts it).
+METHOD_INDEX: dict[str, str] = {
+    "labeled-only": "supervised", "fully-supervised": "supervised", "mt": "mt", "cps": "cps", "ucmt": "ucmt",
+    "knowsam": "knowsam", "mt+skd": "skd", "cps+skd": "skd", "ucmt+skd": "skd",
+}
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -32,23 +42,21 @@ def register_plugin(suffix: str) -> Callable:
 
 
 def _ensure_loaded() -> None:
-    import knowsam.methods  # noqa: F401  (importing the package registers every method)
+    """Import every method module (each registers its classes when imported)."""
+    for module in dict.fromkeys(METHOD_INDEX.values()):
+        importlib.import_module(f"knowsam.methods.{module}")
 
 
 def method_names() -> list[str]:
     """Every runnable name: base methods, then each plug-in applied to each base method that accepts it."""
-    _ensure_loaded()
-    names = list(_METHODS)
-    for suffix in _PLUGINS:
-        names += [f"{n}+{suffix}" for n, cls in _METHODS.items() if suffix in cls.accepts_plugins]
-    return names
+    return list(METHOD_INDEX)
 
 
 def get_method(name: str) -> type["Method"]:
+    if name not in METHOD_INDEX:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
     _ensure_loaded()
     base, _, suffix = name.partition("+")
-    if base not in _METHODS or (suffix and name not in method_names()):
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
     cls = _METHODS[base]
     return _PLUGINS[suffix](cls) if suffix else cls
 
