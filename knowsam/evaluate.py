@@ -4,7 +4,8 @@ Predictions are made at training size; by default the class probabilities are re
 (bilinearly) back to each image's original size before the argmax, and scored against
 the original masks (the polyp convention). Per case: one 2D image, or one volume made of
 its slices with the voxel spacing. Writes ``per_case.csv`` and ``predictions.npz`` to each
-run's eval folder and the group's summaries (DVC metrics, one key per method) to ``reports/metrics``.
+run's eval folder with its full ``summary.json`` (what reports read), and the group's headline
+metrics (DVC metrics, one key per method) to ``reports/metrics``.
 """
 
 from __future__ import annotations
@@ -75,12 +76,13 @@ def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
 def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, methods: list[str] | None = None, *,
                    runs_root: str | Path = "data/runs", eval_root: str | Path = "data/eval",
                    metrics_root: str | Path = "reports/metrics", on_result=None) -> dict[str, dict]:
-    """Score the runs of one (dataset, ratio, seed) group; return and record their summaries by method.
+    """Score the runs of one (dataset, ratio, seed) group; return their summaries by method.
 
-    ``methods`` defaults to every method in params (what the evaluate stage does). The group's
-    metrics file keeps the summaries of params methods not evaluated this time, so scoring one
-    method by hand does not drop the others. Every run's weights and training config are checked
-    before any scoring starts; ``on_result(method, summary)`` is called as each run finishes.
+    ``methods`` defaults to every method in params (what the evaluate stage does). Each run's full
+    summary goes to its eval folder; the group's metrics file (DVC metrics) is then rebuilt from
+    the summaries of every params method evaluated so far, so scoring one method by hand keeps
+    the others. Every run's weights and training config are checked before any scoring starts;
+    ``on_result(method, summary)`` is called as each run finishes.
     """
     runs = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed)
             for m in (params.methods if methods is None else methods)]
@@ -93,16 +95,35 @@ def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, method
         summaries[run.method] = evaluate_run(params, run, data, device, runs_root=runs_root, eval_root=eval_root)
         if on_result is not None:
             on_result(run.method, summaries[run.method])
-    metrics_path = runs[0].metrics_file(metrics_root)
-    recorded = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    kept = {m: recorded[m] for m in params.methods if m in recorded and m not in summaries}
-    io.write_json(metrics_path, {**kept, **_rounded(summaries)})
+    group = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed) for m in params.methods]
+    io.write_json(runs[0].metrics_file(metrics_root), headline_metrics(group, eval_root))
     return summaries
+
+
+HEADLINE = ("mDice", "mIoU", "HD95", "ASD")  # the paper tables' metrics; summary.json has every column
+
+
+def headline_metrics(group: list[RunId], eval_root: str | Path = "data/eval") -> dict:
+    """{method or "method [variant]": {test set: headline metrics}} for the runs of ``group`` with a summary.
+
+    Kept small on purpose: ``dvc metrics show``/``diff`` print one column per key.
+    """
+    out = {}
+    for run in group:
+        path = run.eval_dir(eval_root) / "summary.json"
+        if not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        outputs = {run.method: summary["test_sets"],
+                   **{f"{run.method} [{v}]": parts for v, parts in summary["variants"].items()}}
+        for name, parts in outputs.items():
+            out[name] = {part: {k: m[k] for k in HEADLINE if k in m} for part, m in parts.items()}
+    return out
 
 
 def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torch.device, *,
                  runs_root: str | Path = "data/runs", eval_root: str | Path = "data/eval") -> dict:
-    """Score one run; write its ``per_case.csv`` and ``predictions.npz``; return its summary."""
+    """Score one run; write its ``per_case.csv``, ``predictions.npz`` and ``summary.json``; return the summary."""
     weights_path = _trained_weights(params, run, runs_root)
     method = build_method(params, run, data, device, training=False)
     try:
@@ -130,7 +151,7 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     with io.atomic_path(out_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **predictions)
-    return {
+    summary = _rounded({
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "best_step": int(saved["step"]),
         "evaluation_resolution": resolution,
@@ -138,7 +159,9 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
         "provenance": method.provenance(),
         "test_sets": parts,
         "variants": variants,
-    }
+    })
+    io.write_json(out_dir / "summary.json", summary)
+    return summary
 
 
 def _trained_weights(params: Params, run: RunId, runs_root: str | Path) -> Path:

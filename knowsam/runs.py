@@ -5,8 +5,8 @@ tabulated together: the evaluate stage scores every method of such a group in on
 and writes one metrics file for it.
 
     data/runs/<dataset>/ratio-<r>_seed-<s>/<method>/    checkpoints, config, log, curves
-    data/eval/<dataset>/ratio-<r>_seed-<s>/<method>/    per-case metrics, predictions
-    reports/metrics/<dataset>/ratio-<r>_seed-<s>.json   summaries, one key per method
+    data/eval/<dataset>/ratio-<r>_seed-<s>/<method>/    per-case metrics, predictions, summary
+    reports/metrics/<dataset>/ratio-<r>_seed-<s>.json   headline metrics, one key per method
 """
 
 from __future__ import annotations
@@ -43,5 +43,5 @@ class RunId:
         return Path(root) / self.dataset / self.slug / self.method
 
     def metrics_file(self, root: str | Path = "reports/metrics") -> Path:
-        """The group's summary file; this run's summary is under its method's key."""
+        """The group's headline metrics (DVC metrics); this run's are under its method's key."""
         return Path(root) / self.dataset / f"{self.slug}.json"

@@ -54,7 +54,7 @@ def seed_mean(dice: dict, method: str, test_set: str) -> tuple[float, float]:
 
 def test_means_differences_and_wilcoxon(workspace) -> None:
     root, params, dice = workspace
-    result = compare(params, ["ucmt", "knowsam"], metrics_root=root / "reports/metrics", eval_root=root / "data/eval")
+    result = compare(params, ["ucmt", "knowsam"], eval_root=root / "data/eval")
     rows = {(r.test_set, r.method): r for r in result.rows}
     assert [(r.test_set, r.method) for r in result.rows] == [
         ("Kvasir", "ucmt"), ("Kvasir", "knowsam"), ("CVC-ClinicDB", "ucmt"), ("CVC-ClinicDB", "knowsam")]
@@ -79,7 +79,7 @@ def test_means_differences_and_wilcoxon(workspace) -> None:
 
 def test_identical_scores_give_p_one(workspace) -> None:
     root, params, _ = workspace
-    result = compare(params, ["ucmt", "mt"], "polyp", 0.1, root / "reports/metrics", root / "data/eval")
+    result = compare(params, ["ucmt", "mt"], "polyp", 0.1, root / "data/eval")
     mt = [r for r in result.rows if r.method == "mt"]
     assert [(r.diff, r.p_value) for r in mt] == [(0.0, 1.0), (0.0, 1.0)]
 
@@ -95,7 +95,7 @@ def test_paired_wilcoxon_requires_same_cases() -> None:
 def test_missing_runs_name_stages_and_command(workspace) -> None:
     root, params, _ = workspace
     with pytest.raises(KnowsamError) as err:
-        compare(params, ["ucmt", "cps"], metrics_root=root / "reports/metrics", eval_root=root / "data/eval")
+        compare(params, ["ucmt", "cps"], eval_root=root / "data/eval")
     runs = ", ".join(f"cps-polyp-0.1-{s}" for s in SEEDS)
     stages = " ".join(f"evaluate@polyp-0.1-{s}" for s in SEEDS)
     assert err.value.exit_code == 1
@@ -180,7 +180,7 @@ def test_publish_freezes_leaderboard_comparison_params_and_versions(workspace, t
     out = tmp_path / "published/cpu"
     (out.parent).mkdir()
     publish(params_file, out, ["ucmt", "knowsam"], wall_seconds=3725.4, command="dvc repro",
-            metrics_root=root / "reports/metrics", eval_root=root / "data/eval")
+            eval_root=root / "data/eval")
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert names == ["README.md", "compare.json", "compare.md", "figures/leaderboard.png", "leaderboard.csv",
                      "leaderboard.md", "params.yaml", "versions.json"]
@@ -189,7 +189,7 @@ def test_publish_freezes_leaderboard_comparison_params_and_versions(workspace, t
     assert versions["packages"]["torch"].startswith("2.") and int(versions["machine"]["cores"]) >= 1
     # The comparison equals the one `compare` makes from the same runs.
     saved = json.loads((out / "compare.json").read_text())
-    fresh = compare(params, ["ucmt", "knowsam"], metrics_root=root / "reports/metrics", eval_root=root / "data/eval")
+    fresh = compare(params, ["ucmt", "knowsam"], eval_root=root / "data/eval")
     assert saved == json.loads(json.dumps(fresh.to_dict()))
     readme = (out / "README.md").read_text()
     assert "wall time 3725 s (62 min 05 s)" in readme and "`knowsam-bench compare --methods ucmt,knowsam`" in readme
@@ -198,6 +198,5 @@ def test_publish_freezes_leaderboard_comparison_params_and_versions(workspace, t
     # A failed publication (a method that is not evaluated) leaves the previous one untouched.
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(KnowsamError, match="missing evaluated runs"):
-        publish(params_file, out, ["ucmt", "cps"], metrics_root=root / "reports/metrics",
-                eval_root=root / "data/eval")
+        publish(params_file, out, ["ucmt", "cps"], eval_root=root / "data/eval")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

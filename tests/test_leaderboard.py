@@ -8,7 +8,6 @@ IoU = 0.8 x Dice.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ def case_rows(test_set: str, dice: list[float], variant: str = "", hd95: list[fl
 
 def write_run(root: Path, run: RunId, rows: list[dict], provenance: dict | None = None,
               resolution: str = "original") -> None:
-    """per_case.csv under root/data/eval and the metrics JSON under root/reports/metrics, like evaluate does."""
+    """per_case.csv and summary.json under root/data/eval, like evaluate writes them."""
     table = pd.DataFrame(rows)
     io.write_text(run.eval_dir(root / "data/eval") / "per_case.csv", table.to_csv(index=False))
 
@@ -48,15 +47,12 @@ def write_run(root: Path, run: RunId, rows: list[dict], provenance: dict | None 
         return {t: summarize(g) for t, g in part.groupby("test_set", sort=True)}
 
     variants = sorted(set(table.variant) - {""})
-    metrics_path = run.metrics_file(root / "reports/metrics")
-    group = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    group[run.method] = {
+    io.write_json(run.eval_dir(root / "data/eval") / "summary.json", {
         "run": dataclasses.asdict(run), "best_step": 1, "evaluation_resolution": resolution,
         "empty_mask_policy": EMPTY_MASK_POLICY, "provenance": provenance or {},
         "test_sets": summaries(table[table.variant == ""]),
         "variants": {v: summaries(table[table.variant == v]) for v in variants},
-    }
-    io.write_json(metrics_path, group)
+    })
 
 
 def make_params(root: Path, dataset: str, methods: list[str], ratios: list[float], seeds: list[int]) -> config.Params:
@@ -128,7 +124,7 @@ def section_table(text: str, heading: str, first_header: str = "| Method") -> li
 
 
 def build(root: Path, params: config.Params, out: str = "reports") -> str:
-    path = write_leaderboard(params, root / out, root / "reports/metrics", root / "data/eval")
+    path = write_leaderboard(params, root / out, root / "data/eval")
     return path.read_text()
 
 
@@ -252,7 +248,7 @@ def test_no_runs_is_one_line_error(tmp_path: Path) -> None:
 
     params = make_params(tmp_path, "polyp", ["mt"], [0.1], [0])
     with pytest.raises(KnowsamError, match="no evaluated run") as err:
-        write_leaderboard(params, tmp_path / "reports", tmp_path / "reports/metrics", tmp_path / "data/eval")
+        write_leaderboard(params, tmp_path / "reports", tmp_path / "data/eval")
     assert "\n" not in str(err.value)
 
 

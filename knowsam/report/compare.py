@@ -126,7 +126,7 @@ def _check_selection(params: Params, methods: list[str], dataset: str | None, ra
 
 
 def compare(params: Params, methods: list[str], dataset: str | None = None, ratio: float | None = None,
-            metrics_root: str | Path = "reports/metrics", eval_root: str | Path = "data/eval") -> Comparison:
+            eval_root: str | Path = "data/eval") -> Comparison:
     """Compare ``methods`` (the first is the baseline) on every selected dataset x ratio of the params.
 
     Every run of the selection (all seeds) must be evaluated; otherwise a KnowsamError (exit 1)
@@ -135,10 +135,10 @@ def compare(params: Params, methods: list[str], dataset: str | None = None, rati
     ratios = _check_selection(params, methods, dataset, ratio)
     datasets = [dataset] if dataset is not None else list(params.datasets)
     runs = [RunId(m, d, r, s) for d in datasets for r in ratios for m in methods for s in params.seeds]
-    missing = missing_evaluations(runs, metrics_root, eval_root)
+    missing = missing_evaluations(runs, eval_root)
     if missing:
         raise KnowsamError(f"missing evaluated runs: {repro_hint(missing)}", 1)
-    long, _ = load_summaries(runs, metrics_root)
+    long, _ = load_summaries(runs, eval_root)
     long = long[long.variant == ""]
     rows: list[CompareRow] = []
     for d in datasets:

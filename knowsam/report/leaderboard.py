@@ -225,17 +225,16 @@ def render(params: Params, long: pd.DataFrame, agg: pd.DataFrame, missing: list,
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(params: Params, out_dir: str | Path = "reports", metrics_root: str | Path = "reports/metrics",
-                      eval_root: str | Path = "data/eval") -> Path:
+def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root: str | Path = "data/eval") -> Path:
     """Write ``leaderboard.md``/``.csv`` and ``figures/`` (bar chart, overlays per dataset); returns the .md path.
 
     Figures sit in one folder so the pipeline can declare them as a single output whatever
     the dataset list.
     """
     runs = matrix(params)
-    long, missing = load_summaries(runs, metrics_root)
+    long, missing = load_summaries(runs, eval_root)
     if long.empty:
-        raise KnowsamError(f"{metrics_root}: no evaluated run of the params matrix; run `dvc repro` first")
+        raise KnowsamError(f"{eval_root}: no evaluated run of the params matrix; run `dvc repro` first")
     agg = aggregate(long)
     out_dir = Path(out_dir)
     figures.bar_chart(agg, out_dir / "figures/leaderboard.png")

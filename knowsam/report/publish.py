@@ -77,18 +77,18 @@ def _readme(params: Params, compare_methods: list[str], wall_seconds: float | No
 
 def publish(params_file: str | Path, out_dir: str | Path, compare_methods: list[str], *,
             wall_seconds: float | None = None, command: str = "dvc repro",
-            metrics_root: str | Path = "reports/metrics", eval_root: str | Path = "data/eval") -> Path:
+            eval_root: str | Path = "data/eval") -> Path:
     """Write the publication folder ``out_dir`` from the evaluated runs of ``params_file``; returns it.
 
     Every run of the comparison must be evaluated (``compare`` raises otherwise); the
     leaderboard lists missing runs in its own notes.
     """
     params = config.load(params_file)
-    comparison = compare(params, compare_methods, metrics_root=metrics_root, eval_root=eval_root)
+    comparison = compare(params, compare_methods, eval_root=eval_root)
     versions, machine = package_versions(), machine_facts()
     out_dir = Path(out_dir)
     with io.atomic_dir(out_dir) as tmp:
-        write_leaderboard(params, tmp, metrics_root, eval_root)
+        write_leaderboard(params, tmp, eval_root)
         io.write_text(tmp / "compare.md", render_markdown(comparison))
         io.write_text(tmp / "compare.json", json.dumps(comparison.to_dict(), indent=2) + "\n")
         shutil.copyfile(params_file, tmp / "params.yaml")

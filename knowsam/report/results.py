@@ -1,4 +1,4 @@
-"""Collecting evaluated runs: the one reader of ``reports/metrics`` and ``data/eval`` for reports.
+"""Collecting evaluated runs: the one reader of ``data/eval`` for reports.
 
 Leaderboard, figures and ``compare`` all go through here, so a run counts as present or
 missing by one rule everywhere, and missing runs are named by the DVC stage that makes them.
@@ -61,23 +61,21 @@ def repro_hint(missing: list[RunId]) -> str:
     return f"{runs}; produce them with `dvc repro {stages}`"
 
 
-def _read_summary(run: RunId, metrics_root: str | Path) -> dict | None:
-    """The run's summary from its group's metrics file, or None if not evaluated."""
-    path = run.metrics_file(metrics_root)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get(run.method)
+def _read_summary(run: RunId, eval_root: str | Path) -> dict | None:
+    """The run's full summary (the evaluate stage writes it last), or None if not evaluated."""
+    path = run.eval_dir(eval_root) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_summaries(runs: list[RunId], metrics_root: str | Path = "reports/metrics") -> tuple[pd.DataFrame, list[RunId]]:
-    """Long table (one row per run x variant x test set) of summary metrics, and the runs with no metrics file.
+def load_summaries(runs: list[RunId], eval_root: str | Path = "data/eval") -> tuple[pd.DataFrame, list[RunId]]:
+    """Long table (one row per run x variant x test set) of summary metrics, and the runs not evaluated.
 
     ``variant`` is "" for the method's reported output. Provenance (SAM weights) and the
     evaluation resolution are copied onto every row so footnotes can be built from the table.
     """
     rows, missing = [], []
     for run in runs:
-        summary = _read_summary(run, metrics_root)
+        summary = _read_summary(run, eval_root)
         if summary is None:
             missing.append(run)
             continue
@@ -101,8 +99,7 @@ def load_per_case(run: RunId, eval_root: str | Path = "data/eval") -> pd.DataFra
     return table
 
 
-def missing_evaluations(runs: list[RunId], metrics_root: str | Path = "reports/metrics",
-                        eval_root: str | Path = "data/eval") -> list[RunId]:
-    """Runs lacking a summary or the per-case table (both come from the evaluate stage)."""
+def missing_evaluations(runs: list[RunId], eval_root: str | Path = "data/eval") -> list[RunId]:
+    """Runs lacking the summary or the per-case table (both come from the evaluate stage)."""
     return [r for r in runs
-            if _read_summary(r, metrics_root) is None or not (r.eval_dir(eval_root) / "per_case.csv").is_file()]
+            if not ((r.eval_dir(eval_root) / "summary.json").is_file() and (r.eval_dir(eval_root) / "per_case.csv").is_file())]
