@@ -326,6 +326,7 @@ def test_train_and_evaluate_twice_give_identical_files(demo_prepared, tmp_path):
         log = json.loads((ws / RUN_DIR / "train_log.json").read_text())
         outputs.append({
             "metrics": (ws / "reports/metrics/demo/ratio-0.1_seed-0.json").read_bytes(),
+            "summary": (ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/summary.json").read_bytes(),
             "per_case": (ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/per_case.csv").read_bytes(),
             "predictions": _npz(ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/predictions.npz"),
             "history": log["history"],
@@ -337,5 +338,7 @@ def test_train_and_evaluate_twice_give_identical_files(demo_prepared, tmp_path):
             assert a[key].keys() == b[key].keys() and all((a[key][k] == b[key][k]).all() for k in a[key])
         else:
             assert a[key] == b[key], key
-    summary = json.loads(a["metrics"])
+    summary = json.loads(a["summary"])
     assert all(math.isfinite(v["mDice"]) for v in summary["test_sets"].values())
+    assert json.loads(a["metrics"])["labeled-only"] == {
+        part: {k: v[k] for k in ("mDice", "mIoU", "HD95", "ASD")} for part, v in summary["test_sets"].items()}
