@@ -101,16 +101,27 @@ def two_rank_runs(demo_prepared, tmp_path_factory):
     params = small_params(demo_prepared)
     data = PreparedDataset(demo_prepared / "data/prepared/demo")
     write_split(data, split_path(params.data.splits_root, "demo", 0.1, 0), 0.1, 0, 0.1)
-    out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(_worker, args=(str(demo_prepared), str(out), _free_port()), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    for attempt in range(3):
+        out = tmp_path_factory.mktemp("ddp")
+        try:
+            _launch(str(demo_prepared), out)
+            break
+        except mp.ProcessRaisedException as exc:
+            # The free port is found by binding and releasing it; another process may take it in between.
+            if "EADDRINUSE" not in str(exc) or attempt == 2:
+                raise
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _launch(root: str, out: Path) -> None:
+    ctx = mp.start_processes(_worker, args=(root, str(out), _free_port()), nprocs=WORLD, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"2-process training did not finish in {TIMEOUT_S} s")
-    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("method", ["fully-supervised", "mt"])
