@@ -155,10 +155,10 @@ def evaluate(dataset: str = typer.Argument(...), ratio: float = typer.Option(...
 
     params = _load_params(params_file)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else list(params.methods)
-    for name in names:  # every name checked before any scoring
-        _run_ids(params, name, dataset, ratio, seed)
     if not names:
         raise KnowsamError("--methods names no method", 2)
+    for name in names:  # every name checked before any scoring
+        _run_ids(params, name, dataset, ratio, seed)
 
     def report(method: str, summary: dict) -> None:
         parts = ", ".join(f"{k} {v['mDice']:.4f}" for k, v in summary["test_sets"].items())

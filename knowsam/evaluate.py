@@ -86,13 +86,12 @@ def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, method
     """
     runs = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed)
             for m in (params.methods if methods is None else methods)]
-    for run in runs:
-        _trained_weights(params, run, runs_root)
+    weights = {run: _trained_weights(params, run, runs_root) for run in runs}
     device = pick_device(params.train.device)
     data = PreparedDataset(Path(params.data.prepared_root) / dataset)
     summaries = {}
     for run in runs:
-        summaries[run.method] = evaluate_run(params, run, data, device, runs_root=runs_root, eval_root=eval_root)
+        summaries[run.method] = evaluate_run(params, run, data, device, weights[run], eval_root=eval_root)
         if on_result is not None:
             on_result(run.method, summaries[run.method])
     group = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed) for m in params.methods]
@@ -110,7 +109,7 @@ def headline_metrics(group: list[RunId], eval_root: str | Path = "data/eval") ->
     """
     out = {}
     for run in group:
-        path = run.eval_dir(eval_root) / "summary.json"
+        path = run.summary_file(eval_root)
         if not path.is_file():
             continue
         summary = json.loads(path.read_text())
@@ -121,10 +120,10 @@ def headline_metrics(group: list[RunId], eval_root: str | Path = "data/eval") ->
     return out
 
 
-def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torch.device, *,
-                 runs_root: str | Path = "data/runs", eval_root: str | Path = "data/eval") -> dict:
-    """Score one run; write its ``per_case.csv``, ``predictions.npz`` and ``summary.json``; return the summary."""
-    weights_path = _trained_weights(params, run, runs_root)
+def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torch.device, weights_path: Path, *,
+                 eval_root: str | Path = "data/eval") -> dict:
+    """Score one run from its checked ``best.pt``; write ``per_case.csv``, ``predictions.npz`` and
+    ``summary.json`` (last); return the summary."""
     method = build_method(params, run, data, device, training=False)
     try:
         saved = torch.load(weights_path, map_location=device, weights_only=True)
@@ -160,7 +159,7 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
         "test_sets": parts,
         "variants": variants,
     })
-    io.write_json(out_dir / "summary.json", summary)
+    io.write_json(run.summary_file(eval_root), summary)
     return summary
 
 

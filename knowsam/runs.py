@@ -42,6 +42,10 @@ class RunId:
     def eval_dir(self, root: str | Path = "data/eval") -> Path:
         return Path(root) / self.dataset / self.slug / self.method
 
+    def summary_file(self, root: str | Path = "data/eval") -> Path:
+        """The run's full evaluation summary (written last by evaluate: its presence means evaluated)."""
+        return self.eval_dir(root) / "summary.json"
+
     def metrics_file(self, root: str | Path = "reports/metrics") -> Path:
         """The group's headline metrics (DVC metrics); this run's are under its method's key."""
         return Path(root) / self.dataset / f"{self.slug}.json"

@@ -63,7 +63,7 @@ def repro_hint(missing: list[RunId]) -> str:
 
 def _read_summary(run: RunId, eval_root: str | Path) -> dict | None:
     """The run's full summary (the evaluate stage writes it last), or None if not evaluated."""
-    path = run.eval_dir(eval_root) / "summary.json"
+    path = run.summary_file(eval_root)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -102,4 +102,4 @@ def load_per_case(run: RunId, eval_root: str | Path = "data/eval") -> pd.DataFra
 def missing_evaluations(runs: list[RunId], eval_root: str | Path = "data/eval") -> list[RunId]:
     """Runs lacking the summary or the per-case table (both come from the evaluate stage)."""
     return [r for r in runs
-            if not ((r.eval_dir(eval_root) / "summary.json").is_file() and (r.eval_dir(eval_root) / "per_case.csv").is_file())]
+            if not (r.summary_file(eval_root).is_file() and (r.eval_dir(eval_root) / "per_case.csv").is_file())]
