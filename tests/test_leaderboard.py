@@ -200,6 +200,14 @@ def test_figures_written_and_deterministic(polyp_workspace) -> None:
     assert cases == [("Kvasir", "kvasir_000"), ("CVC-ClinicDB", "cvc-clinicdb_000"), ("Kvasir", "kvasir_001")]
 
 
+
+def test_leaderboard_without_overlays_draws_no_dataset_images(polyp_workspace) -> None:
+    # What `publish` writes: the overlays show dataset images, which must not go into Git.
+    root, params, _ = polyp_workspace
+    text = write_leaderboard(params, root / "plain", root / "data/eval", overlays=False).read_text()
+    assert sorted(p.name for p in (root / "plain/figures").iterdir()) == ["leaderboard.png"]
+    assert "overlays" not in text and "](figures/leaderboard.png)" in text
+
 def test_volume_table_and_reference(tmp_path: Path) -> None:
     params = make_params(tmp_path, "promise12", ["mt", "knowsam", "fully-supervised"], [0.05, 0.1], [0])
     base = {"mt": 0.70, "knowsam": 0.78, "fully-supervised": 0.90}

@@ -225,11 +225,12 @@ def render(params: Params, long: pd.DataFrame, agg: pd.DataFrame, missing: list,
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root: str | Path = "data/eval") -> Path:
+def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root: str | Path = "data/eval", *,
+                      overlays: bool = True) -> Path:
     """Write ``leaderboard.md``/``.csv`` and ``figures/`` (bar chart, overlays per dataset); returns the .md path.
 
     Figures sit in one folder so the pipeline can declare them as a single output whatever
-    the dataset list.
+    the dataset list. ``overlays=False`` leaves out the overlays, which show dataset images.
     """
     runs = matrix(params)
     long, missing = load_summaries(runs, eval_root)
@@ -239,7 +240,7 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     out_dir = Path(out_dir)
     figures.bar_chart(agg, out_dir / "figures/leaderboard.png")
     figure_lines = ["![mDice per test set](figures/leaderboard.png)", ""]
-    for dataset in params.datasets:
+    for dataset in params.datasets if overlays else []:
         name = f"figures/overlays_{dataset}.png"
         if figures.overlay_grid(params, dataset, out_dir / name, eval_root):
             figure_lines += [f"![{dataset} predictions]({name})", ""]

@@ -67,7 +67,8 @@ def _readme(params: Params, compare_methods: list[str], wall_seconds: float | No
         f"torch {versions['torch']}.", "",
         "| File | What |", "|---|---|",
         "| [leaderboard.md](leaderboard.md), [leaderboard.csv](leaderboard.csv) | the leaderboard, with its footnotes |",
-        "| [figures/](figures/) | bar chart of the leaderboard; qualitative overlays per dataset |",
+        "| [figures/](figures/) | bar chart of the leaderboard (overlays show dataset images: regenerate them "
+        "with `dvc repro`, they are not published) |",
         f"| [compare.md](compare.md), [compare.json](compare.json) | `knowsam-bench compare --methods {methods}` |",
         "| [params.yaml](params.yaml) | the exact parameters of the run |",
         "| [versions.json](versions.json) | package versions and machine facts |",
@@ -88,7 +89,8 @@ def publish(params_file: str | Path, out_dir: str | Path, compare_methods: list[
     versions, machine = package_versions(), machine_facts()
     out_dir = Path(out_dir)
     with io.atomic_dir(out_dir) as tmp:
-        write_leaderboard(params, tmp, eval_root)
+        # No overlays: they show dataset images, which a Git repository must not redistribute.
+        write_leaderboard(params, tmp, eval_root, overlays=False)
         io.write_text(tmp / "compare.md", render_markdown(comparison))
         io.write_text(tmp / "compare.json", json.dumps(comparison.to_dict(), indent=2) + "\n")
         shutil.copyfile(params_file, tmp / "params.yaml")
