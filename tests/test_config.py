@@ -84,6 +84,7 @@ def test_method_index_matches_the_registered_methods():
         base, _, suffix = name.partition("+")
         defined_in = registry._PLUGINS[suffix].__module__ if suffix else registry._METHODS[base].__module__
         assert defined_in == f"knowsam.methods.{module}", name
+    assert registry.UPPER_BOUNDS == {n for n in registry.method_names() if registry.get_method(n).label_pool == "all"}
 
 
 def test_validating_params_does_not_import_torch():

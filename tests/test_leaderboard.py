@@ -8,6 +8,8 @@ IoU = 0.8 x Dice.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ from knowsam.data.prepared import FORMAT_VERSION, PreparedDataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 POLYP_SETS = {"Kvasir": 4, "CVC-ClinicDB": 3}
+# tests.conftest imports torch, which the subprocess test below must not.
+REPO = Path(__file__).resolve().parents[1]
 POLYP_BASE = {"labeled-only": 0.60, "ucmt": 0.70, "knowsam": 0.80, "fully-supervised": 0.90}
 
 
@@ -207,6 +211,18 @@ def test_leaderboard_without_overlays_draws_no_dataset_images(polyp_workspace) -
     text = write_leaderboard(params, root / "plain", root / "data/eval", overlays=False).read_text()
     assert sorted(p.name for p in (root / "plain/figures").iterdir()) == ["leaderboard.png"]
     assert "overlays" not in text and "](figures/leaderboard.png)" in text
+
+def test_leaderboard_does_not_import_torch(polyp_workspace) -> None:
+    # The leaderboard stage and `compare` only read tables: importing torch would add seconds to each.
+    root, _, text = polyp_workspace
+    code = ("import sys; from pathlib import Path; from tests.test_leaderboard import POLYP_BASE, make_params; "
+            "from knowsam.report.leaderboard import write_leaderboard; root = Path(sys.argv[1]); "
+            "write_leaderboard(make_params(root, 'polyp', list(POLYP_BASE), [0.1], [0, 1]), root / 'reports-again', "
+            "root / 'data/eval'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
+    assert (root / "reports-again/leaderboard.md").read_text() == text
+
 
 def test_volume_table_and_reference(tmp_path: Path) -> None:
     params = make_params(tmp_path, "promise12", ["mt", "knowsam", "fully-supervised"], [0.05, 0.1], [0])

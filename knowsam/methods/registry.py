@@ -23,6 +23,11 @@ METHOD_INDEX: dict[str, str] = {
     "knowsam": "knowsam", "mt+skd": "skd", "cps+skd": "skd", "ucmt+skd": "skd",
 }
 
+# Methods trained on every training label (``label_pool = "all"``): references in tables, never
+# contenders. Listed here so reports tell them apart without importing torch; checked against the
+# classes like METHOD_INDEX.
+UPPER_BOUNDS: frozenset[str] = frozenset({"fully-supervised"})
+
 
 def register_method(cls: type["Method"]) -> type["Method"]:
     if cls.name in _METHODS:

@@ -32,9 +32,9 @@ def row_label(method: str, variant: str) -> str:
 
 def is_upper_bound(method: str) -> bool:
     """A method trained on every label (e.g. fully-supervised): a reference, never a contender."""
-    from knowsam.methods.registry import get_method
+    from knowsam.methods.registry import UPPER_BOUNDS
 
-    return get_method(method).label_pool == "all"
+    return method in UPPER_BOUNDS
 
 
 def ratio_label(ratio: float) -> str:
