@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,10 @@ def test_markdown_format(in_workspace, capsys) -> None:
 def test_table_format_and_bad_format(in_workspace, capsys) -> None:
     assert compare_command("params.yaml", "ucmt,knowsam", None, None, "table") == 0
     out = capsys.readouterr().out
-    assert "polyp, 10% labeled" in out and "knowsam" in out and "Wilcoxon p" in out
+    assert "polyp, 10% labeled" in out and "knowsam" in out and "Δ pp: difference to ucmt" in out
+    # Piped output gets 80 columns: no line longer, no name cut short.
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
+    assert re.search(r"Kvasir\s+knowsam\s+[\d.]+ ± [\d.]+\s+3\s+[+-][\d.]+\s+[\d.]+ \(n=12\)\s+86\.64", out)
     with pytest.raises(KnowsamError, match="unknown format 'csv'") as err:
         compare_command("params.yaml", "ucmt,knowsam", None, None, "csv")
     assert err.value.exit_code == 2

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from scipy.stats import wilcoxon
@@ -180,6 +181,14 @@ def _headers(baseline: str) -> list[str]:
             "Wilcoxon p (cases)", "Paper"]
 
 
+# The terminal table says the same in 80 columns (pipes and CI logs get no more): short headers, one legend.
+_SHORT_HEADERS = ["Test set", "Method", "mDice %", "Seeds", "Δ pp", "p (cases)", "Paper"]
+
+
+def _legend(baseline: str) -> str:
+    return f"mDice %: mean ± std over seeds. Δ pp: difference to {baseline}. p (cases): {PAIRING}."
+
+
 def render_markdown(result: Comparison) -> str:
     lines = []
     headers = _headers(result.baseline)
@@ -193,10 +202,11 @@ def render_markdown(result: Comparison) -> str:
 def render_tables(result: Comparison) -> list[Table]:
     tables = []
     for (dataset, ratio), rows in result.groups().items():
-        table = Table(title=f"{dataset}, {ratio_label(ratio)} labeled", caption=f"Pairing: {PAIRING}.",
-                      caption_justify="left")
-        for header in _headers(result.baseline):
-            table.add_column(header, justify="left" if header in ("Test set", "Method") else "right")
+        table = Table(title=f"{dataset}, {ratio_label(ratio)} labeled", caption=_legend(result.baseline),
+                      caption_justify="left", box=box.SIMPLE_HEAD)
+        for header in _SHORT_HEADERS:
+            text = header in ("Test set", "Method")
+            table.add_column(header, justify="left" if text else "right", no_wrap=text)
         for row in rows:
             table.add_row(*_texts(row))
         tables.append(table)
