@@ -3,9 +3,9 @@
 Predictions are made at training size; by default the class probabilities are resized
 (bilinearly) back to each image's original size before the argmax, and scored against
 the original masks (the polyp convention). Per case: one 2D image, or one volume made of
-its slices with the voxel spacing. Writes ``per_case.csv`` and ``predictions.npz`` to each
-run's eval folder with its full ``summary.json`` (what reports read), and the group's headline
-metrics (DVC metrics, one key per method) to ``reports/metrics``.
+its slices with the voxel spacing. Writes ``per_case.csv``, ``predictions.npz`` and the run's
+training curves (``curves.csv``) to each run's eval folder with its full ``summary.json`` (what
+reports read), and the group's headline metrics (DVC metrics, one key per method) to ``reports/metrics``.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def headline_metrics(group: list[RunId], eval_root: str | Path = "data/eval") ->
 
 def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torch.device, weights_path: Path, *,
                  eval_root: str | Path = "data/eval") -> dict:
-    """Score one run from its checked ``best.pt``; write ``per_case.csv``, ``predictions.npz`` and
-    ``summary.json`` (last); return the summary."""
+    """Score one run from its checked ``best.pt``; write ``per_case.csv``, ``predictions.npz``,
+    ``curves.csv`` and ``summary.json`` (last); return the summary."""
     method = build_method(params, run, data, device, training=False)
     try:
         saved = torch.load(weights_path, map_location=device, weights_only=True)
@@ -150,6 +150,11 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     with io.atomic_path(out_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **predictions)
+    curves = training_curves(weights_path.parent)
+    if curves is None:
+        run.curves_file(eval_root).unlink(missing_ok=True)  # never leave an earlier training's curves
+    else:
+        io.write_text(run.curves_file(eval_root), curves.to_csv(index=False))
     summary = _rounded({
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "best_step": int(saved["step"]),
@@ -161,6 +166,17 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     })
     io.write_json(run.summary_file(eval_root), summary)
     return summary
+
+
+def training_curves(run_dir: Path) -> pd.DataFrame | None:
+    """Per-iteration loss terms and the validation Dice of a run (its ``train_log.json`` history, which
+    spans resumed sessions); None for a run folder without one (a run that has not finished)."""
+    try:
+        history = json.loads((run_dir / "train_log.json").read_text())["history"]
+    except (OSError, ValueError, KeyError):
+        return None
+    table = pd.DataFrame(history)
+    return table[["step", *(c for c in table.columns if c != "step")]]
 
 
 def _trained_weights(params: Params, run: RunId, runs_root: str | Path) -> Path:

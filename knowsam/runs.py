@@ -46,6 +46,10 @@ class RunId:
         """The run's full evaluation summary (written last by evaluate: its presence means evaluated)."""
         return self.eval_dir(root) / "summary.json"
 
+    def curves_file(self, root: str | Path = "data/eval") -> Path:
+        """The run's training curves (loss terms per iteration, validation Dice), copied by evaluate."""
+        return self.eval_dir(root) / "curves.csv"
+
     def metrics_file(self, root: str | Path = "reports/metrics") -> Path:
         """The group's headline metrics (DVC metrics); this run's are under its method's key."""
         return Path(root) / self.dataset / f"{self.slug}.json"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pandas as pd
 import pytest
 
+from knowsam import io
 from knowsam.data.prepared import PreparedDataset
 from knowsam.data.splits import split_path, write_split
 from knowsam.errors import KnowsamError
@@ -56,6 +58,12 @@ def test_summaries_per_run_and_headline_metrics_per_group(trained, tmp_path):
             assert metrics == pytest.approx(expected, abs=1e-6)
             # The DVC metrics file holds the headline columns of the same numbers, nothing else.
             assert headline[method][test_set] == {k: metrics[k] for k in ("mDice", "mIoU", "HD95", "ASD")}
+        # The training curves travel with the evaluation: the run's history, row for row.
+        history = json.loads((run.train_dir(runs) / "train_log.json").read_text())["history"]
+        curves = pd.read_csv(run.curves_file(tmp_path / "eval"))
+        assert list(curves.step) == [1, 2, 3] and curves.loss.tolist() == [h["loss"] for h in history]
+        assert curves.val_dice.isna().tolist() == [True, True, False]
+        assert curves.val_dice.iloc[2] == pytest.approx(history[2]["val_dice"])
 
 
 def test_evaluating_some_methods_keeps_the_others(trained, tmp_path):
@@ -80,3 +88,15 @@ def test_a_missing_run_stops_the_group_before_any_scoring(trained, tmp_path):
                                            r"run the train stage for mt-demo-0.1-0"):
         _evaluate(with_mt, runs, tmp_path)
     assert not (tmp_path / "eval").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_a_run_without_training_log_gets_no_curves(trained, tmp_path):
+    params, runs = trained
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    (RunId("labeled-only", "demo", 0.1, 0).train_dir(copy) / "train_log.json").unlink()
+    stale = RunId("labeled-only", "demo", 0.1, 0).curves_file(tmp_path / "eval")
+    io.write_text(stale, "step,loss\n1,9.0\n")  # from an earlier training of the same run
+    _evaluate(params, copy, tmp_path)
+    assert not stale.exists()
+    assert RunId("fully-supervised", "demo", 0.1, 0).curves_file(tmp_path / "eval").is_file()

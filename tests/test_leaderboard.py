@@ -19,7 +19,7 @@ import pytest
 from knowsam import config, io
 from knowsam.metrics import EMPTY_MASK_POLICY, summarize
 from knowsam.report import reference
-from knowsam.report.figures import overlay_cases
+from knowsam.report.figures import mean_curve, overlay_cases
 from knowsam.report.leaderboard import write_leaderboard
 from knowsam.report.results import load_per_case
 from knowsam.runs import RunId
@@ -66,6 +66,13 @@ def make_params(root: Path, dataset: str, methods: list[str], ratios: list[float
         train=config.TrainParams(iterations=300), eval=config.EvalParams(overlay_images=3))
 
 
+def curves_table(level: float, seed: int) -> pd.DataFrame:
+    """300 iterations like evaluate copies them: loss every iteration, validation Dice every 100."""
+    steps = np.arange(1, 301)
+    return pd.DataFrame({"step": steps, "loss": 1.0 / steps + 0.1 * seed,
+                         "val_dice": np.where(steps % 100 == 0, level * steps / 300 + 0.02 * seed, np.nan)})
+
+
 def polyp_dice(method: str, seed: int, test_set: str, offset: float = 0.0) -> list[float]:
     shift = -0.05 if test_set == "CVC-ClinicDB" else 0.0
     return [POLYP_BASE[method] + offset + 0.02 * seed + 0.01 * i + shift for i in range(POLYP_SETS[test_set])]
@@ -107,6 +114,8 @@ def polyp_workspace(tmp_path_factory) -> tuple[Path, config.Params, str]:
                 provenance = {"sam_arch": "tiny", "sam_weights": "random-init"}
             run = RunId(method, "polyp", 0.1, seed)
             write_run(root, run, rows, provenance)
+            if (method, seed) != ("knowsam", 1):
+                io.write_text(run.curves_file(root / "data/eval"), curves_table(POLYP_BASE[method], seed).to_csv(index=False))
             if seed == 0 and method != "ucmt":
                 preds = {f"{t}/{r['case']}": np.eye(20, 24, dtype=np.uint8) for t in POLYP_SETS
                          for r in case_rows(t, polyp_dice(method, 0, t))}
@@ -195,7 +204,7 @@ def test_csv_matches_table(polyp_workspace) -> None:
 def test_figures_written_and_deterministic(polyp_workspace) -> None:
     root, params, text = polyp_workspace
     build(root, params, "again")
-    for name in ("figures/leaderboard.png", "figures/overlays_polyp.png"):
+    for name in ("figures/leaderboard.png", "figures/curves_polyp.png", "figures/overlays_polyp.png"):
         data = (root / "reports" / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
         assert data == (root / "again" / name).read_bytes()
@@ -209,8 +218,22 @@ def test_leaderboard_without_overlays_draws_no_dataset_images(polyp_workspace) -
     # What `publish` writes: the overlays show dataset images, which must not go into Git.
     root, params, _ = polyp_workspace
     text = write_leaderboard(params, root / "plain", root / "data/eval", overlays=False).read_text()
-    assert sorted(p.name for p in (root / "plain/figures").iterdir()) == ["leaderboard.png"]
+    assert sorted(p.name for p in (root / "plain/figures").iterdir()) == ["curves_polyp.png", "leaderboard.png"]
     assert "overlays" not in text and "](figures/leaderboard.png)" in text
+
+
+def test_training_curves_average_seeds_at_shared_steps() -> None:
+    seeds = [curves_table(0.6, 0), curves_table(0.6, 1)]
+    dice = mean_curve(seeds, "val_dice")
+    assert list(dice.index) == [100, 200, 300]
+    assert dice.to_numpy() == pytest.approx([0.21, 0.41, 0.61])  # 0.6 * step / 300 + 0.02 * mean seed (0.5)
+    # Loss: a trailing mean over 4 iterations in each seed, then the seed mean.
+    loss = mean_curve(seeds, "loss", window=4)
+    assert loss[1] == pytest.approx(1.0 + 0.05)
+    assert loss[10] == pytest.approx(np.mean([1 / 7, 1 / 8, 1 / 9, 1 / 10]) + 0.05)
+    # A seed stopped early: only the steps both reached are averaged.
+    assert list(mean_curve([seeds[0], seeds[1][seeds[1].step <= 200]], "val_dice").index) == [100, 200]
+
 
 def test_leaderboard_does_not_import_torch(polyp_workspace) -> None:
     # The leaderboard stage and `compare` only read tables: importing torch would add seconds to each.
@@ -253,6 +276,7 @@ def test_volume_table_and_reference(tmp_path: Path) -> None:
     assert "SAM teacher weights: vit_b sam_vit_b.pth sha256 0123456789ab." in text
     assert "None: all 6 runs of the params matrix are evaluated." in text
     assert f"figures/overlays_promise12.png: not drawn, {tmp_path / 'data/prepared/promise12'} is missing." in text
+    assert "figures/curves_promise12.png: not drawn, no evaluated run of promise12 has training curves." in text
 
 
 def test_reference_lookup() -> None:

@@ -1,4 +1,4 @@
-"""Leaderboard figures: an mDice bar chart and a grid of qualitative overlays (PNG).
+"""Leaderboard figures: an mDice bar chart, training curves and a grid of qualitative overlays (PNG).
 
 Drawn on matplotlib's Agg canvas without pyplot, so no display or global backend state is
 involved; the PNG carries no software/date metadata, so unchanged results give
@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from knowsam import io
 from knowsam.config import Params
 from knowsam.data.prepared import PreparedDataset, to_float
-from knowsam.report.results import ratio_label, test_set_order
+from knowsam.report.results import is_upper_bound, ratio_label, test_set_order
 from knowsam.runs import RunId
 
 PNG_METADATA = {"Software": None}
@@ -128,4 +128,46 @@ def overlay_grid(params: Params, dataset: str, path: str | Path, eval_root: str 
             labels = labels[middle] if labels.ndim == 3 else labels
             ax.imshow(np.ma.masked_equal(labels, 0), cmap=colours, vmin=0, vmax=data.num_classes - 1, alpha=0.5,
                       extent=extent, interpolation="nearest")
+    return _save(fig, Path(path))
+
+
+def mean_curve(curves: list[pd.DataFrame], column: str, window: int = 1) -> pd.Series:
+    """``column`` against step, averaged over seeds at the steps they share; a trailing mean over
+    ``window`` iterations first (per-iteration losses are too noisy to read)."""
+    series = [c.set_index("step")[column].dropna().rolling(window, min_periods=1).mean()
+              for c in curves if column in c.columns]
+    return pd.concat(series, axis=1, join="inner").mean(axis=1) if series else pd.Series(dtype=float)
+
+
+def training_curves(params: Params, dataset: str, path: str | Path, eval_root: str | Path = "data/eval") -> Path | None:
+    """Validation Dice (top) and training loss (bottom) against iteration, one line per method (mean
+    over its seeds), one column per labeled ratio; references dashed. None when no run has curves."""
+    runs = {(m, r): [RunId(m, dataset, r, s).curves_file(eval_root) for s in params.seeds]
+            for r in params.ratios for m in params.methods}
+    curves = {key: [pd.read_csv(f) for f in files if f.is_file()] for key, files in runs.items()}
+    if not any(curves.values()):
+        return None
+    window = max(1, params.train.iterations // 25)
+    fig = Figure(figsize=(4.6 * len(params.ratios) + 1.8, 6.0), layout="constrained")
+    axes = fig.subplots(2, len(params.ratios), squeeze=False, sharex=True)
+    for col, ratio in enumerate(params.ratios):
+        dice_ax, loss_ax = axes[0, col], axes[1, col]
+        for method in params.methods:
+            found = curves[(method, ratio)]
+            if not found:
+                continue
+            style = {"linestyle": "--", "color": "black"} if is_upper_bound(method) else {}
+            label = f"{method} (n={len(found)})"
+            dice = mean_curve(found, "val_dice")
+            dice_ax.plot(dice.index, dice.to_numpy() * 100.0, marker=".", label=label, **style)
+            loss = mean_curve(found, "loss", window)
+            loss_ax.plot(loss.index, loss.to_numpy(), label=label, **style)
+        dice_ax.set_title(f"{dataset}, {ratio_label(ratio)} labeled", fontsize=9)
+        dice_ax.set_ylim(0, 100)
+        dice_ax.set_ylabel("validation Dice (%)")
+        loss_ax.set_yscale("log")
+        loss_ax.set_ylabel(f"training loss (mean of {window} its)")
+        loss_ax.set_xlabel("iteration")
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle("Training curves, mean over n seeds. Loss: each method's own total, so scales differ.", fontsize=9)
     return _save(fig, Path(path))

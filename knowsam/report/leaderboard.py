@@ -227,7 +227,8 @@ def render(params: Params, long: pd.DataFrame, agg: pd.DataFrame, missing: list,
 
 def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root: str | Path = "data/eval", *,
                       overlays: bool = True) -> Path:
-    """Write ``leaderboard.md``/``.csv`` and ``figures/`` (bar chart, overlays per dataset); returns the .md path.
+    """Write ``leaderboard.md``/``.csv`` and ``figures/`` (bar chart, training curves and overlays per
+    dataset); returns the .md path.
 
     Figures sit in one folder so the pipeline can declare them as a single output whatever
     the dataset list. ``overlays=False`` leaves out the overlays, which show dataset images.
@@ -240,6 +241,12 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     out_dir = Path(out_dir)
     figures.bar_chart(agg, out_dir / "figures/leaderboard.png")
     figure_lines = ["![mDice per test set](figures/leaderboard.png)", ""]
+    for dataset in params.datasets:
+        name = f"figures/curves_{dataset}.png"
+        if figures.training_curves(params, dataset, out_dir / name, eval_root):
+            figure_lines += [f"![{dataset} training curves]({name})", ""]
+        else:
+            figure_lines += [f"{name}: not drawn, no evaluated run of {dataset} has training curves.", ""]
     for dataset in params.datasets if overlays else []:
         name = f"figures/overlays_{dataset}.png"
         if figures.overlay_grid(params, dataset, out_dir / name, eval_root):

@@ -67,7 +67,7 @@ def _readme(params: Params, compare_methods: list[str], wall_seconds: float | No
         f"torch {versions['torch']}.", "",
         "| File | What |", "|---|---|",
         "| [leaderboard.md](leaderboard.md), [leaderboard.csv](leaderboard.csv) | the leaderboard, with its footnotes |",
-        "| [figures/](figures/) | bar chart of the leaderboard (overlays show dataset images: regenerate them "
+        "| [figures/](figures/) | bar chart of the leaderboard, training curves (overlays show dataset images: regenerate them "
         "with `dvc repro`, they are not published) |",
         f"| [compare.md](compare.md), [compare.json](compare.json) | `knowsam-bench compare --methods {methods}` |",
         "| [params.yaml](params.yaml) | the exact parameters of the run |",
