@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from knowsam.config import Params
+from knowsam.methods.registry import UPPER_BOUNDS
 from knowsam.runs import RunId
 
 # How a method's extra outputs (``Method.variants``) are named in tables.
@@ -32,8 +33,6 @@ def row_label(method: str, variant: str) -> str:
 
 def is_upper_bound(method: str) -> bool:
     """A method trained on every label (e.g. fully-supervised): a reference, never a contender."""
-    from knowsam.methods.registry import UPPER_BOUNDS
-
     return method in UPPER_BOUNDS
 
 
