@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from knowsam import io
 from knowsam.config import Params
@@ -166,7 +167,8 @@ def training_curves(params: Params, dataset: str, path: str | Path, eval_root: s
         dice_ax.set_ylim(0, 100)
         dice_ax.set_ylabel("validation Dice (%)")
         loss_ax.set_yscale("log")
-        loss_ax.set_ylabel(f"training loss (mean of {window} its)")
+        loss_ax.yaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels crowd the axis
+        loss_ax.set_ylabel("training loss" + (f" (trailing mean, {window} its)" if window > 1 else ""))
         loss_ax.set_xlabel("iteration")
     axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle("Training curves, mean over n seeds. Loss: each method's own total, so scales differ.", fontsize=9)
