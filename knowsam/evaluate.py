@@ -150,7 +150,7 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     with io.atomic_path(out_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **predictions)
-    curves = training_curves(weights_path.parent)
+    curves = training_history(weights_path.parent)
     if curves is None:
         run.curves_file(eval_root).unlink(missing_ok=True)  # never leave an earlier training's curves
     else:
@@ -168,7 +168,7 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     return summary
 
 
-def training_curves(run_dir: Path) -> pd.DataFrame | None:
+def training_history(run_dir: Path) -> pd.DataFrame | None:
     """Per-iteration loss terms and the validation Dice of a run (its ``train_log.json`` history, which
     spans resumed sessions); None for a run folder without one (a run that has not finished)."""
     try:
