@@ -81,17 +81,19 @@ def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, method
     ``methods`` defaults to every method in params (what the evaluate stage does). Each run's full
     summary goes to its eval folder; the group's metrics file (DVC metrics) is then rebuilt from
     the summaries of every params method evaluated so far, so scoring one method by hand keeps
-    the others. Every run's weights and training config are checked before any scoring starts;
+    the others. Every run's weights, training config and training log are checked before any scoring starts;
     ``on_result(method, summary)`` is called as each run finishes.
     """
     runs = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed)
             for m in (params.methods if methods is None else methods)]
     weights = {run: _trained_weights(params, run, runs_root) for run in runs}
+    histories = {run: training_history(weights[run].parent, run) for run in runs}
     device = pick_device(params.train.device)
     data = PreparedDataset(Path(params.data.prepared_root) / dataset)
     summaries = {}
     for run in runs:
-        summaries[run.method] = evaluate_run(params, run, data, device, weights[run], eval_root=eval_root)
+        summaries[run.method] = evaluate_run(params, run, data, device, weights[run], histories[run],
+                                             eval_root=eval_root)
         if on_result is not None:
             on_result(run.method, summaries[run.method])
     group = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed) for m in params.methods]
@@ -120,10 +122,10 @@ def headline_metrics(group: list[RunId], eval_root: str | Path = "data/eval") ->
     return out
 
 
-def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torch.device, weights_path: Path, *,
-                 eval_root: str | Path = "data/eval") -> dict:
+def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torch.device, weights_path: Path,
+                 history: pd.DataFrame | None, *, eval_root: str | Path = "data/eval") -> dict:
     """Score one run from its checked ``best.pt``; write ``per_case.csv``, ``predictions.npz``,
-    ``curves.csv`` and ``summary.json`` (last); return the summary."""
+    ``curves.csv`` (``history``, see training_history) and ``summary.json`` (last); return the summary."""
     method = build_method(params, run, data, device, training=False)
     try:
         saved = torch.load(weights_path, map_location=device, weights_only=True)
@@ -150,11 +152,10 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     with io.atomic_path(out_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **predictions)
-    curves = training_history(weights_path.parent)
-    if curves is None:
+    if history is None:
         run.curves_file(eval_root).unlink(missing_ok=True)  # never leave an earlier training's curves
     else:
-        io.write_text(run.curves_file(eval_root), curves.to_csv(index=False))
+        io.write_text(run.curves_file(eval_root), history.to_csv(index=False))
     summary = _rounded({
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "best_step": int(saved["step"]),
@@ -168,14 +169,18 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     return summary
 
 
-def training_history(run_dir: Path) -> pd.DataFrame | None:
+def training_history(run_dir: Path, run: RunId) -> pd.DataFrame | None:
     """Per-iteration loss terms and the validation Dice of a run (its ``train_log.json`` history, which
     spans resumed sessions); None for a run folder without one (a run that has not finished)."""
-    try:
-        history = json.loads((run_dir / "train_log.json").read_text())["history"]
-    except (OSError, ValueError, KeyError):
+    path = run_dir / "train_log.json"
+    if not path.is_file():
         return None
-    table = pd.DataFrame(history)
+    try:
+        table = pd.DataFrame(json.loads(path.read_text())["history"])
+    except (OSError, ValueError, KeyError, TypeError):
+        table = None
+    if table is None or "step" not in table.columns:
+        raise KnowsamError(f"{path}: unreadable training log; re-run the train stage for {run.stage_name}")
     return table[["step", *(c for c in table.columns if c != "step")]]
 
 

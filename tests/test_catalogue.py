@@ -452,6 +452,14 @@ def test_evaluate_corrupt_weights(train_ws, cli):
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
 
+def test_evaluate_corrupt_training_log(train_ws, cli):
+    log = train_ws / RUN_DIR / "train_log.json"
+    log.write_text(log.read_text()[:40])  # cut short
+    one_line(*cli(train_ws, "evaluate", *EVAL), 1,
+             r"train_log.json: unreadable training log; re-run the train stage for labeled-only-demo-0.1-0")
+    assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
+
+
 # --- SAM checkpoints ----------------------------------------------------------------------------
 
 def test_missing_sam_checkpoint(train_ws, cli):

@@ -100,3 +100,4 @@ def test_a_run_without_training_log_gets_no_curves(trained, tmp_path):
     _evaluate(params, copy, tmp_path)
     assert not stale.exists()
     assert RunId("fully-supervised", "demo", 0.1, 0).curves_file(tmp_path / "eval").is_file()
+
