@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import medpy.metric.binary as mb
@@ -127,8 +128,25 @@ def test_one_empty_mask_scores_worst(missing: str, shape, spacing, diagonal: flo
     assert reachable < m["hd"]
 
 
-def test_policy_text_states_both_cases() -> None:
-    assert "both empty" in EMPTY_MASK_POLICY and "exactly one is empty" in EMPTY_MASK_POLICY
+def test_policy_text_states_what_the_metrics_compute() -> None:
+    """Every value the policy text (printed in leaderboards and summaries) promises is what is computed."""
+    both = re.search(r"both empty, ((?:\w+ = )+)(\d) and all distances are (\d)", EMPTY_MASK_POLICY)
+    one = re.search(r"exactly one is empty[^,]*, ((?:\w+ = )+)(\d) and every distance equals the image diagonal",
+                    EMPTY_MASK_POLICY)
+    assert both and one, EMPTY_MASK_POLICY
+    shape, spacing = (30, 40), (2.0, 1.0)
+    empty, full = np.zeros(shape, bool), np.zeros(shape, bool)
+    full[5:9, 5:9] = True
+    distances = ("hd95", "asd", "assd", "hd")
+    m = binary_metrics(empty, empty, spacing)
+    for name in both.group(1).split(" = ")[:-1]:
+        assert m[name.lower()] == float(both.group(2)), name
+    assert all(m[key] == float(both.group(3)) for key in distances)
+    for pred, gt in ((empty, full), (full, empty)):
+        m = binary_metrics(pred, gt, spacing)
+        for name in one.group(1).split(" = ")[:-1]:
+            assert m[name.lower()] == float(one.group(2)), name
+        assert all(m[key] == pytest.approx(math.hypot(60, 40)) for key in distances)
 
 
 def test_case_metrics_multiclass_per_class_and_mean() -> None:

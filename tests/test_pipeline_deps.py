@@ -1,0 +1,111 @@
+"""Every module a DVC stage executes is one of that stage's deps in dvc.yaml.
+
+The executed modules are measured, not guessed: each stage's command runs for real on a tiny
+demo workspace in its own process, and the ``knowsam`` modules loaded when it exits (lazy
+imports included) are that stage's code. A module outside every dep means an edit to it
+leaves ``dvc status`` clean and the old results marked up to date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs a stage script as DVC would (`python stages/<stage>.py ...`) and, at exit, writes the repo-relative
+# files of every loaded knowsam module (lazily imported ones included) to the file named first.
+TRACER = """
+import atexit, json, os, runpy, sys
+out, repo, script, *args = sys.argv[1:]
+def dump():
+    files = {os.path.relpath(m.__file__, repo) for name, m in list(sys.modules.items())
+             if (name == "knowsam" or name.startswith("knowsam.")) and getattr(m, "__file__", None)}
+    with open(out, "w") as f:
+        json.dump(sorted(files), f)
+atexit.register(dump)
+sys.argv = [script, *args]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _run_traced(workspace: Path, script: str, args: list[str], out: Path) -> set[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", TRACER, str(out), str(REPO), str(REPO / script), *args],
+                          cwd=workspace, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+    return set(json.loads(out.read_text()))
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory) -> dict[str, set[str]]:
+    """Stage name -> repo-relative files of the knowsam modules its command executed (every method for train)."""
+    ws = tmp_path_factory.mktemp("deps-ws")
+    params = yaml.safe_load((REPO / "knowsam/profiles/demo.yaml").read_text())
+    params["data"]["image_size"] = 32
+    params["train"].update(iterations=2, eval_every=1, checkpoint_every=1, threads=1)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dataset, ratio, seed = params["datasets"][0], str(params["ratios"][0]), str(params["seeds"][0])
+    calls = {
+        "acquire": [[dataset]],
+        "prepare": [[dataset]],
+        "split": [[dataset, "--ratio", ratio, "--seed", seed]],
+        # The train stage is one template for every method: its deps must cover the union.
+        "train": [["--method", m, "--dataset", dataset, "--ratio", ratio, "--seed", seed, "--restart-stale"]
+                  for m in params["methods"]],
+        "evaluate": [[dataset, "--ratio", ratio, "--seed", seed]],
+        "leaderboard": [[]],
+    }
+    result = {}
+    for stage, arg_lists in calls.items():
+        files: set[str] = set()
+        for i, args in enumerate(arg_lists):
+            files |= _run_traced(ws, f"stages/{stage}.py", args, ws / f"{stage}-{i}.json")
+        result[stage] = files
+    return result
+
+
+def _code_deps() -> dict[str, list[str]]:
+    """Stage name -> its deps inside the package or stages/ (dvc.yaml's foreach/matrix bodies included)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: [d for d in body.get("do", body).get("deps", []) if d.startswith(("knowsam", "stages/"))]
+            for name, body in stages.items()}
+
+
+def uncovered(files: set[str], deps: list[str]) -> list[str]:
+    """Files not equal to, nor inside, any dep path."""
+    return sorted(f for f in files if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+
+
+def test_every_stage_lists_the_code_it_executes(executed):
+    deps = _code_deps()
+    assert set(executed) == set(deps)
+    for stage, files in executed.items():
+        assert f"stages/{stage}.py" in deps[stage], f"{stage}: its own script is not a dep"
+        assert len(files) > 3, f"{stage}: tracing found almost no modules ({files}); the tracer is broken"
+        missing = uncovered(files, deps[stage])
+        assert not missing, f"dvc.yaml stage '{stage}' executes modules that are not its deps: {missing}"
+
+
+def test_removing_any_code_dep_is_detected(executed):
+    """No dep is decoration: dropping any one of them leaves an executed module uncovered."""
+    for stage, deps in _code_deps().items():
+        files = executed[stage] | {f"stages/{stage}.py"}
+        for dep in deps:
+            rest = [d for d in deps if d != dep]
+            assert uncovered(files, rest), f"dvc.yaml stage '{stage}': dep '{dep}' covers no executed module"
+
+
+def test_training_and_evaluation_code_is_where_the_issue_found_it(executed):
+    """The modules whose edits once left results marked up to date are now measured as executed."""
+    for f in ("knowsam/losses.py", "knowsam/data/augment.py", "knowsam/data/loader.py", "knowsam/config.py",
+              "knowsam/runs.py", "knowsam/distributed.py", "knowsam/models/unet.py"):
+        assert f in executed["train"], f
+    for f in ("knowsam/metrics.py", "knowsam/evaluate.py"):
+        assert f in executed["evaluate"], f
