@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from knowsam.errors import KnowsamError
+from knowsam.errors import KnowsamError, environment_failure
 
 app = typer.Typer(
     name="knowsam-bench",
@@ -241,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the machine, not the code: disk full or out of memory get one line too
+        line = environment_failure(exc)
+        if line is None or _state["debug"]:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from knowsam.errors import KnowsamError, is_disk_full
 
 
 @contextlib.contextmanager
@@ -31,16 +34,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and _out_of_space(exc, target.parent):
+            free_mb = shutil.disk_usage(target.parent).free // 2**20
+            raise KnowsamError(f"{target}: no space left on device ({free_mb} MB free in {target.parent}); "
+                               "free some space and rerun") from exc
         raise
+
+
+# torch's archive writer reports a full disk as a short write ("unexpected pos ...", chained to an
+# iostream error) without errno; below this much free space such a failure is taken for a full disk.
+_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _out_of_space(exc: Exception, folder: Path) -> bool:
+    if is_disk_full(exc):
+        return True
+    return "inline_container" in str(exc) and shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty sibling folder; on success it replaces ``path``, on failure it is removed."""
-    import shutil
-
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,7 @@ import shutil
 import tarfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -549,6 +550,48 @@ def test_score_missing_prediction_folder(tmp_path, cli):
     (tmp_path / "gt").mkdir()
     one_line(*cli(tmp_path, "score", str(tmp_path / "nope"), str(tmp_path / "gt")), 1,
              r"prediction folder \S+nope does not exist or is not a folder")
+
+
+# --- the machine: disk full, out of memory ----------------------------------------------------
+
+def test_disk_full_while_saving_a_checkpoint(train_ws, cli, monkeypatch):
+    """torch's own short-write error (what a full disk gives it) becomes one line; nothing half-written."""
+    import knowsam.io
+
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, _path: save(obj, "/dev/full"))  # every write fails as on a full disk
+    monkeypatch.setattr(knowsam.io.shutil, "disk_usage", lambda _p: SimpleNamespace(free=2**20))  # 1 MB left
+    _fresh_run(train_ws)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
+             r"labeled-only/(best|checkpoint).pt: no space left on device \(1 MB free in \S+labeled-only\); "
+             r"free some space and rerun")
+    assert not list((train_ws / RUN_DIR).rglob("*.tmp")) and not list((train_ws / RUN_DIR).glob("*.pt"))
+
+
+def test_disk_full_while_writing_a_file(tmp_path, cli, monkeypatch):
+    """An OSError ENOSPC from the file system (here /dev/full's real one) is named as such."""
+    from knowsam import io as kio
+
+    def write_to_full_device(self, data):
+        with open("/dev/full", "wb") as full:
+            full.write(data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_to_full_device)
+    message = library_error(lambda: kio.write_text(tmp_path / "out.json", "{}"),
+                            r"out.json: no space left on device \(\d+ MB free in \S+\); free some space and rerun")
+    assert str(tmp_path) in message and not list(tmp_path.iterdir())
+
+
+def test_out_of_memory_is_one_line(train_ws, cli, monkeypatch):
+    from knowsam.methods.supervised import LabeledOnly
+
+    def allocate_too_much(self, batch, step):
+        return torch.empty(2**60, dtype=torch.uint8)  # the CPU allocator's real refusal
+
+    monkeypatch.setattr(LabeledOnly, "train_step", allocate_too_much)
+    _fresh_run(train_ws)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
+             r"out of memory \(.*can't allocate memory.*\); lower train.batch_size or data.image_size")
 
 
 # --- the catalogue document ---------------------------------------------------------------------
