@@ -18,3 +18,9 @@ class ConfigError(KnowsamError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=2)
+
+
+def describe_error(exc: BaseException) -> str:
+    """Exception class and first message line, for wrapping a library's error in a one-line message."""
+    text = str(exc).strip()
+    return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__

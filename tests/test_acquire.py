@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import shutil
 import socket
 import threading
@@ -16,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from knowsam.data import download as dl
-from knowsam.data.acquire import MIRROR_ENV, acquire
-from knowsam.data.sources import DATASETS, POLYP, Part
+from knowsam import download as dl
+from knowsam.data.acquire import acquire
+from knowsam.data.sources import DATASETS, MIRROR_ENV, POLYP, Part, mirror_folder
 from knowsam.errors import ConfigError, KnowsamError
 
-REPO = Path(__file__).resolve().parents[1]
 # Read before the autouse fixture below clears the variable for the other tests.
-REAL_MIRROR = Path(os.environ.get(MIRROR_ENV) or REPO.parent / "shared" / "data")
+REAL_MIRROR = mirror_folder()
 
 # The polyp spec (its renames included) scaled down to a handful of files.
 SMALL_POLYP = dataclasses.replace(
@@ -291,8 +289,8 @@ def test_demo_comes_from_its_generator(tmp_path, monkeypatch):
 
 def test_real_mirror_counts(tmp_path, monkeypatch):
     mirror = REAL_MIRROR
-    if not (mirror / "polyp").is_dir() or not (mirror / "acdc").is_dir():
-        pytest.skip(f"real data mirror not found at {mirror} (set {MIRROR_ENV})")
+    if mirror is None or not (mirror / "polyp").is_dir() or not (mirror / "acdc").is_dir():
+        pytest.skip(f"real data mirror with polyp and acdc not found at {mirror} (set {MIRROR_ENV})")
     monkeypatch.setitem(DATASETS, "polyp", POLYP)
     polyp = acquire("polyp", tmp_path, mirror=mirror, offline=True, progress=False)
     source = _source(polyp)

@@ -23,7 +23,7 @@ from knowsam.report.figures import mean_curve, overlay_cases
 from knowsam.report.leaderboard import write_leaderboard
 from knowsam.report.results import load_per_case
 from knowsam.runs import RunId
-from knowsam.data.prepared import FORMAT_VERSION, PreparedDataset
+from knowsam.data.dataset import FORMAT_VERSION, PreparedDataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 POLYP_SETS = {"Kvasir": 4, "CVC-ClinicDB": 3}

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from knowsam.data.acquire import acquire
-from knowsam.data.prepare import find_pairs, prepare_polyp_layout, read_image, read_mask, resize_image
-from knowsam.data.prepare_volumes import PROMISE12_PARTITION, prepare_acdc, prepare_promise12
-from knowsam.data.prepared import PreparedDataset
-from knowsam.data.preparers import prepare_dataset
-from knowsam.data.sources import ACDC, PROMISE12
+from knowsam.data.dataset import PreparedDataset
+from knowsam.data.frames import find_pairs, prepare_frames, read_image, read_mask, resize_image
+from knowsam.data.prepare import prepare_dataset
+from knowsam.data.sources import ACDC, POLYP, PROMISE12
+from knowsam.data.volumes import PROMISE12_PARTITION, prepare_acdc, prepare_promise12
 from knowsam.data.splits import make_split
 from knowsam.errors import KnowsamError
 from knowsam.evaluate import _score_part
@@ -286,8 +286,7 @@ def test_promise12_fingerprint(promise12):
 def test_promise12_default_protocol_through_prepare_dataset(tmp_path):
     """All 50 cases, the fixed 35/5/10 partition, and the fingerprint copied to reports."""
     write_promise12(tmp_path / "data/raw/promise12", range(50))
-    params = small_params(tmp_path)
-    meta = prepare_dataset("promise12", params, reports_root=tmp_path / "reports")
+    meta = prepare_dataset("promise12", small_params(tmp_path).data, reports_root=tmp_path / "reports")
     assert (meta["train_cases"], meta["val"], meta["test_sets"]) == (35, 5, {"PROMISE12": 10})
     assert PROMISE12_PARTITION["test"] == tuple(range(40, 50))
     index = PreparedDataset(tmp_path / "data/prepared/promise12").index("train")
@@ -348,8 +347,8 @@ def test_etis_names_and_grey_tagged_tiffs_prepare(tmp_path):
     _pair_folder(raw / "TrainDataset", {"a": _rgb(1), "b": _rgb(2)}, {"a": "a", "b": "b"})
     frames = {"1": _rgb(3), "2": _rgb(4), "10": _rgb(5)}
     _pair_folder(raw / "TestDataset/ETIS-LaribPolypDB", frames, {"1": "p1", "2": "p2", "10": "p10"})
-    meta = prepare_polyp_layout(raw, tmp_path / "out", dataset="polyp", image_size=SIZE, interpolation="bilinear",
-                                test_sets=["ETIS-LaribPolypDB"], workers=1)
+    meta = prepare_frames(raw, tmp_path / "out", POLYP, image_size=SIZE, interpolation="bilinear",
+                          test_sets=["ETIS-LaribPolypDB"], workers=1)
     assert meta["test_sets"] == {"ETIS-LaribPolypDB": 3}
     data = PreparedDataset(tmp_path / "out")
     assert data.index("ETIS-LaribPolypDB")["name"].tolist() == ["1", "2", "10"]
@@ -368,8 +367,7 @@ def test_exact_mask_stem_wins_and_missing_masks_are_named(tmp_path):
 
 # --- acceptance on the offline mirror ---------------------------------------------------
 
-needs_mirror = pytest.mark.skipif(mirror_root() is None, reason="offline data mirror not found "
-                                  "(set KNOWSAM_MIRROR or put it at ../shared/data)")
+needs_mirror = pytest.mark.skipif(mirror_root() is None, reason="offline data mirror not found (set KNOWSAM_MIRROR)")
 
 
 @pytest.mark.slow
@@ -378,7 +376,7 @@ def test_mirror_polyp_counts_and_no_cross_set_duplicates(tmp_path):
     acquire("polyp", tmp_path / "data/raw", mirror=mirror_root(), progress=False)
     params = small_params(tmp_path)
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, image_size=SIZE))
-    meta = prepare_dataset("polyp", params, reports_root=tmp_path / "reports")
+    meta = prepare_dataset("polyp", params.data, reports_root=tmp_path / "reports")
     assert meta["train"] == 1450
     assert meta["test_sets"] == {"Kvasir": 100, "CVC-ClinicDB": 62, "CVC-ColonDB": 380, "CVC-300": 60}
     assert meta["unavailable"] == ["ETIS-LaribPolypDB"]
@@ -391,7 +389,7 @@ def test_mirror_polyp_counts_and_no_cross_set_duplicates(tmp_path):
 @needs_mirror
 def test_mirror_acdc_counts(tmp_path):
     acquire("acdc", tmp_path / "data/raw", mirror=mirror_root(), progress=False)
-    meta = prepare_dataset("acdc", small_params(tmp_path), reports_root=tmp_path / "reports")
+    meta = prepare_dataset("acdc", small_params(tmp_path).data, reports_root=tmp_path / "reports")
     assert (meta["train"], meta["train_cases"], meta["val"], meta["test_sets"]) == (1312, 140, 20, {"ACDC": 40})
     fp = json.loads((tmp_path / "reports/acdc.json").read_text())
     assert fp["problems"] == [] and fp["val"]["cases"] == 20 and fp["test_sets"]["ACDC"]["slices"] == 380
