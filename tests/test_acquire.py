@@ -136,6 +136,24 @@ def test_mirror_from_environment_variable(tmp_path, monkeypatch):
     assert _source(root)["manifest"] is None
 
 
+def test_one_rule_finds_the_mirror(tmp_path, monkeypatch):
+    """Configured folder first, then the environment variable, else none; ``~`` is the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert mirror_folder() is None and mirror_folder("") is None
+    monkeypatch.setenv(MIRROR_ENV, "~/from-env")
+    assert mirror_folder() == tmp_path / "from-env"
+    assert mirror_folder(None) == mirror_folder("") == tmp_path / "from-env"
+    assert mirror_folder("~/configured") == tmp_path / "configured"
+    assert mirror_folder(tmp_path / "p") == tmp_path / "p"
+
+
+def test_configured_mirror_wins_over_the_environment(tmp_path, monkeypatch):
+    _layout(tmp_path / "mirror/polyp")
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "elsewhere"))
+    root = acquire("polyp", tmp_path / "raw", mirror=tmp_path / "mirror", progress=False)
+    assert _source(root)["location"] == str(tmp_path / "mirror/polyp")
+
+
 def test_mirror_manifest_mismatch_is_refused(tmp_path):
     mirror = tmp_path / "mirror"
     _manifest(_layout(mirror / "polyp"))

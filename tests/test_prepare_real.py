@@ -1,4 +1,4 @@
-"""Real-dataset preparers: ACDC (SSL4MIS h5), PROMISE12 (MetaImage), ETIS-style TIFFs, mirror acceptance.
+"""Real-dataset readers: ACDC (SSL4MIS h5), PROMISE12 (MetaImage), ETIS-style TIFFs, mirror acceptance.
 
 Small files in each real format are written by the tests; the acceptance tests on the
 offline mirror (full polyp and ACDC) are marked slow and skip when the mirror is absent.
@@ -363,6 +363,58 @@ def test_exact_mask_stem_wins_and_missing_masks_are_named(tmp_path):
     tifffile.imwrite(folder / "images/7.tif", _rgb(3))
     with pytest.raises(KnowsamError, match=r"images/7\.tif: no mask named 7 or p7 .*\(1 frame\(s\) without a mask\)"):
         find_pairs(folder / "images", folder / "masks")
+
+
+# --- specs and readers ------------------------------------------------------------------
+
+
+def test_every_spec_names_a_reader_and_a_case_rule():
+    from knowsam.data.prepare import READERS
+    from knowsam.data.sources import CASE_RULES, DATASETS, KINDS
+
+    for spec in DATASETS.values():
+        assert spec.reader in READERS and spec.case_rule in CASE_RULES and spec.kind in KINDS
+
+
+def test_case_rules():
+    from knowsam.data.sources import DEMO
+
+    assert ACDC.case_of("patient007_frame12") == "patient007"
+    assert PROMISE12.case_of("Case07") == "Case07" and DEMO.case_of("frame_3") == "frame_3"
+    with pytest.raises(KnowsamError, match=r"^'Case07' is not an ACDC volume name patientNNN_frameNN$"):
+        ACDC.case_of("Case07")
+
+
+def test_spec_with_unknown_rule_or_wrong_class_names_is_refused():
+    with pytest.raises(ValueError, match="case_rule 'slice' is not one of frame, volume, patient"):
+        dataclasses.replace(PROMISE12, case_rule="slice")
+    with pytest.raises(ValueError, match="kind 'volume-mri' is not one of 2d, 3d"):
+        dataclasses.replace(PROMISE12, kind="volume-mri")
+    with pytest.raises(ValueError, match="1 class names for 2 classes"):
+        dataclasses.replace(PROMISE12, class_names=("prostate",))
+
+
+def test_meta_takes_classes_and_case_rule_from_the_spec(tmp_path):
+    raw = tmp_path / "raw"
+    _pair_folder(raw / "TrainDataset", {"a": _rgb(1), "b": _rgb(2)}, {"a": "a", "b": "b"})
+    spec = dataclasses.replace(POLYP, name="lesion", class_names=("background", "lesion"))
+    meta = prepare_frames(raw, tmp_path / "out", spec, image_size=SIZE, interpolation="bilinear", test_sets=[],
+                          workers=1)
+    assert (meta["dataset"], meta["kind"], meta["in_channels"]) == ("lesion", "2d", 3)
+    assert meta["class_names"] == ["background", "lesion"]
+    grey = dataclasses.replace(spec, in_channels=1)
+    with pytest.raises(KnowsamError, match=r"^dataset 'lesion': the frames reader reads 2D RGB frames with binary "
+                                           r"masks, not kind 2d with 1 channel\(s\) and 2 classes$"):
+        prepare_frames(raw, tmp_path / "grey", grey, image_size=SIZE, interpolation="bilinear", test_sets=[])
+
+
+def test_volume_cases_follow_the_spec_rule(tmp_path):
+    """The same ACDC files grouped by volume instead of patient: each volume is its own training case."""
+    write_acdc(tmp_path / "raw")
+    by_volume = dataclasses.replace(ACDC, case_rule="volume")
+    prepare_acdc(tmp_path / "raw", tmp_path / "out", by_volume, image_size=SIZE, interpolation="bilinear", workers=1)
+    cases = PreparedDataset(tmp_path / "out").index("train")["case"].unique().tolist()
+    assert cases == ["patient001_frame01", "patient001_frame12", "patient002_frame01"]
 
 
 # --- acceptance on the offline mirror ---------------------------------------------------
