@@ -308,7 +308,7 @@ def test_demo_comes_from_its_generator(tmp_path, monkeypatch):
 def test_real_mirror_counts(tmp_path, monkeypatch):
     mirror = REAL_MIRROR
     if mirror is None or not (mirror / "polyp").is_dir() or not (mirror / "acdc").is_dir():
-        pytest.skip(f"real data mirror with polyp and acdc not found at {mirror} (set {MIRROR_ENV})")
+        pytest.skip(f"real data mirror with polyp and acdc not found (set {MIRROR_ENV} to it)")
     monkeypatch.setitem(DATASETS, "polyp", POLYP)
     polyp = acquire("polyp", tmp_path, mirror=mirror, offline=True, progress=False)
     source = _source(polyp)
