@@ -1,7 +1,7 @@
 """Time preparing the real polyp training set (1450 Kvasir-SEG + CVC-ClinicDB pairs) at 256 px.
 
 The mirror's polyp folder is first acquired into a temporary raw root (hard links, so
-no copying is timed); then ``prepare_polyp_layout`` prepares the training set alone
+no copying is timed); then ``prepare_frames`` prepares the training set alone
 (no test sets) into a temporary folder. Wall time is the figure to compare with the
 60 s target on 2 cores; CPU time (this process plus its worker processes) is printed
 too, since unlike wall time it is not inflated by other load on the machine.
@@ -20,14 +20,10 @@ import time
 from pathlib import Path
 
 from knowsam.data.acquire import acquire
-from knowsam.data.prepare import prepare_polyp_layout
+from knowsam.data.frames import prepare_frames
+from knowsam.data.sources import POLYP, mirror_folder
 
 TARGET_S = 60.0
-
-
-def default_mirror() -> Path:
-    configured = os.environ.get("KNOWSAM_MIRROR")
-    return Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def cpu_seconds() -> float:
@@ -37,19 +33,20 @@ def cpu_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mirror", type=Path, default=default_mirror())
+    parser.add_argument("--mirror", type=Path, help="offline data mirror (default: $KNOWSAM_MIRROR)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    if not (args.mirror / "polyp" / "TrainDataset").is_dir():
-        raise SystemExit(f"no polyp mirror under {args.mirror}: pass --mirror or set KNOWSAM_MIRROR")
+    mirror = mirror_folder(args.mirror)
+    if mirror is None or not (mirror / "polyp" / "TrainDataset").is_dir():
+        raise SystemExit(f"no polyp mirror under {mirror or '(no mirror given)'}: pass --mirror or set KNOWSAM_MIRROR")
     with tempfile.TemporaryDirectory() as tmp:
-        raw = acquire("polyp", Path(tmp) / "raw", mirror=args.mirror, progress=False)
+        raw = acquire("polyp", Path(tmp) / "raw", mirror=mirror, progress=False)
         print(f"{os.cpu_count()} CPUs, {args.workers} workers, {args.size} px; "
               f"load average before timing {os.getloadavg()[0]:.2f}")
         wall, cpu = time.perf_counter(), cpu_seconds()
-        meta = prepare_polyp_layout(raw, Path(tmp) / "prepared", dataset="polyp", image_size=args.size,
-                                    interpolation="bilinear", test_sets=[], workers=args.workers)
+        meta = prepare_frames(raw, Path(tmp) / "prepared", POLYP, image_size=args.size, interpolation="bilinear",
+                              test_sets=[], workers=args.workers)
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
         load = os.getloadavg()[0]
     n = meta["train"]

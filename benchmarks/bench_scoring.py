@@ -24,15 +24,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from knowsam.data.sources import mirror_folder
 from knowsam.report.score import score_folders
 
 SUBSETS = ("Kvasir", "CVC-ClinicDB", "CVC-ColonDB", "CVC-300")
 COLUMNS = ("dice", "iou", "hd95", "asd", "precision", "recall", "hd_x095_paper")
-
-
-def default_mirror() -> Path:
-    configured = os.environ.get("KNOWSAM_MIRROR")
-    return Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def perturb(gt: np.ndarray, index: int) -> np.ndarray:
@@ -91,16 +87,17 @@ def timed(function, *args) -> tuple[float, float, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mirror", type=Path, default=default_mirror())
+    parser.add_argument("--mirror", type=Path, help="offline data mirror (default: $KNOWSAM_MIRROR)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    if not (args.mirror / "polyp" / "TestDataset").is_dir():
-        raise SystemExit(f"no polyp mirror under {args.mirror}: pass --mirror or set KNOWSAM_MIRROR")
+    mirror = mirror_folder(args.mirror)
+    if mirror is None or not (mirror / "polyp" / "TestDataset").is_dir():
+        raise SystemExit(f"no polyp mirror under {mirror or '(no mirror given)'}: pass --mirror or set KNOWSAM_MIRROR")
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = write_predictions(args.mirror, Path(tmp))
+        pairs = write_predictions(mirror, Path(tmp))
         print(f"{len(pairs)} masks, {os.cpu_count()} CPUs, load average before timing {os.getloadavg()[0]:.2f}")
-        parallel_s, parallel_cpu, parallel = timed(ours, args.mirror, Path(tmp), args.workers)
-        serial_s, serial_cpu, serial = timed(ours, args.mirror, Path(tmp), 1)
+        parallel_s, parallel_cpu, parallel = timed(ours, mirror, Path(tmp), args.workers)
+        serial_s, serial_cpu, serial = timed(ours, mirror, Path(tmp), 1)
         medpy_s, medpy_cpu, reference = timed(medpy_loop, pairs)
         load = os.getloadavg()[0]
     if not np.array_equal(parallel, serial):

@@ -89,8 +89,7 @@ def acquire(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTIO
     from knowsam.data.acquire import acquire as do_acquire
 
     params = _load_params(params_file)
-    mirror = Path(params.data.mirror) if params.data.mirror else None
-    path = do_acquire(dataset, Path(params.data.raw_root), mirror=mirror, offline=offline)
+    path = do_acquire(dataset, Path(params.data.raw_root), mirror=params.data.mirror, offline=offline)
     typer.echo(f"{dataset}: ready in {path}")
 
 
@@ -99,11 +98,11 @@ def prepare(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTIO
     """Prepare a dataset: checked, resized arrays + original masks + fingerprint report."""
     import time
 
-    from knowsam.data.preparers import prepare_dataset
+    from knowsam.data.prepare import prepare_dataset
 
     params = _load_params(params_file)
     start = time.perf_counter()
-    meta = prepare_dataset(dataset, params)
+    meta = prepare_dataset(dataset, params.data)
     counts = ", ".join(f"{k} {v}" for k, v in meta["test_sets"].items())
     typer.echo(f"{dataset}: train {meta['train']}; test {counts} "
                f"({time.perf_counter() - start:.1f} s at {meta['image_size']} px)")
@@ -114,7 +113,7 @@ def split(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION,
           ratio: Optional[float] = typer.Option(None, help="Only this ratio (default: every ratio in params)."),
           seed: Optional[int] = typer.Option(None, help="Only this seed (default: every seed in params).")) -> None:
     """Write the split files of a dataset (every ratio and seed in params unless one is given)."""
-    from knowsam.data.prepared import PreparedDataset
+    from knowsam.data.dataset import PreparedDataset
     from knowsam.data.splits import split_path, write_split
 
     params = _load_params(params_file)

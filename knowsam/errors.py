@@ -52,3 +52,9 @@ def environment_failure(exc: BaseException) -> str | None:
             return (f"out of memory ({first[:160]}); lower train.batch_size or data.image_size, "
                     "or free memory and rerun (a resumable run continues from its last checkpoint)")
     return None
+
+
+def describe_error(exc: BaseException) -> str:
+    """Exception class and first message line, for wrapping a library's error in a one-line message."""
+    text = str(exc).strip()
+    return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from knowsam import io
 from knowsam.config import Params
-from knowsam.data.prepared import PreparedDataset, to_float
+from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.errors import KnowsamError
 from knowsam.metrics import EMPTY_MASK_POLICY, case_metrics, summarize
 from knowsam.runs import RunId

@@ -26,7 +26,7 @@ import torch
 
 from knowsam import __version__, io
 from knowsam.config import Params, to_dict
-from knowsam.data.prepared import PreparedDataset, to_float
+from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.data.splits import read_split, split_path
 from knowsam.errors import KnowsamError
 from knowsam.methods import Method, MethodContext, get_method

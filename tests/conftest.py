@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def mirror_root() -> Path | None:
-    """The offline data mirror (env KNOWSAM_MIRROR, else ../shared/data next to the repo), if present."""
-    path = Path(os.environ.get("KNOWSAM_MIRROR", REPO.parent / "shared" / "data"))
-    return path if path.is_dir() else None
+    """The offline data mirror the package would use (``$KNOWSAM_MIRROR``), if that folder exists."""
+    from knowsam.data.sources import mirror_folder
+
+    path = mirror_folder()
+    return path if path is not None and path.is_dir() else None
 
 
 @functools.cache  # decoded once for all real-image tests (callers must not modify the tensors)
@@ -29,7 +30,7 @@ def polyp_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` training frames of the polyp mirror at ``size`` px, as the preparer resizes them."""
     import numpy as np
 
-    from knowsam.data.prepare import find_pairs, load_pair
+    from knowsam.data.frames import find_pairs, load_pair
 
     root = mirror_root()
     train = root / "polyp" / "TrainDataset" if root else None
@@ -46,12 +47,13 @@ def polyp_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def demo_prepared(tmp_path_factory) -> Path:
     """A 48-image demo dataset prepared at 32 px; returns the workspace root holding data/."""
     from knowsam.data.demo import generate_demo
-    from knowsam.data.prepare import prepare_polyp_layout
+    from knowsam.data.frames import prepare_frames
+    from knowsam.data.sources import DEMO
 
     root = tmp_path_factory.mktemp("ws")
     generate_demo(root / "data/raw/demo", seed=0, n_train=48, test_sets={"Demo-Kvasir": 6, "Demo-Colon": 6})
-    prepare_polyp_layout(root / "data/raw/demo", root / "data/prepared/demo", dataset="demo", image_size=32,
-                         interpolation="bilinear", test_sets=["Demo-Kvasir", "Demo-Colon"], workers=1)
+    prepare_frames(root / "data/raw/demo", root / "data/prepared/demo", DEMO, image_size=32, interpolation="bilinear",
+                   test_sets=["Demo-Kvasir", "Demo-Colon"], workers=1)
     return root
 
 

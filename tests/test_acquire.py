@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import shutil
 import socket
 import threading
@@ -16,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from knowsam.data import download as dl
-from knowsam.data.acquire import MIRROR_ENV, acquire
-from knowsam.data.sources import DATASETS, POLYP, Part
+from knowsam import download as dl
+from knowsam.data.acquire import acquire
+from knowsam.data.sources import DATASETS, MIRROR_ENV, POLYP, Part, mirror_folder
 from knowsam.errors import ConfigError, KnowsamError
 
-REPO = Path(__file__).resolve().parents[1]
 # Read before the autouse fixture below clears the variable for the other tests.
-REAL_MIRROR = Path(os.environ.get(MIRROR_ENV) or REPO.parent / "shared" / "data")
+REAL_MIRROR = mirror_folder()
 
 # The polyp spec (its renames included) scaled down to a handful of files.
 SMALL_POLYP = dataclasses.replace(
@@ -136,6 +134,24 @@ def test_mirror_from_environment_variable(tmp_path, monkeypatch):
     root = acquire("polyp", tmp_path / "raw", progress=False)
     assert _source(root)["unavailable"] == [] and "ETIS-LaribPolypDB" in _source(root)["available"]
     assert _source(root)["manifest"] is None
+
+
+def test_one_rule_finds_the_mirror(tmp_path, monkeypatch):
+    """Configured folder first, then the environment variable, else none; ``~`` is the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert mirror_folder() is None and mirror_folder("") is None
+    monkeypatch.setenv(MIRROR_ENV, "~/from-env")
+    assert mirror_folder() == tmp_path / "from-env"
+    assert mirror_folder(None) == mirror_folder("") == tmp_path / "from-env"
+    assert mirror_folder("~/configured") == tmp_path / "configured"
+    assert mirror_folder(tmp_path / "p") == tmp_path / "p"
+
+
+def test_configured_mirror_wins_over_the_environment(tmp_path, monkeypatch):
+    _layout(tmp_path / "mirror/polyp")
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "elsewhere"))
+    root = acquire("polyp", tmp_path / "raw", mirror=tmp_path / "mirror", progress=False)
+    assert _source(root)["location"] == str(tmp_path / "mirror/polyp")
 
 
 def test_mirror_manifest_mismatch_is_refused(tmp_path):
@@ -291,8 +307,8 @@ def test_demo_comes_from_its_generator(tmp_path, monkeypatch):
 
 def test_real_mirror_counts(tmp_path, monkeypatch):
     mirror = REAL_MIRROR
-    if not (mirror / "polyp").is_dir() or not (mirror / "acdc").is_dir():
-        pytest.skip(f"real data mirror not found at {mirror} (set {MIRROR_ENV})")
+    if mirror is None or not (mirror / "polyp").is_dir() or not (mirror / "acdc").is_dir():
+        pytest.skip(f"real data mirror with polyp and acdc not found (set {MIRROR_ENV} to it)")
     monkeypatch.setitem(DATASETS, "polyp", POLYP)
     polyp = acquire("polyp", tmp_path, mirror=mirror, offline=True, progress=False)
     source = _source(polyp)

@@ -84,7 +84,7 @@ def test_speed_options_are_typed_and_listed_by_every_profile():
 
 
 def test_channels_last_and_bf16_run_and_channels_last_keeps_the_resume_hash(demo_prepared, tmp_path):
-    from knowsam.data.prepared import PreparedDataset
+    from knowsam.data.dataset import PreparedDataset
     from knowsam.data.splits import split_path, write_split
     from knowsam.runs import RunId
     from knowsam.train import config_hash, run_config, train_run

@@ -134,7 +134,7 @@ def assert_nothing_prepared(ws: Path) -> None:
 def train_ws_base(demo_prepared, tmp_path_factory) -> Path:
     """Workspace using the shared prepared demo data, with a split and a trained 2-iteration run."""
     from knowsam import config
-    from knowsam.data.prepared import PreparedDataset
+    from knowsam.data.dataset import PreparedDataset
     from knowsam.data.splits import split_path, write_split
     from knowsam.runs import RunId
     from knowsam.train import train_run
@@ -351,7 +351,7 @@ def test_split_not_json(train_ws, cli):
 
 def test_split_labels_a_test_case(train_ws, demo_prepared, cli):
     """A test case named as labeled: by a name only a test set has ..."""
-    from knowsam.data.prepared import PreparedDataset
+    from knowsam.data.dataset import PreparedDataset
 
     test_case = PreparedDataset(demo_prepared / "data/prepared/demo").index("Demo-Colon")["case"].iloc[0]
     path = _split_file(train_ws)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from knowsam.data.prepared import PreparedDataset
+from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
 from knowsam.runs import RunId
 from tests.conftest import small_params

@@ -13,8 +13,8 @@ from typing import Callable
 
 import pytest
 
-from knowsam.data import download as dl
-from knowsam.data.download import ChecksumError, DownloadError, download_file, download_gdrive
+from knowsam import download as dl
+from knowsam.download import ChecksumError, DownloadError, download_file, download_gdrive
 from knowsam.errors import ConfigError
 
 CONTENT = bytes(range(256)) * 40  # 10240 bytes, every offset distinguishable mod 256

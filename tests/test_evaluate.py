@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from knowsam import io
-from knowsam.data.prepared import PreparedDataset
+from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
 from knowsam.errors import KnowsamError
 from knowsam.evaluate import evaluate_group

@@ -17,13 +17,13 @@ import pandas as pd
 import pytest
 
 from knowsam import config, io
+from knowsam.data.dataset import FORMAT_VERSION, PreparedDataset
 from knowsam.metrics import EMPTY_MASK_POLICY, summarize
 from knowsam.report import reference
 from knowsam.report.figures import mean_curve, overlay_cases
 from knowsam.report.leaderboard import write_leaderboard
 from knowsam.report.results import load_per_case
 from knowsam.runs import RunId
-from knowsam.data.prepared import FORMAT_VERSION, PreparedDataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 POLYP_SETS = {"Kvasir": 4, "CVC-ClinicDB": 3}

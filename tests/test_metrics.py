@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-from pathlib import Path
 
 import medpy.metric.binary as mb
 import numpy as np
@@ -16,6 +14,7 @@ from scipy import ndimage
 
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.metrics import BINARY_METRICS, EMPTY_MASK_POLICY, binary_metrics, case_metrics, summarize
+from tests.conftest import mirror_root
 
 
 MEDPY = {
@@ -244,16 +243,8 @@ def test_summarize_keeps_per_class_columns() -> None:
     assert "dice_cx" not in s
 
 
-def mirror_dir() -> Path | None:
-    configured = os.environ.get("KNOWSAM_MIRROR")
-    if configured:
-        return Path(configured)
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return default if default.is_dir() else None
-
-
 def test_real_polyp_masks_match_medpy() -> None:
-    mirror = mirror_dir()
+    mirror = mirror_root()
     test_sets = mirror / "polyp" / "TestDataset" if mirror else None
     if test_sets is None or not test_sets.is_dir():
         pytest.skip("polyp mirror not found: set KNOWSAM_MIRROR to the offline data folder")

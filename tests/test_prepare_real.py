@@ -1,4 +1,4 @@
-"""Real-dataset preparers: ACDC (SSL4MIS h5), PROMISE12 (MetaImage), ETIS-style TIFFs, mirror acceptance.
+"""Real-dataset readers: ACDC (SSL4MIS h5), PROMISE12 (MetaImage), ETIS-style TIFFs, mirror acceptance.
 
 Small files in each real format are written by the tests; the acceptance tests on the
 offline mirror (full polyp and ACDC) are marked slow and skip when the mirror is absent.
@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from knowsam.data.acquire import acquire
-from knowsam.data.prepare import find_pairs, prepare_polyp_layout, read_image, read_mask, resize_image
-from knowsam.data.prepare_volumes import PROMISE12_PARTITION, prepare_acdc, prepare_promise12
-from knowsam.data.prepared import PreparedDataset
-from knowsam.data.preparers import prepare_dataset
-from knowsam.data.sources import ACDC, PROMISE12
+from knowsam.data.dataset import PreparedDataset
+from knowsam.data.frames import find_pairs, prepare_frames, read_image, read_mask, resize_image
+from knowsam.data.prepare import prepare_dataset
+from knowsam.data.sources import ACDC, POLYP, PROMISE12
+from knowsam.data.volumes import PROMISE12_PARTITION, prepare_acdc, prepare_promise12
 from knowsam.data.splits import make_split
 from knowsam.errors import KnowsamError
 from knowsam.evaluate import _score_part
@@ -286,8 +286,7 @@ def test_promise12_fingerprint(promise12):
 def test_promise12_default_protocol_through_prepare_dataset(tmp_path):
     """All 50 cases, the fixed 35/5/10 partition, and the fingerprint copied to reports."""
     write_promise12(tmp_path / "data/raw/promise12", range(50))
-    params = small_params(tmp_path)
-    meta = prepare_dataset("promise12", params, reports_root=tmp_path / "reports")
+    meta = prepare_dataset("promise12", small_params(tmp_path).data, reports_root=tmp_path / "reports")
     assert (meta["train_cases"], meta["val"], meta["test_sets"]) == (35, 5, {"PROMISE12": 10})
     assert PROMISE12_PARTITION["test"] == tuple(range(40, 50))
     index = PreparedDataset(tmp_path / "data/prepared/promise12").index("train")
@@ -348,8 +347,8 @@ def test_etis_names_and_grey_tagged_tiffs_prepare(tmp_path):
     _pair_folder(raw / "TrainDataset", {"a": _rgb(1), "b": _rgb(2)}, {"a": "a", "b": "b"})
     frames = {"1": _rgb(3), "2": _rgb(4), "10": _rgb(5)}
     _pair_folder(raw / "TestDataset/ETIS-LaribPolypDB", frames, {"1": "p1", "2": "p2", "10": "p10"})
-    meta = prepare_polyp_layout(raw, tmp_path / "out", dataset="polyp", image_size=SIZE, interpolation="bilinear",
-                                test_sets=["ETIS-LaribPolypDB"], workers=1)
+    meta = prepare_frames(raw, tmp_path / "out", POLYP, image_size=SIZE, interpolation="bilinear",
+                          test_sets=["ETIS-LaribPolypDB"], workers=1)
     assert meta["test_sets"] == {"ETIS-LaribPolypDB": 3}
     data = PreparedDataset(tmp_path / "out")
     assert data.index("ETIS-LaribPolypDB")["name"].tolist() == ["1", "2", "10"]
@@ -366,10 +365,61 @@ def test_exact_mask_stem_wins_and_missing_masks_are_named(tmp_path):
         find_pairs(folder / "images", folder / "masks")
 
 
+# --- specs and readers ------------------------------------------------------------------
+
+
+def test_every_spec_names_a_reader_and_a_case_rule():
+    from knowsam.data.prepare import READERS
+    from knowsam.data.sources import CASE_RULES, DATASETS, KINDS
+
+    for spec in DATASETS.values():
+        assert spec.reader in READERS and spec.case_rule in CASE_RULES and spec.kind in KINDS
+
+
+def test_case_rules():
+    from knowsam.data.sources import DEMO
+
+    assert ACDC.case_of("patient007_frame12") == "patient007"
+    assert PROMISE12.case_of("Case07") == "Case07" and DEMO.case_of("frame_3") == "frame_3"
+    with pytest.raises(KnowsamError, match=r"^'Case07' is not an ACDC volume name patientNNN_frameNN$"):
+        ACDC.case_of("Case07")
+
+
+def test_spec_with_unknown_rule_or_wrong_class_names_is_refused():
+    with pytest.raises(ValueError, match="case_rule 'slice' is not one of frame, volume, patient"):
+        dataclasses.replace(PROMISE12, case_rule="slice")
+    with pytest.raises(ValueError, match="kind 'volume-mri' is not one of 2d, 3d"):
+        dataclasses.replace(PROMISE12, kind="volume-mri")
+    with pytest.raises(ValueError, match="1 class names for 2 classes"):
+        dataclasses.replace(PROMISE12, class_names=("prostate",))
+
+
+def test_meta_takes_classes_and_case_rule_from_the_spec(tmp_path):
+    raw = tmp_path / "raw"
+    _pair_folder(raw / "TrainDataset", {"a": _rgb(1), "b": _rgb(2)}, {"a": "a", "b": "b"})
+    spec = dataclasses.replace(POLYP, name="lesion", class_names=("background", "lesion"))
+    meta = prepare_frames(raw, tmp_path / "out", spec, image_size=SIZE, interpolation="bilinear", test_sets=[],
+                          workers=1)
+    assert (meta["dataset"], meta["kind"], meta["in_channels"]) == ("lesion", "2d", 3)
+    assert meta["class_names"] == ["background", "lesion"]
+    grey = dataclasses.replace(spec, in_channels=1)
+    with pytest.raises(KnowsamError, match=r"^dataset 'lesion': the frames reader reads 2D RGB frames with binary "
+                                           r"masks, not kind 2d with 1 channel\(s\) and 2 classes$"):
+        prepare_frames(raw, tmp_path / "grey", grey, image_size=SIZE, interpolation="bilinear", test_sets=[])
+
+
+def test_volume_cases_follow_the_spec_rule(tmp_path):
+    """The same ACDC files grouped by volume instead of patient: each volume is its own training case."""
+    write_acdc(tmp_path / "raw")
+    by_volume = dataclasses.replace(ACDC, case_rule="volume")
+    prepare_acdc(tmp_path / "raw", tmp_path / "out", by_volume, image_size=SIZE, interpolation="bilinear", workers=1)
+    cases = PreparedDataset(tmp_path / "out").index("train")["case"].unique().tolist()
+    assert cases == ["patient001_frame01", "patient001_frame12", "patient002_frame01"]
+
+
 # --- acceptance on the offline mirror ---------------------------------------------------
 
-needs_mirror = pytest.mark.skipif(mirror_root() is None, reason="offline data mirror not found "
-                                  "(set KNOWSAM_MIRROR or put it at ../shared/data)")
+needs_mirror = pytest.mark.skipif(mirror_root() is None, reason="offline data mirror not found (set KNOWSAM_MIRROR)")
 
 
 @pytest.mark.slow
@@ -378,7 +428,7 @@ def test_mirror_polyp_counts_and_no_cross_set_duplicates(tmp_path):
     acquire("polyp", tmp_path / "data/raw", mirror=mirror_root(), progress=False)
     params = small_params(tmp_path)
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, image_size=SIZE))
-    meta = prepare_dataset("polyp", params, reports_root=tmp_path / "reports")
+    meta = prepare_dataset("polyp", params.data, reports_root=tmp_path / "reports")
     assert meta["train"] == 1450
     assert meta["test_sets"] == {"Kvasir": 100, "CVC-ClinicDB": 62, "CVC-ColonDB": 380, "CVC-300": 60}
     assert meta["unavailable"] == ["ETIS-LaribPolypDB"]
@@ -391,7 +441,7 @@ def test_mirror_polyp_counts_and_no_cross_set_duplicates(tmp_path):
 @needs_mirror
 def test_mirror_acdc_counts(tmp_path):
     acquire("acdc", tmp_path / "data/raw", mirror=mirror_root(), progress=False)
-    meta = prepare_dataset("acdc", small_params(tmp_path), reports_root=tmp_path / "reports")
+    meta = prepare_dataset("acdc", small_params(tmp_path).data, reports_root=tmp_path / "reports")
     assert (meta["train"], meta["train_cases"], meta["val"], meta["test_sets"]) == (1312, 140, 20, {"ACDC": 40})
     fp = json.loads((tmp_path / "reports/acdc.json").read_text())
     assert fp["problems"] == [] and fp["val"]["cases"] == 20 and fp["test_sets"]["ACDC"]["slices"] == 380

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from knowsam.data.prepared import PreparedDataset
+from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
 from tests.conftest import REPO
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -153,9 +151,7 @@ def test_official_download_then_cached_verification(tmp_path: Path, monkeypatch)
         dest.write_bytes(payload)
         return hashlib.sha256(dest.read_bytes()).hexdigest()
 
-    fake = types.ModuleType("knowsam.data.download")
-    fake.download_file = fake_download
-    monkeypatch.setitem(sys.modules, "knowsam.data.download", fake)
+    monkeypatch.setattr(sam_checkpoint, "download_file", fake_download)
     hashes: list[Path] = []
     real_hash = sam_checkpoint.sha256_file
     monkeypatch.setattr(sam_checkpoint, "sha256_file", lambda p: hashes.append(p) or real_hash(p))

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from knowsam.data.prepared import PreparedDataset
+from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import labeled_count, make_split, read_split, write_split
 from knowsam.errors import KnowsamError
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from knowsam.data.prepared import PreparedDataset
+from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
 from knowsam.losses import ce_dice_loss
 from knowsam.runs import RunId

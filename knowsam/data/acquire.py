@@ -3,7 +3,8 @@
 Tried in order:
 
 1. ``<raw_root>/<dataset>/`` already holds a complete copy: nothing to do.
-2. A mirror (the ``mirror`` argument, else the ``KNOWSAM_MIRROR`` environment variable):
+2. A mirror (found by ``sources.mirror_folder``: the ``mirror`` argument, else the
+   ``KNOWSAM_MIRROR`` environment variable):
    a folder whose ``<dataset>/`` subfolder holds either the extracted layout or the
    official archive files under their registry names (e.g. ``polyp/TrainDataset.zip``).
    A ``MANIFEST.sha256`` there (``sha256sum`` format, paths relative to that subfolder)
@@ -35,13 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from knowsam.data.download import ChecksumError, DownloadError, download_file, download_gdrive, sha256_file
 from knowsam.data.extract import safe_extract
-from knowsam.data.sources import Archive, DatasetSpec, get_dataset
+from knowsam.data.sources import MIRROR_ENV, Archive, DatasetSpec, get_dataset, mirror_folder
+from knowsam.download import ChecksumError, DownloadError, download_file, download_gdrive, sha256_file
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.io import write_json
 
-MIRROR_ENV = "KNOWSAM_MIRROR"
 SOURCE_FILE = "SOURCE.json"
 MANIFEST_FILE = "MANIFEST.sha256"
 _MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
@@ -95,7 +95,7 @@ def acquire(
     dataset: str,
     raw_root: Path,
     *,
-    mirror: Path | None = None,
+    mirror: str | Path | None = None,
     offline: bool = False,
     sha256_pins: dict[str, str] | None = None,
     progress: bool = True,
@@ -117,11 +117,11 @@ def acquire(
         return _install(spec, final, lambda stage: _generate(spec, stage))
 
     tried: list[str] = []
-    mirror_root = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
+    mirror_root = mirror_folder(mirror)
     if mirror_root is None:
         tried.append(f"no mirror (none given, {MIRROR_ENV} unset)")
     else:
-        mirror_dir = Path(mirror_root) / spec.name
+        mirror_dir = mirror_root / spec.name
         route = _mirror_route(spec, mirror_dir, pins)
         if route is not None:
             return _install(spec, final, route)

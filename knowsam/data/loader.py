@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from knowsam.data.augment import weak_augment
-from knowsam.data.prepared import PreparedDataset, to_float
+from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.methods.base import Batch
 
 

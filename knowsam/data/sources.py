@@ -1,7 +1,9 @@
 """The dataset registry: every fact about where a dataset comes from and what it holds.
 
-Acquisition (``knowsam.data.acquire``), loaders and reports all read these specs,
-so a URL, a count or a class list is written down exactly once.
+Acquisition (``knowsam.data.acquire``), preparation (``knowsam.data.prepare``), loaders
+and reports all read these specs, so a URL, a count, a class list or the rule that
+groups images into cases is written down exactly once. ``mirror_folder`` is the one
+rule that finds the offline mirror.
 
 Canonical layouts (relative to ``<raw_root>/<dataset>/``) are the ``files`` globs of
 each spec's parts. Notes per dataset:
@@ -23,9 +25,47 @@ each spec's parts. Notes per dataset:
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
-from knowsam.errors import ConfigError
+from knowsam.errors import ConfigError, KnowsamError
+
+MIRROR_ENV = "KNOWSAM_MIRROR"
+
+# "2d": image/mask frames scored per frame; "3d": volumes trained slice by slice and scored per volume.
+KINDS = ("2d", "3d")
+
+
+def mirror_folder(configured: str | Path | None = None) -> Path | None:
+    """The offline mirror: ``configured`` (``data.mirror``, a ``--mirror`` option), else ``$KNOWSAM_MIRROR``.
+
+    None where neither names a folder; whether the folder exists is for the caller to judge.
+    """
+    chosen = configured or os.environ.get(MIRROR_ENV)
+    return Path(chosen).expanduser() if chosen else None
+
+
+_ACDC_PATIENT = re.compile(r"(patient\d{3})_frame\d{2}")
+
+
+def _patient(volume: str) -> str:
+    match = _ACDC_PATIENT.fullmatch(volume)
+    if not match:
+        raise KnowsamError(f"{volume!r} is not an ACDC volume name patientNNN_frameNN")
+    return match.group(1)
+
+
+# How a training frame or volume name maps to its case, the unit that splits keep on one side.
+CASE_RULES: dict[str, Callable[[str], str]] = {
+    "frame": lambda name: name,  # every 2D frame is its own case
+    "volume": lambda name: name,  # every volume is its own case (all its slices together)
+    # ACDC has two volumes per patient (end-diastole and end-systole frames); SSL4MIS counts
+    # patients, so both volumes of a patient land on the same side of a split.
+    "patient": _patient,
+}
 
 
 @dataclass(frozen=True)
@@ -77,10 +117,12 @@ class DatasetSpec:
     """Everything the harness knows about one dataset before it is on disk."""
 
     name: str
-    kind: str  # "polyp-2d" | "volume-mri"
+    kind: str  # one of KINDS
     num_classes: int
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...]  # one per class id, background first
     in_channels: int
+    reader: str  # a key of knowsam.data.prepare.READERS: the preparer for the raw format
+    case_rule: str  # a key of CASE_RULES
     parts: tuple[Part, ...]
     archives: tuple[Archive, ...] = ()
     manual_sources: tuple[str, ...] = ()  # where a person gets data that no script can fetch
@@ -88,6 +130,17 @@ class DatasetSpec:
     generator: str | None = None  # "module:function" writing the dataset, for synthetic data
     licence: str = ""
     citation: str = ""
+
+    def __post_init__(self) -> None:
+        for field, value, known in (("kind", self.kind, KINDS), ("case_rule", self.case_rule, tuple(CASE_RULES))):
+            if value not in known:
+                raise ValueError(f"dataset {self.name!r}: {field} {value!r} is not one of {', '.join(known)}")
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"dataset {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes")
+
+    def case_of(self, name: str) -> str:
+        """The case a training frame or volume belongs to, by the dataset's ``case_rule``."""
+        return CASE_RULES[self.case_rule](name)
 
     @property
     def top_level(self) -> tuple[str, ...]:
@@ -112,10 +165,12 @@ _POLYP_DIRS = ("TrainDataset", *(f"TestDataset/{s}" for s in POLYP_TEST_SETS))
 
 POLYP = DatasetSpec(
     name="polyp",
-    kind="polyp-2d",
+    kind="2d",
     num_classes=2,
     class_names=("background", "polyp"),
     in_channels=3,
+    reader="frames",
+    case_rule="frame",
     parts=(
         # 1450 = 900 Kvasir-SEG + 550 CVC-ClinicDB frames (PraNet's training split).
         Part("train", _pairs("TrainDataset", 1450)),
@@ -141,10 +196,12 @@ _CASE = "training_data/Case[0-9][0-9]"
 
 PROMISE12 = DatasetSpec(
     name="promise12",
-    kind="volume-mri",
+    kind="3d",
     num_classes=2,
     class_names=("background", "prostate"),
     in_channels=1,
+    reader="promise12-mhd",
+    case_rule="volume",
     parts=(
         Part(
             "train",
@@ -174,10 +231,12 @@ _PATIENT = "data/patient[0-9][0-9][0-9]_frame[0-9][0-9]"
 
 ACDC = DatasetSpec(
     name="acdc",
-    kind="volume-mri",
+    kind="3d",
     num_classes=4,
     class_names=("background", "right ventricle", "myocardium", "left ventricle"),
     in_channels=1,
+    reader="ssl4mis-h5",
+    case_rule="patient",
     parts=(
         Part("train_slices", ((f"{_PATIENT}_slice_*.h5", 1312),)),
         Part("volumes", ((f"{_PATIENT}.h5", 60),)),  # 20 validation + 40 test volumes
@@ -193,10 +252,12 @@ ACDC = DatasetSpec(
 
 DEMO = DatasetSpec(
     name="demo",
-    kind="polyp-2d",
+    kind="2d",
     num_classes=2,
     class_names=("background", "polyp"),
     in_channels=3,
+    reader="frames",
+    case_rule="frame",
     # Sizes are generator arguments, so only "non-empty" is checked here; SOURCE.json
     # records the counts the generator reported.
     parts=(

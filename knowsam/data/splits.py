@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from knowsam import io
-from knowsam.data.prepared import PreparedDataset
+from knowsam.data.dataset import PreparedDataset
 from knowsam.errors import KnowsamError
 
 SPLIT_VERSION = 1

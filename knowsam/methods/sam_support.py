@@ -52,7 +52,8 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
 
 def _checkpoint_sha256(path: Path, arch: str) -> str:
     """The official file's known digest (``resolve_checkpoint`` has verified it), else hash the file."""
-    from knowsam.models.sam_checkpoint import SAM_CHECKPOINTS, sha256_file
+    from knowsam.download import sha256_file
+    from knowsam.models.sam_checkpoint import SAM_CHECKPOINTS
 
     info = SAM_CHECKPOINTS.get(arch)
     return info.sha256 if info is not None and path.name == info.filename else sha256_file(path)

@@ -6,7 +6,6 @@ random initialisation. ``"none"`` is the only way to ask for random SAM weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from knowsam.download import download_file, sha256_file
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.io import write_json
 from knowsam.models.sam_teacher import SamTeacher
@@ -68,12 +68,8 @@ def resolve_checkpoint(spec: str, arch: str, cache_dir: Path, *, download: bool 
             return path
         if not download:
             raise KnowsamError(f"SAM checkpoint {path} is missing and downloads are disabled")
-        from knowsam.data.download import download_file  # lazy: only needed for a first download
-
-        digest = download_file(info.url, path, sha256=info.sha256, progress=True)
-        if digest != info.sha256:
-            raise KnowsamError(f"downloaded SAM checkpoint {path} has sha256 {digest}, expected {info.sha256}")
-        _write_marker(path, digest)
+        # download_file refuses bytes that do not match the pinned digest.
+        _write_marker(path, download_file(info.url, path, sha256=info.sha256, progress=True))
         return path
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -117,14 +113,6 @@ def _verify(path: Path, sha256: str) -> None:
             f"SAM checkpoint {path} has sha256 {digest}, expected {sha256} (corrupt or wrong file: delete it)"
         )
     _write_marker(path, digest)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

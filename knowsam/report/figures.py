@@ -18,7 +18,7 @@ from matplotlib.ticker import NullFormatter
 
 from knowsam import io
 from knowsam.config import Params
-from knowsam.data.prepared import PreparedDataset, to_float
+from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.report.results import is_upper_bound, ratio_label, test_set_order
 from knowsam.runs import RunId
 

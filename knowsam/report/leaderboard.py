@@ -1,6 +1,6 @@
 """Markdown/CSV leaderboards laid out like the paper's tables, plus their figures.
 
-* polyp-2d datasets: rows = method x labeled ratio, columns = test sets x (mDice, mIoU);
+* 2D (polyp) datasets: rows = method x labeled ratio, columns = test sets x (mDice, mIoU);
 * volume datasets (PROMISE12, ACDC): one table per test set, rows = methods, column
   groups = labeled ratios x (Dice, IoU, HD95, ASD).
 
@@ -44,7 +44,7 @@ RESOLUTION_TEXT = {
 
 
 def is_volume(dataset: str) -> bool:
-    return DATASETS[dataset].kind == "volume-mri"
+    return DATASETS[dataset].kind == "3d"
 
 
 def table_metrics(dataset: str) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
-"""Preparation of volumetric MRI datasets (ACDC, PROMISE12) into the prepared format.
+"""The volume readers: ACDC (``ssl4mis-h5``) and PROMISE12 (``promise12-mhd``) into the prepared format.
 
-Models train on 2D slices, so training arrays hold slices whose ``case`` is their volume:
-splits then stay case-level (all slices of a volume on one side). Evaluation parts keep
+Models train on 2D slices, so training arrays hold slices whose ``case`` is given by the
+spec's ``case_rule`` from their volume (ACDC: the patient; PROMISE12: the volume itself):
+splits then stay case-level (all slices of a case on one side). Evaluation parts keep
 every slice of each volume at training size plus the original label volume, so metrics
 are computed per volume, at the original in-plane size, with the voxel spacing.
 
@@ -29,10 +30,9 @@ import pandas as pd
 from PIL import Image
 
 from knowsam import io
-from knowsam.data.prepare import describe_error
-from knowsam.data.prepared import FORMAT_VERSION, part_slug
+from knowsam.data.dataset import FORMAT_VERSION, part_slug, write_npy, write_npz
 from knowsam.data.sources import DatasetSpec
-from knowsam.errors import KnowsamError
+from knowsam.errors import KnowsamError, describe_error
 
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 NO_SPACING = (1.0, 1.0, 1.0)
@@ -265,61 +265,54 @@ def volume_fingerprint(spec: DatasetSpec, *, train: list[Stack], val: list[Stack
         problems += [f"cross-set duplicate: {d}" for d in dupes]
         problems += [f"{s.source}: no foreground label in {part} volume {s.case}"
                      for s in stacks if not any(s.label_counts[1:])]
-    return {"kind": "3d", "train": part_stats(train, spec.class_names), "val": stats["val"],
+    return {"kind": spec.kind, "train": part_stats(train, spec.class_names), "val": stats["val"],
             "test_sets": {test_part: stats[test_part]}, "unavailable": [], "problems": problems}
 
 
 # --- writing --------------------------------------------------------------------------
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with io.atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr)
-
-
-def _write_train(folder: Path, stacks: list[Stack]) -> None:
-    _save_npy(folder / "train_images.npy", np.concatenate([s.images for s in stacks]))
-    _save_npy(folder / "train_masks.npy", np.concatenate([s.masks for s in stacks]))
+def _write_train(folder: Path, spec: DatasetSpec, stacks: list[Stack]) -> None:
+    write_npy(folder / "train_images.npy", np.concatenate([s.images for s in stacks]))
+    write_npy(folder / "train_masks.npy", np.concatenate([s.masks for s in stacks]))
     names = [f"{s.case}_slice_{s.first_slice + k}" for s in stacks for k in range(s.shape[0])]
-    # Splits count patients, as SSL4MIS does for ACDC (7 labeled patients = 10%): both
-    # frames of an ACDC patient share a training case, so they land on the same side.
-    cases = [s.case.split("_frame")[0] for s in stacks for _ in range(s.shape[0])]
+    cases = [spec.case_of(s.case) for s in stacks for _ in range(s.shape[0])]
     io.write_text(folder / "train_index.csv", pd.DataFrame({"name": names, "case": cases}).to_csv(index=False))
 
 
 def _write_eval_part(folder: Path, part: str, stacks: list[Stack], with_masks: bool) -> None:
     """Slices at training size in volume order, one index row per slice, the label volume per case."""
     slug = part_slug(part)
-    _save_npy(folder / f"{slug}_images.npy", np.concatenate([s.images for s in stacks]))
+    write_npy(folder / f"{slug}_images.npy", np.concatenate([s.images for s in stacks]))
     if with_masks:
-        _save_npy(folder / f"{slug}_masks.npy", np.concatenate([s.masks for s in stacks]))
+        write_npy(folder / f"{slug}_masks.npy", np.concatenate([s.masks for s in stacks]))
     rows = [{"name": f"{s.case}_slice_{k}", "case": s.case, "slice": k, "orig_h": s.shape[1], "orig_w": s.shape[2],
              "spacing_z": s.spacing[0], "spacing_y": s.spacing[1], "spacing_x": s.spacing[2]}
             for s in stacks for k in range(s.shape[0])]
     io.write_text(folder / f"{slug}_index.csv", pd.DataFrame(rows).to_csv(index=False))
-    with io.atomic_path(folder / f"{slug}_gt.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **{s.case: s.label for s in stacks})
+    write_npz(folder / f"{slug}_gt.npz", {s.case: s.label for s in stacks})
 
 
 def write_volume_dataset(out: Path, spec: DatasetSpec, *, train: list[Stack], val: list[Stack], test_part: str,
                          test: list[Stack], image_size: int, interpolation: str, protocol: str, intensity: str,
                          spacing_unit: str, problems: list[str]) -> dict:
     """Assemble the prepared folder in a temporary sibling and rename it into place (never half-written)."""
+    if (spec.kind, spec.in_channels) != ("3d", 1):
+        raise KnowsamError(f"dataset {spec.name!r}: the volume readers read single-channel 3D volumes, "
+                           f"not kind {spec.kind} with {spec.in_channels} channel(s)")
     fingerprint = volume_fingerprint(spec, train=train, val=val, test_part=test_part, test=test, problems=problems)
     fingerprint.update(protocol=protocol, intensity=intensity, spacing_unit=spacing_unit)
     meta = {
-        "format_version": FORMAT_VERSION, "dataset": spec.name, "num_classes": spec.num_classes, "in_channels": 1,
+        "format_version": FORMAT_VERSION, "dataset": spec.name, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
         "class_names": list(spec.class_names), "image_size": image_size, "interpolation": interpolation,
-        "label_interpolation": "nearest", "kind": "3d", "protocol": protocol, "intensity": intensity,
+        "label_interpolation": "nearest", "kind": spec.kind, "protocol": protocol, "intensity": intensity,
         "spacing_unit": spacing_unit,
         "train": fingerprint["train"]["slices"], "train_cases": fingerprint["train"]["cases"],
         "has_val": True, "val": len(val), "val_slices": fingerprint["val"]["slices"],
         "test_sets": {test_part: len(test)}, "unavailable": [],
     }
     with io.atomic_dir(out) as tmp:
-        _write_train(tmp, train)
+        _write_train(tmp, spec, train)
         _write_eval_part(tmp, "val", val, with_masks=True)
         _write_eval_part(tmp, test_part, test, with_masks=False)
         io.write_json(tmp / "fingerprint.json", fingerprint)
@@ -371,18 +364,18 @@ def prepare_acdc(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, in
         out, spec, train=stacks[:n_train], val=stacks[n_train:n_train + n_val], test_part=ACDC_TEST_PART,
         test=stacks[n_train + n_val:], image_size=image_size, interpolation=interpolation, protocol=ACDC_PROTOCOL,
         intensity="as stored: SSL4MIS min-max scaling to [0, 1]", spacing_unit="voxel (the h5 files store no spacing)",
-        problems=_acdc_problems(raw, {case for case, _, _ in slices}, parts))
+        problems=_acdc_problems(raw, spec, {case for case, _, _ in slices}, parts))
 
 
-def _acdc_problems(raw: Path, slice_cases: set[str], parts: dict[str, list[str]]) -> list[str]:
-    """List inconsistencies and patients shared between parts (both frames of a patient belong together)."""
+def _acdc_problems(raw: Path, spec: DatasetSpec, slice_cases: set[str], parts: dict[str, list[str]]) -> list[str]:
+    """List inconsistencies and cases (patients) shared between parts."""
     problems = []
     listed = set(parts["train"])
     if slice_cases != listed:
         problems.append(f"{raw / 'train.list'}: {len(listed - slice_cases)} volume(s) without slices in "
                         f"train_slices.list, {len(slice_cases - listed)} sliced volume(s) not listed")
-    patients = {"train": {c.split("_frame")[0] for c in slice_cases},
-                **{p: {c.split("_frame")[0] for c in parts[p]} for p in ("val", "test")}}
+    patients = {"train": {spec.case_of(c) for c in slice_cases},
+                **{p: {spec.case_of(c) for c in parts[p]} for p in ("val", "test")}}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         shared = sorted(patients[a] & patients[b])
         if shared:

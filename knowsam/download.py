@@ -1,4 +1,4 @@
-"""Resumable, verified downloads.
+"""Resumable, verified downloads (datasets and SAM checkpoints), with one ``sha256_file``.
 
 Data goes to ``<dest>.part`` and is renamed to ``dest`` only once complete and, when a
 digest is pinned, verified: ``dest`` existing means the file is whole. An interrupted

@@ -1,4 +1,4 @@
-"""The prepared-dataset format: the file boundary between preparation and training/evaluation.
+"""The prepared-dataset format and its reader: the file boundary between preparation and training/evaluation.
 
 ``data/prepared/<dataset>/``::
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from knowsam import io
 from knowsam.errors import KnowsamError
 
 FORMAT_VERSION = 1
@@ -33,6 +34,20 @@ FORMAT_VERSION = 1
 def part_slug(part: str) -> str:
     """File-name-safe form of a part name (test set names contain dashes and may contain spaces)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", part)
+
+
+def write_npy(path: Path, arr: np.ndarray) -> None:
+    """One array of the format, written atomically (readers memory-map it, so never half a file)."""
+    with io.atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Named arrays (the original-resolution labels, one per case), compressed, written atomically."""
+    with io.atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
 
 
 @dataclass
