@@ -161,7 +161,7 @@ def evaluate(dataset: str = typer.Argument(...), ratio: float = typer.Option(...
 
     def report(method: str, summary: dict) -> None:
         parts = ", ".join(f"{k} {v['mDice']:.4f}" for k, v in summary["test_sets"].items())
-        typer.echo(f"{method}-{dataset}-{ratio:g}-{seed}: mDice {parts}")
+        typer.echo(f"{_run_ids(params, method, dataset, ratio, seed).stage_name}: mDice {parts}")
 
     evaluate_group(params, dataset, ratio, seed, names, on_result=report)
 

@@ -186,7 +186,16 @@ def validate(params: Params) -> Params:
 def parse(raw: Any, source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
+    for i, ratio in enumerate(raw.get("ratios") or []):
+        if isinstance(ratio, int) and not isinstance(ratio, bool) and ratio == 1:  # other ints fail the range check
+            raise ConfigError(f"params: 'ratios[{i}]' = {ratio}: write it as {ratio}.0 (DVC names each stage's "
+                              "files by the number as written, the harness by its value as a float)")
     return _build(Params, raw)
+
+
+def ratio_text(ratio: float) -> str:
+    """A labeled ratio in file and stage names: the text DVC renders for it from params.yaml (1.0, 0.1, 0.05)."""
+    return str(float(ratio))
 
 
 def load(path: str | Path = "params.yaml", *, check: bool = True) -> Params:

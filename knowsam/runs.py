@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from knowsam.config import ratio_text
+
 
 @dataclass(frozen=True)
 class RunId:
@@ -24,17 +26,17 @@ class RunId:
 
     @property
     def slug(self) -> str:
-        return f"ratio-{self.ratio:g}_seed-{self.seed}"
+        return f"ratio-{ratio_text(self.ratio)}_seed-{self.seed}"
 
     @property
     def stage_name(self) -> str:
         """The train stage's matrix suffix, e.g. ``knowsam-polyp-0.1-0``."""
-        return f"{self.method}-{self.dataset}-{self.ratio:g}-{self.seed}"
+        return f"{self.method}-{self.dataset}-{ratio_text(self.ratio)}-{self.seed}"
 
     @property
     def group_stage_name(self) -> str:
         """The evaluate stage's matrix suffix (every method of the group), e.g. ``polyp-0.1-0``."""
-        return f"{self.dataset}-{self.ratio:g}-{self.seed}"
+        return f"{self.dataset}-{ratio_text(self.ratio)}-{self.seed}"
 
     def train_dir(self, root: str | Path = "data/runs") -> Path:
         return Path(root) / self.dataset / self.slug / self.method

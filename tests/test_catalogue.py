@@ -552,6 +552,40 @@ def test_score_missing_prediction_folder(tmp_path, cli):
              r"prediction folder \S+nope does not exist or is not a folder")
 
 
+# --- labeled ratio 1.0 ------------------------------------------------------------------------
+
+def test_ratio_written_as_an_integer(tmp_path, cli):
+    write_params(tmp_path, params_dict(ratios=[1]))
+    one_line(*cli(tmp_path, "split", "demo"), 2, r"params: 'ratios\[0\]' = 1: write it as 1.0 ")
+
+
+def test_ratio_one_split_file_is_where_dvc_expects_it(tmp_path):
+    """DVC renders `${item.ratio}` from params.yaml; the split writer must produce exactly that path."""
+    import subprocess
+    import sys
+
+    from knowsam.data.splits import split_path
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    write_params(tmp_path, params_dict(ratios=[0.05, 1.0]))
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    listing = subprocess.run([*dvc, "stage", "list"], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    for ratio in (0.05, 1.0):
+        assert str(split_path("data/splits", "demo", ratio, 0)) in listing, listing
+
+
+def test_semi_supervised_method_at_ratio_one(train_ws, demo_prepared, cli):
+    raw = yaml.safe_load((train_ws / "params.yaml").read_text())
+    raw.update(ratios=[1.0], methods=["labeled-only", "mt"])
+    write_params(train_ws, raw)
+    code, _ = cli(train_ws, "split", "demo")
+    assert code == 0 and (train_ws / "data/splits/demo/ratio-1.0_seed-0.json").is_file()
+    one_line(*cli(train_ws, "train", "--method", "mt", "--dataset", "demo", "--ratio", "1.0", "--seed", "0",
+                  "--no-progress"), 1, r"labeled ratio 1 leaves no unlabeled image for a semi-supervised method")
+    assert not (train_ws / "data/runs/demo/ratio-1.0_seed-0/mt").exists()
+
+
 # --- the machine: disk full, out of memory ----------------------------------------------------
 
 def test_disk_full_while_saving_a_checkpoint(train_ws, cli, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 
 from knowsam.data.augment import weak_augment
 from knowsam.data.dataset import PreparedDataset, to_float
+from knowsam.errors import KnowsamError
 from knowsam.methods.base import Batch
 
 
@@ -73,6 +74,9 @@ class TrainStream:
             self.composition = BatchComposition(labeled_batch, batch_size - labeled_batch)
         else:
             self.composition = BatchComposition(batch_size, 0)
+        if self.composition.unlabeled and not split["unlabeled"]:
+            raise KnowsamError(f"the split at labeled ratio {split['ratio']:g} leaves no unlabeled image for a "
+                               "semi-supervised method; fully-supervised is the all-labels reference")
         self.labeled = EpochSampler(rows_of(labeled), seed=seed * 1000 + 1)
         self.unlabeled = (EpochSampler(rows_of(split["unlabeled"]), seed=seed * 1000 + 2)
                           if self.composition.unlabeled else None)

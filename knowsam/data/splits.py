@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from knowsam import io
+from knowsam.config import ratio_text
 from knowsam.data.dataset import PreparedDataset
 from knowsam.errors import KnowsamError
 
@@ -24,7 +25,7 @@ ROUNDING_RULE = "labeled cases = max(1, floor(ratio x n_training_cases)); 10% of
 
 
 def split_path(splits_root: str | Path, dataset: str, ratio: float, seed: int) -> Path:
-    return Path(splits_root) / dataset / f"ratio-{ratio:g}_seed-{seed}.json"
+    return Path(splits_root) / dataset / f"ratio-{ratio_text(ratio)}_seed-{seed}.json"
 
 
 def labeled_count(ratio: float, n_cases: int) -> int:
