@@ -78,6 +78,12 @@ def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, 
 
     source = config.profile_path(name)
     config.validate(config.parse(yaml.safe_load(source.read_text()), str(source)))
+    if params_file.is_file():  # edits of the user's own are kept, never silently overwritten
+        current = params_file.read_text()
+        if all(current != config.profile_path(p).read_text() for p in config.profile_names()):
+            backup = params_file.with_name(params_file.name + ".bak")
+            io.write_text(backup, current)
+            typer.echo(f"{params_file}: differs from every profile; kept as {backup}")
     io.write_text(params_file, source.read_text())
     typer.echo(f"{params_file}: now profile '{name}' (from {source.name}); run `dvc repro`")
 

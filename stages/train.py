@@ -3,9 +3,7 @@
 Same as `knowsam-bench train ...`; kept as a file so dvc.yaml names its entry points.
 """
 
-import sys
-
-from knowsam.cli import main
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run("train")

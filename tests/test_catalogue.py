@@ -552,6 +552,18 @@ def test_score_missing_prediction_folder(tmp_path, cli):
              r"prediction folder \S+nope does not exist or is not a folder")
 
 
+def test_profile_keeps_an_edited_params_file(tmp_path, cli, capsys):
+    edited = (REPO / "knowsam/profiles/demo.yaml").read_text().replace("iterations: 80", "iterations: 81")
+    write_params(tmp_path, edited)
+    code, _ = cli(tmp_path, "profile", "cpu")
+    assert code == 0
+    assert (tmp_path / "params.yaml.bak").read_text() == edited
+    assert (tmp_path / "params.yaml").read_text() == (REPO / "knowsam/profiles/cpu.yaml").read_text()
+    (tmp_path / "params.yaml.bak").unlink()
+    assert cli(tmp_path, "profile", "demo")[0] == 0  # a profile's own text needs no backup
+    assert not (tmp_path / "params.yaml.bak").exists()
+
+
 # --- labeled ratio 1.0 ------------------------------------------------------------------------
 
 def test_ratio_written_as_an_integer(tmp_path, cli):
@@ -559,20 +571,22 @@ def test_ratio_written_as_an_integer(tmp_path, cli):
     one_line(*cli(tmp_path, "split", "demo"), 2, r"params: 'ratios\[0\]' = 1: write it as 1.0 ")
 
 
-def test_ratio_one_split_file_is_where_dvc_expects_it(tmp_path):
-    """DVC renders `${item.ratio}` from params.yaml; the split writer must produce exactly that path."""
+def test_dvc_stage_paths_are_where_the_harness_writes(tmp_path):
+    """DVC renders `${item.ratio}` and the data roots from params.yaml; the writers must use exactly those paths."""
     import subprocess
     import sys
 
     from knowsam.data.splits import split_path
 
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    write_params(tmp_path, params_dict(ratios=[0.05, 1.0]))
+    roots = {"raw_root": "elsewhere/raw", "prepared_root": "elsewhere/prepared", "splits_root": "elsewhere/splits"}
+    write_params(tmp_path, params_dict(ratios=[0.05, 1.0], data=roots))
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     listing = subprocess.run([*dvc, "stage", "list"], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
     for ratio in (0.05, 1.0):
-        assert str(split_path("data/splits", "demo", ratio, 0)) in listing, listing
+        assert str(split_path("elsewhere/splits", "demo", ratio, 0)) in listing, listing
+    assert "Outputs elsewhere/raw/demo\n" in listing and "Outputs elsewhere/prepared/demo," in listing, listing
 
 
 def test_semi_supervised_method_at_ratio_one(train_ws, demo_prepared, cli):

@@ -20,17 +20,17 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs a stage script as DVC would (`python stages/<stage>.py ...`) and, at exit, writes the repo-relative
-# files of every loaded knowsam module (lazily imported ones included) to the file named first.
+# files of every loaded module of the package or of stages/ (lazily imported ones included) to the file named first.
 TRACER = """
 import atexit, json, os, runpy, sys
 out, repo, script, *args = sys.argv[1:]
 def dump():
-    files = {os.path.relpath(m.__file__, repo) for name, m in list(sys.modules.items())
-             if (name == "knowsam" or name.startswith("knowsam.")) and getattr(m, "__file__", None)}
+    files = {os.path.relpath(m.__file__, repo) for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
     with open(out, "w") as f:
-        json.dump(sorted(files), f)
+        json.dump(sorted(f for f in files if f.startswith(("knowsam/", "stages/"))), f)
 atexit.register(dump)
 sys.argv = [script, *args]
+sys.path.insert(0, os.path.dirname(script))  # as `python stages/<stage>.py` does
 runpy.run_path(script, run_name="__main__")
 """
 
@@ -109,3 +109,23 @@ def test_training_and_evaluation_code_is_where_the_issue_found_it(executed):
         assert f in executed["train"], f
     for f in ("knowsam/metrics.py", "knowsam/evaluate.py"):
         assert f in executed["evaluate"], f
+
+
+def test_stage_started_by_a_python_without_the_harness_reruns_in_the_repository_environment(tmp_path):
+    """`.venv/bin/dvc repro` without an activated environment runs stages with the system's python."""
+    entry = REPO / "stages" / "_entry.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    bare = getattr(sys, "_base_executable", sys.executable)
+    probe = subprocess.run([bare, "-c", "import knowsam"], env=env, cwd=tmp_path, capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"{bare} imports knowsam itself: no interpreter without the harness to start from")
+    if (REPO / ".venv" / "bin" / "python").is_file():
+        proc = subprocess.run([bare, str(REPO / "stages/split.py"), "--help"], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0 and "--ratio" in proc.stdout, proc.stderr
+    # Without a repository environment to fall back on: one line saying what to do.
+    (tmp_path / "stages").mkdir()
+    for name in ("_entry.py", "split.py"):
+        (tmp_path / "stages" / name).write_text((entry.parent / name).read_text())
+    proc = subprocess.run([bare, str(tmp_path / "stages/split.py")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot import 'knowsam': activate the environment knowsam-bench is installed in" in proc.stderr
