@@ -31,9 +31,9 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
 
 def _load_params(path: Path):
-    from knowsam import config
+    from knowsam import validation
 
-    return config.load(path)
+    return validation.load(path)
 
 
 def _run_ids(params, method, dataset, ratio, seed):
@@ -74,10 +74,10 @@ def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, 
     """Switch params.yaml to a profile (the demo is the default)."""
     import yaml
 
-    from knowsam import config, io
+    from knowsam import config, io, validation
 
     source = config.profile_path(name)
-    config.validate(config.parse(yaml.safe_load(source.read_text()), str(source)))
+    validation.validate(config.parse(yaml.safe_load(source.read_text()), str(source)))
     io.write_text(params_file, source.read_text())
     typer.echo(f"{params_file}: now profile '{name}' (from {source.name}); run `dvc repro`")
 

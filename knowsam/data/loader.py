@@ -15,7 +15,7 @@ import torch
 
 from knowsam.data.augment import weak_augment
 from knowsam.data.prepared import PreparedDataset, to_float
-from knowsam.methods.base import Batch
+from knowsam.data.batch import Batch
 
 
 class EpochSampler:
