@@ -184,16 +184,16 @@ def training_history(run: RunId, runs_root: str | Path) -> pd.DataFrame | None:
     columns = []
     for path in files:
         try:
-            series = pd.read_csv(path, sep="\t").set_index("step")[path.stem]
-        except (OSError, ValueError, KeyError, pd.errors.ParserError):
+            logged = pd.read_csv(path, sep="\t", dtype=float, float_precision="round_trip")
+            series = pd.Series(logged[path.stem].to_numpy(), index=logged["step"].astype(int).to_numpy() + 1)
+        except (OSError, ValueError, KeyError):
             raise KnowsamError(f"{path}: unreadable training curves; re-run the train stage for "
                                f"{run.stage_name}") from None
         if path.parent.name == "val":
             columns.append(series.rename(f"val_{path.stem}"))
         else:
-            columns.append(series.round(6))
+            columns.append(series.round(6).rename(path.stem))
     table = pd.concat(columns, axis=1).sort_index()
-    table.index = table.index + 1
     return table.rename_axis("step").reset_index()
 
 
