@@ -184,7 +184,7 @@ def training_history(run: RunId, runs_root: str | Path) -> pd.DataFrame | None:
     columns = []
     for path in files:
         try:
-            logged = pd.read_csv(path, sep="\t", dtype=float, float_precision="round_trip")
+            logged = pd.read_csv(path, sep="\t", dtype=float)
             series = pd.Series(logged[path.stem].to_numpy(), index=logged["step"].astype(int).to_numpy() + 1)
         except (OSError, ValueError, KeyError):
             raise KnowsamError(f"{path}: unreadable training curves; re-run the train stage for "
