@@ -22,8 +22,8 @@ from knowsam import io
 from knowsam.config import Params
 from knowsam.data.prepared import PreparedDataset, to_float
 from knowsam.errors import KnowsamError
-from knowsam.metrics import EMPTY_MASK_POLICY, case_metrics, summarize
 from knowsam.machine import pick_device
+from knowsam.metrics import EMPTY_MASK_POLICY, case_metrics, summarize
 from knowsam.runs import RunId, build_method, config_hash, run_config
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from knowsam.data.augment import weak_augment
-from knowsam.data.prepared import PreparedDataset, to_float
 from knowsam.data.batch import Batch
+from knowsam.data.prepared import PreparedDataset, to_float
 
 
 class EpochSampler:
