@@ -18,10 +18,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from knowsam.config import SamParams, TrainParams
-from knowsam.methods import Batch, MethodContext, get_method
-from knowsam.train import keep_freed_memory
+from knowsam.data.batch import Batch
+from knowsam.methods import MethodContext, get_method
+from knowsam.methods.registry import method_params
+from knowsam.train import apply_speed_options, batch_layout, keep_freed_memory, step_context
 
-PARTS = ("sam_encoder", "sub_networks", "sam_decoder", "mixing", "sam_backward", "nets_backward", "optimiser")
+PARTS = ("sam_encoder", "sub_networks", "sam_decoder", "mixing", "update")
+
+
+def step_in_context(method, batch: Batch, step: int, train: TrainParams) -> None:
+    """One training step as the loop runs it (autocast if train.amp_bf16)."""
+    with step_context(train, method.ctx.device):
+        method.train_step(batch, step)
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,8 +43,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each phase")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per phase")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="train.amp_bf16")
+    ap.add_argument("--channels-last", action="store_true", help="train.channels_last")
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc's malloc thresholds as they are (training raises them: keep_freed_memory)")
     ap.add_argument("--flops", action="store_true", help="also count one step's FLOPs per phase (load-independent)")
@@ -63,29 +71,30 @@ def main() -> None:
     print(f"float32 matmul on {a.threads} threads: {matmul_gflops():.0f} GFLOP/s")
     torch.manual_seed(0)
     iterations = 1000
+    train = TrainParams(batch_size=a.batch, labeled_batch=a.labeled, amp_bf16=a.bf16, channels_last=a.channels_last)
     ctx = MethodContext(in_channels=3, num_classes=a.classes, image_size=a.size, iterations=iterations,
-                        train=TrainParams(batch_size=a.batch, labeled_batch=a.labeled),
-                        sam=SamParams(arch=a.arch, checkpoint="none"), device=torch.device(a.device), seed=0)
-    cls = get_method("knowsam")
-    method = cls(ctx, cls.Params(bf16=a.bf16, channels_last=a.channels_last, sam_full_graph=a.full_sam_graph))
+                        train=train, sam=SamParams(arch=a.arch, checkpoint="none"), device=torch.device(a.device),
+                        seed=0)
+    method = get_method("knowsam")(ctx, method_params("knowsam", {"sam_full_graph": a.full_sam_graph}))
+    apply_speed_options(method, train)
     method.train()
     n_u = a.batch - a.labeled
     dev = ctx.device
-    batch = Batch(torch.rand(a.labeled, 3, a.size, a.size, device=dev),
-                  torch.randint(0, a.classes, (a.labeled, a.size, a.size), device=dev),
-                  torch.rand(n_u, 3, a.size, a.size, device=dev))
+    batch = batch_layout(Batch(torch.rand(a.labeled, 3, a.size, a.size, device=dev),
+                               torch.randint(0, a.classes, (a.labeled, a.size, a.size), device=dev),
+                               torch.rand(n_u, 3, a.size, a.size, device=dev)), train)
     print(f"KnowSAM step: batch {a.batch} ({a.labeled} labeled), {a.size} px, SAM {a.arch} (random init), "
           f"{a.classes} classes, {a.threads} threads, device {a.device}, bf16={a.bf16}, "
           f"channels_last={a.channels_last}, sam_full_graph={a.full_sam_graph}")
     for phase, step in (("before mixing", 10), ("after mixing", method.mix_from + 10)):
         assert method.mixing_at(step) == (phase == "after mixing")
         for _ in range(a.warmup):
-            method.train_step(batch, step)
+            step_in_context(method, batch, step, train)
         totals, parts = [], {p: [] for p in PARTS}
         for _ in range(a.steps):
             method.timings = {}
             start = time.perf_counter()
-            method.train_step(batch, step)
+            step_in_context(method, batch, step, train)
             totals.append(time.perf_counter() - start)
             for p in PARTS:
                 parts[p].append(method.timings.get(p, 0.0))
@@ -93,7 +102,7 @@ def main() -> None:
         flops = ""
         if a.flops:
             with FlopCounterMode(display=False) as counter:
-                method.train_step(batch, step)
+                step_in_context(method, batch, step, train)
             flops = f"; {counter.get_total_flops() / 1e9:.0f} GFLOP/step"
         parts["other (losses, bookkeeping)"] = [t - sum(parts[p][i] for p in PARTS) for i, t in enumerate(totals)]
         breakdown = ", ".join(f"{p} {statistics.median(v):.2f}" for p, v in parts.items())

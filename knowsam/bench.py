@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from knowsam.machine import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_WAIT_LIMIT = 0.05  # share of a CPU-profile step spent waiting for data
 
@@ -69,16 +71,6 @@ class Report:
 
     def add(self, title: str, *lines: str) -> None:
         self.sections.append("\n".join([f"## {title}", "", *lines, ""]))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_text() -> str:
@@ -128,6 +120,7 @@ def time_steps(name: str, data, split, s: StepSetting, threads: int, deadline: f
     from knowsam.config import SamParams, TrainParams
     from knowsam.data.loader import TrainStream
     from knowsam.methods import MethodContext, get_method
+    from knowsam.methods.registry import method_params
 
     torch.manual_seed(0)
     iterations = 1000
@@ -137,8 +130,7 @@ def time_steps(name: str, data, split, s: StepSetting, threads: int, deadline: f
                         iterations=iterations, train=train, sam=SamParams(arch=s.sam_arch, checkpoint="none"),
                         device=torch.device("cpu"), seed=0)
     start = time.perf_counter()
-    cls = get_method(name)
-    method = cls(ctx, cls.make_params({}))
+    method = get_method(name)(ctx, method_params(name, {}))
     build_s = time.perf_counter() - start
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
                          batch_size=s.batch, labeled_batch=s.labeled, seed=0, device=ctx.device)
@@ -420,9 +412,9 @@ def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path 
         paper = None
         n_train, n_scores, n_prep = 16, 6, 0
     else:
-        from knowsam import config
+        from knowsam import config, validation
 
-        prof = config.load(config.profile_path("cpu"))
+        prof = validation.load(config.profile_path("cpu"))
         cpu = StepSetting("CPU profile", prof.data.image_size, prof.train.batch_size, prof.train.labeled_batch,
                           prof.sam.arch, 1, 3, None)
         paper = StepSetting("paper-sized configuration", 256, 8, 4, "vit_b", 1, 2,

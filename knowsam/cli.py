@@ -31,9 +31,9 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
 
 def _load_params(path: Path):
-    from knowsam import config
+    from knowsam import validation
 
-    return config.load(path)
+    return validation.load(path)
 
 
 def _run_ids(params, method, dataset, ratio, seed):
@@ -74,10 +74,10 @@ def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, 
     """Switch params.yaml to a profile (the demo is the default)."""
     import yaml
 
-    from knowsam import config, io
+    from knowsam import config, io, validation
 
     source = config.profile_path(name)
-    config.validate(config.parse(yaml.safe_load(source.read_text()), str(source)))
+    validation.validate(config.parse(yaml.safe_load(source.read_text()), str(source)))
     if params_file.is_file():  # edits of the user's own are kept, never silently overwritten
         current = params_file.read_text()
         if all(current != config.profile_path(p).read_text() for p in config.profile_names()):

@@ -3,6 +3,10 @@
 ``params.yaml`` is what DVC reads (its lists drive the stage matrix) and what every
 stage validates first. A profile (``knowsam/profiles/<name>.yaml``) is a complete
 ``params.yaml``; ``knowsam-bench profile NAME`` switches to one.
+
+This module is the bottom layer: it knows the schema and the checks that need nothing else.
+Which datasets and methods exist (and each method's own params) is checked one layer up, in
+``knowsam.validation``.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"params: '{key}' must be a mapping, got {type(value).__name__}")
-        return _build(tp, value, key + ".")
+        return build(tp, value, key + ".")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"params: '{key}' must be a list, got {type(value).__name__}")
@@ -116,12 +120,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+def build(cls: type, raw: dict, prefix: str = "") -> Any:
+    """Instance of the dataclass ``cls`` from the mapping ``raw``: unknown, missing and mistyped keys
+    are one-line errors naming ``prefix + key``; the class's own ``__post_init__`` checks run too."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise ConfigError(f"params: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"params: unknown key '{prefix}{key}' (known: {', '.join(sorted(names)) or 'none'})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
@@ -136,24 +142,14 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"params: '{key}' must be one of {', '.join(choices)}, got {value!r}")
 
 
-def validate(params: Params) -> Params:
-    """Semantic checks that types alone cannot express. Returns ``params`` unchanged."""
-    from knowsam.data.sources import DATASETS
-    from knowsam.methods.registry import method_names, validate_method_params
-
+def check(params: Params) -> Params:
+    """Semantic checks that types alone cannot express (not the registries). Returns ``params`` unchanged."""
     for key, items in (("datasets", params.datasets), ("methods", params.methods),
                        ("ratios", params.ratios), ("seeds", params.seeds)):
         if not items:
             raise ConfigError(f"params: '{key}' is empty; list at least one")
         if len(set(items)) != len(items):
             raise ConfigError(f"params: '{key}' has duplicates: {items}")
-    for i, name in enumerate(params.datasets):
-        if name not in DATASETS:
-            raise ConfigError(f"params: 'datasets[{i}]' unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    known = method_names()
-    for i, name in enumerate(params.methods):
-        if name not in known:
-            raise ConfigError(f"params: 'methods[{i}]' unknown method {name!r}; known: {', '.join(known)}")
     for i, ratio in enumerate(params.ratios):
         if not 0.0 < ratio <= 1.0:
             raise ConfigError(f"params: 'ratios[{i}]' = {ratio} must be in (0, 1]")
@@ -176,10 +172,6 @@ def validate(params: Params) -> Params:
         raise ConfigError(f"params: 'train.labeled_batch' = {t.labeled_batch} must be in [1, train.batch_size = {t.batch_size}]")
     if t.lr <= 0:
         raise ConfigError(f"params: 'train.lr' must be > 0, got {t.lr}")
-    for name, overrides in params.method_params.items():
-        if name not in known:
-            raise ConfigError(f"params: 'method_params.{name}' names an unknown method; known: {', '.join(known)}")
-        validate_method_params(name, overrides)
     return params
 
 
@@ -190,7 +182,7 @@ def parse(raw: Any, source: str = "params") -> Params:
         if isinstance(ratio, int) and not isinstance(ratio, bool) and ratio == 1:  # other ints fail the range check
             raise ConfigError(f"params: 'ratios[{i}]' = {ratio}: write it as {ratio}.0 (DVC names each stage's "
                               "files by the number as written, the harness by its value as a float)")
-    return _build(Params, raw)
+    return build(Params, raw)
 
 
 def ratio_text(ratio: float) -> str:
@@ -198,8 +190,8 @@ def ratio_text(ratio: float) -> str:
     return str(float(ratio))
 
 
-def load(path: str | Path = "params.yaml", *, check: bool = True) -> Params:
-    """Read, type-check and (by default) semantically validate a params file."""
+def read(path: str | Path = "params.yaml") -> Params:
+    """Read and type-check a params file; ``knowsam.validation.load`` also checks the values."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
@@ -208,8 +200,7 @@ def load(path: str | Path = "params.yaml", *, check: bool = True) -> Params:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
-    params = parse(raw, str(path))
-    return validate(params) if check else params
+    return parse(raw, str(path))
 
 
 def to_dict(params: Params) -> dict:

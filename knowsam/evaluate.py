@@ -4,7 +4,7 @@ Predictions are made at training size; by default the class probabilities are re
 (bilinearly) back to each image's original size before the argmax, and scored against
 the original masks (the polyp convention). Per case: one 2D image, or one volume made of
 its slices with the voxel spacing. Writes ``per_case.csv``, ``predictions.npz`` and the run's
-training curves (``curves.csv``) to each run's eval folder with its full ``summary.json`` (what
+training curves (``curves.csv``, from its dvclive files) to each run's eval folder with its full ``summary.json`` (what
 reports read), and the group's headline metrics (DVC metrics, one key per method) to ``reports/metrics``.
 """
 
@@ -22,9 +22,9 @@ from knowsam import io
 from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.errors import KnowsamError
+from knowsam.machine import pick_device
 from knowsam.metrics import EMPTY_MASK_POLICY, case_metrics, summarize
-from knowsam.runs import RunId
-from knowsam.train import build_method, pick_device
+from knowsam.runs import RunId, build_method, config_hash, run_config
 
 
 @torch.no_grad()
@@ -81,13 +81,13 @@ def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, method
     ``methods`` defaults to every method in params (what the evaluate stage does). Each run's full
     summary goes to its eval folder; the group's metrics file (DVC metrics) is then rebuilt from
     the summaries of every params method evaluated so far, so scoring one method by hand keeps
-    the others. Every run's weights, training config and training log are checked before any scoring starts;
+    the others. Every run's weights, training config and training curves are checked before any scoring starts;
     ``on_result(method, summary)`` is called as each run finishes.
     """
     runs = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed)
             for m in (params.methods if methods is None else methods)]
     weights = {run: _trained_weights(params, run, runs_root) for run in runs}
-    histories = {run: training_history(weights[run].parent, run) for run in runs}
+    histories = {run: training_history(run, runs_root) for run in runs}
     device = pick_device(params.train.device)
     data = PreparedDataset(Path(params.data.prepared_root) / dataset)
     summaries = {}
@@ -169,19 +169,32 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     return summary
 
 
-def training_history(run_dir: Path, run: RunId) -> pd.DataFrame | None:
-    """Per-iteration loss terms and the validation Dice of a run (its ``train_log.json`` history, which
-    spans resumed sessions); None for a run folder without one (a run that has not finished)."""
-    path = run_dir / "train_log.json"
-    if not path.is_file():
+def training_history(run: RunId, runs_root: str | Path) -> pd.DataFrame | None:
+    """Per-iteration loss terms and validation Dice of a run, from its dvclive curves (which span resumed
+    sessions: a resume drops the rows after its checkpoint); None for a run without curves.
+
+    One row per iteration (``step`` counts from 1; dvclive's steps from 0), one column per loss
+    term (rounded to 6 decimals, far below any reported digit) and ``val_<name>`` per validation metric.
+    """
+    metrics = run.live_dir(runs_root) / "plots" / "metrics"
+    files = sorted(metrics.glob("train/*.tsv"), key=lambda f: (f.stem != "loss", f.stem)) + sorted(
+        metrics.glob("val/*.tsv"))
+    if not files:
         return None
-    try:
-        table = pd.DataFrame(json.loads(path.read_text())["history"])
-    except (OSError, ValueError, KeyError, TypeError):
-        table = None
-    if table is None or "step" not in table.columns:
-        raise KnowsamError(f"{path}: unreadable training log; re-run the train stage for {run.stage_name}")
-    return table[["step", *(c for c in table.columns if c != "step")]]
+    columns = []
+    for path in files:
+        try:
+            logged = pd.read_csv(path, sep="\t", dtype=float)
+            series = pd.Series(logged[path.stem].to_numpy(), index=logged["step"].astype(int).to_numpy() + 1)
+        except (OSError, ValueError, KeyError):
+            raise KnowsamError(f"{path}: unreadable training curves; re-run the train stage for "
+                               f"{run.stage_name}") from None
+        if path.parent.name == "val":
+            columns.append(series.rename(f"val_{path.stem}"))
+        else:
+            columns.append(series.round(6).rename(path.stem))
+    table = pd.concat(columns, axis=1).sort_index()
+    return table.rename_axis("step").reset_index()
 
 
 def _trained_weights(params: Params, run: RunId, runs_root: str | Path) -> Path:
@@ -195,8 +208,6 @@ def _trained_weights(params: Params, run: RunId, runs_root: str | Path) -> Path:
 
 def _check_trained_config(params: Params, run: RunId, run_dir: Path) -> None:
     """Refuse weights trained under other parameters or another version (the run's config.json says which)."""
-    from knowsam.train import config_hash, run_config
-
     path = run_dir / "config.json"
     try:
         trained = json.loads(path.read_text())

@@ -1,18 +1,35 @@
-"""Where each run's files live: one naming scheme shared by training, evaluation and reports.
+"""What a run is made of: its id and where its files live, its configuration and hash, its method.
+
+Training and evaluation both build a run from here, so a trained run and the one evaluated
+are the same by construction. One naming scheme is shared by training, evaluation and reports.
 
 Runs of one (dataset, labeled ratio, seed) share a folder, because they are evaluated and
 tabulated together: the evaluate stage scores every method of such a group in one process
 and writes one metrics file for it.
 
-    data/runs/<dataset>/ratio-<r>_seed-<s>/<method>/    checkpoints, config, log, curves
+    data/runs/<dataset>/ratio-<r>_seed-<s>/<method>/    checkpoints, config, summary, live/ (curves)
     data/eval/<dataset>/ratio-<r>_seed-<s>/<method>/    per-case metrics, predictions, summary
     reports/metrics/<dataset>/ratio-<r>_seed-<s>.json   headline metrics, one key per method
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from knowsam import __version__
+from knowsam.config import Params, to_dict
+from knowsam.methods.registry import method_params
+
+if TYPE_CHECKING:
+    import torch
+
+    from knowsam.data.dataset import PreparedDataset
+    from knowsam.methods import Method
 
 from knowsam.config import ratio_text
 
@@ -41,6 +58,10 @@ class RunId:
     def train_dir(self, root: str | Path = "data/runs") -> Path:
         return Path(root) / self.dataset / self.slug / self.method
 
+    def live_dir(self, root: str | Path = "data/runs") -> Path:
+        """The run's training curves as dvclive writes them (what DVC renders and evaluate reads)."""
+        return self.train_dir(root) / "live"
+
     def eval_dir(self, root: str | Path = "data/eval") -> Path:
         return Path(root) / self.dataset / self.slug / self.method
 
@@ -49,9 +70,41 @@ class RunId:
         return self.eval_dir(root) / "summary.json"
 
     def curves_file(self, root: str | Path = "data/eval") -> Path:
-        """The run's training curves (loss terms per iteration, validation Dice), copied by evaluate."""
+        """The run's training curves (loss terms per iteration, validation Dice), copied by evaluate from live_dir."""
         return self.eval_dir(root) / "curves.csv"
 
     def metrics_file(self, root: str | Path = "reports/metrics") -> Path:
         """The group's headline metrics (DVC metrics); this run's are under its method's key."""
         return Path(root) / self.dataset / f"{self.slug}.json"
+
+
+def run_config(params: Params, run: RunId) -> dict[str, Any]:
+    """Everything that determines a run's result (and nothing that does not, e.g. eval settings)."""
+    cfg = to_dict(params)
+    return {
+        "version": __version__, "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
+        "data": cfg["data"], "train": cfg["train"], "sam": cfg["sam"],
+        "method_params": dataclasses.asdict(method_params(run.method, params.method_params.get(run.method, {}))),
+    }
+
+
+def config_hash(cfg: dict) -> str:
+    # Device and thread count change speed, not maths; leave them out so a run moved to
+    # another machine can still resume.
+    stable = json.loads(json.dumps(cfg))
+    stable["train"].pop("device", None)
+    stable["train"].pop("threads", None)
+    stable["train"].pop("channels_last", None)  # memory layout and compilation: speed only, too
+    stable["train"].pop("compile", None)
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_method(params: Params, run: RunId, data: PreparedDataset, device: torch.device, *,
+                 training: bool = True) -> Method:
+    # Imported here: reports name runs through this module and never load torch.
+    from knowsam.methods import MethodContext, get_method
+
+    ctx = MethodContext(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size,
+                        iterations=params.train.iterations, train=params.train, sam=params.sam, device=device,
+                        seed=run.seed, training=training)
+    return get_method(run.method)(ctx, method_params(run.method, params.method_params.get(run.method, {})))

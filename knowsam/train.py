@@ -2,7 +2,8 @@
 
 A run folder holds ``config.json`` (resolved configuration), ``checkpoint.pt`` (+ the
 previous one, ``checkpoint.prev.pt``), ``best.pt`` (weights with the best validation
-Dice, what evaluation loads), ``train_log.json`` and ``live/`` (dvclive curves).
+Dice, what evaluation loads), ``train_log.json`` (the run's summary, written when it ends)
+and ``live/`` (dvclive curves: the one record of losses and validation Dice per iteration).
 Restarting the same command after a crash resumes from the newest readable checkpoint
 and ends with exactly the metrics of an uninterrupted run (on CPU).
 """
@@ -10,8 +11,6 @@ and ends with exactly the metrics of an uninterrupted run (on CPU).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import math
 import os
 import random
@@ -19,33 +18,21 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from knowsam import __version__, io
-from knowsam.config import Params, to_dict
+from knowsam import io
+from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.data.splits import read_split, split_path
 from knowsam.errors import KnowsamError
-from knowsam.methods import Method, MethodContext, get_method
-from knowsam.runs import RunId
+from knowsam.machine import pick_device
+from knowsam.methods import Method
+from knowsam.runs import RunId, build_method, config_hash, run_config
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 _KEEP_FREED_BYTES = 1 << 30  # glibc's mmap and trim thresholds while training (see keep_freed_memory)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KnowsamError("train.device is 'cuda' but no CUDA device is available", exit_code=2)
-    return torch.device(name)
 
 
 def keep_freed_memory() -> bool:
@@ -72,38 +59,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def run_config(params: Params, run: RunId) -> dict[str, Any]:
-    """Everything that determines a run's result (and nothing that does not, e.g. eval settings)."""
-    cls = get_method(run.method)
-    method_params = cls.make_params(params.method_params.get(run.method, {}))
-    cfg = to_dict(params)
-    return {
-        "version": __version__, "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
-        "data": cfg["data"], "train": cfg["train"], "sam": cfg["sam"],
-        "method_params": cls.params_dict(method_params),
-    }
-
-
-def config_hash(cfg: dict) -> str:
-    # Device and thread count change speed, not maths; leave them out so a run moved to
-    # another machine can still resume.
-    stable = json.loads(json.dumps(cfg))
-    stable["train"].pop("device", None)
-    stable["train"].pop("threads", None)
-    stable["train"].pop("channels_last", None)  # memory layout and compilation: speed only, too
-    stable["train"].pop("compile", None)
-    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def build_method(params: Params, run: RunId, data: PreparedDataset, device: torch.device, *,
-                 training: bool = True) -> Method:
-    cls = get_method(run.method)
-    ctx = MethodContext(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size,
-                        iterations=params.train.iterations, train=params.train, sam=params.sam, device=device,
-                        seed=run.seed, training=training)
-    return cls(ctx, cls.make_params(params.method_params.get(run.method, {})))
 
 
 def validation_arrays(data: PreparedDataset, split: dict) -> tuple[np.ndarray, np.ndarray] | None:
@@ -274,18 +229,18 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
     for stale in run_dir.glob(".*.tmp"):  # left by a run killed while writing a file
         stale.unlink(missing_ok=True)
     dist.barrier()  # no rank removes a temporary file that rank 0 is writing
-    step, best, history = 0, {"dice": -1.0, "step": -1}, []
+    step, best, record = 0, {"dice": -1.0, "step": -1}, {}
     if state is not None:
         method.load_state_dict(state["method"])
         stream.load_state_dict(dist.own(state)["stream"])
         _set_rng_state(dist.own(state)["rng"])
-        step, best, history = state["step"], state["best"], state["history"]
+        step, best, record = state["step"], state["best"], state["last_record"]
     if dist.is_main:
         io.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
 
     from dvclive import Live
 
-    live = (Live(str(run_dir / "live"), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
+    live = (Live(str(run.live_dir(runs_root)), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
             if dist.is_main else distributed.NullLive())
     if state is not None and dist.is_main:
         _rewind_live(live, step)
@@ -314,14 +269,13 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                     best = {"dice": dice, "step": step}
                     _save_weights(run_dir / "best.pt", method, step)
             live.next_step()
-            history.append(record)
             advance(losses)
             if step % t.checkpoint_every == 0 or step == t.iterations:
                 ranks = dist.gather({"stream": stream.state_dict(), "rng": _rng_state()})
                 if dist.is_main:
                     _save_checkpoint(run_dir, {
                         "version": CHECKPOINT_VERSION, "config_hash": chash, "step": step,
-                        "method": method.state_dict(), **ranks[0], "best": best, "history": history,
+                        "method": method.state_dict(), **ranks[0], "best": best, "last_record": record,
                         **({"ranks": ranks} if dist.enabled else {}),
                     })
     live.end()
@@ -331,10 +285,10 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
             _save_weights(run_dir / "best.pt", method, step)
     best = dist.gather(best)[0]  # rank 0 validated
     summary = {"iterations": step, "best_step": best["step"], "best_val_dice": best["dice"],
-               "final_losses": history[-1] if history else {},
+               "final_losses": record,
                "seconds_this_session": round(time.perf_counter() - started, 2)}
     if dist.is_main:
-        io.write_json(run_dir / "train_log.json", {"summary": summary, "history": history})
+        io.write_json(run_dir / "train_log.json", {"summary": summary})
     return summary
 
 

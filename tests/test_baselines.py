@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 from knowsam.config import SamParams, TrainParams
 from knowsam.losses import ce_dice_loss, soft_dice_loss
-from knowsam.methods import Batch, Method, MethodContext, get_method, method_names
+from knowsam.data.batch import Batch
+from knowsam.methods import Method, MethodContext, get_method, method_names
 from knowsam.methods import ucmt as ucmt_module
+from knowsam.methods.registry import method_params
 from knowsam.methods.ucmt import patch_grid, plan_mix
 from tests.conftest import polyp_images
 
@@ -26,7 +28,7 @@ def make_method(name: str, *, size: int = 32, iterations: int = 20, lr: float = 
     ctx = MethodContext(in_channels=3, num_classes=2, image_size=size, iterations=iterations,
                         train=TrainParams(iterations=iterations, batch_size=2 * labeled, labeled_batch=labeled, lr=lr),
                         sam=SamParams(arch="tiny", checkpoint="none"), device=torch.device("cpu"), seed=seed)
-    method = cls(ctx, cls.make_params(params))
+    method = cls(ctx, method_params(name, params))
     method.train()
     return method
 

@@ -87,7 +87,8 @@ def test_channels_last_and_bf16_run_and_channels_last_keeps_the_resume_hash(demo
     from knowsam.data.dataset import PreparedDataset
     from knowsam.data.splits import split_path, write_split
     from knowsam.runs import RunId
-    from knowsam.train import config_hash, run_config, train_run
+    from knowsam.runs import config_hash, run_config
+    from knowsam.train import train_run
     from tests.conftest import small_params
 
     params = small_params(demo_prepared, iterations=2, eval_every=2, checkpoint_every=2)

@@ -133,7 +133,7 @@ def assert_nothing_prepared(ws: Path) -> None:
 @pytest.fixture(scope="module")
 def train_ws_base(demo_prepared, tmp_path_factory) -> Path:
     """Workspace using the shared prepared demo data, with a split and a trained 2-iteration run."""
-    from knowsam import config
+    from knowsam import validation
     from knowsam.data.dataset import PreparedDataset
     from knowsam.data.splits import split_path, write_split
     from knowsam.runs import RunId
@@ -146,7 +146,7 @@ def train_ws_base(demo_prepared, tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(ws)
     try:
-        train_run(config.load("params.yaml"), RunId("labeled-only", "demo", 0.1, 0), progress=False)
+        train_run(validation.load("params.yaml"), RunId("labeled-only", "demo", 0.1, 0), progress=False)
     finally:
         os.chdir(cwd)
     return ws
@@ -453,11 +453,11 @@ def test_evaluate_corrupt_weights(train_ws, cli):
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
 
-def test_evaluate_corrupt_training_log(train_ws, cli):
-    log = train_ws / RUN_DIR / "train_log.json"
-    log.write_text(log.read_text()[:40])  # cut short
+def test_evaluate_corrupt_training_curves(train_ws, cli):
+    curve = train_ws / RUN_DIR / "live/plots/metrics/train/loss.tsv"
+    curve.write_text(curve.read_text()[:3])  # cut short
     one_line(*cli(train_ws, "evaluate", *EVAL), 1,
-             r"train_log.json: unreadable training log; re-run the train stage for labeled-only-demo-0.1-0")
+             r"loss.tsv: unreadable training curves; re-run the train stage for labeled-only-demo-0.1-0")
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
 

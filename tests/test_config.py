@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from knowsam import config
+from knowsam import config, validation
 from knowsam.errors import ConfigError
 from tests.conftest import REPO
 
@@ -26,13 +26,11 @@ def _with(path: str, value):
 
 
 def test_every_profile_validates():
+    # The profiles are the lists of methods; params.yaml is whichever one the user chose.
+    assert {"demo", "cpu", "paper"} <= set(config.profile_names())
     for name in config.profile_names():
-        params = config.load(config.profile_path(name))
+        params = validation.load(config.profile_path(name))
         assert params.profile == name
-
-
-def test_repo_params_is_the_demo_profile():
-    assert (REPO / "params.yaml").read_text() == (REPO / "knowsam/profiles/demo.yaml").read_text()
 
 
 @pytest.mark.parametrize("path,value,message", [
@@ -48,11 +46,16 @@ def test_repo_params_is_the_demo_profile():
     ("data.image_size", 100, "'data.image_size' = 100 must be a positive multiple of 16"),
     ("train.labeled_batch", 9, "'train.labeled_batch' = 9 must be in [1, train.batch_size = 8]"),
     ("data.interpolation", "cubic", "'data.interpolation' must be one of bilinear, nearest"),
-    ("method_params", {"labeled-only": {"x": 1}}, "unknown key 'method_params.labeled-only.x'"),
+    ("method_params", {"labeled-only": {"x": 1}}, "unknown key 'method_params.labeled-only.x' (known: none)"),
+    ("method_params", {"nope": {}}, "'method_params.nope' names an unknown method"),
+    ("method_params", {"mt": {"ema_decay": "high"}}, "'method_params.mt.ema_decay' must be float, got 'high'"),
+    ("method_params", {"ucmt": {"umix_topk": True}}, "'method_params.ucmt.umix_topk' must be int, got True"),
+    ("method_params", {"mt+skd": {"kd_tau": 4.0}}, "unknown key 'method_params.mt+skd.kd_tau'"),
+    ("method_params", {"knowsam": {"kd_entropy_form": "x"}}, "knowsam: kd_entropy_form must be one of"),
 ])
 def test_bad_params_name_the_key(path, value, message):
     with pytest.raises(ConfigError) as err:
-        config.validate(config.parse(_with(path, value)))
+        validation.validate(config.parse(_with(path, value)))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
     assert err.value.exit_code == 2
@@ -85,11 +88,26 @@ def test_method_index_matches_the_registered_methods():
         defined_in = registry._PLUGINS[suffix].__module__ if suffix else registry._METHODS[base].__module__
         assert defined_in == f"knowsam.methods.{module}", name
     assert registry.UPPER_BOUNDS == {n for n in registry.method_names() if registry.get_method(n).label_pool == "all"}
+    from knowsam.methods import params  # every declared Params belongs to a registered method or plug-in
+
+    assert set(params._BASE) <= set(registry._METHODS) and set(params._PLUGIN) <= set(registry._PLUGINS)
 
 
-def test_validating_params_does_not_import_torch():
-    # acquire, prepare and split validate every method name but never train: no torch import for them.
-    code = ("import sys; from knowsam import config; "
-            f"config.load({str(REPO / 'knowsam/profiles/paper.yaml')!r}); print('torch' in sys.modules)")
+def test_float_and_int_method_params_are_coerced_like_the_rest():
+    from knowsam.methods.registry import method_params
+
+    assert method_params("mt", {"consistency": 1}).consistency == 1.0
+    assert isinstance(method_params("mt", {"consistency": 1}).consistency, float)
+
+
+def test_validating_params_does_not_import_torch(tmp_path):
+    # acquire, prepare and split validate every method and its params but never train: no torch import for them.
+    raw = yaml.safe_load((REPO / "knowsam/profiles/paper.yaml").read_text())
+    raw["method_params"] = {"mt": {"consistency": 0.2}, "ucmt+skd": {"umix_topk": 3, "kd_weight": 0.5},
+                            "knowsam": {"kd_entropy_form": "official-2class", "mix_patches": 4}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = ("import sys; from knowsam import validation; "
+            f"p = validation.load({str(path)!r}); print(len(p.method_params), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "3 False"

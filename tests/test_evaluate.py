@@ -58,12 +58,14 @@ def test_summaries_per_run_and_headline_metrics_per_group(trained, tmp_path):
             assert metrics == pytest.approx(expected, abs=1e-6)
             # The DVC metrics file holds the headline columns of the same numbers, nothing else.
             assert headline[method][test_set] == {k: metrics[k] for k in ("mDice", "mIoU", "HD95", "ASD")}
-        # The training curves travel with the evaluation: the run's history, row for row.
-        history = json.loads((run.train_dir(runs) / "train_log.json").read_text())["history"]
+        # The training curves travel with the evaluation: the run's dvclive curves, row for row.
+        live = run.live_dir(runs) / "plots/metrics"
+        logged_loss = pd.read_csv(live / "train/loss.tsv", sep="\t")
+        logged_dice = pd.read_csv(live / "val/dice.tsv", sep="\t")
         curves = pd.read_csv(run.curves_file(tmp_path / "eval"))
-        assert list(curves.step) == [1, 2, 3] and curves.loss.tolist() == [h["loss"] for h in history]
+        assert list(curves.step) == [1, 2, 3] and curves.loss.tolist() == logged_loss.loss.round(6).tolist()
         assert curves.val_dice.isna().tolist() == [True, True, False]
-        assert curves.val_dice.iloc[2] == pytest.approx(history[2]["val_dice"])
+        assert logged_dice.step.tolist() == [2] and curves.val_dice.iloc[2] == logged_dice.dice.iloc[0]
 
 
 def test_evaluating_some_methods_keeps_the_others(trained, tmp_path):
@@ -90,11 +92,11 @@ def test_a_missing_run_stops_the_group_before_any_scoring(trained, tmp_path):
     assert not (tmp_path / "eval").exists() and not (tmp_path / "metrics").exists()
 
 
-def test_a_run_without_training_log_gets_no_curves(trained, tmp_path):
+def test_a_run_without_curves_gets_none(trained, tmp_path):
     params, runs = trained
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy)
-    (RunId("labeled-only", "demo", 0.1, 0).train_dir(copy) / "train_log.json").unlink()
+    shutil.rmtree(RunId("labeled-only", "demo", 0.1, 0).live_dir(copy))
     stale = RunId("labeled-only", "demo", 0.1, 0).curves_file(tmp_path / "eval")
     io.write_text(stale, "step,loss\n1,9.0\n")  # from an earlier training of the same run
     _evaluate(params, copy, tmp_path)

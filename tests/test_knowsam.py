@@ -12,9 +12,10 @@ import torch
 from segment_anything.modeling import Sam
 
 from knowsam.config import SamParams, TrainParams
+from knowsam.data.batch import Batch
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.losses import entropy_loss, kd_loss
-from knowsam.methods import Batch, MethodContext, get_method
+from knowsam.methods import MethodContext, get_method
 from knowsam.methods.knowsam import (
     KnowSam,
     consistency_loss,
@@ -25,6 +26,7 @@ from knowsam.methods.knowsam import (
     supervised_loss,
     uncertainty_mix,
 )
+from knowsam.methods.params import KnowSamParams
 from knowsam.methods.sam_support import trained_state
 from knowsam.models.sam_teacher import SamTeacher, build_sam_parts
 from tests.conftest import polyp_images
@@ -37,7 +39,7 @@ def make(k: int = 2, size: int = 32, iterations: int = 100, seed: int = 0, check
     ctx = MethodContext(in_channels=channels, num_classes=k, image_size=size, iterations=iterations,
                         train=TrainParams(lr=lr), sam=SamParams(arch="tiny", checkpoint=checkpoint),
                         device=torch.device("cpu"), seed=seed)
-    method = get_method("knowsam")(ctx, KnowSam.Params(**params))
+    method = get_method("knowsam")(ctx, KnowSamParams(**params))
     method.train()
     return method
 
@@ -303,16 +305,22 @@ def test_steps_run_for_four_classes_and_without_unlabeled(k: int, n_l: int, n_u:
         m.predict(x, "unet")
 
 
-def test_channels_last_keeps_and_bf16_approximates_the_results():
-    def first(**params) -> tuple[dict[str, float], torch.Tensor]:
-        torch.manual_seed(0)
-        m = make(**params)
-        torch.manual_seed(1)
-        losses = {k: v.item() for k, v in m.losses(batch(2, 2), 0).items()}
-        m.eval()
-        return losses, m.predict(batch(2, 0, seed=3).x)
+def test_loop_speed_options_keep_channels_last_and_bf16_approximates_the_results():
+    """The loop's train.channels_last / train.amp_bf16 (the only speed options) on KnowSAM's nets and SAM."""
+    from knowsam.train import apply_speed_options, batch_layout, step_context
 
-    (ref, p_ref), (bf, p_bf), (_, p_cl) = first(), first(bf16=True), first(channels_last=True)
+    def first(**speed) -> tuple[dict[str, float], torch.Tensor]:
+        t = TrainParams(**speed)
+        torch.manual_seed(0)
+        m = make()
+        apply_speed_options(m, t)
+        torch.manual_seed(1)
+        with step_context(t, torch.device("cpu")):
+            losses = {k: v.item() for k, v in m.losses(batch_layout(batch(2, 2), t), 0).items()}
+            m.eval()
+            return losses, m.predict(batch_layout(batch(2, 1, seed=3), t).x_l).float()
+
+    (ref, p_ref), (bf, p_bf), (_, p_cl) = first(), first(amp_bf16=True), first(channels_last=True)
     for k in ("net", "sam", "unet_kd"):
         assert bf[k] == pytest.approx(ref[k], rel=0.05), k
     # Channels-last draws dropout masks in another element order, so compare without dropout.

@@ -183,8 +183,6 @@ def test_sigkill_at_three_points_resumes_to_the_uninterrupted_result(demo_prepar
     assert len(kills) == 3
 
     ref_log, log = (json.loads((d / "train_log.json").read_text()) for d in (ref_dir, run_dir))
-    assert log["history"] == ref_log["history"]
-    assert [r["step"] for r in log["history"]] == list(range(1, 31))
     for key in ("best_val_dice", "best_step", "iterations", "final_losses"):
         assert log["summary"][key] == ref_log["summary"][key], key
     ref_best, best = (torch.load(d / "best.pt", weights_only=True) for d in (ref_dir, run_dir))
@@ -205,12 +203,12 @@ def test_sigkill_at_three_points_resumes_to_the_uninterrupted_result(demo_prepar
 
 def test_resume_rewinds_dvclive_curves(demo_prepared, tmp_path):
     """Fast, in-process variant of the dvclive part: a restart from an older checkpoint logs no step twice."""
-    from knowsam import config
+    from knowsam import validation
     from knowsam.runs import RunId
     from knowsam.train import train_run
 
     ws = tmp_path / "ws"
-    params = config.load(write_params(demo_prepared, ws, iterations=8, eval_every=2, checkpoint_every=4))
+    params = validation.load(write_params(demo_prepared, ws, iterations=8, eval_every=2, checkpoint_every=4))
     run, runs = RunId("labeled-only", "demo", 0.1, 0), ws / "runs"
     train_run(params, run, runs_root=tmp_path / "ref", progress=False)
     train_run(params, run, runs_root=runs, progress=False)
@@ -323,13 +321,11 @@ def test_train_and_evaluate_twice_give_identical_files(demo_prepared, tmp_path):
         proc = subprocess.run([sys.executable, "-c", code], cwd=ws, env=_env(PYTHONHASHSEED=hashseed),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        log = json.loads((ws / RUN_DIR / "train_log.json").read_text())
         outputs.append({
             "metrics": (ws / "reports/metrics/demo/ratio-0.1_seed-0.json").read_bytes(),
             "summary": (ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/summary.json").read_bytes(),
             "per_case": (ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/per_case.csv").read_bytes(),
             "predictions": _npz(ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/predictions.npz"),
-            "history": log["history"],
             "live": tree_bytes(ws / RUN_DIR / "live"),
         })
     a, b = outputs

@@ -10,7 +10,7 @@ import torch
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.losses import kd_loss
 from knowsam.methods import get_method
-from knowsam.methods.registry import validate_method_params
+from knowsam.methods.registry import method_params
 from knowsam.methods.sam_support import build_sam_teacher, trained_state
 from knowsam.models.sam_teacher import SamTeacher
 from tests.test_baselines import loop_mix, loss_before_after, make_method, random_batch
@@ -21,11 +21,11 @@ STUDENTS = {"mt": ["student"], "cps": ["net1", "net2"], "ucmt": ["student1", "st
 def test_skd_params_extend_the_base_params():
     cls = get_method("mt+skd")
     assert issubclass(cls, get_method("mt")) and cls.name == "mt+skd" and get_method("mt+skd") is cls
-    p = cls.make_params({"ema_decay": 0.9, "kd_weight": 0.5})
+    p = method_params("mt+skd", {"ema_decay": 0.9, "kd_weight": 0.5})
     assert (p.ema_decay, p.noise_std, p.kd_weight, p.kd_temperature, p.sam_lr) == (0.9, 0.1, 0.5, 10.0, 1e-4)
-    validate_method_params("mt+skd", {"consistency": 0.2, "kd_temperature": 4.0})
-    with pytest.raises(ConfigError, match="kd_tau"):
-        validate_method_params("mt+skd", {"kd_tau": 4.0})
+    method_params("mt+skd", {"consistency": 0.2, "kd_temperature": 4.0})
+    with pytest.raises(ConfigError, match="unknown key 'method_params.mt\\+skd.kd_tau'"):
+        method_params("mt+skd", {"kd_tau": 4.0})
 
 
 @pytest.mark.parametrize("name", ["mt", "cps", "ucmt"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -13,8 +12,9 @@ import torch
 from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
 from knowsam.losses import ce_dice_loss
-from knowsam.runs import RunId
-from knowsam.train import build_method, train_run
+from knowsam.evaluate import training_history
+from knowsam.runs import RunId, build_method
+from knowsam.train import train_run
 from tests.conftest import small_params
 
 
@@ -53,17 +53,22 @@ def test_one_step_lowers_the_loss_on_its_batch(workspace):
     assert after < before
 
 
+RUN = RunId("labeled-only", "demo", 0.1, 0)
+
+
 def _train(workspace, runs_root, **overrides):
     params = small_params(workspace, **overrides)
-    return train_run(params, RunId("labeled-only", "demo", 0.1, 0), runs_root=runs_root, progress=False)
+    return train_run(params, RUN, runs_root=runs_root, progress=False)
+
+
+def _curves(runs_root):
+    return training_history(RUN, runs_root)
 
 
 def test_same_seed_same_result(workspace, tmp_path):
     a = _train(workspace, tmp_path / "a")
     b = _train(workspace, tmp_path / "b")
-    la = json.loads((tmp_path / "a/demo/ratio-0.1_seed-0/labeled-only/train_log.json").read_text())["history"]
-    lb = json.loads((tmp_path / "b/demo/ratio-0.1_seed-0/labeled-only/train_log.json").read_text())["history"]
-    assert la == lb
+    assert _curves(tmp_path / "a").equals(_curves(tmp_path / "b"))
     assert a["best_val_dice"] == b["best_val_dice"]
 
 
@@ -78,9 +83,8 @@ def test_resumed_run_equals_uninterrupted(workspace, tmp_path):
     assert state["step"] == 3
     (run_dir / "checkpoint.pt").unlink()  # the crash happened before the step-6 checkpoint landed
     resumed = _train(workspace, tmp_path / "resumed")
-    la = json.loads((tmp_path / "full/demo/ratio-0.1_seed-0/labeled-only/train_log.json").read_text())["history"]
-    lb = json.loads((run_dir / "train_log.json").read_text())["history"]
-    assert la == lb
+    assert _curves(tmp_path / "full").equals(_curves(tmp_path / "resumed"))
+    assert _curves(tmp_path / "full").step.tolist() == [1, 2, 3, 4, 5, 6]
     assert full["best_val_dice"] == resumed["best_val_dice"]
     wa = torch.load(tmp_path / "full/demo/ratio-0.1_seed-0/labeled-only/best.pt", weights_only=True)["weights"]
     wb = torch.load(run_dir / "best.pt", weights_only=True)["weights"]

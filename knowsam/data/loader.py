@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from knowsam.data.augment import weak_augment
+from knowsam.data.batch import Batch
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.errors import KnowsamError
-from knowsam.methods.base import Batch
 
 
 class EpochSampler:

@@ -1,14 +1,14 @@
 """The interface every training method implements: one small class, one ``train_step``.
 
 The shared loop (``knowsam.train``) owns data, schedules of evaluation/checkpoints,
-logging and resume; a method owns its networks, optimisers and losses. Everything a
-method must persist goes through ``state_dict`` so a resumed run equals an
-uninterrupted one.
+logging and resume; a method owns its networks, optimisers and losses. This base class owns
+what every method does the same way: the optimiser step (``update``), the method's own random
+generator, persistence and the default prediction. Everything a method must persist goes
+through ``state_dict`` so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from knowsam.config import SamParams, TrainParams
+from knowsam.data.batch import Batch
 
 
 @dataclass
@@ -35,33 +36,16 @@ class MethodContext:
     training: bool = True
 
 
-@dataclass
-class Batch:
-    """One training batch: weakly augmented labeled images + labels, and unlabeled images.
-
-    Images are float in [0, 1], shape (B, C, H, W); labels are class ids (B, H, W), int64.
-    ``x_u`` has zero rows for methods that do not use unlabeled data.
-    """
-
-    x_l: torch.Tensor
-    y_l: torch.Tensor
-    x_u: torch.Tensor
-
-    @property
-    def x(self) -> torch.Tensor:
-        """Labeled then unlabeled images, the order every method's indices rely on."""
-        return torch.cat([self.x_l, self.x_u]) if len(self.x_u) else self.x_l
-
-    @property
-    def n_labeled(self) -> int:
-        return len(self.x_l)
-
-
 class Method:
-    """Base class. Subclasses set ``name``, ``description``, ``Params`` and implement the two hooks."""
+    """Base class. Subclasses set ``name``, ``description``, ``reported_net`` and implement ``train_step``.
+
+    A method's hyperparameters (``self.p``) are its dataclass in ``knowsam.methods.params``.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # The network ``predict`` reports at test time (a method with other outputs overrides ``predict``).
+    reported_net: ClassVar[str] = ""
     # "labeled": sample labeled images from the labeled subset; "all": from the whole training pool.
     label_pool: ClassVar[str] = "labeled"
     uses_unlabeled: ClassVar[bool] = True
@@ -74,22 +58,21 @@ class Method:
     # Score of an image whose prediction and ground truth are both empty, in validation
     # (model selection). 1 is correct; a method may reproduce a published quirk.
     validation_empty_score: float = 1.0
-
-    @dataclass(frozen=True)
-    class Params:
-        pass
+    # Gradient accumulation: updates whose gradients add up before each optimiser step (1: none).
+    accumulation_steps: int = 1
 
     def __init__(self, ctx: MethodContext, params: Any):
         self.ctx = ctx
         self.p = params
         self.nets: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        # The method's own draws (input noise, augmented views): a CPU generator saved in the
+        # state, so resume is exact, and drawn on CPU then moved, so a seed draws the same on
+        # every device.
+        self.gen = torch.Generator().manual_seed(ctx.seed * 1000 + 11)
+        self._accumulated: dict[tuple[str, ...], int] = {}
 
-    @classmethod
-    def make_params(cls, overrides: dict[str, Any]) -> Any:
-        return cls.Params(**overrides)
-
-    # --- the two hooks every method implements -------------------------------------------
+    # --- the hook every method implements ------------------------------------------------
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         """One optimisation step at iteration ``step`` (0-based); returns loss terms for logging."""
         raise NotImplementedError
@@ -99,9 +82,47 @@ class Method:
         """Class probabilities (B, K, H, W) of the network the method reports at test time.
 
         ``variant`` names one of ``self.variants`` (extra outputs scored separately, e.g. the
-        SAM teacher's own prediction); ``None`` is the method's reported prediction.
+        SAM teacher's own prediction); ``None`` is the method's reported prediction: the
+        softmax of ``reported_net``.
         """
-        raise NotImplementedError
+        if variant is not None:
+            raise ValueError(f"{self.name}: unknown variant {variant!r}; known: {', '.join(self.variants) or 'none'}")
+        return self.nets[self.reported_net](x).softmax(1)
+
+    # --- the optimiser step ---------------------------------------------------------------
+    def update(self, loss: torch.Tensor, *optimizers: str) -> None:
+        """Zero the gradients, backward ``loss``, step: for the named optimisers, every one if none is named.
+
+        Optimisers step in the order named (else registration order). A method that accepts
+        plug-ins names its own, so it never steps a plug-in's. Loss scaling, clipping and
+        accumulation are the hooks below; their defaults change nothing.
+        """
+        names = optimizers or tuple(self.optimizers)
+        opts = [self.optimizers[n] for n in names]
+        done = self._accumulated.get(names, 0)
+        if done == 0:
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+        self.scale_loss(loss).backward()
+        done += 1
+        if done < self.accumulation_steps:
+            self._accumulated[names] = done
+            return
+        self._accumulated[names] = 0
+        self.clip_gradients(opts)
+        for opt in opts:
+            self.step_optimizer(opt)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backward (AMP with float16: the GradScaler's scaled loss). Default: unscaled."""
+        return loss
+
+    def clip_gradients(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Clip the gradients ``optimizers`` are about to apply. Default: no clipping."""
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply one optimiser's gradients (AMP with float16: through the GradScaler)."""
+        optimizer.step()
 
     # --- hooks for plug-ins (e.g. SKD) ---------------------------------------------------------
     def student_extra_loss(self, student: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor | float:
@@ -148,16 +169,18 @@ class Method:
             net.eval()
 
     def state_dict(self) -> dict[str, Any]:
+        """What resume needs: the weights, every optimiser and the method's generator."""
         return {
-            "nets": {k: v.state_dict() for k, v in self.nets.items()},
+            "weights": self.eval_state_dict(),
             "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "rng": self.gen.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state["nets"].items():
-            self.nets[k].load_state_dict(v)
+        self.load_eval_state_dict(state["weights"])
         for k, v in state["optimizers"].items():
             self.optimizers[k].load_state_dict(v)
+        self.gen.set_state(state["rng"])
 
     def eval_state_dict(self) -> dict[str, Any]:
         """Weights needed by ``predict`` (kept as the best-model file)."""
@@ -170,7 +193,3 @@ class Method:
     def provenance(self) -> dict[str, Any]:
         """Facts about external weights a result depends on (e.g. SAM checkpoint or random init)."""
         return {}
-
-    @classmethod
-    def params_dict(cls, params: Any) -> dict[str, Any]:
-        return dataclasses.asdict(params)

@@ -8,15 +8,14 @@ towards it through the target. Test time: the first network (as SSL4MIS reports 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
+from knowsam.data.batch import Batch
 from knowsam.losses import ce_dice_loss
-from knowsam.methods.base import Batch, Method, MethodContext
+from knowsam.methods.base import Method, MethodContext
 from knowsam.methods.ema import ramp_weight
+from knowsam.methods.params import CpsParams
 from knowsam.methods.registry import register_method
 from knowsam.models import build_model
 
@@ -30,13 +29,9 @@ class CrossPseudoSupervision(Method):
                    "argmax on all images; the first network predicts at test time")
     accepts_plugins = ("skd",)
     main_student = "net1"
+    reported_net = "net1"
 
-    @dataclass(frozen=True)
-    class Params:
-        cps_weight: float = 0.1  # weight of the cross pseudo-label CE once ramped up (SSL4MIS: 0.1)
-        rampup_fraction: float = 1.0  # ramp over this fraction of the run (SSL4MIS: the whole run)
-
-    def __init__(self, ctx: MethodContext, params: Any):
+    def __init__(self, ctx: MethodContext, params: CpsParams):
         super().__init__(ctx, params)
         for name in NETS:  # built one after the other from the seeded RNG: different initial weights
             net = self.add_net(name, build_model("unet", in_channels=ctx.in_channels, num_classes=ctx.num_classes))
@@ -59,13 +54,5 @@ class CrossPseudoSupervision(Method):
             cross = F.cross_entropy(logits[i], targets[1 - i])
             loss = loss + sup + w * cross + self.student_extra_loss(name, logits[i], batch)
             terms[f"sup_{name}"], terms[f"cps_{name}"] = sup.item(), cross.item()
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in self.optimizers.values():
-            opt.step()
+        self.update(loss, *NETS)
         return {"loss": loss.item(), **terms}
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
-        return self.nets["net1"](x).softmax(1)

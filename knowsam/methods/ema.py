@@ -1,4 +1,4 @@
-"""Pieces shared by the semi-supervised baselines: EMA teachers, the consistency ramp, own RNG.
+"""Pieces shared by the semi-supervised baselines: EMA teachers, the consistency ramp.
 
 Kept in one place so Mean Teacher and UCMT update their teachers with the same arithmetic,
 and every baseline ramps its unsupervised weight on the same schedule.
@@ -58,9 +58,3 @@ def require_unlabeled(ctx: MethodContext, method: str) -> None:
     if ctx.train.labeled_batch >= ctx.train.batch_size:
         raise ConfigError(f"{method} needs unlabeled images in each batch: train.labeled_batch "
                           f"({ctx.train.labeled_batch}) must be below train.batch_size ({ctx.train.batch_size})")
-
-
-def method_generator(ctx: MethodContext) -> torch.Generator:
-    """The method's own CPU generator for input noise/augmentation: saved in its state, so resume is
-    exact, and drawn on CPU then moved, so a seed gives the same draws on every device."""
-    return torch.Generator().manual_seed(ctx.seed * 1000 + 11)

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from knowsam.data.batch import Batch
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.losses import entropy_loss, kd_loss, sigmoid_rampup, soft_dice_loss
-from knowsam.methods.base import Batch, Method, MethodContext
+from knowsam.methods.base import Method, MethodContext
+from knowsam.methods.params import KnowSamParams
 from knowsam.methods.registry import register_method
 from knowsam.methods.sam_support import (
     build_sam_teacher,
@@ -37,7 +38,6 @@ from knowsam.methods.sam_support import (
 )
 from knowsam.models import build_model
 
-KD_ENTROPY_FORMS = ("k-class", "official-2class")
 STUDENTS = ("unet", "vnet")
 
 
@@ -130,37 +130,7 @@ class KnowSam(Method):
     description = "KnowSAM: co-trained U-Net/V-Net + fusion, distilled from an adapted SAM prompted by their fusion"
     variants = ("sam",)
 
-    @dataclass(frozen=True)
-    class Params:
-        kd_temperature: float = 10.0
-        entropy_weight: float = 0.9
-        consistency_weight: float = 1.0  # official: consistency 0.1 x 10
-        consistency_rampup: int = 200  # ramp "epochs" spread over the whole run
-        sam_lr: float = 1e-4
-        mixed_iterations: float = 0.24  # < 1: fraction of train.iterations; >= 1: absolute iteration
-        mix_grid: int = 4
-        mix_patches: int = 5
-        fusion_official_activation: bool = True
-        vnet_consistency_grad: bool = False  # defect 1 (official: False)
-        consistency_all_classes: bool = False  # defect 2 (official: False, last class only)
-        kd_entropy_form: str = "k-class"  # defect 4: "official-2class" reproduces the 2-class code
-        validation_empty_zero: bool = True  # defect 11 (official: both-empty image scores Dice 0)
-        sam_full_graph: bool = False  # True: SAM's graph over the whole batch (the official gradient, slower)
-        bf16: bool = False
-        channels_last: bool = False
-
-        def __post_init__(self) -> None:
-            if self.kd_entropy_form not in KD_ENTROPY_FORMS:
-                raise ConfigError(f"knowsam: kd_entropy_form must be one of {', '.join(KD_ENTROPY_FORMS)}, "
-                                  f"got {self.kd_entropy_form!r}")
-            if self.kd_temperature <= 0 or self.sam_lr <= 0 or self.mixed_iterations < 0 or self.consistency_rampup < 0:
-                raise ConfigError("knowsam: kd_temperature and sam_lr must be > 0, mixed_iterations and "
-                                  "consistency_rampup >= 0")
-            if self.mix_grid < 1 or not 0 <= self.mix_patches <= self.mix_grid**2:
-                raise ConfigError(f"knowsam: need mix_grid >= 1 and 0 <= mix_patches <= mix_grid^2, got "
-                                  f"{self.mix_grid}, {self.mix_patches}")
-
-    def __init__(self, ctx: MethodContext, params: "KnowSam.Params"):
+    def __init__(self, ctx: MethodContext, params: KnowSamParams):
         super().__init__(ctx, params)
         p = self.p
         if p.kd_entropy_form == "official-2class" and ctx.num_classes != 2:
@@ -170,11 +140,10 @@ class KnowSam(Method):
             raise ConfigError(f"knowsam: image size {ctx.image_size} is not divisible by mix_grid {p.mix_grid}")
         self.validation_empty_score = 0.0 if p.validation_empty_zero else 1.0
         k, c = ctx.num_classes, ctx.in_channels
-        memory = torch.channels_last if p.channels_last else torch.contiguous_format
         for name in STUDENTS:
-            self.add_net(name, build_model(name, in_channels=c, num_classes=k)).to(memory_format=memory)
+            self.add_net(name, build_model(name, in_channels=c, num_classes=k))
         fusion = build_model("fusion", num_classes=k, official_output_activation=p.fusion_official_activation)
-        self.add_net("fusion", fusion).to(memory_format=memory)
+        self.add_net("fusion", fusion)
         self.sgd("nets", [q for n in (*STUDENTS, "fusion") for q in self.nets[n].parameters()])
         sam, self._provenance = build_sam_teacher(ctx)
         self.add_net("sam", sam)
@@ -198,20 +167,14 @@ class KnowSam(Method):
         sync()
         self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
 
-    def _autocast(self):
-        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16) if self.p.bf16 else nullcontext()
-
+    # Outputs are cast to float32: under train.amp_bf16 the nets run in bfloat16, the losses in float32.
     def _students(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """U-Net and V-Net logits (float32)."""
-        if self.p.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            u, v = self.nets["unet"](x), self.nets["vnet"](x)
+        u, v = self.nets["unet"](x), self.nets["vnet"](x)
         return u.float(), v.float()
 
     def _fuse(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.nets["fusion"](u, v).float()
+        return self.nets["fusion"](u, v).float()
 
     def _sam_logits(self, x: torch.Tensor, fused: torch.Tensor, n_grad: int) -> torch.Tensor:
         """SAM's per-class logits; the encoder's graph covers only the first ``n_grad`` images.
@@ -222,15 +185,14 @@ class KnowSam(Method):
         adapters via the unlabeled images, a path that encoding them without a graph drops.
         """
         sam = self.nets["sam"]
-        with self._autocast():
-            with self._timed("sam_encoder"):
-                emb = sam.encode(x[:n_grad])
-                if n_grad < len(x):
-                    with torch.no_grad():
-                        rest = sam.encode(x[n_grad:])
-                    emb = torch.cat([emb, rest])
-            with self._timed("sam_decoder"):
-                logits = sam.decode(emb, fused.detach())
+        with self._timed("sam_encoder"):
+            emb = sam.encode(x[:n_grad])
+            if n_grad < len(x):
+                with torch.no_grad():
+                    rest = sam.encode(x[n_grad:])
+                emb = torch.cat([emb, rest])
+        with self._timed("sam_decoder"):
+            logits = sam.decode(emb, fused.detach())
         return logits.float()
 
     def _kd(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -301,17 +263,10 @@ class KnowSam(Method):
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         self.set_lr(step, power=1.0)  # KnowSAM decays both optimisers linearly: lr * (1 - t/T)
         terms = self.losses(batch, step)
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
         # The two graphs are disjoint (SAM sees the fused logits detached; the networks see SAM's
-        # output detached), so two backward passes equal the official two separate updates.
-        with self._timed("sam_backward"):
-            terms["sam"].backward()
-        with self._timed("nets_backward"):
-            terms["net"].backward()
-        with self._timed("optimiser"):
-            self.optimizers["sam"].step()
-            self.optimizers["nets"].step()
+        # output detached), so one backward pass over their sum equals the official two separate updates.
+        with self._timed("update"):
+            self.update(terms["sam"] + terms["net"])
         out = {k: v.detach().item() for k, v in terms.items()}
         out["loss"] = out["sam"] + out["net"]
         return out
@@ -326,35 +281,20 @@ class KnowSam(Method):
         if variant is None:
             return fused.softmax(1)
         sam = self.nets["sam"]
-        with self._autocast():
-            return sam.decode(sam.encode(x), fused).float().softmax(1)
+        return sam.decode(sam.encode(x), fused).float().softmax(1)
 
     # --- persistence: the frozen SAM is rebuilt, never saved -------------------------------
-    def _weights(self) -> dict:
+    def eval_state_dict(self) -> dict:
         nets = {k: v.state_dict() for k, v in self.nets.items() if k != "sam"}
         return {**nets, "sam_trained": trained_state(self.nets["sam"]), "sam_frozen_sha256": self._frozen_sha256}
 
-    def _load_weights(self, state: dict) -> None:
+    def load_eval_state_dict(self, state: dict) -> None:
         if state["sam_frozen_sha256"] != self._frozen_sha256:
             raise KnowsamError("knowsam: saved weights were trained with other frozen SAM weights (checkpoint, "
                                "arch, image size or seed changed); retrain or restore that configuration")
         load_trained_state(self.nets["sam"], state["sam_trained"])
         for k in (*STUDENTS, "fusion"):
             self.nets[k].load_state_dict(state[k])
-
-    def state_dict(self) -> dict:
-        return {"weights": self._weights(), "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._load_weights(state["weights"])
-        for k, v in state["optimizers"].items():
-            self.optimizers[k].load_state_dict(v)
-
-    def eval_state_dict(self) -> dict:
-        return self._weights()
-
-    def load_eval_state_dict(self, state: dict) -> None:
-        self._load_weights(state)
 
     def provenance(self) -> dict:
         return dict(self._provenance)

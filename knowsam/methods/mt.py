@@ -6,15 +6,13 @@ unlabeled images. Test time: the student (SSL4MIS evaluates the student, not the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
+from knowsam.data.batch import Batch
 from knowsam.losses import ce_dice_loss
-from knowsam.methods.base import Batch, Method, MethodContext
-from knowsam.methods.ema import (ema_decay, ema_update, make_teacher, method_generator, ramp_weight,
-                                 require_unlabeled)
+from knowsam.methods.base import Method, MethodContext
+from knowsam.methods.ema import ema_decay, ema_update, make_teacher, ramp_weight, require_unlabeled
+from knowsam.methods.params import MeanTeacherParams
 from knowsam.methods.registry import register_method
 from knowsam.models import build_model
 
@@ -26,23 +24,15 @@ class MeanTeacher(Method):
                    "images (SSL4MIS 2D); the student predicts at test time")
     accepts_plugins = ("skd",)
     main_student = "student"  # the network a plug-in (SKD) takes its dense prompt from
+    reported_net = "student"
 
-    @dataclass(frozen=True)
-    class Params:
-        ema_decay: float = 0.99
-        consistency: float = 0.1  # weight of the consistency term once ramped up
-        rampup_fraction: float = 1.0  # ramp over this fraction of the run (SSL4MIS: the whole run)
-        noise_std: float = 0.1  # teacher input noise N(0, std^2) ...
-        noise_clip: float = 0.2  # ... clamped to [-clip, clip]
-
-    def __init__(self, ctx: MethodContext, params: Any):
+    def __init__(self, ctx: MethodContext, params: MeanTeacherParams):
         super().__init__(ctx, params)
         require_unlabeled(ctx, self.name)
         student = self.add_net("student", build_model("unet", in_channels=ctx.in_channels,
                                                       num_classes=ctx.num_classes))
         self.add_net("teacher", make_teacher(student))
         self.sgd("student", student.parameters())
-        self.gen = method_generator(ctx)
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         self.set_lr(step)
@@ -56,20 +46,6 @@ class MeanTeacher(Method):
         cons = ((logits[n_l:].softmax(1) - target) ** 2).mean()
         w = ramp_weight(step, self.ctx.iterations, p.consistency, p.rampup_fraction)
         loss = sup + w * cons + self.student_extra_loss("student", logits, batch)
-        opt = self.optimizers["student"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        self.update(loss, "student")
         ema_update(teacher, [(student, 1.0)], ema_decay(step, p.ema_decay))
         return {"loss": loss.item(), "sup": sup.item(), "cons": cons.item(), "w_cons": w}
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
-        return self.nets["student"](x).softmax(1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.gen.set_state(state["rng"])

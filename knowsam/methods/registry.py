@@ -1,12 +1,17 @@
-"""Methods by name (USB-style). ``X+skd`` names compose a registered method with the SKD plug-in."""
+"""Methods by name (USB-style). ``X+skd`` names compose a registered method with the SKD plug-in.
+
+Adding a method: its module (which registers its class) and its line in ``METHOD_INDEX``; its
+hyperparameters, if any, in ``knowsam.methods.params``. docs/contributing.md shows one.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from knowsam import config
 from knowsam.errors import ConfigError
+from knowsam.methods.params import params_class
 
 if TYPE_CHECKING:
     from knowsam.methods.base import Method
@@ -66,16 +71,9 @@ def get_method(name: str) -> type["Method"]:
     return _PLUGINS[suffix](cls) if suffix else cls
 
 
-def validate_method_params(name: str, overrides: dict) -> None:
-    cls = get_method(name)
-    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
-    for key, value in overrides.items():
-        if key not in fields:
-            raise ConfigError(f"params: unknown key 'method_params.{name}.{key}' "
-                              f"(known: {', '.join(sorted(fields)) or 'none'})")
-        default = fields[key].default
-        if isinstance(default, bool) != isinstance(value, bool) or (
-            isinstance(default, (int, float)) and not isinstance(value, (int, float))
-        ) or (isinstance(default, str) and not isinstance(value, str)):
-            raise ConfigError(f"params: 'method_params.{name}.{key}' must be {type(default).__name__}, got {value!r}")
-    cls.make_params(overrides)  # a method's own value checks (ConfigError) run before any stage starts
+def method_params(name: str, overrides: dict[str, Any]) -> Any:
+    """Method ``name``'s Params from its ``method_params`` entry: checked like every other params key
+    (unknown keys, types), then by the method's own value checks; no method module is imported."""
+    if name not in METHOD_INDEX:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
+    return config.build(params_class(name), overrides, f"method_params.{name}.")

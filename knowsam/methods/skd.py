@@ -18,44 +18,38 @@ patches as the method's own pseudo-labels.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from knowsam.data.batch import Batch
 from knowsam.errors import KnowsamError
 from knowsam.losses import kd_loss, soft_dice_loss
-from knowsam.methods.base import Batch, Method, MethodContext
+from knowsam.methods.base import Method, MethodContext
 from knowsam.methods.registry import register_plugin
 from knowsam.methods.sam_support import (build_sam_teacher, frozen_fingerprint, linear_decay, load_trained_state,
                                          sam_optimizer, trained_state)
 
-SKD_FIELDS = (
-    ("kd_temperature", float, 10.0),  # KnowSAM's T
-    ("kd_weight", float, 1.0),  # weight of the KD term in each student's loss
-    ("sam_lr", float, 1e-4),  # Adam lr of SAM's adapters and prompt heads, decayed linearly to 0
-)
+SAM_OPTIMIZER = "skd_sam"  # the plug-in's optimiser among the method's; the base method never names it
 
 
 @register_plugin("skd")
 @functools.cache  # one class per base method, so get_method("mt+skd") is always the same class
 def with_skd(base: type[Method]) -> type[Method]:
-    """``base`` plus the SAM teacher; its Params extend ``base.Params`` with :data:`SKD_FIELDS`."""
-    params_cls = dataclasses.make_dataclass("Params", [(n, t, dataclasses.field(default=d)) for n, t, d in SKD_FIELDS],
-                                            bases=(base.Params,), frozen=True)
+    """``base`` plus the SAM teacher; its params extend the base method's with ``SkdParams``."""
 
     class WithSkd(base):  # type: ignore[valid-type,misc]
         name = f"{base.name}+skd"
         description = (f"{base.description}; + SKD: KnowSAM's SAM teacher (adapters, learnable prompts, "
                        f"dense prompt from {base.main_student}) distilled into every student")
-        Params = params_cls
 
         def __init__(self, ctx: MethodContext, params: Any):
             super().__init__(ctx, params)
             self.sam, self.sam_provenance = build_sam_teacher(ctx)
-            self.sam_opt = sam_optimizer(self.sam, params.sam_lr) if ctx.training else None
+            if ctx.training:
+                self.optimizers[SAM_OPTIMIZER] = sam_optimizer(self.sam, params.sam_lr)
             self._sam_logits: torch.Tensor | None = None  # SAM's view of the current batch.x
             self._kd_terms: list[float] = []
             self._frozen_sha256: str | None = None
@@ -81,7 +75,8 @@ def with_skd(base: type[Method]) -> type[Method]:
                 net.train()
 
         def _sam_step(self, batch: Batch, step: int) -> float:
-            for group in self.sam_opt.param_groups:
+            # Set before every SAM update: the base method's set_lr rescales each optimiser after this one.
+            for group in self.optimizers[SAM_OPTIMIZER].param_groups:
                 group["lr"] = linear_decay(self.p.sam_lr, step, self.ctx.iterations)
             n_l = batch.n_labeled
             prompt = self._dense_prompt(batch.x)
@@ -89,9 +84,7 @@ def with_skd(base: type[Method]) -> type[Method]:
                 unlabeled = self.sam(batch.x_u, prompt[n_l:]) if len(batch.x_u) else None
             labeled = self.sam(batch.x_l, prompt[:n_l])
             loss = F.cross_entropy(labeled, batch.y_l) + soft_dice_loss(labeled.softmax(1), batch.y_l)
-            self.sam_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.sam_opt.step()
+            self.update(loss, SAM_OPTIMIZER)
             parts = [labeled.detach()] + ([unlabeled] if unlabeled is not None else [])
             self._sam_logits = torch.cat(parts)
             return loss.item()
@@ -119,7 +112,6 @@ def with_skd(base: type[Method]) -> type[Method]:
 
         def state_dict(self) -> dict[str, Any]:
             return {**super().state_dict(), "sam": {"trained": trained_state(self.sam),
-                                                    "optimizer": self.sam_opt.state_dict(),
                                                     "frozen_sha256": self._frozen()}}
 
         def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -129,7 +121,6 @@ def with_skd(base: type[Method]) -> type[Method]:
                 raise KnowsamError(f"{self.name}: the saved run used other frozen SAM weights than the ones "
                                    f"loaded now ({self.sam_provenance['sam_weights']}); cannot resume")
             load_trained_state(self.sam, sam["trained"])
-            self.sam_opt.load_state_dict(sam["optimizer"])
 
         def provenance(self) -> dict[str, Any]:
             return {**super().provenance(), **self.sam_provenance}

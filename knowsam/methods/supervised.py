@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-
+from knowsam.data.batch import Batch
 from knowsam.losses import ce_dice_loss
-from knowsam.methods.base import Batch, Method
+from knowsam.methods.base import Method
 from knowsam.methods.registry import register_method
 from knowsam.models import build_model
 
 
 class _Supervised(Method):
     uses_unlabeled = False
+    reported_net = "unet"
 
     def __init__(self, ctx, params):
         super().__init__(ctx, params)
@@ -21,15 +21,8 @@ class _Supervised(Method):
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         self.set_lr(step)
         loss = ce_dice_loss(self.nets["unet"](batch.x_l), batch.y_l)
-        opt = self.optimizers["unet"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        self.update(loss)
         return {"loss": loss.item()}
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
-        return self.nets["unet"](x).softmax(1)
 
 
 @register_method

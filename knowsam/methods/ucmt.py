@@ -11,17 +11,17 @@ Test time: student 1, the network the teacher follows most closely.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from knowsam.data.augment import strong_augment
+from knowsam.data.batch import Batch
 from knowsam.errors import ConfigError
 from knowsam.losses import ce_dice_loss, soft_dice_loss
-from knowsam.methods.base import Batch, Method, MethodContext
-from knowsam.methods.ema import (ema_decay, ema_update, make_teacher, method_generator, ramp_weight,
-                                 require_unlabeled)
+from knowsam.methods.base import Method, MethodContext
+from knowsam.methods.ema import ema_decay, ema_update, make_teacher, ramp_weight, require_unlabeled
+from knowsam.methods.params import UcmtParams
 from knowsam.methods.registry import register_method
 from knowsam.models import build_model
 
@@ -91,18 +91,9 @@ class UCMT(Method):
                    "instead of the paper's DeepLabv3+; student 1 predicts at test time")
     accepts_plugins = ("skd",)
     main_student = "student1"
+    reported_net = "student1"
 
-    @dataclass(frozen=True)
-    class Params:
-        ema_decay: float = 0.99
-        student1_share: float = 0.99  # teacher follows 0.99 * student1 + 0.01 * student2
-        consistency: float = 0.1  # weight of the unlabeled Dice terms once ramped up
-        rampup_fraction: float = 1.0  # ramp over this fraction of the run
-        umix_grid: int = 16  # patches per side (fewer on small images, see umix_min_patch)
-        umix_min_patch: int = 4  # smallest patch side in pixels
-        umix_topk: int = 2  # patches replaced per image
-
-    def __init__(self, ctx: MethodContext, params: Any):
+    def __init__(self, ctx: MethodContext, params: UcmtParams):
         super().__init__(ctx, params)
         require_unlabeled(ctx, self.name)
         for name in STUDENTS:
@@ -113,7 +104,6 @@ class UCMT(Method):
         if not 1 <= params.umix_topk <= self.grid ** 2:
             raise ConfigError(f"ucmt: umix_topk = {params.umix_topk} must be in [1, {self.grid ** 2}] "
                               f"(a {self.grid}x{self.grid} patch grid at {ctx.image_size} px)")
-        self.gen = method_generator(ctx)
         self._mixes: dict[str, PatchMix] | None = None  # set only during the mixed update
 
     def align_to_update(self, student: str, per_pixel: torch.Tensor) -> torch.Tensor:
@@ -149,11 +139,7 @@ class UCMT(Method):
             unsup = soft_dice_loss(prob_u, teacher_targets[i]) + soft_dice_loss(prob_u, peer_targets[i])
             loss = loss + sup + w * unsup + self.student_extra_loss(name, logits[i], batch)
             terms[f"sup_{name}"], terms[f"unsup_{name}"] = sup.item(), unsup.item()
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in self.optimizers.values():
-            opt.step()
+        self.update(loss, *STUDENTS)
         return logits, loss.item(), terms
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
@@ -185,14 +171,3 @@ class UCMT(Method):
                    ema_decay(step, p.ema_decay))
         return {"loss": loss_plain + loss_mix, "loss_plain": loss_plain, "loss_mix": loss_mix, "w_unsup": w,
                 **first, **{f"{k}_mix": v for k, v in second.items()}}
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
-        return self.nets["student1"](x).softmax(1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.gen.set_state(state["rng"])

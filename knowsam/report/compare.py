@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import wilcoxon
 
-from knowsam import config
+from knowsam import validation
 from knowsam.config import Params
 from knowsam.errors import KnowsamError
 from knowsam.report import reference
@@ -218,7 +218,7 @@ def compare_command(params_file: str | Path, methods: str | list[str], dataset: 
     """CLI body of ``compare``: prints the comparison in ``fmt`` and returns 0; failures raise KnowsamError."""
     if fmt not in FORMATS:
         raise KnowsamError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", 2)
-    result = compare(config.load(params_file), parse_methods(methods), dataset, ratio)
+    result = compare(validation.load(params_file), parse_methods(methods), dataset, ratio)
     if fmt == "json":
         print(json.dumps(result.to_dict(), indent=2))
     elif fmt == "md":

@@ -17,8 +17,9 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from knowsam import config, io
+from knowsam import io, validation
 from knowsam.config import Params
+from knowsam.machine import cpu_model
 from knowsam.report.compare import compare, render_markdown
 from knowsam.report.leaderboard import write_leaderboard
 
@@ -38,8 +39,6 @@ def package_versions() -> dict[str, str]:
 
 
 def machine_facts() -> dict[str, str]:
-    from knowsam.bench import cpu_model
-
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
             "cores": str(os.cpu_count())}
 
@@ -84,7 +83,7 @@ def publish(params_file: str | Path, out_dir: str | Path, compare_methods: list[
     Every run of the comparison must be evaluated (``compare`` raises otherwise); the
     leaderboard lists missing runs in its own notes.
     """
-    params = config.load(params_file)
+    params = validation.load(params_file)
     comparison = compare(params, compare_methods, eval_root=eval_root)
     versions, machine = package_versions(), machine_facts()
     out_dir = Path(out_dir)

@@ -1,0 +1,119 @@
+"""Every method's hyperparameters (``method_params.<name>`` in params.yaml), as frozen dataclasses.
+
+They live here, apart from the method code, because a params file is checked (keys, types and
+each method's own value checks in ``__post_init__``) by every pipeline stage, and the method
+modules import torch: seconds in the stages that never train. Nothing here imports torch.
+A method without hyperparameters needs no entry; ``params_class`` gives it :class:`NoParams`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from knowsam.errors import ConfigError
+
+_BASE: dict[str, type] = {}  # base method name -> its Params
+_PLUGIN: dict[str, type] = {}  # plug-in suffix -> the fields it adds to a method's Params
+
+
+def params_of(name: str) -> Callable[[type], type]:
+    """Declare the decorated dataclass as method ``name``'s Params (``"+skd"``: a plug-in's fields)."""
+
+    def register(cls: type) -> type:
+        table, key = (_PLUGIN, name[1:]) if name.startswith("+") else (_BASE, name)
+        if key in table:
+            raise ValueError(f"params of {name!r} declared twice")
+        table[key] = cls
+        return cls
+
+    return register
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+@functools.cache  # one class per name: ``X+skd`` composes the same class every time
+def params_class(name: str) -> type:
+    """The Params dataclass of runnable name ``name``; ``X+suffix`` extends X's with the plug-in's fields."""
+    base, _, suffix = name.partition("+")
+    cls = _BASE.get(base, NoParams)
+    if not suffix:
+        return cls
+    extra = _PLUGIN[suffix]
+    fields = [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(extra)]
+    return dataclasses.make_dataclass(f"{cls.__name__}With{extra.__name__}", fields, bases=(cls,), frozen=True)
+
+
+@params_of("mt")
+@dataclass(frozen=True)
+class MeanTeacherParams:
+    ema_decay: float = 0.99
+    consistency: float = 0.1  # weight of the consistency term once ramped up
+    rampup_fraction: float = 1.0  # ramp over this fraction of the run (SSL4MIS: the whole run)
+    noise_std: float = 0.1  # teacher input noise N(0, std^2) ...
+    noise_clip: float = 0.2  # ... clamped to [-clip, clip]
+
+
+@params_of("cps")
+@dataclass(frozen=True)
+class CpsParams:
+    cps_weight: float = 0.1  # weight of the cross pseudo-label CE once ramped up (SSL4MIS: 0.1)
+    rampup_fraction: float = 1.0  # ramp over this fraction of the run (SSL4MIS: the whole run)
+
+
+@params_of("ucmt")
+@dataclass(frozen=True)
+class UcmtParams:
+    ema_decay: float = 0.99
+    student1_share: float = 0.99  # teacher follows 0.99 * student1 + 0.01 * student2
+    consistency: float = 0.1  # weight of the unlabeled Dice terms once ramped up
+    rampup_fraction: float = 1.0  # ramp over this fraction of the run
+    umix_grid: int = 16  # patches per side (fewer on small images, see umix_min_patch)
+    umix_min_patch: int = 4  # smallest patch side in pixels
+    umix_topk: int = 2  # patches replaced per image
+
+
+KD_ENTROPY_FORMS = ("k-class", "official-2class")
+
+
+@params_of("knowsam")
+@dataclass(frozen=True)
+class KnowSamParams:
+    kd_temperature: float = 10.0
+    entropy_weight: float = 0.9
+    consistency_weight: float = 1.0  # official: consistency 0.1 x 10
+    consistency_rampup: int = 200  # ramp "epochs" spread over the whole run
+    sam_lr: float = 1e-4
+    mixed_iterations: float = 0.24  # < 1: fraction of train.iterations; >= 1: absolute iteration
+    mix_grid: int = 4
+    mix_patches: int = 5
+    fusion_official_activation: bool = True
+    vnet_consistency_grad: bool = False  # defect 1 (official: False)
+    consistency_all_classes: bool = False  # defect 2 (official: False, last class only)
+    kd_entropy_form: str = "k-class"  # defect 4: "official-2class" reproduces the 2-class code
+    validation_empty_zero: bool = True  # defect 11 (official: both-empty image scores Dice 0)
+    sam_full_graph: bool = False  # True: SAM's graph over the whole batch (the official gradient, slower)
+
+    def __post_init__(self) -> None:
+        if self.kd_entropy_form not in KD_ENTROPY_FORMS:
+            raise ConfigError(f"knowsam: kd_entropy_form must be one of {', '.join(KD_ENTROPY_FORMS)}, "
+                              f"got {self.kd_entropy_form!r}")
+        if self.kd_temperature <= 0 or self.sam_lr <= 0 or self.mixed_iterations < 0 or self.consistency_rampup < 0:
+            raise ConfigError("knowsam: kd_temperature and sam_lr must be > 0, mixed_iterations and "
+                              "consistency_rampup >= 0")
+        if self.mix_grid < 1 or not 0 <= self.mix_patches <= self.mix_grid**2:
+            raise ConfigError(f"knowsam: need mix_grid >= 1 and 0 <= mix_patches <= mix_grid^2, got "
+                              f"{self.mix_grid}, {self.mix_patches}")
+
+
+@params_of("+skd")
+@dataclass(frozen=True)
+class SkdParams:
+    kd_temperature: float = 10.0  # KnowSAM's T
+    kd_weight: float = 1.0  # weight of the KD term in each student's loss
+    sam_lr: float = 1e-4  # Adam lr of SAM's adapters and prompt heads, decayed linearly to 0
