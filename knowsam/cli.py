@@ -74,7 +74,7 @@ def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, 
     """Switch params.yaml to a profile (the demo is the default)."""
     import yaml
 
-    from knowsam import config, io, validation
+    from knowsam import config, fileio, validation
 
     source = config.profile_path(name)
     validation.validate(config.parse(yaml.safe_load(source.read_text()), str(source)))
@@ -82,9 +82,9 @@ def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, 
         current = params_file.read_text()
         if all(current != config.profile_path(p).read_text() for p in config.profile_names()):
             backup = params_file.with_name(params_file.name + ".bak")
-            io.write_text(backup, current)
+            fileio.write_text(backup, current)
             typer.echo(f"{params_file}: differs from every profile; kept as {backup}")
-    io.write_text(params_file, source.read_text())
+    fileio.write_text(params_file, source.read_text())
     typer.echo(f"{params_file}: now profile '{name}' (from {source.name}); run `dvc repro`")
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.errors import KnowsamError
@@ -97,7 +97,7 @@ def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, method
         if on_result is not None:
             on_result(run.method, summaries[run.method])
     group = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed) for m in params.methods]
-    io.write_json(runs[0].metrics_file(metrics_root), headline_metrics(group, eval_root))
+    fileio.write_json(runs[0].metrics_file(metrics_root), headline_metrics(group, eval_root))
     return summaries
 
 
@@ -148,14 +148,14 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     variants = {v: {p: summarize(per_case[(per_case.variant == v) & (per_case.test_set == p)].drop(columns=["variant"]))
                     for p in data.eval_parts} for v in method.variants}
     out_dir = run.eval_dir(eval_root)
-    io.write_text(out_dir / "per_case.csv", per_case.to_csv(index=False, float_format="%.6f"))
-    with io.atomic_path(out_dir / "predictions.npz") as tmp:
+    fileio.write_text(out_dir / "per_case.csv", per_case.to_csv(index=False, float_format="%.6f"))
+    with fileio.atomic_path(out_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **predictions)
     if history is None:
         run.curves_file(eval_root).unlink(missing_ok=True)  # never leave an earlier training's curves
     else:
-        io.write_text(run.curves_file(eval_root), history.to_csv(index=False))
+        fileio.write_text(run.curves_file(eval_root), history.to_csv(index=False))
     summary = _rounded({
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "best_step": int(saved["step"]),
@@ -165,7 +165,7 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
         "test_sets": parts,
         "variants": variants,
     })
-    io.write_json(run.summary_file(eval_root), summary)
+    fileio.write_json(run.summary_file(eval_root), summary)
     return summary
 
 

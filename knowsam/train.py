@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.data.splits import read_split, split_path
@@ -95,7 +95,7 @@ def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, devic
 def _save_checkpoint(run_dir: Path, state: dict) -> None:
     """New checkpoint in place atomically; the previous one kept as a fallback."""
     current, previous = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
-    with io.atomic_path(current) as tmp:
+    with fileio.atomic_path(current) as tmp:
         torch.save(state, tmp)
         if current.exists():
             os.replace(current, previous)
@@ -159,7 +159,7 @@ def _rewind_live(live, step: int) -> None:
         col = lines[0].rstrip("\r\n").split("\t").index("step")
         kept = [line for line in lines[1:] if line.endswith("\n") and line.split("\t")[col].isdigit()
                 and int(line.split("\t")[col]) < step]
-        io.write_text(tsv, "".join(lines[:1] + kept))
+        fileio.write_text(tsv, "".join(lines[:1] + kept))
     live.step = step
 
 
@@ -236,7 +236,7 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
         _set_rng_state(dist.own(state)["rng"])
         step, best, record = state["step"], state["best"], state["last_record"]
     if dist.is_main:
-        io.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
+        fileio.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
 
     from dvclive import Live
 
@@ -288,12 +288,12 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                "final_losses": record,
                "seconds_this_session": round(time.perf_counter() - started, 2)}
     if dist.is_main:
-        io.write_json(run_dir / "train_log.json", {"summary": summary})
+        fileio.write_json(run_dir / "train_log.json", {"summary": summary})
     return summary
 
 
 def _save_weights(path: Path, method: Method, step: int) -> None:
-    with io.atomic_path(path) as tmp:
+    with fileio.atomic_path(path) as tmp:
         torch.save({"version": CHECKPOINT_VERSION, "step": step, "weights": method.eval_state_dict()}, tmp)
 
 

@@ -604,11 +604,11 @@ def test_semi_supervised_method_at_ratio_one(train_ws, demo_prepared, cli):
 
 def test_disk_full_while_saving_a_checkpoint(train_ws, cli, monkeypatch):
     """torch's own short-write error (what a full disk gives it) becomes one line; nothing half-written."""
-    import knowsam.io
+    import knowsam.fileio
 
     save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, _path: save(obj, "/dev/full"))  # every write fails as on a full disk
-    monkeypatch.setattr(knowsam.io.shutil, "disk_usage", lambda _p: SimpleNamespace(free=2**20))  # 1 MB left
+    monkeypatch.setattr(knowsam.fileio.shutil, "disk_usage", lambda _p: SimpleNamespace(free=2**20))  # 1 MB left
     _fresh_run(train_ws)
     one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
              r"labeled-only/(best|checkpoint).pt: no space left on device \(1 MB free in \S+labeled-only\); "
@@ -618,7 +618,7 @@ def test_disk_full_while_saving_a_checkpoint(train_ws, cli, monkeypatch):
 
 def test_disk_full_while_writing_a_file(tmp_path, cli, monkeypatch):
     """An OSError ENOSPC from the file system (here /dev/full's real one) is named as such."""
-    from knowsam import io as kio
+    from knowsam import fileio as kio
 
     def write_to_full_device(self, data):
         with open("/dev/full", "wb") as full:

@@ -9,7 +9,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
 from knowsam.errors import KnowsamError
@@ -98,7 +98,7 @@ def test_a_run_without_curves_gets_none(trained, tmp_path):
     shutil.copytree(runs, copy)
     shutil.rmtree(RunId("labeled-only", "demo", 0.1, 0).live_dir(copy))
     stale = RunId("labeled-only", "demo", 0.1, 0).curves_file(tmp_path / "eval")
-    io.write_text(stale, "step,loss\n1,9.0\n")  # from an earlier training of the same run
+    fileio.write_text(stale, "step,loss\n1,9.0\n")  # from an earlier training of the same run
     _evaluate(params, copy, tmp_path)
     assert not stale.exists()
     assert RunId("fully-supervised", "demo", 0.1, 0).curves_file(tmp_path / "eval").is_file()

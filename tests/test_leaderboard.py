@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from knowsam import config, io
+from knowsam import config, fileio
 from knowsam.data.dataset import FORMAT_VERSION, PreparedDataset
 from knowsam.metrics import EMPTY_MASK_POLICY, summarize
 from knowsam.report import reference
@@ -45,13 +45,13 @@ def write_run(root: Path, run: RunId, rows: list[dict], provenance: dict | None 
               resolution: str = "original") -> None:
     """per_case.csv and summary.json under root/data/eval, like evaluate writes them."""
     table = pd.DataFrame(rows)
-    io.write_text(run.eval_dir(root / "data/eval") / "per_case.csv", table.to_csv(index=False))
+    fileio.write_text(run.eval_dir(root / "data/eval") / "per_case.csv", table.to_csv(index=False))
 
     def summaries(part: pd.DataFrame) -> dict:
         return {t: summarize(g) for t, g in part.groupby("test_set", sort=True)}
 
     variants = sorted(set(table.variant) - {""})
-    io.write_json(run.eval_dir(root / "data/eval") / "summary.json", {
+    fileio.write_json(run.eval_dir(root / "data/eval") / "summary.json", {
         "run": dataclasses.asdict(run), "best_step": 1, "evaluation_resolution": resolution,
         "empty_mask_policy": EMPTY_MASK_POLICY, "provenance": provenance or {},
         "test_sets": summaries(table[table.variant == ""]),
@@ -82,7 +82,7 @@ def write_prepared_polyp(root: Path) -> None:
     """A minimal prepared polyp folder (16 px images, odd-sized original masks) for the overlay grid."""
     out = root / "data/prepared/polyp"
     out.mkdir(parents=True)
-    io.write_json(out / "meta.json", {"format_version": FORMAT_VERSION, "dataset": "polyp", "num_classes": 2,
+    fileio.write_json(out / "meta.json", {"format_version": FORMAT_VERSION, "dataset": "polyp", "num_classes": 2,
                                       "in_channels": 3, "image_size": 16, "test_sets": POLYP_SETS})
     rng = np.random.default_rng(0)
     for test_set, n in POLYP_SETS.items():
@@ -115,7 +115,7 @@ def polyp_workspace(tmp_path_factory) -> tuple[Path, config.Params, str]:
             run = RunId(method, "polyp", 0.1, seed)
             write_run(root, run, rows, provenance)
             if (method, seed) != ("knowsam", 1):
-                io.write_text(run.curves_file(root / "data/eval"), curves_table(POLYP_BASE[method], seed).to_csv(index=False))
+                fileio.write_text(run.curves_file(root / "data/eval"), curves_table(POLYP_BASE[method], seed).to_csv(index=False))
             if seed == 0 and method != "ucmt":
                 preds = {f"{t}/{r['case']}": np.eye(20, 24, dtype=np.uint8) for t in POLYP_SETS
                          for r in case_rows(t, polyp_dice(method, 0, t))}
@@ -302,6 +302,6 @@ def test_no_runs_is_one_line_error(tmp_path: Path) -> None:
 
 def test_per_case_without_variant_column(tmp_path: Path) -> None:
     run = RunId("mt", "polyp", 0.1, 0)
-    io.write_text(run.eval_dir(tmp_path) / "per_case.csv", "test_set,case,dice\nKvasir,001,0.5\n")
+    fileio.write_text(run.eval_dir(tmp_path) / "per_case.csv", "test_set,case,dice\nKvasir,001,0.5\n")
     table = load_per_case(run, tmp_path)
     assert table.to_dict("records") == [{"variant": "", "test_set": "Kvasir", "case": "001", "dice": 0.5}]

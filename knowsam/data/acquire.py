@@ -40,7 +40,7 @@ from knowsam.data.extract import safe_extract
 from knowsam.data.sources import MIRROR_ENV, Archive, DatasetSpec, get_dataset, mirror_folder
 from knowsam.download import ChecksumError, DownloadError, download_file, download_gdrive, sha256_file
 from knowsam.errors import ConfigError, KnowsamError
-from knowsam.io import write_json
+from knowsam.fileio import write_json
 
 SOURCE_FILE = "SOURCE.json"
 MANIFEST_FILE = "MANIFEST.sha256"

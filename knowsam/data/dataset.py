@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.errors import KnowsamError
 
 FORMAT_VERSION = 1
@@ -38,14 +38,14 @@ def part_slug(part: str) -> str:
 
 def write_npy(path: Path, arr: np.ndarray) -> None:
     """One array of the format, written atomically (readers memory-map it, so never half a file)."""
-    with io.atomic_path(path) as tmp:
+    with fileio.atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, arr)
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Named arrays (the original-resolution labels, one per case), compressed, written atomically."""
-    with io.atomic_path(path) as tmp:
+    with fileio.atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
 

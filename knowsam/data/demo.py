@@ -30,7 +30,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from knowsam.errors import ConfigError, KnowsamError
-from knowsam.io import write_bytes
+from knowsam.fileio import write_bytes
 
 DEMO_CITATION = (
     "knowsam-bench synthetic demo polyp dataset: procedurally generated endoscopy-like "

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.data.dataset import FORMAT_VERSION, part_slug, write_npy, write_npz
 from knowsam.data.sources import DatasetSpec
 from knowsam.errors import KnowsamError, describe_error
@@ -212,12 +212,12 @@ def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, 
                            f"not kind {spec.kind} with {spec.in_channels} channel(s) and {spec.num_classes} classes")
     if test_sets is None:
         test_sets = ordered_test_sets(spec, raw)
-    with io.atomic_dir(out) as tmp:
+    with fileio.atomic_dir(out) as tmp:
         train_pairs = find_pairs(raw / "TrainDataset" / "images", raw / "TrainDataset" / "masks")
         train = _load_all(train_pairs, image_size, interpolation, workers)
         write_npy(tmp / "train_images.npy", np.stack([r.image for r in train]))
         write_npy(tmp / "train_masks.npy", np.stack([r.mask_small for r in train]))
-        io.write_text(tmp / "train_index.csv",
+        fileio.write_text(tmp / "train_index.csv",
                       pd.DataFrame({"name": [r.name for r in train], "case": [spec.case_of(r.name) for r in train]})
                       .to_csv(index=False))
         fingerprint = {"train": _stats(train), "test_sets": {}, "unavailable": [], "problems": []}
@@ -236,7 +236,7 @@ def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, 
                 "orig_h": [r.mask_orig.shape[0] for r in results], "orig_w": [r.mask_orig.shape[1] for r in results],
                 "spacing_z": 1.0, "spacing_y": 1.0, "spacing_x": 1.0,
             })
-            io.write_text(tmp / f"{slug}_index.csv", index.to_csv(index=False))
+            fileio.write_text(tmp / f"{slug}_index.csv", index.to_csv(index=False))
             write_npz(tmp / f"{slug}_gt.npz", {r.name: r.mask_orig for r in results})
             stats = _stats(results)
             dupes = sorted(f"{test_set}/{r.name} == train/{train_hashes[r.image_sha256]}"
@@ -251,6 +251,6 @@ def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, 
             "interpolation": interpolation, "kind": spec.kind, "train": len(train), "test_sets": {s: fingerprint["test_sets"][s]["n"] for s in available},
             "unavailable": fingerprint["unavailable"], "has_val": False,
         }
-        io.write_json(tmp / "fingerprint.json", fingerprint)
-        io.write_json(tmp / "meta.json", meta)
+        fileio.write_json(tmp / "fingerprint.json", fingerprint)
+        fileio.write_json(tmp / "meta.json", meta)
     return meta

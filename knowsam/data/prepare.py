@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.config import DataParams
 from knowsam.data.frames import prepare_frames
 from knowsam.data.sources import get_dataset
@@ -27,5 +27,5 @@ def prepare_dataset(name: str, data: DataParams, reports_root: str | Path = "rep
     out = Path(data.prepared_root) / name
     meta = READERS[spec.reader](raw, out, spec, image_size=data.image_size, interpolation=data.interpolation)
     fingerprint = (out / "fingerprint.json").read_text()
-    io.write_text(Path(reports_root) / f"{name}.json", fingerprint)
+    fileio.write_text(Path(reports_root) / f"{name}.json", fingerprint)
     return meta

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.config import ratio_text
 from knowsam.data.dataset import PreparedDataset
 from knowsam.errors import KnowsamError
@@ -63,7 +63,7 @@ def make_split(data: PreparedDataset, ratio: float, seed: int, val_fraction: flo
 
 def write_split(data: PreparedDataset, out: Path, ratio: float, seed: int, val_fraction: float) -> dict:
     split = make_split(data, ratio, seed, val_fraction)
-    io.write_json(out, split)
+    fileio.write_json(out, split)
     return split
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.data.dataset import FORMAT_VERSION, part_slug, write_npy, write_npz
 from knowsam.data.sources import DatasetSpec
 from knowsam.errors import KnowsamError, describe_error
@@ -277,7 +277,7 @@ def _write_train(folder: Path, spec: DatasetSpec, stacks: list[Stack]) -> None:
     write_npy(folder / "train_masks.npy", np.concatenate([s.masks for s in stacks]))
     names = [f"{s.case}_slice_{s.first_slice + k}" for s in stacks for k in range(s.shape[0])]
     cases = [spec.case_of(s.case) for s in stacks for _ in range(s.shape[0])]
-    io.write_text(folder / "train_index.csv", pd.DataFrame({"name": names, "case": cases}).to_csv(index=False))
+    fileio.write_text(folder / "train_index.csv", pd.DataFrame({"name": names, "case": cases}).to_csv(index=False))
 
 
 def _write_eval_part(folder: Path, part: str, stacks: list[Stack], with_masks: bool) -> None:
@@ -289,7 +289,7 @@ def _write_eval_part(folder: Path, part: str, stacks: list[Stack], with_masks: b
     rows = [{"name": f"{s.case}_slice_{k}", "case": s.case, "slice": k, "orig_h": s.shape[1], "orig_w": s.shape[2],
              "spacing_z": s.spacing[0], "spacing_y": s.spacing[1], "spacing_x": s.spacing[2]}
             for s in stacks for k in range(s.shape[0])]
-    io.write_text(folder / f"{slug}_index.csv", pd.DataFrame(rows).to_csv(index=False))
+    fileio.write_text(folder / f"{slug}_index.csv", pd.DataFrame(rows).to_csv(index=False))
     write_npz(folder / f"{slug}_gt.npz", {s.case: s.label for s in stacks})
 
 
@@ -311,12 +311,12 @@ def write_volume_dataset(out: Path, spec: DatasetSpec, *, train: list[Stack], va
         "has_val": True, "val": len(val), "val_slices": fingerprint["val"]["slices"],
         "test_sets": {test_part: len(test)}, "unavailable": [],
     }
-    with io.atomic_dir(out) as tmp:
+    with fileio.atomic_dir(out) as tmp:
         _write_train(tmp, spec, train)
         _write_eval_part(tmp, "val", val, with_masks=True)
         _write_eval_part(tmp, test_part, test, with_masks=False)
-        io.write_json(tmp / "fingerprint.json", fingerprint)
-        io.write_json(tmp / "meta.json", meta)
+        fileio.write_json(tmp / "fingerprint.json", fingerprint)
+        fileio.write_json(tmp / "meta.json", meta)
     return meta
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from knowsam.download import download_file, sha256_file
 from knowsam.errors import ConfigError, KnowsamError
-from knowsam.io import write_json
+from knowsam.fileio import write_json
 from knowsam.models.sam_teacher import SamTeacher
 
 

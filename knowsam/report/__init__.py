@@ -1,0 +1,1 @@
+"""Reports: leaderboards, comparisons, figures, reference numbers, scoring of external predictions, publishing."""

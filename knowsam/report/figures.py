@@ -16,7 +16,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.report.results import is_upper_bound, ratio_label, test_set_order
@@ -30,7 +30,7 @@ CLASS_COLOURS = ("#000000", "#ffd400", "#00c853", "#ff3d00", "#2979ff", "#d500f9
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    with io.atomic_path(path) as tmp:
+    with fileio.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, metadata=PNG_METADATA)
     return path
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from knowsam import io
+from knowsam import fileio
 from knowsam.config import Params
 from knowsam.data.sources import DATASETS
 from knowsam.errors import KnowsamError
@@ -254,8 +254,8 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
         else:
             figure_lines += [f"{name}: not drawn, {Path(params.data.prepared_root) / dataset} is missing.", ""]
     path = out_dir / "leaderboard.md"
-    io.write_text(path, render(params, long, agg, missing, len(runs), figure_lines[:-1]))
+    fileio.write_text(path, render(params, long, agg, missing, len(runs), figure_lines[:-1]))
     columns = ["dataset", "method", "variant", "label", "ratio", "test_set", "metric", "unit", "mean", "std", "n",
                "best", "paper", "diff_vs_paper"]
-    io.write_text(out_dir / "leaderboard.csv", agg[columns].to_csv(index=False, float_format="%.4f"))
+    fileio.write_text(out_dir / "leaderboard.csv", agg[columns].to_csv(index=False, float_format="%.4f"))
     return path

@@ -17,7 +17,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from knowsam import io, validation
+from knowsam import fileio, validation
 from knowsam.config import Params
 from knowsam.machine import cpu_model
 from knowsam.report.compare import compare, render_markdown
@@ -87,12 +87,12 @@ def publish(params_file: str | Path, out_dir: str | Path, compare_methods: list[
     comparison = compare(params, compare_methods, eval_root=eval_root)
     versions, machine = package_versions(), machine_facts()
     out_dir = Path(out_dir)
-    with io.atomic_dir(out_dir) as tmp:
+    with fileio.atomic_dir(out_dir) as tmp:
         # No overlays: they show dataset images, which a Git repository must not redistribute.
         write_leaderboard(params, tmp, eval_root, overlays=False)
-        io.write_text(tmp / "compare.md", render_markdown(comparison))
-        io.write_text(tmp / "compare.json", json.dumps(comparison.to_dict(), indent=2) + "\n")
+        fileio.write_text(tmp / "compare.md", render_markdown(comparison))
+        fileio.write_text(tmp / "compare.json", json.dumps(comparison.to_dict(), indent=2) + "\n")
         shutil.copyfile(params_file, tmp / "params.yaml")
-        io.write_json(tmp / "versions.json", {"packages": versions, "machine": machine})
-        io.write_text(tmp / "README.md", _readme(params, compare_methods, wall_seconds, command, versions, machine))
+        fileio.write_json(tmp / "versions.json", {"packages": versions, "machine": machine})
+        fileio.write_text(tmp / "README.md", _readme(params, compare_methods, wall_seconds, command, versions, machine))
     return out_dir

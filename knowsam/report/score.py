@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from knowsam.errors import ConfigError, KnowsamError
-from knowsam.io import atomic_path
+from knowsam.fileio import atomic_path
 from knowsam.metrics import EMPTY_MASK_POLICY, SUMMARY_DEFINITIONS, binary_metrics, summarize
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})

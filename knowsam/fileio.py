@@ -1,4 +1,7 @@
-"""Atomic file output: every file the harness writes appears whole or not at all."""
+"""Atomic file output: every file the harness writes appears whole or not at all.
+
+Named ``fileio``, not ``io``, so that it never shadows the standard library's module.
+"""
 
 from __future__ import annotations
 
