@@ -90,8 +90,9 @@ ARCHS: dict[str, SamArch] = {
     # Same structure at toy width for CPU tests, profiles and demos (no official weights):
     # 4 blocks of width 128 (4 heads), windows of 4 tokens with global attention in blocks 1
     # and 3 (the windowed/global mix of the real models), 64-channel embedding, and a 2-layer
-    # decoder (4 heads, MLP 256). About 1.5 M parameters (0.3 M trainable at 2 classes); forward +
-    # backward of a batch of 4 at 128 px takes ~30 ms on 2 CPU threads.
+    # decoder (4 heads, MLP 256). About 1.9 M parameters (0.77 M trainable at 2 classes, mostly
+    # the prompt heads); forward + backward of a batch of 4 at 128 px takes a fraction of a second
+    # on 2 CPU threads.
     "tiny": SamArch(128, 4, 4, (1, 3), window_size=4, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4),
 }
 
