@@ -237,7 +237,9 @@ class ClassPromptHead(nn.Sequential):
     prompt depend on the rest of the batch; the frozen SAM parts have no such layer.
 
     Pooling uses ``ceil_mode`` (the official floors; the same on the even grids of 64 px and up)
-    so that token grids smaller than 4x4 end in a 1x1 map rather than an empty one.
+    so that token grids smaller than 4x4 end in a 1x1 map rather than an empty one. The last
+    block's training-mode BatchNorm then needs more than one image per call at such sizes
+    (under 128 px); the official size, 256 px, leaves it a 4x4 map.
     """
 
     DROPOUT = 0.1
