@@ -69,6 +69,20 @@ def methods() -> None:
 
 
 @app.command()
+def describe(method: str = typer.Argument(..., help="Method name (see `knowsam-bench methods`)."),
+             dataset: Optional[str] = typer.Option(None, help="Dataset whose classes and channels to use "
+                                                   "(default: the first in params)."),
+             sam_arch: Optional[str] = typer.Option(None, "--sam-arch", help="SAM variant (default: params' sam.arch)."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+             params_file: Path = PARAMS_OPTION) -> None:
+    """A method's networks with their parameter counts (total and trainable), without training."""
+    from knowsam.describe import describe as describe_method, render
+
+    params = _load_params(params_file)
+    typer.echo(render(describe_method(params, method, dataset or params.datasets[0], sam_arch), as_json))
+
+
+@app.command()
 def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, paper."),
             params_file: Path = PARAMS_OPTION) -> None:
     """Switch params.yaml to a profile (the demo is the default)."""

@@ -220,7 +220,7 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
     batch_size, labeled_batch = dist.shard(params.train.batch_size, params.train.labeled_batch, method.uses_unlabeled)
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
                          batch_size=batch_size, labeled_batch=labeled_batch,
-                         seed=dist.stream_seed(run.seed), device=device)
+                         seed=dist.stream_seed(run.seed), device=device, augmentation=method.augmentation)
     val = validation_arrays(data, split)
     t = params.train
 

@@ -200,15 +200,16 @@ def eval_loss(method: Method, x: torch.Tensor, y: torch.Tensor) -> float:
     return (F.nll_loss(probs.clamp_min(1e-8).log(), y) + soft_dice_loss(probs, y)).item()
 
 
-def loss_before_after(name: str, steps: int = 40, **params) -> tuple[float, float]:
-    """Train on 4 labeled + 4 unlabeled real frames, one of each per batch (cheap, and 10 passes over
-    the labeled frames in 40 steps: at 20, BatchNorm's running statistics still lag behind on the
-    demo frames); the loss is measured on the 4 labeled frames."""
+def loss_before_after(name: str, steps: int = 40, per_batch: int = 1, **params) -> tuple[float, float]:
+    """Train on 4 labeled + 4 unlabeled real frames, ``per_batch`` of each per batch (cheap, and 10 passes
+    over the labeled frames in 40 steps of one: at 20, BatchNorm's running statistics still lag behind
+    on the demo frames); the loss is measured on the 4 labeled frames."""
     x, y = polyp_images(8, 64)
-    m = make_method(name, size=64, iterations=steps, lr=0.05, labeled=1, **params)
+    m = make_method(name, size=64, iterations=steps, lr=0.05, labeled=per_batch, **params)
     before = eval_loss(m, x[:4], y[:4])
     for step in range(steps):
-        m.train_step(Batch(x_l=x[[step % 4]], y_l=y[[step % 4]], x_u=x[[4 + step % 4]]), step)
+        rows = [(step * per_batch + i) % 4 for i in range(per_batch)]
+        m.train_step(Batch(x_l=x[rows], y_l=y[rows], x_u=x[[4 + r for r in rows]]), step)
     return before, eval_loss(m, x[:4], y[:4])
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import Block
+from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
 
 from knowsam.errors import ConfigError
 from knowsam.models import build_model
 from knowsam.models.fusion import Fusion
-from knowsam.models.sam_teacher import PIXEL_MEAN, PIXEL_STD, AdaptedBlock, SamTeacher
+from knowsam.models.sam_teacher import PIXEL_MEAN, PIXEL_STD, AdaptedBlock, ClassPromptHead, SamTeacher
 
 
 def _teacher(size: int = 64, k: int = 2, **kw) -> SamTeacher:
@@ -43,6 +43,26 @@ def test_only_adapters_and_prompt_heads_get_gradients():
     assert all(p.grad is None for p in fusion.parameters())
     expected_ids = {id(p) for n, p in teacher.named_parameters() if n in trainable}
     assert {id(p) for p in teacher.trainable_parameters()} == expected_ids
+
+
+def test_prompt_head_official_structure_and_parameter_count():
+    head = ClassPromptHead(256)
+    assert sum(p.numel() for p in head.parameters()) == 5_578_496  # the official head, per class
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(3, 3)] * 8 + [(1, 1)]  # four two-conv blocks, then 1x1
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in head.modules()) == 8
+    assert all(m.negative_slope == 0.01 for m in head.modules() if isinstance(m, nn.LeakyReLU))
+    assert [m.p for m in head.modules() if isinstance(m, nn.Dropout)] == [0.1] * 6
+    assert [m.out_features for m in head.modules() if isinstance(m, nn.Linear)] == [1024, 512]
+    x = torch.rand(3, 256, 16, 16)
+    assert head(x).shape == (3, 2, 256)
+    head.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), head(x))
+        torch.testing.assert_close(head(x[:1]), head(x)[:1])  # running statistics: rows independent
+    teacher = _teacher(k=3)
+    assert len(teacher.prompt_heads) == 3
+    assert head(torch.rand(2, 256, 2, 2)).shape == (2, 2, 256)  # grids under 4x4 still pool to 1x1
 
 
 def test_decode_leaves_a_detached_prompt_alone():
@@ -102,7 +122,14 @@ def test_batched_decoder_matches_sam_decoder_per_image():
         assert (teacher.decode(emb, -dense_logits) - ours).abs().max() > 1e-3
 
 
-def test_adapted_block_formula_and_small_init():
+def _silence_adapters(adapted: AdaptedBlock) -> None:
+    with torch.no_grad():
+        for ad in (adapted.attn_adapter, adapted.mlp_adapter):
+            ad.up.weight.zero_()
+            ad.up.bias.zero_()
+
+
+def test_adapted_block_formula_and_default_init():
     torch.manual_seed(0)
     block = Block(dim=32, num_heads=2, window_size=0)
     adapted = AdaptedBlock(block)
@@ -115,10 +142,14 @@ def test_adapted_block_formula_and_small_init():
         out = adapted(x)
         torch.testing.assert_close(out, expected)
         stock = Block.forward(adapted, x)  # SAM's own forward over the same submodules
-        gap = (out - stock).abs().max().item()
-        assert 0 < gap < 1e-2  # small init: near the pretrained block, but not identical
-        for ad in (adapted.attn_adapter, adapted.mlp_adapter):
-            ad.up.weight.zero_()
+        assert (out - stock).abs().max() > 0.1  # PyTorch's default init: far from the pretrained block
+    for ad in (adapted.attn_adapter, adapted.mlp_adapter):
+        for lin in (ad.down, ad.up):  # default Linear init: uniform within 1/sqrt(fan_in), bias too
+            bound = lin.in_features ** -0.5
+            assert lin.weight.abs().max() <= bound and lin.weight.std() > bound / 3
+            assert lin.bias.abs().max() <= bound and lin.bias.abs().max() > 0
+    _silence_adapters(adapted)
+    with torch.no_grad():
         torch.testing.assert_close(adapted(x), stock)
     # Checkpoint keys of the original block survive the wrapping.
     assert set(block.state_dict()) <= set(adapted.state_dict())
@@ -127,15 +158,14 @@ def test_adapted_block_formula_and_small_init():
 @pytest.mark.parametrize("window, grid", [(3, 5), (3, 6), (0, 5), (14, 16)])
 def test_adapted_block_with_zeroed_adapters_matches_sam_block_values_and_gradients(window: int, grid: int):
     # (3, 5) and (14, 16) pad the grid to whole windows (as ViT-B at 256 px does), (3, 6) does not,
-    # window 0 is a global-attention block. The adapted block projects real tokens only.
+    # window 0 is a global-attention block. The adapted block projects real tokens only. norm1's
+    # bias stays 0 here, where padding before or after norm1 is the same (next test: where not).
     torch.manual_seed(0)
     block = Block(dim=32, num_heads=2, window_size=window)
     with torch.no_grad():
         block.attn.qkv.bias.normal_()  # padded tokens carry exactly this bias in SAM
     adapted = AdaptedBlock(block)
-    with torch.no_grad():
-        for ad in (adapted.attn_adapter, adapted.mlp_adapter):
-            ad.up.weight.zero_()
+    _silence_adapters(adapted)
     x = torch.randn(2, grid, grid, 32, requires_grad=True)
     ours = adapted(x)
     (grad_ours,) = torch.autograd.grad(ours.square().sum(), x)
@@ -143,6 +173,29 @@ def test_adapted_block_with_zeroed_adapters_matches_sam_block_values_and_gradien
     (grad_stock,) = torch.autograd.grad(stock.square().sum(), x)
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_ours, grad_stock, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window, grid", [(3, 5), (14, 16)])
+def test_windowed_attention_pads_before_norm1_as_the_official_block(window: int, grid: int):
+    torch.manual_seed(0)
+    block = Block(dim=32, num_heads=2, window_size=window)
+    with torch.no_grad():
+        block.norm1.bias.normal_()  # a padded zero token becomes this bias after norm1
+        block.attn.qkv.bias.normal_()
+    adapted = AdaptedBlock(block)
+    x = torch.randn(2, grid, grid, 32)
+
+    def attention_of_windows(pad_first: bool) -> torch.Tensor:
+        h = x if pad_first else block.norm1(x)
+        windows, pad_hw = window_partition(h, window)  # zero padding
+        if pad_first:
+            windows = block.norm1(windows)
+        return window_unpartition(block.attn(windows), window, pad_hw, (grid, grid))
+
+    with torch.no_grad():
+        ours = adapted._attention(block.norm1(x))
+        torch.testing.assert_close(ours, attention_of_windows(pad_first=True), rtol=1e-5, atol=1e-5)
+        assert (ours - attention_of_windows(pad_first=False)).abs().max() > 1e-2  # stock SAM's order differs
 
 
 def test_pixel_handling():

@@ -1,12 +1,18 @@
-"""Batched tensor augmentations (no per-image Python loops over pixels).
+"""Training augmentations.
 
-``weak_augment`` is shared by every method (flips, 90-degree rotations, brightness and
-contrast), so baselines and KnowSAM see identical data. ``strong_augment`` is the
-photometric perturbation used by methods that need two views of unlabeled images.
+``weak_augment`` (batched tensor ops, no per-image Python loops over pixels) is the shared
+augmentation: flips, 90-degree rotations, brightness and contrast, the same for every row, so
+methods that use it see identical data. ``strong_augment`` is the photometric perturbation used
+by methods that need two views of unlabeled images.
+
+``WeakStrongAugment`` is the official KnowSAM dataloader's (taozh2017/KnowSAM
+``dataloader/transforms.py`` 31-62, chosen per row in ``dataloader/dataset.py`` 139-147):
+labeled images get a weak pipeline, unlabeled images a strong one, both with albumentations.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -54,3 +60,87 @@ def strong_augment(x: torch.Tensor, gen: torch.Generator, strength: float = 0.3,
     out = out.clamp(1e-6, 1) ** gamma
     out = out + noise * torch.randn(x.shape, generator=gen).to(x.device)
     return out.clamp(0, 1)
+
+
+# The official pipelines were written for albumentations 1.3, whose geometric transforms reflect
+# at the border by default (version 2 fills with 0): the border mode is set explicitly.
+_REFLECT = 4  # cv2.BORDER_REFLECT_101
+
+
+def _shift_scale_rotate():
+    """The official ``ShiftScaleRotate(0.0625, 0.05, 10)`` as albumentations 2 writes it."""
+    import albumentations as A
+
+    return A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.95, 1.05), rotate=(-10, 10), border_mode=_REFLECT,
+                    p=0.5)
+
+
+def official_weak_pipeline(image_size: int):
+    """Labeled rows: flips, brightness/contrast (p 0.2), shift-scale-rotate, 5-8 holes of size/20 (p 0.5)."""
+    import albumentations as A
+
+    hole = max(1, image_size // 20)
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomBrightnessContrast(p=0.2),
+        _shift_scale_rotate(),
+        A.CoarseDropout(num_holes_range=(5, 8), hole_height_range=(hole, hole), hole_width_range=(hole, hole),
+                        fill=0, fill_mask=0, p=0.5),
+    ])
+
+
+def official_strong_pipeline():
+    """Unlabeled rows: flips, brightness/contrast (p 0.6), shift-scale-rotate, grid or elastic
+    distortion (p 0.5), 10-20 holes of 12 px (p 0.7; the official fixes 256 // 20 at any size).
+
+    Albumentations 2 dropped the elastic transform's random affine part (``alpha_affine=50`` in
+    the official code); the shift-scale-rotate before it remains.
+    """
+    import albumentations as A
+
+    hole = 256 // 20
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomBrightnessContrast(p=0.6),
+        _shift_scale_rotate(),
+        A.OneOf([A.GridDistortion(num_steps=5, distort_limit=0.05, border_mode=_REFLECT, p=1.0),
+                 A.ElasticTransform(alpha=1, sigma=50, border_mode=_REFLECT, p=1.0)], p=0.5),
+        A.CoarseDropout(num_holes_range=(10, 20), hole_height_range=(hole, hole), hole_width_range=(hole, hole),
+                        fill=0, fill_mask=0, p=0.7),
+    ])
+
+
+class WeakStrongAugment:
+    """Weak augmentation for labeled rows (image and mask alike), strong for unlabeled rows.
+
+    Per-image numpy work (albumentations), seeded per batch from the caller's torch generator,
+    so the stream's saved generator state still makes a resumed run see the same batches.
+    """
+
+    def __init__(self, image_size: int):
+        self.weak = official_weak_pipeline(image_size)
+        self.strong = official_strong_pipeline()
+
+    def __call__(self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        self.weak.set_random_seed(seed)
+        self.strong.set_random_seed(seed + 1)
+        labeled = [self.weak(image=_hwc(x), mask=y.numpy()) for x, y in zip(x_l, y_l)]
+        unlabeled = [self.strong(image=_hwc(x))["image"] for x in x_u]
+        x_l = _chw([d["image"] for d in labeled], x_l)
+        y_l = torch.from_numpy(np.stack([d["mask"] for d in labeled])) if labeled else y_l
+        return x_l, y_l.to(torch.int64), _chw(unlabeled, x_u)
+
+
+def _hwc(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.permute(1, 2, 0).numpy())
+
+
+def _chw(images: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
+    if not images:
+        return like
+    out = torch.from_numpy(np.stack([im.reshape(im.shape[0], im.shape[1], -1) for im in images]))
+    return out.permute(0, 3, 1, 2).clamp(0, 1).to(like.dtype).contiguous()

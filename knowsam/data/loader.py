@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from knowsam.data.augment import weak_augment
+from knowsam.data.augment import WeakStrongAugment, weak_augment
 from knowsam.data.batch import Batch
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.errors import KnowsamError
@@ -56,11 +56,22 @@ class BatchComposition:
     unlabeled: int
 
 
+AUGMENTATIONS = ("shared", "weak-strong")
+
+
 class TrainStream:
-    """Produces ``Batch`` objects for a method from a prepared dataset and a split."""
+    """Produces ``Batch`` objects for a method from a prepared dataset and a split.
+
+    ``augmentation``: ``shared`` gives every row the shared weak augmentation (batched tensor
+    ops); ``weak-strong`` is the official KnowSAM dataloader's, weak for labeled rows and strong
+    for unlabeled rows (:class:`knowsam.data.augment.WeakStrongAugment`).
+    """
 
     def __init__(self, data: PreparedDataset, split: dict, *, label_pool: str, uses_unlabeled: bool,
-                 batch_size: int, labeled_batch: int, seed: int, device: torch.device):
+                 batch_size: int, labeled_batch: int, seed: int, device: torch.device,
+                 augmentation: str = "shared"):
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {augmentation!r}; known: {', '.join(AUGMENTATIONS)}")
         index = data.index("train")
         rows = {case: np.flatnonzero(index["case"].to_numpy() == case) for case in index["case"].unique()}
 
@@ -81,6 +92,7 @@ class TrainStream:
         self.unlabeled = (EpochSampler(rows_of(split["unlabeled"]), seed=seed * 1000 + 2)
                           if self.composition.unlabeled else None)
         self.aug_gen = torch.Generator().manual_seed(seed * 1000 + 3)
+        self.weak_strong = WeakStrongAugment(self.images.shape[-1]) if augmentation == "weak-strong" else None
 
     def _load(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         order = np.sort(idx)  # memory maps read faster in file order; keep the sampled order below
@@ -95,10 +107,13 @@ class TrainStream:
             x_u, _ = self._load(self.unlabeled.take(self.composition.unlabeled))
         else:
             x_u = x_l[:0]
+        dev = self.device
+        if self.weak_strong is not None:
+            x_l, y_l, x_u = self.weak_strong(x_l, y_l, x_u, self.aug_gen)
+            return Batch(x_l=x_l.to(dev), y_l=y_l.to(dev), x_u=x_u.to(dev))
         n_l = len(x_l)
         x, y = weak_augment(torch.cat([x_l, x_u]), torch.cat([y_l, y_l[:0].new_zeros((len(x_u),) + y_l.shape[1:])]),
                             self.aug_gen)
-        dev = self.device
         return Batch(x_l=x[:n_l].to(dev), y_l=y[:n_l].to(dev), x_u=x[n_l:].to(dev))
 
     def state_dict(self) -> dict:

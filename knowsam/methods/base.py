@@ -48,6 +48,9 @@ class Method:
     reported_net: ClassVar[str] = ""
     # "labeled": sample labeled images from the labeled subset; "all": from the whole training pool.
     label_pool: ClassVar[str] = "labeled"
+    # Training-batch augmentation (``knowsam.data.loader.AUGMENTATIONS``): "shared" gives every row the
+    # same weak augmentation; "weak-strong" is KnowSAM's own dataloader (weak labeled, strong unlabeled rows).
+    augmentation: ClassVar[str] = "shared"
     uses_unlabeled: ClassVar[bool] = True
     # Plug-in suffixes (e.g. "skd") that may be composed with this method.
     accepts_plugins: ClassVar[tuple[str, ...]] = ()

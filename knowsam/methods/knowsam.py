@@ -129,6 +129,7 @@ class KnowSam(Method):
     name = "knowsam"
     description = "KnowSAM: co-trained U-Net/V-Net + fusion, distilled from an adapted SAM prompted by their fusion"
     variants = ("sam",)
+    augmentation = "weak-strong"  # the official dataloader (dataloader/dataset.py:139-147)
 
     def __init__(self, ctx: MethodContext, params: KnowSamParams):
         super().__init__(ctx, params)

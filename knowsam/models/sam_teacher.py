@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from knowsam.errors import ConfigError
+from knowsam.models.unet import ConvBlock
 
 
 def _defer_segment_anything_init() -> None:
@@ -89,8 +90,9 @@ ARCHS: dict[str, SamArch] = {
     # Same structure at toy width for CPU tests, profiles and demos (no official weights):
     # 4 blocks of width 128 (4 heads), windows of 4 tokens with global attention in blocks 1
     # and 3 (the windowed/global mix of the real models), 64-channel embedding, and a 2-layer
-    # decoder (4 heads, MLP 256). About 1.5 M parameters (0.3 M trainable at 2 classes); forward +
-    # backward of a batch of 4 at 128 px takes ~30 ms on 2 CPU threads.
+    # decoder (4 heads, MLP 256). About 1.9 M parameters (0.77 M trainable at 2 classes, mostly
+    # the prompt heads); forward + backward of a batch of 4 at 128 px takes a fraction of a second
+    # on 2 CPU threads.
     "tiny": SamArch(128, 4, 4, (1, 3), window_size=4, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4),
 }
 
@@ -146,9 +148,8 @@ def build_sam_parts(
 class Adapter(nn.Module):
     """Bottleneck dim -> dim/4 -> dim with GELU, optionally with its own skip connection.
 
-    The last Linear starts small (normal, std 1e-3; bias 0) rather than zero or PyTorch's
-    default: the adapted SAM then starts within ~1e-3 of the pretrained one, yet the first
-    Linear gets a non-zero gradient from the first step (a zero last layer would block it).
+    PyTorch's default Linear init, as the official adapter (``Model/common/adapter.py``): the
+    adapted SAM does not start as the pretrained one, it starts where the official run starts.
     """
 
     def __init__(self, dim: int, skip: bool):
@@ -157,8 +158,6 @@ class Adapter(nn.Module):
         self.down = nn.Linear(dim, dim // 4)
         self.act = nn.GELU()
         self.up = nn.Linear(dim // 4, dim)
-        nn.init.normal_(self.up.weight, std=1e-3)
-        nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.up(self.act(self.down(x)))
@@ -190,12 +189,13 @@ class AdaptedBlock(nn.Module):
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         """SAM's (windowed) self-attention of normalised tokens (B, H, W, C), computed more cheaply.
 
-        Stock SAM pads the token grid to whole windows *before* the qkv and output projections
-        (a 16x16 grid becomes 28x28 with 14-token windows: three times the tokens). A padded token
-        is zero, so its q, k and v are exactly the qkv bias, and its output is thrown away. Here
-        the projections run on the real tokens only, padded positions get the bias as their
-        q, k, v, and attention is PyTorch's fused kernel: the same function with about a third
-        of the projection work in windowed blocks.
+        The official adapted block pads the token grid to whole windows *before* ``norm1`` and
+        the qkv and output projections (``Model/ImageEncoder/vit/adapter_block.py`` 66-96; a
+        16x16 grid becomes 28x28 with 14-token windows: three times the tokens). A padded token
+        is zero, so after ``norm1`` it is LayerNorm's bias and its q, k, v are the qkv projection
+        of that bias; its output is thrown away. Here the projections run on the real tokens
+        only, padded positions get exactly those q, k, v, and attention is PyTorch's fused
+        kernel: the same function with about a third of the projection work in windowed blocks.
         """
         attn = self.attn
         if attn.use_rel_pos:  # not used by the teacher; keep SAM's own path for it
@@ -206,8 +206,8 @@ class AdaptedBlock(nn.Module):
         if ws > 0:
             hp, wp = h + (-h) % ws, w + (-w) % ws
             if (hp, wp) != (h, w):
-                padded = qkv.new_zeros(b, hp, wp, 3 * c) if attn.qkv.bias is None else (
-                    attn.qkv.bias.to(qkv.dtype).expand(b, hp, wp, 3 * c).clone())
+                padded_token = attn.qkv(self.norm1(x.new_zeros(c)))  # a zero token, normalised and projected
+                padded = padded_token.expand(b, hp, wp, 3 * c).clone()
                 padded[:, :h, :w] = qkv
                 qkv = padded
             qkv, _ = window_partition(qkv, ws)  # (B * windows, ws, ws, 3C): already whole windows
@@ -227,36 +227,40 @@ class AdaptedBlock(nn.Module):
         return window_unpartition(self.attn(windows), self.window_size, pad_hw, (h, w))
 
 
-class ConvBlock(nn.Sequential):
-    """3x3 conv + BatchNorm + ReLU, the project's usual conv block.
-
-    BatchNorm makes a training-mode prompt depend on the rest of the batch (and needs more than
-    one value per channel); the frozen SAM parts have no such layer.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-
-
 class ClassPromptHead(nn.Sequential):
     """LPS head for one class: image embedding (B, C, E, E) -> two prompt tokens (B, 2, C).
 
-    Pooling uses ``ceil_mode`` so that token grids smaller than 4x4 (inputs under 64 px) end in a
-    1x1 map rather than an empty one.
+    The official head (``Model/prompt.py`` 29-59, 183-212): conv block, downsampling block, conv
+    block, downsampling block, 1x1 conv, global average pooling and a feed-forward net
+    C -> 4C -> 2C. A conv block is the U-Net's (two 3x3 conv + BatchNorm + LeakyReLU, dropout
+    between them), here with dropout 0.1, the FFN's dropout too. BatchNorm makes a training-mode
+    prompt depend on the rest of the batch; the frozen SAM parts have no such layer.
+
+    Pooling uses ``ceil_mode`` (the official floors; the same on the even grids of 64 px and up)
+    so that token grids smaller than 4x4 end in a 1x1 map rather than an empty one. The last
+    block's training-mode BatchNorm then needs more than one image per call at such sizes
+    (under 128 px); the official size, 256 px, leaves it a 4x4 map.
     """
 
+    DROPOUT = 0.1
+
     def __init__(self, dim: int):
+        p = self.DROPOUT
         super().__init__(
-            ConvBlock(dim),
+            ConvBlock(dim, dim, p),
             nn.MaxPool2d(2, ceil_mode=True),
-            ConvBlock(dim),
+            ConvBlock(dim, dim, p),
+            ConvBlock(dim, dim, p),
             nn.MaxPool2d(2, ceil_mode=True),
+            ConvBlock(dim, dim, p),
             nn.Conv2d(dim, dim, 1),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Linear(dim, 4 * dim),
             nn.GELU(),
+            nn.Dropout(p),
             nn.Linear(4 * dim, 2 * dim),
+            nn.Dropout(p),
             nn.Unflatten(1, (2, dim)),
         )
 
