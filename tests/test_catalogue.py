@@ -259,6 +259,7 @@ PARAMS_CASES = {
     "ratio 0": (dict(ratios=[0]), r"'ratios\[0\]' = 0.0 must be in \(0, 1\]"),
     "ratio above 1": (dict(ratios=[0.1, 1.5]), r"'ratios\[1\]' = 1.5 must be in \(0, 1\]"),
     "empty seed list": (dict(seeds=[]), r"'seeds' is empty; list at least one"),
+    "seed beyond numpy's range": (dict(seeds=[0, 2**32]), r"'seeds\[1\]' = 4294967296 must be in \[0, 2\*\*32\)"),
     "image size SAM cannot patch": (dict(data={"image_size": 40}), r"'data.image_size' = 40 must be a positive multiple of 16"),
     "labeled batch larger than batch": (dict(train={"batch_size": 4, "labeled_batch": 6}),
                                         r"'train.labeled_batch' = 6 must be in \[1, train.batch_size = 4\]"),
@@ -314,7 +315,8 @@ def test_dataset_not_in_params(train_ws, cli):
 
 @pytest.mark.parametrize("flag, value, pattern", [("--ratio", "0", r"--ratio 0 must be in \(0, 1\]"),
                                                   ("--ratio", "1.5", r"--ratio 1.5 must be in \(0, 1\]"),
-                                                  ("--seed", "-1", r"--seed -1 must be >= 0")])
+                                                  ("--seed", "-1", r"--seed -1 must be in \[0, 2\*\*32\)"),
+                                                  ("--seed", str(2**32), r"--seed 4294967296 must be in \[0, 2\*\*32\)")])
 def test_split_command_ratio_and_seed(train_ws, cli, flag, value, pattern):
     before = tree(train_ws / "data/splits")
     one_line(*cli(train_ws, "split", "demo", flag, value), 2, pattern)
