@@ -50,8 +50,10 @@ def _run_ids(params, method, dataset, ratio, seed):
 def _check_ratio_seed(ratio: float | None, seed: int | None) -> None:
     if ratio is not None and not 0.0 < ratio <= 1.0:
         raise KnowsamError(f"--ratio {ratio:g} must be in (0, 1]", 2)
-    if seed is not None and seed < 0:
-        raise KnowsamError(f"--seed {seed} must be >= 0", 2)
+    from knowsam.config import SEED_LIMIT
+
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise KnowsamError(f"--seed {seed} must be in [0, 2**32) (numpy's seed range)", 2)
 
 
 @app.command()

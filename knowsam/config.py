@@ -23,6 +23,7 @@ import yaml
 from knowsam.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
+SEED_LIMIT = 2**32  # numpy seeds with unsigned 32-bit integers; a larger seed fails only once training starts
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,8 @@ def check(params: Params) -> Params:
         if not 0.0 < ratio <= 1.0:
             raise ConfigError(f"params: 'ratios[{i}]' = {ratio} must be in (0, 1]")
     for i, seed in enumerate(params.seeds):
-        if seed < 0:
-            raise ConfigError(f"params: 'seeds[{i}]' = {seed} must be >= 0")
+        if not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(f"params: 'seeds[{i}]' = {seed} must be in [0, 2**32) (numpy's seed range)")
     d, t = params.data, params.train
     _check_choice(d.interpolation, INTERPOLATIONS, "data.interpolation")
     _check_choice(params.eval.resolution, RESOLUTIONS, "eval.resolution")

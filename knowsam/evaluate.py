@@ -159,6 +159,7 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     summary = _rounded({
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "best_step": int(saved["step"]),
+        "iterations": params.train.iterations,  # checked finished before scoring (see _trained_weights)
         "evaluation_resolution": resolution,
         "empty_mask_policy": EMPTY_MASK_POLICY,
         "provenance": method.provenance(),
@@ -203,11 +204,29 @@ def _trained_weights(params: Params, run: RunId, runs_root: str | Path) -> Path:
     if not weights_path.is_file():
         raise KnowsamError(f"{weights_path}: trained weights not found; run the train stage for {run.stage_name}")
     _check_trained_config(params, run, weights_path.parent)
+    step = trained_step(weights_path.parent)
+    if step < params.train.iterations:  # best.pt of a stopped run would score as a finished one
+        raise KnowsamError(f"{run.train_dir(runs_root)}: training stopped at step {step} of "
+                           f"{params.train.iterations} (unfinished); re-run the train stage for {run.stage_name} "
+                           "to finish it")
     return weights_path
 
 
+def trained_step(run_dir: Path) -> int:
+    """The step of the run's newest readable checkpoint (0 if none): how far its training got."""
+    for path in (run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"):
+        try:  # mmap: only the step is read, never the whole optimiser state
+            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+        except Exception:  # absent, truncated or foreign files raise many different types
+            continue
+    return 0
+
+
 def _check_trained_config(params: Params, run: RunId, run_dir: Path) -> None:
-    """Refuse weights trained under other parameters or another version (the run's config.json says which)."""
+    """Refuse weights trained under other parameters, training code or version (the run's config.json says which).
+
+    Locations (``runs.LOCATION_KEYS``) and code that cannot change a trained run (reports, the command
+    line) are outside the configuration, so changing them never refuses a run."""
     path = run_dir / "config.json"
     try:
         trained = json.loads(path.read_text())
@@ -216,7 +235,7 @@ def _check_trained_config(params: Params, run: RunId, run_dir: Path) -> None:
     trained.pop("config_hash", None)
     trained.pop("distributed", None)  # how it was trained (processes), not what
     if not isinstance(trained.get("train"), dict) or config_hash(trained) != config_hash(run_config(params, run)):
-        raise KnowsamError(f"{run_dir / 'best.pt'}: trained with other parameters or another version "
+        raise KnowsamError(f"{run_dir / 'best.pt'}: trained with other parameters, code or version "
                            f"(see {path}); re-run the train stage for {run.stage_name}")
 
 

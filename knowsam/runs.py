@@ -78,11 +78,49 @@ class RunId:
         return Path(root) / self.dataset / f"{self.slug}.json"
 
 
+# The package sources whose edits can change a trained run's numbers, relative to the repository
+# root (as dvc.yaml names them); folders mean every .py file below them. They are the train stage's
+# code deps minus the modules that only start it (command line, params validation, errors, file
+# writing, device choice, dataset registry): tests/test_runs.py checks the two lists agree.
+# Reports are not here: re-scoring never needs retraining.
+TRAINING_SOURCES = (
+    "knowsam/config.py", "knowsam/data/augment.py", "knowsam/data/batch.py", "knowsam/data/dataset.py",
+    "knowsam/data/loader.py", "knowsam/data/splits.py", "knowsam/distributed.py", "knowsam/losses.py",
+    "knowsam/methods", "knowsam/models", "knowsam/runs.py", "knowsam/train.py",
+)
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the package
+
+# Where things are kept, not what is computed: moving data or a cache keeps every trained run valid.
+LOCATION_KEYS = {"data": ("raw_root", "prepared_root", "splits_root", "mirror"), "sam": ("cache_dir",)}
+
+
+def code_fingerprint(root: Path | None = None) -> str:
+    """sha256 over the sorted relative paths and bytes of ``TRAINING_SOURCES`` under ``root``.
+
+    Part of every run's configuration, so a checkpoint trained by other code is never resumed
+    and its weights never evaluated as this code's.
+    """
+    root = SOURCE_ROOT if root is None else root
+    files = set()
+    for source in TRAINING_SOURCES:
+        path = root / source
+        files.update(path.rglob("*.py") if path.is_dir() else [path])
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda f: f.relative_to(root).as_posix()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def run_config(params: Params, run: RunId) -> dict[str, Any]:
-    """Everything that determines a run's result (and nothing that does not, e.g. eval settings)."""
+    """Everything that determines a run's result (and nothing that does not, e.g. eval settings or locations)."""
     cfg = to_dict(params)
+    for section, keys in LOCATION_KEYS.items():
+        for key in keys:
+            cfg[section].pop(key)
     return {
-        "version": __version__, "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
+        "version": __version__, "code": code_fingerprint(),
+        "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "data": cfg["data"], "train": cfg["train"], "sam": cfg["sam"],
         "method_params": dataclasses.asdict(method_params(run.method, params.method_params.get(run.method, {}))),
     }

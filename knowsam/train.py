@@ -10,12 +10,17 @@ and ends with exactly the metrics of an uninterrupted run (on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
+import fcntl
 import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from knowsam.methods import Method
 from knowsam.runs import RunId, build_method, config_hash, run_config
 
 CHECKPOINT_VERSION = 2
+LOCK_FILE = ".train.lock"  # in the run folder; listed in .dvcignore because it holds the trainer's PID
 _KEEP_FREED_BYTES = 1 << 30  # glibc's mmap and trim thresholds while training (see keep_freed_memory)
 
 
@@ -123,12 +129,61 @@ def _load_checkpoint(run_dir: Path, expected_hash: str, restart_stale: bool = Fa
         if state.get("version") != CHECKPOINT_VERSION or state.get("config_hash") != expected_hash:
             if restart_stale:
                 err.print(f"{run_dir}: checkpoint of another configuration; starting this run afresh", soft_wrap=True)
-                shutil.rmtree(run_dir, ignore_errors=True)  # every rank may get here
+                for entry in run_dir.iterdir():  # every rank may get here; the lock stays with its holder
+                    if entry.name == LOCK_FILE:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
                 return None
             raise KnowsamError(f"{path}: checkpoint from a different configuration or version; "
                                f"delete {run_dir} to start this run afresh")
         return state
     return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder for this process: a second trainer on it is refused, naming the holder's PID.
+
+    ``flock`` belongs to the open file, so the kernel releases it when the holder dies however it
+    dies: a lock file left behind never blocks anyone, it is simply locked again.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise KnowsamError(f"{run_dir}: already being trained by process {holder}; wait for it or stop it "
+                               "first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (``kill``, a stopped pipeline) stops training as Ctrl-C does: the exception unwinds through
+    the atomic writes, so no temporary file is left and the next run resumes from the last checkpoint."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _rng_state() -> dict:
@@ -221,9 +276,17 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
                          batch_size=batch_size, labeled_batch=labeled_batch,
                          seed=dist.stream_seed(run.seed), device=device, augmentation=method.augmentation)
+    # One process per run folder; under torchrun rank 0 holds it for the whole group.
+    with run_lock(run_dir) if dist.is_main else contextlib.nullcontext(), stop_on_sigterm():
+        return _train_locked(params, run, runs_root, progress, restart_stale, dist, data, split, cfg, chash,
+                             run_dir, method, stream)
+
+
+def _train_locked(params, run, runs_root, progress, restart_stale, dist, data, split, cfg, chash, run_dir,
+                  method, stream) -> dict:
+    device = dist.device
     val = validation_arrays(data, split)
     t = params.train
-
     state = _load_checkpoint(run_dir, chash, restart_stale)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(".*.tmp"):  # left by a run killed while writing a file
@@ -235,6 +298,8 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
         stream.load_state_dict(dist.own(state)["stream"])
         _set_rng_state(dist.own(state)["rng"])
         step, best, record = state["step"], state["best"], state["last_record"]
+    if dist.is_main and step < t.iterations:  # its summary is written again only when the run ends
+        (run_dir / "train_log.json").unlink(missing_ok=True)
     if dist.is_main:
         fileio.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
 

@@ -13,7 +13,23 @@ from pathlib import Path
 VENV_PYTHON = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python"
 
 
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+def die_with_parent() -> None:
+    """Get SIGTERM when the process that started this stage (DVC) ends, so a stopped ``dvc repro``
+    leaves no orphaned trainer behind to race the next one on the same run folder. Only stages do
+    this: a command started by hand (e.g. under nohup) outlives its shell as users expect.
+    The setting survives the ``execv`` below; SIGTERM stops training cleanly (``knowsam.train``)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def run(command: str) -> None:
+    die_with_parent()
     try:
         from knowsam.cli import main
     except ModuleNotFoundError as exc:

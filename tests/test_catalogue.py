@@ -259,6 +259,7 @@ PARAMS_CASES = {
     "ratio 0": (dict(ratios=[0]), r"'ratios\[0\]' = 0.0 must be in \(0, 1\]"),
     "ratio above 1": (dict(ratios=[0.1, 1.5]), r"'ratios\[1\]' = 1.5 must be in \(0, 1\]"),
     "empty seed list": (dict(seeds=[]), r"'seeds' is empty; list at least one"),
+    "seed beyond numpy's range": (dict(seeds=[0, 2**32]), r"'seeds\[1\]' = 4294967296 must be in \[0, 2\*\*32\)"),
     "image size SAM cannot patch": (dict(data={"image_size": 40}), r"'data.image_size' = 40 must be a positive multiple of 16"),
     "labeled batch larger than batch": (dict(train={"batch_size": 4, "labeled_batch": 6}),
                                         r"'train.labeled_batch' = 6 must be in \[1, train.batch_size = 4\]"),
@@ -314,7 +315,8 @@ def test_dataset_not_in_params(train_ws, cli):
 
 @pytest.mark.parametrize("flag, value, pattern", [("--ratio", "0", r"--ratio 0 must be in \(0, 1\]"),
                                                   ("--ratio", "1.5", r"--ratio 1.5 must be in \(0, 1\]"),
-                                                  ("--seed", "-1", r"--seed -1 must be >= 0")])
+                                                  ("--seed", "-1", r"--seed -1 must be in \[0, 2\*\*32\)"),
+                                                  ("--seed", str(2**32), r"--seed 4294967296 must be in \[0, 2\*\*32\)")])
 def test_split_command_ratio_and_seed(train_ws, cli, flag, value, pattern):
     before = tree(train_ws / "data/splits")
     one_line(*cli(train_ws, "split", "demo", flag, value), 2, pattern)
@@ -442,7 +444,7 @@ def test_evaluate_weights_of_other_parameters(train_ws, cli):
     raw["train"]["iterations"] = 3
     write_params(train_ws, raw)
     one_line(*cli(train_ws, "evaluate", *EVAL), 1,
-             r"best.pt: trained with other parameters or another version \(see \S+config.json\); re-run the train stage")
+             r"best.pt: trained with other parameters, code or version \(see \S+config.json\); re-run the train stage")
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
 
@@ -649,3 +651,77 @@ def test_catalogue_document_lists_every_case():
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Input")
             and not set(line) <= set("|- ")]
     assert len(rows) >= 25
+
+
+# --- run identity, completion and ownership --------------------------------------------------------
+
+def test_evaluate_an_unfinished_run(train_ws, cli):
+    raw = yaml.safe_load((train_ws / "params.yaml").read_text())
+    raw["train"]["iterations"] = 4
+    write_params(train_ws, raw)
+    config = json.loads((train_ws / RUN_DIR / "config.json").read_text())  # as if stopped at step 2 of 4
+    config["train"]["iterations"] = 4
+    from knowsam.runs import config_hash
+
+    config.pop("config_hash")
+    config["config_hash"] = config_hash(config)
+    (train_ws / RUN_DIR / "config.json").write_text(json.dumps(config))
+    one_line(*cli(train_ws, "evaluate", *EVAL), 1,
+             r"ratio-0.1_seed-0/labeled-only: training stopped at step 2 of 4 \(unfinished\); re-run the train stage "
+             r"for labeled-only-demo-0.1-0")
+    assert not (train_ws / "data/eval").exists()
+
+
+def test_second_trainer_on_a_run_folder(train_ws, cli):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'%d' % os.getpid(), 0); "
+                               "print(flush=True); time.sleep(60)", str(train_ws / RUN_DIR / ".train.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
+                 rf"labeled-only: already being trained by process {holder.pid}; wait for it or stop it first")
+    finally:
+        holder.kill()
+        holder.wait()
+    code, err = cli(train_ws, "train", *RUN, "--no-progress")  # the holder died: its lock went with it
+    assert code == 0, err
+
+
+def test_location_settings_keep_runs_valid(train_ws, cli):
+    raw = yaml.safe_load((train_ws / "params.yaml").read_text())
+    raw["data"]["mirror"] = "/somewhere/else"
+    raw["sam"]["cache_dir"] = "/another/cache"
+    write_params(train_ws, raw)
+    before = (train_ws / RUN_DIR / "checkpoint.pt").read_bytes()
+    code, err = cli(train_ws, "train", *RUN, "--no-progress")
+    assert code == 0, err
+    assert (train_ws / RUN_DIR / "checkpoint.pt").read_bytes() == before  # resumed complete, nothing retrained
+    code, err = cli(train_ws, "evaluate", *EVAL)
+    assert code == 0, err
+
+
+def test_changed_training_code_retrains_from_scratch(train_ws, cli, monkeypatch):
+    from knowsam import runs
+    from knowsam.methods.supervised import LabeledOnly
+
+    steps = []
+    original = LabeledOnly.train_step
+    monkeypatch.setattr(LabeledOnly, "train_step", lambda self, batch, step: steps.append(step) or original(
+        self, batch, step))
+    code, err = cli(train_ws, "train", *RUN, "--no-progress", "--restart-stale")
+    assert code == 0 and steps == [], err  # same code: the finished run is kept
+    edited = train_ws / "src"  # the package with one method edited
+    shutil.copytree(runs.SOURCE_ROOT / "knowsam", edited / "knowsam")
+    with open(edited / "knowsam/methods/supervised.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    monkeypatch.setattr(runs, "SOURCE_ROOT", edited)
+    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1, r"checkpoint from a different configuration")
+    one_line(*cli(train_ws, "evaluate", *EVAL), 1, r"trained with other parameters, code or version")
+    code, err = cli(train_ws, "train", *RUN, "--no-progress", "--restart-stale")
+    assert code == 0 and steps == [0, 1], err
+    code, err = cli(train_ws, "evaluate", *EVAL)
+    assert code == 0, err

@@ -234,7 +234,7 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     the dataset list. ``overlays=False`` leaves out the overlays, which show dataset images.
     """
     runs = matrix(params)
-    long, missing = load_summaries(runs, eval_root)
+    long, missing = load_summaries(runs, eval_root, params.train.iterations)
     if long.empty:
         raise KnowsamError(f"{eval_root}: no evaluated run of the params matrix; run `dvc repro` first")
     agg = aggregate(long)

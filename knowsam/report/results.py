@@ -66,8 +66,12 @@ def _read_summary(run: RunId, eval_root: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_summaries(runs: list[RunId], eval_root: str | Path = "data/eval") -> tuple[pd.DataFrame, list[RunId]]:
+def load_summaries(runs: list[RunId], eval_root: str | Path = "data/eval",
+                   iterations: int | None = None) -> tuple[pd.DataFrame, list[RunId]]:
     """Long table (one row per run x variant x test set) of summary metrics, and the runs not evaluated.
+
+    With ``iterations``, a summary recording another number of trained iterations counts as not
+    evaluated: it never stands for the configured run.
 
     ``variant`` is "" for the method's reported output. Provenance (SAM weights) and the
     evaluation resolution are copied onto every row so footnotes can be built from the table.
@@ -75,7 +79,7 @@ def load_summaries(runs: list[RunId], eval_root: str | Path = "data/eval") -> tu
     rows, missing = [], []
     for run in runs:
         summary = _read_summary(run, eval_root)
-        if summary is None:
+        if summary is None or (iterations is not None and summary.get("iterations", iterations) != iterations):
             missing.append(run)
             continue
         provenance = summary.get("provenance", {})
