@@ -238,6 +238,34 @@ def publish(out: Path = typer.Argument(..., help="Folder to write, e.g. reports/
 
 
 @app.command()
+def plan(params_file: Path = PARAMS_OPTION,
+         steps: int = typer.Option(2, min=1, help="Training steps timed per method (after one warm-up step)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object.")) -> None:
+    """Before `dvc repro`: the runs the params expand to, those complete, and the training time on this machine."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from knowsam.plan import duration, make_plan, render
+
+    params = _load_params(params_file)
+    result = make_plan(params, steps=steps)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"profile '{result['profile']}': {result['iterations']} iterations per run")
+    for header in ("Method", "s/step", "Per run", "Runs", "To train"):
+        table.add_column(header, justify="left" if header == "Method" else "right")
+    for m in result["methods"]:
+        table.add_row(m["method"], f"{m['step_s']:.3f}", duration(m["run_s"]), str(m["runs"]), str(m["pending"]))
+    console = Console()
+    console.print(table)
+    for line in render(result):
+        console.print(line, soft_wrap=True, highlight=False)
+
+
+@app.command()
 def bench(quick: bool = typer.Option(False, "--quick", help="Seconds instead of minutes: reduced sizes (for tests)."),
           out: Path = typer.Option(Path("reports/benchmarks.md"), help="Markdown report to write."),
           threads: int = typer.Option(2, help="torch threads for the training steps."),

@@ -212,6 +212,15 @@ def _trained_weights(params: Params, run: RunId, runs_root: str | Path) -> Path:
     return weights_path
 
 
+def is_complete(params: Params, run: RunId, runs_root: str | Path = "data/runs") -> bool:
+    """Whether the run trained to its configured iterations under the current configuration (what evaluate accepts)."""
+    try:
+        _trained_weights(params, run, runs_root)
+    except KnowsamError:
+        return False
+    return True
+
+
 def trained_step(run_dir: Path) -> int:
     """The step of the run's newest readable checkpoint (0 if none): how far its training got."""
     for path in (run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"):

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("knowsam.methods",)),
     ("runs", ("knowsam.runs", "knowsam.validation", "knowsam.train", "knowsam.evaluate", "knowsam.describe")),
     ("reports", ("knowsam.report",)),
-    ("entry points", ("knowsam.cli", "knowsam.bench", "knowsam.__main__")),
+    ("entry points", ("knowsam.cli", "knowsam.bench", "knowsam.plan", "knowsam.__main__")),
 ]
 
 

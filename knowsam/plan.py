@@ -1,0 +1,90 @@
+"""``knowsam-bench plan``: what ``dvc repro`` is about to cost, before it starts.
+
+Expands the active params into runs, counts those already complete, and times a few training
+steps of every method on this machine at the params' image size, batch and SAM teacher (on the
+synthetic demo images: a step's time does not depend on pixel content). A run's estimate is its
+iterations times the median step time; validation passes and evaluation come on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+from knowsam.config import Params
+from knowsam.evaluate import is_complete
+from knowsam.runs import RunId
+
+# Above this much training on one device, a plan says the profile needs a faster machine.
+FEASIBLE_SECONDS = 24 * 3600
+
+
+@dataclasses.dataclass
+class MethodPlan:
+    method: str
+    step_s: float
+    runs: int
+    pending: int
+
+    def run_s(self, iterations: int) -> float:
+        return self.step_s * iterations
+
+
+def matrix(params: Params) -> list[RunId]:
+    return [RunId(m, d, r, s) for d in params.datasets for r in params.ratios for s in params.seeds
+            for m in params.methods]
+
+
+def measure_step_seconds(params: Params, methods: list[str], steps: int) -> dict[str, float]:
+    """Median seconds per training step of each method at the params' settings on this machine."""
+    from knowsam.bench import StepSetting, demo_dataset, time_steps
+
+    t = params.train
+    setting = StepSetting(label="plan", size=params.data.image_size, batch=t.batch_size, labeled=t.labeled_batch,
+                          sam_arch=params.sam.arch, warmup=1, steps=steps, methods=tuple(methods))
+    with tempfile.TemporaryDirectory(prefix="knowsam-plan-") as work:
+        data, split = demo_dataset(Path(work), params.data.image_size, n_train=max(4 * t.batch_size, 16))
+        return {m: time_steps(m, data, split, setting, t.threads or 2).median for m in methods}
+
+
+def make_plan(params: Params, runs_root: str | Path = "data/runs", steps: int = 2,
+              step_seconds: dict[str, float] | None = None) -> dict:
+    """Runs, completed runs and time estimates; ``step_seconds`` replaces the measurement when given."""
+    runs = matrix(params)
+    done = {run for run in runs if is_complete(params, run, runs_root)}
+    pending_methods = [m for m in params.methods if any(r.method == m and r not in done for r in runs)]
+    measured = step_seconds if step_seconds is not None else measure_step_seconds(params, pending_methods, steps)
+    per_method = [MethodPlan(m, measured.get(m, 0.0), sum(r.method == m for r in runs),
+                             sum(r.method == m and r not in done for r in runs)) for m in params.methods]
+    iterations = params.train.iterations
+    total_s = sum(p.pending * p.run_s(iterations) for p in per_method)
+    return {
+        "profile": params.profile, "device": params.train.device, "iterations": iterations,
+        "runs": len(runs), "done": len(done), "pending": len(runs) - len(done),
+        "methods": [{"method": p.method, "step_s": round(p.step_s, 4), "run_s": round(p.run_s(iterations), 1),
+                     "runs": p.runs, "pending": p.pending} for p in per_method],
+        "pending_train_s": round(total_s, 1),
+        "feasible": total_s <= FEASIBLE_SECONDS,
+    }
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def render(plan: dict) -> list[str]:
+    """The plan's closing lines (the per-method table is drawn by the CLI)."""
+    lines = [f"{plan['runs']} runs in profile '{plan['profile']}': {plan['done']} complete, {plan['pending']} to train; "
+             f"training them one after another takes about {duration(plan['pending_train_s'])} "
+             "(validation and evaluation come on top)."]
+    if not plan["feasible"]:
+        lines.append(f"This is more than {duration(FEASIBLE_SECONDS)} of training on this machine "
+                     f"(train.device: {plan['device']}): run this profile on a GPU (see docs/scaling.md).")
+    return lines
