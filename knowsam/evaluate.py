@@ -160,6 +160,8 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "best_step": int(saved["step"]),
         "iterations": params.train.iterations,  # checked finished before scoring (see _trained_weights)
+        # The weights scored: reports count this summary only while the run folder holds the same training.
+        "config_hash": config_hash(run_config(params, run)),
         "evaluation_resolution": resolution,
         "empty_mask_policy": EMPTY_MASK_POLICY,
         "provenance": method.provenance(),

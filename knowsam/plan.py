@@ -14,7 +14,7 @@ from pathlib import Path
 
 from knowsam.config import Params
 from knowsam.evaluate import is_complete
-from knowsam.runs import RunId
+from knowsam.report.results import matrix
 
 # Above this much training on one device, a plan says the profile needs a faster machine.
 FEASIBLE_SECONDS = 24 * 3600
@@ -29,11 +29,6 @@ class MethodPlan:
 
     def run_s(self, iterations: int) -> float:
         return self.step_s * iterations
-
-
-def matrix(params: Params) -> list[RunId]:
-    return [RunId(m, d, r, s) for d in params.datasets for r in params.ratios for s in params.seeds
-            for m in params.methods]
 
 
 def measure_step_seconds(params: Params, methods: list[str], steps: int) -> dict[str, float]:

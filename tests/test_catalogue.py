@@ -25,6 +25,7 @@ import yaml
 from PIL import Image
 
 from knowsam.errors import KnowsamError
+from knowsam.runs import RunId
 from tests.conftest import REPO
 
 RUN = ["--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0"]
@@ -670,6 +671,21 @@ def test_evaluate_an_unfinished_run(train_ws, cli):
              r"ratio-0.1_seed-0/labeled-only: training stopped at step 2 of 4 \(unfinished\); re-run the train stage "
              r"for labeled-only-demo-0.1-0")
     assert not (train_ws / "data/eval").exists()
+
+
+def test_leaderboard_leaves_out_a_summary_of_a_training_since_restarted(train_ws, cli):
+    """Scored, then restarted (e.g. its code changed) and stopped: the old scores no longer stand for the run."""
+    from knowsam.report.results import load_summaries
+
+    assert cli(train_ws, "evaluate", *EVAL)[0] == 0
+    run = RunId("labeled-only", "demo", 0.1, 0)  # cwd is the workspace (the cli fixture moved there)
+    table, missing = load_summaries([run], iterations=2)
+    assert not missing and set(table.method) == {"labeled-only"}
+    config = json.loads((train_ws / RUN_DIR / "config.json").read_text())
+    config["config_hash"] = "0" * 16  # what a restarted training under another configuration writes first
+    (train_ws / RUN_DIR / "config.json").write_text(json.dumps(config))
+    table, missing = load_summaries([run], iterations=2)
+    assert missing == [run] and table.empty
 
 
 def test_second_trainer_on_a_run_folder(train_ws, cli):

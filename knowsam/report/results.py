@@ -66,12 +66,23 @@ def _read_summary(run: RunId, eval_root: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_summaries(runs: list[RunId], eval_root: str | Path = "data/eval",
-                   iterations: int | None = None) -> tuple[pd.DataFrame, list[RunId]]:
+def _scored_other_training(run: RunId, summary: dict, runs_root: str | Path) -> bool:
+    """The run folder now holds another training than the one the summary scored (restarted since)."""
+    path = run.train_dir(runs_root) / "config.json"
+    try:
+        current = json.loads(path.read_text()).get("config_hash")
+    except (OSError, ValueError):
+        return False  # no run folder here (e.g. published results): the summary is all there is
+    return summary.get("config_hash", current) != current
+
+
+def load_summaries(runs: list[RunId], eval_root: str | Path = "data/eval", iterations: int | None = None,
+                   runs_root: str | Path = "data/runs") -> tuple[pd.DataFrame, list[RunId]]:
     """Long table (one row per run x variant x test set) of summary metrics, and the runs not evaluated.
 
     With ``iterations``, a summary recording another number of trained iterations counts as not
-    evaluated: it never stands for the configured run.
+    evaluated: it never stands for the configured run. Nor does a summary of a training that the
+    run folder no longer holds (the run was restarted, e.g. after its code changed, since it was scored).
 
     ``variant`` is "" for the method's reported output. Provenance (SAM weights) and the
     evaluation resolution are copied onto every row so footnotes can be built from the table.
@@ -79,7 +90,8 @@ def load_summaries(runs: list[RunId], eval_root: str | Path = "data/eval",
     rows, missing = [], []
     for run in runs:
         summary = _read_summary(run, eval_root)
-        if summary is None or (iterations is not None and summary.get("iterations", iterations) != iterations):
+        if summary is None or (iterations is not None and summary.get("iterations", iterations) != iterations) \
+                or _scored_other_training(run, summary, runs_root):
             missing.append(run)
             continue
         provenance = summary.get("provenance", {})
