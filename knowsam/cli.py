@@ -204,11 +204,13 @@ def score(pred_dir: Path = typer.Argument(..., help="Folder of prediction maps (
           gt_dir: Path = typer.Argument(..., help="Folder of ground-truth masks, matched by file stem."),
           threshold: float = typer.Option(0.5, help="Foreground if value/255 > threshold."),
           as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
-          out: Optional[Path] = typer.Option(None, help="Write the per-image CSV here.")) -> None:
+          out: Optional[Path] = typer.Option(None, help="Write the per-image CSV here."),
+          resize: bool = typer.Option(False, "--resize", help="Resize predictions of another size to their "
+                                      "mask's (refused otherwise).")) -> None:
     """Score any folder of predictions against ground-truth masks at the masks' resolution."""
     from knowsam.report.score import score_command
 
-    raise typer.Exit(score_command(pred_dir, gt_dir, threshold, out, as_json))
+    raise typer.Exit(score_command(pred_dir, gt_dir, threshold, out, as_json, resize))
 
 
 @app.command()

@@ -278,83 +278,77 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                          seed=dist.stream_seed(run.seed), device=device, augmentation=method.augmentation)
     # One process per run folder; under torchrun rank 0 holds it for the whole group.
     with run_lock(run_dir) if dist.is_main else contextlib.nullcontext(), stop_on_sigterm():
-        return _train_locked(params, run, runs_root, progress, restart_stale, dist, data, split, cfg, chash,
-                             run_dir, method, stream)
-
-
-def _train_locked(params, run, runs_root, progress, restart_stale, dist, data, split, cfg, chash, run_dir,
-                  method, stream) -> dict:
-    device = dist.device
-    val = validation_arrays(data, split)
-    t = params.train
-    state = _load_checkpoint(run_dir, chash, restart_stale)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".*.tmp"):  # left by a run killed while writing a file
-        stale.unlink(missing_ok=True)
-    dist.barrier()  # no rank removes a temporary file that rank 0 is writing
-    step, best, record = 0, {"dice": -1.0, "step": -1}, {}
-    if state is not None:
-        method.load_state_dict(state["method"])
-        stream.load_state_dict(dist.own(state)["stream"])
-        _set_rng_state(dist.own(state)["rng"])
-        step, best, record = state["step"], state["best"], state["last_record"]
-    if dist.is_main and step < t.iterations:  # its summary is written again only when the run ends
-        (run_dir / "train_log.json").unlink(missing_ok=True)
-    if dist.is_main:
-        fileio.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
-
-    from dvclive import Live
-
-    live = (Live(str(run.live_dir(runs_root)), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
-            if dist.is_main else distributed.NullLive())
-    if state is not None and dist.is_main:
-        _rewind_live(live, step)
-    method.train()
-    started = time.perf_counter()
-    with _progress(progress and dist.is_main, run, t.iterations, step) as advance:
-        while step < t.iterations:
-            batch = batch_layout(stream.next_batch(), t)
-            with step_context(t, device):
-                losses = method.train_step(batch, step)
-            dist.after_step()  # rank 0's BatchNorm statistics everywhere
-            losses = dist.average(losses)
-            for term, value in losses.items():
-                if not math.isfinite(value):
-                    raise KnowsamError(f"{run.method} on {run.dataset}: loss term '{term}' is {value} at iteration "
-                                       f"{step}; stopped, last good checkpoint kept in {run_dir}")
-            step += 1
-            for term, value in losses.items():
-                live.log_metric(f"train/{term}", value)
-            record = {"step": step, **{k: round(v, 6) for k, v in losses.items()}}
-            if dist.is_main and val is not None and (step % t.eval_every == 0 or step == t.iterations):
-                dice = validation_dice(method, *val, device)
-                live.log_metric("val/dice", dice)
-                record["val_dice"] = dice
-                if dice > best["dice"]:
-                    best = {"dice": dice, "step": step}
-                    _save_weights(run_dir / "best.pt", method, step)
-            live.next_step()
-            advance(losses)
-            if step % t.checkpoint_every == 0 or step == t.iterations:
-                ranks = dist.gather({"stream": stream.state_dict(), "rng": _rng_state()})
-                if dist.is_main:
-                    _save_checkpoint(run_dir, {
-                        "version": CHECKPOINT_VERSION, "config_hash": chash, "step": step,
-                        "method": method.state_dict(), **ranks[0], "best": best, "last_record": record,
-                        **({"ranks": ranks} if dist.enabled else {}),
-                    })
-    live.end()
-    if val is None:  # no validation data: the last weights are the reported ones
-        best = {"dice": float("nan"), "step": step}
+        val = validation_arrays(data, split)
+        t = params.train
+        state = _load_checkpoint(run_dir, chash, restart_stale)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".*.tmp"):  # left by a run killed while writing a file
+            stale.unlink(missing_ok=True)
+        dist.barrier()  # no rank removes a temporary file that rank 0 is writing
+        step, best, record = 0, {"dice": -1.0, "step": -1}, {}
+        if state is not None:
+            method.load_state_dict(state["method"])
+            stream.load_state_dict(dist.own(state)["stream"])
+            _set_rng_state(dist.own(state)["rng"])
+            step, best, record = state["step"], state["best"], state["last_record"]
+        if dist.is_main and step < t.iterations:  # its summary is written again only when the run ends
+            (run_dir / "train_log.json").unlink(missing_ok=True)
         if dist.is_main:
-            _save_weights(run_dir / "best.pt", method, step)
-    best = dist.gather(best)[0]  # rank 0 validated
-    summary = {"iterations": step, "best_step": best["step"], "best_val_dice": best["dice"],
-               "final_losses": record,
-               "seconds_this_session": round(time.perf_counter() - started, 2)}
-    if dist.is_main:
-        fileio.write_json(run_dir / "train_log.json", {"summary": summary})
-    return summary
+            fileio.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
+
+        from dvclive import Live
+
+        live = (Live(str(run.live_dir(runs_root)), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
+                if dist.is_main else distributed.NullLive())
+        if state is not None and dist.is_main:
+            _rewind_live(live, step)
+        method.train()
+        started = time.perf_counter()
+        with _progress(progress and dist.is_main, run, t.iterations, step) as advance:
+            while step < t.iterations:
+                batch = batch_layout(stream.next_batch(), t)
+                with step_context(t, device):
+                    losses = method.train_step(batch, step)
+                dist.after_step()  # rank 0's BatchNorm statistics everywhere
+                losses = dist.average(losses)
+                for term, value in losses.items():
+                    if not math.isfinite(value):
+                        raise KnowsamError(f"{run.method} on {run.dataset}: loss term '{term}' is {value} at iteration "
+                                           f"{step}; stopped, last good checkpoint kept in {run_dir}")
+                step += 1
+                for term, value in losses.items():
+                    live.log_metric(f"train/{term}", value)
+                record = {"step": step, **{k: round(v, 6) for k, v in losses.items()}}
+                if dist.is_main and val is not None and (step % t.eval_every == 0 or step == t.iterations):
+                    dice = validation_dice(method, *val, device)
+                    live.log_metric("val/dice", dice)
+                    record["val_dice"] = dice
+                    if dice > best["dice"]:
+                        best = {"dice": dice, "step": step}
+                        _save_weights(run_dir / "best.pt", method, step)
+                live.next_step()
+                advance(losses)
+                if step % t.checkpoint_every == 0 or step == t.iterations:
+                    ranks = dist.gather({"stream": stream.state_dict(), "rng": _rng_state()})
+                    if dist.is_main:
+                        _save_checkpoint(run_dir, {
+                            "version": CHECKPOINT_VERSION, "config_hash": chash, "step": step,
+                            "method": method.state_dict(), **ranks[0], "best": best, "last_record": record,
+                            **({"ranks": ranks} if dist.enabled else {}),
+                        })
+        live.end()
+        if val is None:  # no validation data: the last weights are the reported ones
+            best = {"dice": float("nan"), "step": step}
+            if dist.is_main:
+                _save_weights(run_dir / "best.pt", method, step)
+        best = dist.gather(best)[0]  # rank 0 validated
+        summary = {"iterations": step, "best_step": best["step"], "best_val_dice": best["dice"],
+                   "final_losses": record,
+                   "seconds_this_session": round(time.perf_counter() - started, 2)}
+        if dist.is_main:
+            fileio.write_json(run_dir / "train_log.json", {"summary": summary})
+        return summary
+
 
 
 def _save_weights(path: Path, method: Method, step: int) -> None:

@@ -120,11 +120,34 @@ def test_from_mirror_layout_with_manifest(tmp_path):
     assert (root / "TestDataset/Kvasir/masks/k1.png").read_bytes() == b"kmasks1"
     source = _source(root)
     assert source["origin"] == "mirror" and source["location"] == str(mirror / "polyp")
-    assert source["method"] == "hardlink"
+    assert source["method"] == "copy"
     assert source["manifest"]["entries_verified"] == 10
     assert source["available"] == ["train", "Kvasir"] and source["unavailable"] == ["ETIS-LaribPolypDB"]
     assert source["counts"]["TrainDataset/masks/*"] == 3
     assert _leftovers(tmp_path / "raw") == ["polyp"]
+
+
+def test_editing_an_acquired_file_leaves_the_mirror_untouched(tmp_path):
+    """Mirror files are copied, never hard-linked: an in-place edit of a raw mask stays in the copy."""
+    mirror = tmp_path / "mirror"
+    _layout(mirror / "polyp")
+    root = acquire("polyp", tmp_path / "raw", mirror=mirror, progress=False)
+    raw_mask, mirror_mask = root / "TrainDataset/masks/0.png", mirror / "polyp/TrainDataset/masks/0.png"
+    assert raw_mask.stat().st_ino != mirror_mask.stat().st_ino and raw_mask.stat().st_nlink == 1
+    with open(raw_mask, "r+b") as fh:  # in place, as an image editor saving over the file does
+        fh.write(b"EDITED")
+    assert mirror_mask.read_bytes() == b"mask0"
+
+
+def test_hidden_files_are_not_counted(tmp_path):
+    """macOS leaves ._<name> forks and .DS_Store beside copied files."""
+    mirror = tmp_path / "mirror"
+    _layout(mirror / "polyp")
+    masks = mirror / "polyp/TrainDataset/masks"
+    (masks / "._0.png").write_bytes(b"\0\5\26\7 resource fork")
+    (masks / ".DS_Store").write_bytes(b"Bud1")
+    root = acquire("polyp", tmp_path / "raw", mirror=mirror, progress=False)
+    assert _source(root)["counts"]["TrainDataset/masks/*"] == 3
 
 
 def test_mirror_from_environment_variable(tmp_path, monkeypatch):

@@ -252,6 +252,122 @@ def test_unknown_dataset_name(raw_ws, cli):
     assert_nothing_prepared(raw_ws)
 
 
+def test_duplicate_frame_stems(raw_ws, cli):
+    image = train_images(raw_ws)[0]
+    twin = image.with_suffix(".jpeg")
+    shutil.copy(image, twin)
+    one_line(*cli(raw_ws, "prepare", "demo"), 1,
+             rf"TrainDataset/images: {twin.name} and {image.name} share the stem '{image.stem}'; keep one of them")
+    assert_nothing_prepared(raw_ws)
+
+
+def test_file_in_no_image_format(raw_ws, cli):
+    masks = mask_of(train_images(raw_ws)[0]).parent
+    (masks / "notes.txt").write_text("annotator's notes")
+    one_line(*cli(raw_ws, "prepare", "demo"), 1,
+             r"TrainDataset/masks: 1 file\(s\) in no image format this version reads: notes.txt; convert or remove them")
+    assert_nothing_prepared(raw_ws)
+
+
+def test_masks_that_mostly_decode_empty(raw_ws, cli):
+    """Masks whose foreground value is neither 1 nor above 127 read as empty: refused, not scored 100."""
+    for image in train_images(raw_ws):
+        mask = mask_of(image)
+        grey = np.asarray(Image.open(mask).convert("L"))
+        Image.fromarray((grey > 127).astype(np.uint8) * 60).save(mask)
+    one_line(*cli(raw_ws, "prepare", "demo"), 1,
+             r"TrainDataset/masks: [4-6] of 6 masks decode empty \(e.g. \S+.png: mode L, values 0(, 60)?\); "
+             r"a misread mask encoding\? See 'Mask encodings' in docs/datasets.md")
+    assert_nothing_prepared(raw_ws)
+
+
+def test_frame_above_the_decompression_bomb_limit(raw_ws, cli, monkeypatch):
+    width, height = Image.open(train_images(raw_ws)[0]).size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", width * height // 3)  # every frame is over twice the limit
+    one_line(*cli(raw_ws, "prepare", "demo"), 1,
+             r"TrainDataset/images/\S+.jpg: unreadable image \(DecompressionBombError: Image size \(\d+ pixels\) exceeds")
+    assert_nothing_prepared(raw_ws)
+
+
+def _acdc_ws(tmp_path: Path) -> Path:
+    from tests.test_prepare_real import write_acdc
+
+    ws = tmp_path / "ws"
+    write_acdc(ws / "data/raw/acdc")
+    write_params(ws, params_dict())
+    return ws
+
+
+def _h5_slice(ws: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    import h5py
+
+    path = ws / "data/raw/acdc/data/patient001_frame01_slice_2.h5"
+    with h5py.File(path, "r") as h5:
+        return path, h5["image"][()], h5["label"][()]
+
+
+def test_h5_image_that_is_a_group(tmp_path, cli):
+    import h5py
+
+    ws = _acdc_ws(tmp_path)
+    path, image, label = _h5_slice(ws)
+    with h5py.File(path, "w") as h5:
+        h5.create_group("image").create_dataset("slice", data=image)
+        h5.create_dataset("label", data=label)
+    one_line(*cli(ws, "prepare", "acdc"), 1, r"patient001_frame01_slice_2.h5: 'image' in this h5 file is a group, not an array")
+    assert not (ws / "data/prepared").exists()
+
+
+def test_h5_training_slice_that_is_not_2d(tmp_path, cli):
+    from tests.test_prepare_real import _h5
+
+    ws = _acdc_ws(tmp_path)
+    path, image, label = _h5_slice(ws)
+    _h5(path, np.stack([image, image], axis=-1), np.stack([label, label], axis=-1))
+    one_line(*cli(ws, "prepare", "acdc"), 1,
+             r"patient001_frame01_slice_2.h5: expected a 2D training slice, got image shape \(40, 36, 2\)")
+    assert not (ws / "data/prepared").exists()
+
+
+def test_masks_in_every_encoding_frames_in_any_format_prepare_alike(raw_ws, tmp_path, cli):
+    """Not errors: {0, 1}, 16-bit, palette, colour and alpha masks; .webp/.jfif frames; EXIF-rotated pairs;
+    macOS ._ files. Each gives exactly the arrays of the plain {0, 255} PNG masks and JPEG frames."""
+    plain = tmp_path / "plain"
+    shutil.copytree(raw_ws, plain)
+    assert cli(plain, "prepare", "demo")[0] == 0
+    images = train_images(raw_ws)
+    masks = [mask_of(image) for image in images]
+    binary = [np.asarray(Image.open(m).convert("L")) > 127 for m in masks]
+    encodings = [
+        Image.fromarray(binary[0].astype(np.uint8)),  # {0, 1}
+        Image.fromarray(binary[1].astype(np.uint16)),  # 16-bit {0, 1}
+        Image.fromarray(binary[2].astype(np.uint8), mode="P"),  # palette, index 1 = (128, 0, 0)
+        Image.fromarray(np.dstack([binary[3] * 255, 0 * binary[3], 0 * binary[3]]).astype(np.uint8)),  # red
+        Image.fromarray(np.dstack([0 * binary[4]] * 3 + [binary[4] * 255]).astype(np.uint8)),  # alpha only
+    ]
+    encodings[2].putpalette([0, 0, 0, 128, 0, 0])
+    for mask, encoded in zip(masks, encodings):
+        encoded.save(mask)
+    Image.open(images[0]).save(images[0].with_suffix(".webp"), lossless=True)
+    images[0].unlink()
+    images[1].rename(images[1].with_suffix(".jfif"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: stored turned 90 degrees counter-clockwise, shown upright
+    frame = np.asarray(Image.open(images[5]))
+    Image.fromarray(np.rot90(frame).copy()).save(images[5].with_suffix(".png"), exif=exif.tobytes())
+    images[5].unlink()
+    Image.fromarray(np.rot90(binary[5]).astype(np.uint8) * 255).save(masks[5], exif=exif.tobytes())
+    for folder in (images[0].parent, masks[0].parent):
+        (folder / f"._{images[2].stem}.png").write_bytes(b"\0\5\26\7 resource fork")
+        (folder / ".DS_Store").write_bytes(b"Bud1")
+    (raw_ws / "data/raw/demo/TestDataset/.Trashes").mkdir()  # not a test set
+    assert cli(raw_ws, "prepare", "demo")[0] == 0
+    prepared, expected = raw_ws / "data/prepared/demo", plain / "data/prepared/demo"
+    for name in ("train_masks.npy", "train_images.npy"):
+        np.testing.assert_array_equal(np.load(prepared / name), np.load(expected / name), err_msg=name)
+    assert json.loads((prepared / "fingerprint.json").read_text())["train"]["nonbinary_masks"] == 0
+
+
 # --- params -------------------------------------------------------------------------------------
 
 PARAMS_CASES = {
@@ -547,6 +663,52 @@ def test_score_predictions_with_wrong_names(tmp_path, cli):
     one_line(*cli(tmp_path, "score", str(pred), str(gt), "--out", "scores.csv"), 1,
              r"no prediction in \S+pred shares a file stem with a mask in \S+gt \(e.g. 'a' vs 'x'\)")
     assert not (tmp_path / "scores.csv").exists()
+
+
+def _score_folders(tmp_path: Path, pred_values=None) -> tuple[Path, Path]:
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for folder in (pred, gt):
+        folder.mkdir()
+    for stem in ("a", "b"):
+        mask = np.zeros((20, 30), np.uint8)
+        mask[4:12, 5:20] = 255
+        Image.fromarray(mask).save(gt / f"{stem}.png")
+        Image.fromarray(mask if pred_values is None else pred_values(mask)).save(pred / f"{stem}.png")
+    return pred, gt
+
+
+def test_score_prediction_of_another_size(tmp_path, cli):
+    pred, gt = _score_folders(tmp_path)
+    Image.fromarray(np.asarray(Image.open(pred / "b.png")).T.copy()).save(pred / "b.png")
+    one_line(*cli(tmp_path, "score", str(pred), str(gt), "--out", "scores.csv"), 1,
+             r"pred/b.png: prediction size 20x30 differs from its mask's 30x20; 1 of 2 prediction\(s\) differ in size "
+             r"from their masks \(pass --resize to resize them\)$")
+    assert not (tmp_path / "scores.csv").exists()
+
+
+def test_score_out_names_a_folder(tmp_path, cli):
+    pred, gt = _score_folders(tmp_path)
+    (tmp_path / "report").mkdir()
+    one_line(*cli(tmp_path, "score", str(pred), str(gt), "--out", "report"), 1,
+             r"^error: report: --out names a folder; give the path of the per-image CSV file to write")
+    assert list((tmp_path / "report").iterdir()) == []
+
+
+def test_score_out_unwritable(tmp_path, cli):
+    pred, gt = _score_folders(tmp_path)
+    (tmp_path / "notes").write_text("a file where --out expects a folder")
+    one_line(*cli(tmp_path, "score", str(pred), str(gt), "--out", "notes/scores.csv"), 1,
+             r"^error: notes/scores.csv: cannot write the per-image CSV \((FileExists|NotADirectory)Error: ")
+    assert (tmp_path / "notes").read_text() == "a file where --out expects a folder"
+
+
+def test_score_truth_that_decodes_empty(tmp_path, cli):
+    """Masks in 0..127 (here {0, 60}) are no encoding of the policy: every mask would read empty."""
+    pred, gt = _score_folders(tmp_path, pred_values=lambda mask: np.zeros_like(mask))
+    for path in gt.iterdir():
+        Image.fromarray(np.asarray(Image.open(path)) // 255 * 60).save(path)
+    one_line(*cli(tmp_path, "score", str(pred), str(gt)), 1,
+             r"gt: 2 of 2 masks decode empty \(e.g. a.png: mode L, values 0, 60\); a misread mask encoding\?")
 
 
 def test_score_missing_prediction_folder(tmp_path, cli):

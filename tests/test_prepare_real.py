@@ -177,8 +177,14 @@ def _break(root: Path, what: str) -> Path:
         image[3, 3] = np.nan
     elif what == "range":
         image = image * 300
+    elif what == "two channels":
+        image, label = np.stack([image, image], axis=-1), np.stack([label, label], axis=-1)
     if what == "garbage":
         culprit.write_bytes(b"not an h5 file")
+    elif what == "group":
+        with h5py.File(culprit, "w") as h5:
+            h5.create_group("image").create_dataset("data", data=image)
+            h5.create_dataset("label", data=label)
     elif what == "missing":
         culprit.unlink()
     else:
@@ -190,6 +196,8 @@ def _break(root: Path, what: str) -> Path:
     ("label value", "label values [7] outside 0..3"), ("shape", "differs from image shape"),
     ("nan", "NaN/inf voxel"), ("range", "expected the SSL4MIS normalisation"),
     ("garbage", "unreadable h5 file"), ("missing", "file not found"),
+    ("group", "'image' in this h5 file is a group, not an array"),
+    ("two channels", "expected a 2D training slice, got image shape (40, 36, 2)"),
 ])
 def test_acdc_bad_files_are_named_in_one_line(tmp_path, what, message):
     write_acdc(tmp_path / "raw")
@@ -199,6 +207,20 @@ def test_acdc_bad_files_are_named_in_one_line(tmp_path, what, message):
     text = str(err.value)
     assert text.startswith(str(culprit)) and message in text and "\n" not in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # nothing half-prepared left behind
+
+
+def test_acdc_slices_with_a_channel_axis_prepare_as_plain_slices(tmp_path, acdc):
+    """(H, W, 1) slices (image and label) are squeezed: the same arrays as (H, W), not H slices of W x 1."""
+    write_acdc(tmp_path / "raw")
+    for path in (tmp_path / "raw/data").glob("*_slice_*.h5"):
+        with h5py.File(path, "r") as h5:
+            image, label = h5["image"][()], h5["label"][()]
+        _h5(path, image[..., None], label[..., None])
+    prepare_acdc(tmp_path / "raw", tmp_path / "out", ACDC, image_size=SIZE, interpolation="bilinear", workers=1)
+    data, _ = acdc
+    assert PreparedDataset(tmp_path / "out").meta["train"] == data.meta["train"] == 10
+    for name in ("train_images.npy", "train_masks.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / name), np.load(data.root / name))
 
 
 def test_acdc_list_errors_name_the_list(tmp_path):
@@ -326,7 +348,9 @@ def test_tiff_frames_by_sample_layout_not_colour_tag(tmp_path):
     for name in ("grey_tagged", "planar", "sixteen", "lzw"):
         np.testing.assert_array_equal(read_image(tmp_path / f"{name}.tif"), rgb, err_msg=name)
     tifffile.imwrite(tmp_path / "mask.tif", np.array([[0, 1], [1, 0]], bool))
-    np.testing.assert_array_equal(read_mask(tmp_path / "mask.tif"), [[0, 255], [255, 0]])
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.tif"), [[0, 1], [1, 0]])
+    tifffile.imwrite(tmp_path / "mask16.tif", np.array([[0, 1], [1, 0]], np.uint16))  # {0, 1}, not its top 8 bits
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask16.tif"), [[0, 1], [1, 0]])
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
     with pytest.raises(KnowsamError, match=r"broken\.tif: unreadable"):
         read_image(tmp_path / "broken.tif")

@@ -111,7 +111,9 @@ def test_smaller_prediction_is_resized_bilinearly_then_thresholded(tmp_path: Pat
     gt[8:22, 10:30] = 255
     save(tmp_path / "gt" / "a.png", gt)
     save(tmp_path / "pred" / "a.png", prob)
-    row = score_folders(tmp_path / "pred", tmp_path / "gt").per_image.iloc[0]
+    result = score_folders(tmp_path / "pred", tmp_path / "gt", resize=True)
+    assert result.resized == 1
+    row = result.per_image.iloc[0]
     assert row["dice"] == pytest.approx(mb.dc(expected, gt > 0))
     assert row["hd95"] == pytest.approx(mb.hd95(expected, gt > 0))
     assert row["asd"] == pytest.approx(mb.asd(expected, gt > 0))
@@ -193,11 +195,145 @@ def test_unreadable_image_is_named(pairs: tuple[Path, Path], workers: int) -> No
         score_folders(pred, gt, workers=workers)
 
 
-def test_sixteen_bit_prediction_is_refused(tmp_path: Path) -> None:
+def test_float_prediction_is_refused(tmp_path: Path) -> None:
     save(tmp_path / "gt" / "a.png", square((10, 10), 2, 2, 4))
-    save(tmp_path / "pred" / "a.png", np.full((10, 10), 40000, np.uint16))
-    with pytest.raises(KnowsamError, match="a.png.*not 8-bit"):
+    save(tmp_path / "pred" / "a.tif", np.full((10, 10), 0.7, np.float32))
+    with pytest.raises(KnowsamError, match=r"a.tif: mask values 0.7 are neither class ids nor 8- or 16-bit grey"):
         score_folders(tmp_path / "pred", tmp_path / "gt")
+
+
+# --- mask encodings (the policy of knowsam.data.masks, shared with preparation) -------------------
+
+def score_cli(pred: Path, gt: Path, *extra: str) -> tuple[int, dict | None, str]:
+    """``knowsam-bench score --json``: (exit status, summary or None, stderr)."""
+    import contextlib
+    import io
+
+    from knowsam.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["score", str(pred), str(gt), "--json", *extra])
+    return code, (json.loads(out.getvalue()) if out.getvalue() else None), err.getvalue()
+
+
+def zero_one_masks(root: Path) -> list[np.ndarray]:
+    """Three {0, 1} ground-truth masks (8-bit PNG) of different sizes."""
+    masks = [square((40, 50), 5, 5, 12) // 255, square((30, 30), 4, 4, 10) // 255, square((24, 36), 0, 3, 20) // 255]
+    for i, mask in enumerate(masks):
+        save(root / "gt" / f"m{i}.png", mask)
+    return masks
+
+
+def test_zero_one_predictions_equal_to_zero_one_truth_score_one(tmp_path: Path) -> None:
+    for i, mask in enumerate(zero_one_masks(tmp_path)):
+        save(tmp_path / "pred" / f"m{i}.png", mask)
+    code, summary, _ = score_cli(tmp_path / "pred", tmp_path / "gt")
+    assert code == 0 and summary["n"] == 3 and summary["mDice"] == 1.0 and summary["mIoU"] == 1.0
+
+
+def test_all_zero_predictions_against_zero_one_truth_score_zero(tmp_path: Path) -> None:
+    for i, mask in enumerate(zero_one_masks(tmp_path)):
+        save(tmp_path / "pred" / f"m{i}.png", np.zeros_like(mask))
+    code, summary, _ = score_cli(tmp_path / "pred", tmp_path / "gt")
+    assert code == 0 and summary["mDice"] == 0.0 and summary["recall"] == 0.0
+
+
+def test_sixteen_bit_zero_one_truth_reads_as_foreground(tmp_path: Path) -> None:
+    mask = square((20, 30), 3, 4, 9)
+    save(tmp_path / "gt" / "a.png", (mask // 255).astype(np.uint16))
+    save(tmp_path / "pred" / "a.png", mask)
+    assert score_cli(tmp_path / "pred", tmp_path / "gt")[1]["mDice"] == 1.0
+
+
+def voc_palette_mask(mask: np.ndarray) -> Image.Image:
+    """Index 1 = (128, 0, 0) and 255 = the VOC border colour, as VOC-style label PNGs store them."""
+    image = Image.fromarray((mask > 0).astype(np.uint8), mode="P")
+    palette = [0, 0, 0, 128, 0, 0] + [0, 0, 0] * 253 + [224, 224, 192]
+    image.putpalette(palette)
+    return image
+
+
+def test_zero_255_prediction_equal_to_palette_truth_scores_one(tmp_path: Path) -> None:
+    masks = [square((40, 50), 5, 5, 12), square((30, 30), 4, 4, 10)]
+    for i, mask in enumerate(masks):
+        (tmp_path / "gt").mkdir(exist_ok=True)
+        voc_palette_mask(mask).save(tmp_path / "gt" / f"v{i}.png")
+        save(tmp_path / "pred" / f"v{i}.png", mask)
+    assert Image.open(tmp_path / "gt" / "v0.png").mode == "P"
+    code, summary, _ = score_cli(tmp_path / "pred", tmp_path / "gt")
+    assert code == 0 and summary["mDice"] == 1.0
+
+
+@pytest.mark.parametrize("encoding", ["red", "alpha", "grey-palette", "colour-jpeg"])
+def test_colour_alpha_and_palette_truth_decode_as_the_mask(tmp_path: Path, encoding: str) -> None:
+    mask = square((32, 40), 6, 8, 16)
+    gt = tmp_path / "gt" / "a.png"
+    gt.parent.mkdir()
+    if encoding == "red":
+        Image.fromarray(np.stack([mask, 0 * mask, 0 * mask], axis=-1)).save(gt)
+    elif encoding == "alpha":  # black everywhere, the mask in the alpha channel
+        Image.fromarray(np.stack([0 * mask] * 3 + [mask], axis=-1)).save(gt)
+    elif encoding == "grey-palette":  # an optimiser's palette for a {0, 255} mask, white first
+        image = Image.fromarray((mask == 0).astype(np.uint8), mode="P")
+        image.putpalette([255, 255, 255, 0, 0, 0])
+        image.save(gt)
+    else:
+        gt = gt.with_suffix(".jpg")
+        Image.fromarray(np.stack([mask] * 3, axis=-1)).save(gt, quality=75)
+    save(tmp_path / "pred" / "a.png", mask)
+    assert score_folders(tmp_path / "pred", tmp_path / "gt").summary["mDice"] == 1.0
+
+
+def test_transposed_prediction_is_refused_without_resize(tmp_path: Path) -> None:
+    mask = square((30, 40), 5, 5, 12)
+    save(tmp_path / "gt" / "a.png", mask)
+    save(tmp_path / "gt" / "b.png", mask)
+    save(tmp_path / "pred" / "a.png", mask.T.copy())
+    save(tmp_path / "pred" / "b.png", mask)
+    code, summary, err = score_cli(tmp_path / "pred", tmp_path / "gt")
+    assert code == 1 and summary is None
+    assert err.strip().splitlines() == [
+        (f"error: {tmp_path / 'pred' / 'a.png'}: prediction size 30x40 differs from its mask's 40x30; "
+         "1 of 2 prediction(s) differ in size from their masks (pass --resize to resize them)")]
+    code, summary, err = score_cli(tmp_path / "pred", tmp_path / "gt", "--resize")
+    assert code == 0 and summary["n"] == 2
+    assert "1 of 2 prediction(s) resized to their mask's size (--resize)" in err
+
+
+def test_exif_orientation_turns_prediction_and_mask_alike(tmp_path: Path) -> None:
+    """A JPEG stored sideways with an EXIF 'rotate 90' tag is scored as displayed."""
+    mask = square((30, 40), 5, 5, 12)
+    save(tmp_path / "gt" / "a.png", mask)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are turned 90 degrees counter-clockwise
+    save(tmp_path / "pred" / "a.jpg", np.rot90(mask, 1).copy(), exif=exif.tobytes(), quality=95)
+    assert score_folders(tmp_path / "pred", tmp_path / "gt").summary["mDice"] == 1.0
+
+
+def test_truth_folder_of_empty_masks_is_refused(tmp_path: Path) -> None:
+    """{0, 1} masks misread (or masks in 1..127) would score a silent 100 against empty predictions."""
+    for i in range(3):
+        save(tmp_path / "gt" / f"m{i}.png", square((20, 20), 2, 2, 8) // 255 * 60)  # values {0, 60}
+        save(tmp_path / "pred" / f"m{i}.png", np.zeros((20, 20), np.uint8))
+    with pytest.raises(KnowsamError, match=r"gt: 3 of 3 masks decode empty \(e.g. m0.png: mode L, values 0, 60\)"):
+        score_folders(tmp_path / "pred", tmp_path / "gt")
+
+
+def test_hidden_files_are_ignored(pairs: tuple[Path, Path]) -> None:
+    pred, gt = pairs
+    (pred / "._exact.png").write_bytes(b"\0\5\26\7 macOS resource fork")
+    (gt / ".DS_Store").write_bytes(b"Bud1")
+    assert score_folders(pred, gt).summary["n"] == 4
+
+
+def test_out_naming_a_folder_or_an_unwritable_path_is_one_line(pairs: tuple[Path, Path], tmp_path: Path) -> None:
+    (tmp_path / "report").mkdir()
+    with pytest.raises(KnowsamError, match=r"report: --out names a folder"):
+        score_command(*pairs, 0.5, tmp_path / "report", True)
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(KnowsamError, match=r"file/scores.csv: cannot write the per-image CSV \((FileExists|NotADirectory)Error"):
+        score_command(*pairs, 0.5, tmp_path / "file" / "scores.csv", True)
 
 
 def test_duplicate_stem_and_bad_threshold_are_refused(pairs: tuple[Path, Path]) -> None:

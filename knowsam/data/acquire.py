@@ -8,9 +8,9 @@ Tried in order:
    a folder whose ``<dataset>/`` subfolder holds either the extracted layout or the
    official archive files under their registry names (e.g. ``polyp/TrainDataset.zip``).
    A ``MANIFEST.sha256`` there (``sha256sum`` format, paths relative to that subfolder)
-   is verified first. Files are hard-linked when the file system allows, else copied;
-   hard-linked files share their bytes with the mirror, so raw data must be treated as
-   read-only (nothing in the harness writes into it).
+   is verified first. Files are copied, never hard-linked: an edit of a raw file must not
+   reach the mirror (the user's source data). The copy is a reflink where the file system
+   supports one (Btrfs, XFS: shared blocks, copied on write), else a full in-kernel copy.
 3. The official downloads (unless ``offline``), into ``<raw_root>/.downloads/<dataset>/``,
    where an interrupted download resumes on the next call; archives are deleted once
    the dataset is in place.
@@ -293,26 +293,31 @@ def _verify_manifest(folder: Path, wanted: Callable[[str], bool]) -> dict | None
 
 
 def _link_tree(src: Path, dst: Path, skip: set[str]) -> str:
-    """Hard-link (else copy) every file of ``src`` into ``dst``; return how it was done."""
-    methods = set()
-    link = True
+    """Copy every file of ``src`` into ``dst`` (reflinks where possible, never hard links); return how."""
+    copied = False
     for dirpath, _, filenames in os.walk(src, followlinks=True):
         rel = Path(dirpath).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for name in filenames:
             if rel == Path(".") and name in skip:
                 continue
-            source, target = Path(dirpath) / name, dst / rel / name
-            if link:
-                try:
-                    os.link(source, target)
-                    methods.add("hardlink")
-                    continue
-                except OSError:  # other file system, no permission, link limit
-                    link = False
-            shutil.copyfile(source, target)
-            methods.add("copy")
-    return "+".join(sorted(methods)) or "none"
+            _copy_file(Path(dirpath) / name, dst / rel / name)
+            copied = True
+    return "copy" if copied else "none"
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    """copy_file_range lets the kernel reflink (Btrfs, XFS) or copy without user-space buffers;
+    shutil.copyfile (sendfile) serves where it is missing (other systems, older kernels)."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            with open(source, "rb") as fin, open(target, "wb") as fout:
+                while os.copy_file_range(fin.fileno(), fout.fileno(), 1 << 30):
+                    pass
+            return
+        except OSError:  # e.g. EXDEV before Linux 5.3, or a file system without support
+            pass
+    shutil.copyfile(source, target)
 
 
 # --- network --------------------------------------------------------------------------

@@ -23,10 +23,11 @@ from PIL import Image, UnidentifiedImageError
 
 from knowsam import fileio
 from knowsam.data.dataset import FORMAT_VERSION, part_slug, write_npy, write_npz
+from knowsam.data.image_files import image_files, open_image
+from knowsam.data.masks import MaskSource, check_empty_share, decode_mask, grey_levels
 from knowsam.data.sources import DatasetSpec
 from knowsam.errors import KnowsamError, describe_error
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
@@ -40,8 +41,8 @@ class PairResult:
     nonbinary_pixels: int
 
 
-def read_tiff(path: Path) -> np.ndarray:
-    """The first image of a TIFF as stored: (H, W) or (H, W, samples), 8-bit.
+def read_tiff(path: Path, keep_16bit: bool = False) -> np.ndarray:
+    """The first image of a TIFF as stored: (H, W) or (H, W, samples), 8-bit (16-bit kept for masks).
 
     The layout comes from the sample axes, not the colour tag: polyp distributions (CVC,
     ETIS-LaribPolypDB) include colour TIFFs tagged as greyscale, which PIL refuses.
@@ -67,7 +68,7 @@ def read_tiff(path: Path) -> np.ndarray:
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
     if arr.dtype == np.uint16:
-        return (arr >> 8).astype(np.uint8)
+        return arr if keep_16bit else (arr >> 8).astype(np.uint8)
     if arr.dtype != np.uint8:
         raise KnowsamError(f"{path}: unsupported TIFF sample type {arr.dtype} (expected 8- or 16-bit integers)")
     return arr
@@ -78,11 +79,7 @@ def read_image(path: Path) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
         arr = read_tiff(path)
     else:
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise KnowsamError(f"{path}: unreadable image ({describe_error(exc)})") from None
+        arr = np.asarray(open_image(path).convert("RGB"))
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] < 3:
@@ -91,18 +88,13 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A mask as (H, W) uint8 grey values (colour masks are converted to grey)."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        arr = read_tiff(path)
-        if arr.ndim == 3:
-            arr = arr[..., :3].max(axis=2)
-    else:
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L"))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise KnowsamError(f"{path}: unreadable mask ({exc.__class__.__name__})") from None
-    return arr.astype(np.uint8, copy=False)
+    """A binary mask as (H, W) uint8 class ids, decoded by the policy of ``knowsam.data.masks``."""
+    return decode_mask(open_mask(path), source=path)
+
+
+def open_mask(path: Path) -> MaskSource:
+    """A mask file as stored, for ``decode_mask``: TIFFs as arrays (grey-tagged colour TIFFs), others as images."""
+    return read_tiff(path, keep_16bit=True) if path.suffix.lower() in (".tif", ".tiff") else open_image(path, "mask")
 
 
 def resize_image(arr: np.ndarray, size: int, interpolation: str) -> np.ndarray:
@@ -126,8 +118,7 @@ def find_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]
     for d in (images_dir, masks_dir):
         if not d.is_dir():
             raise KnowsamError(f"{d}: folder not found")
-    images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
-    masks = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+    images, masks = image_files(images_dir), image_files(masks_dir)
     if not images:
         raise KnowsamError(f"{images_dir}: no images found")
     for path in (*images.values(), *masks.values()):
@@ -151,12 +142,13 @@ def _natural_key(stem: str) -> tuple:
 def load_pair(args: tuple[str, Path, Path, int, str]) -> PairResult:
     name, image_path, mask_path, size, interpolation = args
     image = read_image(image_path)
-    grey = read_mask(mask_path)
-    if grey.shape != image.shape[:2]:
-        raise KnowsamError(f"{mask_path}: mask size {grey.shape[1]}x{grey.shape[0]} differs from "
+    mask = open_mask(mask_path)
+    binary = decode_mask(mask, source=mask_path)
+    if binary.shape != image.shape[:2]:
+        raise KnowsamError(f"{mask_path}: mask size {binary.shape[1]}x{binary.shape[0]} differs from "
                            f"its image's {image.shape[1]}x{image.shape[0]}")
-    binary = (grey > 127).astype(np.uint8)
-    nonbinary = int(np.count_nonzero((grey != 0) & (grey != 255)))
+    levels = grey_levels(mask, source=mask_path)
+    nonbinary = 0 if levels is None else int(np.count_nonzero((levels != 0) & (levels != 255)))
     return PairResult(
         name=name,
         image=resize_image(image, size, interpolation),
@@ -196,7 +188,12 @@ def ordered_test_sets(spec: DatasetSpec, raw: Path) -> list[str]:
         return named
     if not (raw / "TestDataset").is_dir():
         raise KnowsamError(f"{raw / 'TestDataset'}: folder not found (expected TestDataset/<set>/images and masks)")
-    return sorted(p.name for p in (raw / "TestDataset").iterdir() if p.is_dir())
+    return sorted(p.name for p in (raw / "TestDataset").iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _empty_mask_problems(pairs: list[tuple[str, Path, Path]], results: list[PairResult]) -> list[str]:
+    mask_paths = [mask for _, _, mask in pairs]
+    return check_empty_share(mask_paths[0].parent, mask_paths, [not r.mask_orig.any() for r in results], open_mask)
 
 
 def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, interpolation: str,
@@ -215,12 +212,13 @@ def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, 
     with fileio.atomic_dir(out) as tmp:
         train_pairs = find_pairs(raw / "TrainDataset" / "images", raw / "TrainDataset" / "masks")
         train = _load_all(train_pairs, image_size, interpolation, workers)
+        problems = _empty_mask_problems(train_pairs, train)
         write_npy(tmp / "train_images.npy", np.stack([r.image for r in train]))
         write_npy(tmp / "train_masks.npy", np.stack([r.mask_small for r in train]))
         fileio.write_text(tmp / "train_index.csv",
                       pd.DataFrame({"name": [r.name for r in train], "case": [spec.case_of(r.name) for r in train]})
                       .to_csv(index=False))
-        fingerprint = {"train": _stats(train), "test_sets": {}, "unavailable": [], "problems": []}
+        fingerprint = {"train": _stats(train), "test_sets": {}, "unavailable": [], "problems": problems}
         train_hashes = {r.image_sha256: r.name for r in train}
         available = []
         for test_set in test_sets:
@@ -228,7 +226,9 @@ def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, 
             if not folder.is_dir():
                 fingerprint["unavailable"].append(test_set)
                 continue
-            results = _load_all(find_pairs(folder / "images", folder / "masks"), image_size, interpolation, workers)
+            pairs = find_pairs(folder / "images", folder / "masks")
+            results = _load_all(pairs, image_size, interpolation, workers)
+            fingerprint["problems"] += _empty_mask_problems(pairs, results)
             slug = part_slug(test_set)
             write_npy(tmp / f"{slug}_images.npy", np.stack([r.image for r in results]))
             index = pd.DataFrame({

@@ -99,10 +99,20 @@ def read_h5_pair(job: Job) -> tuple[np.ndarray, np.ndarray, tuple[float, float, 
             missing = [k for k in ("image", "label") if k not in h5]
             if missing:
                 raise KnowsamError(f"{job.path}: no '{missing[0]}' dataset in this h5 file (has {sorted(h5)})")
+            groups = [k for k in ("image", "label") if not isinstance(h5[k], h5py.Dataset)]
+            if groups:
+                raise KnowsamError(f"{job.path}: '{groups[0]}' in this h5 file is a group, not an array")
             image, label = h5["image"][()], h5["label"][()]
     except OSError as exc:
         raise KnowsamError(f"{job.path}: unreadable h5 file ({describe_error(exc)})") from None
     image, label = np.asarray(image, dtype=np.float32), np.asarray(label)
+    # A slice saved with a channel axis, (H, W, 1), would otherwise read as H slices of W x 1.
+    while image.ndim > 2 and image.shape[-1] == 1:
+        image = image[..., 0]
+    while label.ndim > 2 and label.shape[-1] == 1:
+        label = label[..., 0]
+    if not job.keep_label and image.ndim != 2:  # training files are single slices
+        raise KnowsamError(f"{job.path}: expected a 2D training slice, got image shape {image.shape}")
     if image.ndim == 2:  # a training slice
         image, label = image[None], label[None]
     if image.ndim != 3:

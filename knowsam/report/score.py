@@ -4,13 +4,18 @@ Conventions (the polyp protocol): files are paired by file stem; every pair is
 evaluated at the ground-truth mask's own resolution; the headline numbers are
 means of per-image values (``knowsam.metrics.summarize``).
 
-* Ground truth: read as 8-bit grey, foreground = value > 127.
-* Prediction: an 8-bit probability map (0-255) or binary mask; colour files are
-  converted to grey (ITU-R 601-2 luma); foreground = value / 255 > threshold.
-  A prediction whose size differs from its mask is first resized to the mask's
-  size as a probability map (PIL's bilinear filter on float values, which also
-  averages over the source footprint when shrinking) and thresholded after,
-  so a low-resolution probability map is not blocky-upsampled as a hard mask.
+* Ground truth: decoded by the mask policy of ``knowsam.data.masks`` (the one
+  preparation uses: {0, 255}, {0, 1}, palette, colour, alpha, 16-bit), foreground =
+  class id > 0. A folder whose masks mostly decode empty is refused.
+* Prediction: what the same policy reads by grey level (8-bit grey, grey stored as
+  colour, the top 8 bits of 16-bit grey) is a probability map, foreground = value /
+  255 > threshold; any other encoding ({0, 1}, palette, colour) is decoded as a mask.
+* Both are turned upright by their EXIF orientation first.
+* A prediction whose size differs from its mask is refused, unless ``resize`` is
+  given: then a probability map is resized to the mask's size as such (PIL's
+  bilinear filter on float values, which also averages over the source footprint
+  when shrinking) and thresholded after, so a low-resolution probability map is not
+  blocky-upsampled as a hard mask; a decoded mask is resized by nearest neighbour.
 * Distances are in pixels of the mask.
 """
 
@@ -29,11 +34,13 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from knowsam.data.image_files import IMAGE_SUFFIXES, is_hidden, open_image
+from knowsam.data.masks import check_empty_share, decode_mask, grey_levels
+from knowsam.errors import describe_error
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.fileio import atomic_path
 from knowsam.metrics import EMPTY_MASK_POLICY, SUMMARY_DEFINITIONS, binary_metrics, summarize
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 PER_IMAGE_COLUMNS = ("name", "dice", "iou", "hd95", "asd", "precision", "recall", "hd_x095_paper")
 SUMMARY_KEYS = ("n", "mDice", "mIoU", "HD95", "ASD", "precision", "recall")
 _EXAMPLES = 5
@@ -48,6 +55,7 @@ class ScoreResult:
     stats: dict[str, float | int | None]  # full ``summarize`` output, with stds
     predictions_without_mask: list[str]
     masks_without_prediction: list[str]
+    resized: int  # predictions resized to their mask's size (only with ``resize``)
 
     @property
     def complete(self) -> bool:
@@ -59,50 +67,47 @@ def _list_images(folder: Path, role: str) -> dict[str, Path]:
         raise KnowsamError(f"{role} folder {folder} does not exist or is not a folder")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if is_hidden(path) or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
         if path.stem in found:
             clash = f"{found[path.stem].name}, {path.name}"
             raise KnowsamError(f"{role} folder {folder} has two images with stem {path.stem!r}: {clash}")
         found[path.stem] = path
     if not found:
-        raise KnowsamError(f"{role} folder {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise KnowsamError(f"{role} folder {folder} holds no image files (.png, .jpg, .tif, ... any format PIL reads)")
     return found
 
 
-def _read_grey(path: Path) -> Image.Image:
-    """The image as 8-bit grey; deeper images are refused rather than silently clipped."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("I", "F") or image.mode.startswith("I;"):
-                raise KnowsamError(f"{path}: mode {image.mode} is not 8-bit; expected 8-bit grey (0-255) or colour")
-            return image if image.mode == "L" else image.convert("L")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise KnowsamError(f"cannot read image {path}: {exc}") from None
-
-
-def _prediction_mask(path: Path, size: tuple[int, int], threshold: float) -> np.ndarray:
-    image = _read_grey(path)
+def _prediction_mask(image: Image.Image, path: Path, size: tuple[int, int], threshold: float) -> np.ndarray:
+    """Foreground of the prediction ``image`` (read from ``path``) at ``size`` (W, H), resized first where needed."""
+    levels = grey_levels(image, source=path)
+    if levels is None:
+        decoded = Image.fromarray(decode_mask(image, source=path))
+        return np.asarray(decoded.resize(size, Image.Resampling.NEAREST) if decoded.size != size else decoded) > 0
     if image.size != size:
-        resized = image.convert("F").resize(size, Image.Resampling.BILINEAR)
+        resized = Image.fromarray(levels).convert("F").resize(size, Image.Resampling.BILINEAR)
         return np.asarray(resized, dtype=np.float64) / 255.0 > threshold
     # The same rule on 8-bit values without a float copy: v / 255 > threshold is
     # monotone in v, so it holds from the first value where it does (threshold < 1
     # guarantees 255 qualifies).
     first = int(np.argmax(np.arange(256) / 255.0 > threshold))
-    return np.asarray(image) >= first
+    return levels >= first
 
 
-def _score_pair(job: tuple[str, Path, Path, float]) -> dict[str, float | str]:
-    name, pred_path, gt_path, threshold = job
-    gt_image = _read_grey(gt_path)
-    gt = np.asarray(gt_image) > 127
-    pred = _prediction_mask(pred_path, gt_image.size, threshold)
-    return {"name": name, **binary_metrics(pred, gt)}
+def _score_pair(job: tuple[str, Path, Path, float, bool]) -> dict:
+    """Metrics of one pair; without ``resize``, a size mismatch is returned (to be refused) instead."""
+    name, pred_path, gt_path, threshold, resize = job
+    gt = decode_mask(open_image(gt_path, "mask"), source=gt_path) > 0
+    pred = open_image(pred_path, "prediction")
+    size = (gt.shape[1], gt.shape[0])
+    row = {"name": name, "gt_empty": not gt.any(), "resized": pred.size != size}
+    if pred.size != size and not resize:
+        return {**row, "mismatch": f"{pred_path}: prediction size {pred.size[0]}x{pred.size[1]} differs from "
+                                   f"its mask's {size[0]}x{size[1]}"}
+    return {**row, **binary_metrics(_prediction_mask(pred, pred_path, size, threshold), gt)}
 
 
-def _run(jobs: list[tuple[str, Path, Path, float]], workers: int) -> list[dict[str, float | str]]:
+def _run(jobs: list[tuple[str, Path, Path, float, bool]], workers: int) -> list[dict]:
     if workers <= 1 or len(jobs) < 2 * workers:
         return [_score_pair(job) for job in jobs]
     # fork where available: workers start at once with modules already imported
@@ -115,8 +120,12 @@ def _run(jobs: list[tuple[str, Path, Path, float]], workers: int) -> list[dict[s
         return list(pool.map(_score_pair, jobs, chunksize=chunk))
 
 
-def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers: int = 2) -> ScoreResult:
-    """Score every prediction that has a mask of the same stem; report the rest as unmatched."""
+def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers: int = 2,
+                  resize: bool = False) -> ScoreResult:
+    """Score every prediction that has a mask of the same stem; report the rest as unmatched.
+
+    A prediction of another size than its mask is refused unless ``resize``.
+    """
     if not 0.0 <= threshold < 1.0:
         raise ConfigError(f"threshold must be in [0, 1), got {threshold}")
     if workers < 1:
@@ -129,7 +138,13 @@ def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers:
             f"no prediction in {pred_dir} shares a file stem with a mask in {gt_dir} "
             f"(e.g. {next(iter(preds))!r} vs {next(iter(masks))!r})"
         )
-    rows = _run([(name, preds[name], masks[name], threshold) for name in names], workers)
+    rows = _run([(name, preds[name], masks[name], threshold, resize) for name in names], workers)
+    mismatched = [row["mismatch"] for row in rows if "mismatch" in row]
+    if mismatched:
+        raise KnowsamError(f"{mismatched[0]}; {len(mismatched)} of {len(rows)} prediction(s) differ in size "
+                           "from their masks (pass --resize to resize them)")
+    check_empty_share(Path(gt_dir), [masks[row["name"]] for row in rows], [row["gt_empty"] for row in rows],
+                      lambda path: open_image(path, "mask"))
     per_image = pd.DataFrame(rows)[list(PER_IMAGE_COLUMNS)]
     stats = summarize(per_image)
     return ScoreResult(
@@ -138,6 +153,7 @@ def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers:
         stats=stats,
         predictions_without_mask=sorted(preds.keys() - masks.keys()),
         masks_without_prediction=sorted(masks.keys() - preds.keys()),
+        resized=sum(row["resized"] for row in rows),
     )
 
 
@@ -161,16 +177,25 @@ def _report_unmatched(names: list[str], what: str) -> None:
         print(f"{len(names)} {what}: {', '.join(names[:_EXAMPLES])}{more}", file=sys.stderr)
 
 
-def score_command(pred_dir: Path, gt_dir: Path, threshold: float, out: Path | None, as_json: bool) -> int:
+def score_command(pred_dir: Path, gt_dir: Path, threshold: float, out: Path | None, as_json: bool,
+                  resize: bool = False) -> int:
     """CLI body of ``score``: 0 when every file was paired, 1 when some were not (the rest is still scored)."""
-    result = score_folders(pred_dir, gt_dir, threshold)
+    if out is not None and out.is_dir():  # checked before the scoring, which can take minutes
+        raise KnowsamError(f"{out}: --out names a folder; give the path of the per-image CSV file to write")
+    result = score_folders(pred_dir, gt_dir, threshold, resize=resize)
     if out is not None:
-        with atomic_path(out) as tmp:
-            result.per_image.to_csv(tmp, index=False)
+        try:
+            with atomic_path(out) as tmp:
+                result.per_image.to_csv(tmp, index=False)
+        except OSError as exc:
+            raise KnowsamError(f"{out}: cannot write the per-image CSV ({describe_error(exc)})") from None
     if as_json:
         print(json.dumps(result.summary))
     else:
         Console(file=sys.stdout).print(_summary_table(result, threshold))
     _report_unmatched(result.predictions_without_mask, f"prediction(s) without a ground-truth mask in {gt_dir}")
     _report_unmatched(result.masks_without_prediction, f"ground-truth mask(s) without a prediction in {pred_dir}")
+    if result.resized:
+        print(f"{result.resized} of {result.summary['n']} prediction(s) resized to their mask's size (--resize)",
+              file=sys.stderr)
     return 0 if result.complete else 1
