@@ -1,0 +1,1 @@
+"""Data: sources and safe download, preparation of raw datasets, splits, the reader of prepared data, training batches."""
