@@ -7,6 +7,7 @@ and every baseline ramps its unsupervised weight on the same schedule.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -44,13 +45,18 @@ def ema_update(teacher: nn.Module, students: Sequence[tuple[nn.Module, float]], 
         t.mul_(decay).add_(mix, alpha=1.0 - decay)
 
 
-def ramp_weight(step: int, iterations: int, weight: float, fraction: float) -> float:
+def ramp_weight(step: int, iterations: int, weight: float, fraction: float, stages: int = 0) -> float:
     """``weight`` x sigmoid ramp-up over the first ``fraction`` of the run.
 
-    SSL4MIS ramps over 200 "epochs" of 150 iterations, i.e. its whole 30k-iteration run;
-    expressing the length as a fraction of ``iterations`` keeps that shape for any run length.
+    ``stages = 0``: the ramp advances every iteration. ``stages = n``: it advances in n equal
+    stages, as SSL4MIS's 2D trainers do (``sigmoid_rampup(iter_num // 150, 200)``: 200 stages of 150
+    iterations over its 30k-iteration run). Lengths are fractions of ``iterations``, so the shape
+    is the same for any run length.
     """
-    return weight * sigmoid_rampup(step, round(fraction * iterations))
+    length = fraction * iterations
+    if stages and length > 0:
+        return weight * sigmoid_rampup(math.floor(step * stages / length), stages)
+    return weight * sigmoid_rampup(step, round(length))
 
 
 def require_unlabeled(ctx: MethodContext, method: str) -> None:

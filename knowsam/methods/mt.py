@@ -1,7 +1,8 @@
 """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017) in SSL4MIS's 2D form.
 
 A student U-Net learns from labels and from an EMA teacher's softmax on noisy copies of the
-unlabeled images. Test time: the student (SSL4MIS evaluates the student, not the teacher).
+unlabeled images, with SSL4MIS's schedule: no consistency for the first 1000 of its 30k iterations,
+then a ramp that advances every 150 iterations (both kept as fractions of the run here). Test time: the student (SSL4MIS evaluates the student, not the teacher).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class MeanTeacher(Method):
         self.add_net("teacher", make_teacher(student))
         self.sgd("student", student.parameters())
 
+    def consistency_weight(self, step: int) -> float:
+        """SSL4MIS's weight: the staged ramp, and nothing before iteration 1000 of its 30k
+        (``consistency_start_fraction`` of the run here)."""
+        p = self.p
+        if step < round(p.consistency_start_fraction * self.ctx.iterations):
+            return 0.0
+        return ramp_weight(step, self.ctx.iterations, p.consistency, p.rampup_fraction, p.ramp_stages)
+
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         self.set_lr(step)
         p, n_l = self.p, batch.n_labeled
@@ -44,7 +53,7 @@ class MeanTeacher(Method):
             noise = (torch.randn(batch.x_u.shape, generator=self.gen) * p.noise_std).clamp(-p.noise_clip, p.noise_clip)
             target = teacher(batch.x_u + noise.to(batch.x_u.device)).softmax(1)
         cons = ((logits[n_l:].softmax(1) - target) ** 2).mean()
-        w = ramp_weight(step, self.ctx.iterations, p.consistency, p.rampup_fraction)
+        w = self.consistency_weight(step)
         loss = sup + w * cons + self.student_extra_loss("student", logits, batch)
         self.update(loss, "student")
         ema_update(teacher, [(student, 1.0)], ema_decay(step, p.ema_decay))
