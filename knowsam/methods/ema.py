@@ -6,7 +6,6 @@ and every baseline ramps its unsupervised weight on the same schedule.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
@@ -19,16 +18,20 @@ from knowsam.methods.base import MethodContext
 
 
 def ema_decay(step: int, decay: float) -> float:
-    """SSL4MIS's warm-up decay min(1 - 1/(step + 1), decay): 0 at step 0, so the teacher starts as a copy."""
+    """SSL4MIS's warm-up decay min(1 - 1/(step + 1), decay): 0 at step 0, so the first update copies the student(s)."""
     return min(1.0 - 1.0 / (step + 1), decay)
 
 
-def make_teacher(student: nn.Module) -> nn.Module:
-    """A frozen copy of ``student``: the teacher learns only through EMA updates, never by gradients."""
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
+def frozen(net: nn.Module) -> nn.Module:
+    """``net`` as an EMA teacher: it learns only through EMA updates, never by gradients.
+
+    SSL4MIS and UCMT build the teacher as one more randomly initialised network; the first EMA
+    update (decay 0 at step 0) replaces its weights by the student's, so only step 0's targets
+    come from the random weights.
+    """
+    for p in net.parameters():
         p.requires_grad_(False)
-    return teacher
+    return net
 
 
 @torch.no_grad()

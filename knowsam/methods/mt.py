@@ -12,7 +12,7 @@ import torch
 from knowsam.data.batch import Batch
 from knowsam.losses import ce_dice_loss
 from knowsam.methods.base import Method, MethodContext
-from knowsam.methods.ema import ema_decay, ema_update, make_teacher, ramp_weight, require_unlabeled
+from knowsam.methods.ema import ema_decay, ema_update, frozen, ramp_weight, require_unlabeled
 from knowsam.methods.params import MeanTeacherParams
 from knowsam.methods.registry import register_method
 from knowsam.models import build_model
@@ -32,7 +32,9 @@ class MeanTeacher(Method):
         require_unlabeled(ctx, self.name)
         student = self.add_net("student", build_model("unet", in_channels=ctx.in_channels,
                                                       num_classes=ctx.num_classes))
-        self.add_net("teacher", make_teacher(student))
+        # SSL4MIS train_mean_teacher_2D.py:107-108: a second, randomly initialised network
+        self.add_net("teacher", frozen(build_model("unet", in_channels=ctx.in_channels,
+                                                   num_classes=ctx.num_classes)))
         self.sgd("student", student.parameters())
 
     def consistency_weight(self, step: int) -> float:

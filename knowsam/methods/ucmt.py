@@ -29,7 +29,7 @@ from knowsam.data.batch import Batch
 from knowsam.errors import ConfigError
 from knowsam.losses import ce_dice_loss, one_hot
 from knowsam.methods.base import Method, MethodContext
-from knowsam.methods.ema import ema_decay, ema_update, make_teacher, ramp_weight, require_unlabeled
+from knowsam.methods.ema import ema_decay, ema_update, frozen, ramp_weight, require_unlabeled
 from knowsam.methods.params import UcmtParams
 from knowsam.methods.registry import register_method
 from knowsam.models import build_model
@@ -139,7 +139,9 @@ class UCMT(Method):
         for name in STUDENTS:
             net = self.add_net(name, build_model("unet", in_channels=ctx.in_channels, num_classes=ctx.num_classes))
             self.sgd(name, net.parameters())
-        self.add_net("teacher", make_teacher(self.nets["student1"]))
+        # official train.py:116, 126: a third network, randomly initialised, then frozen
+        self.add_net("teacher", frozen(build_model("unet", in_channels=ctx.in_channels,
+                                                   num_classes=ctx.num_classes)))
         self.grid = patch_grid(ctx.image_size, params.umix_grid, params.umix_min_patch)
         if not 1 <= params.umix_topk <= self.grid ** 2:
             raise ConfigError(f"ucmt: umix_topk = {params.umix_topk} must be in [1, {self.grid ** 2}] "
