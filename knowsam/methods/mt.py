@@ -2,7 +2,8 @@
 
 A student U-Net learns from labels and from an EMA teacher's softmax on noisy copies of the
 unlabeled images, with SSL4MIS's schedule: no consistency for the first 1000 of its 30k iterations,
-then a ramp that advances every 150 iterations (both kept as fractions of the run here). Test time: the student (SSL4MIS evaluates the student, not the teacher).
+then a ramp that advances every 150 iterations (both kept as fractions of the run here).
+Test time: the student (SSL4MIS evaluates the student, not the teacher).
 """
 
 from __future__ import annotations

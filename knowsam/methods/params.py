@@ -63,7 +63,8 @@ class MeanTeacherParams:
     def __post_init__(self) -> None:
         _check_ramp("mt", self.rampup_fraction, self.ramp_stages)
         if not 0 <= self.consistency_start_fraction <= 1:
-            raise ConfigError(f"mt: consistency_start_fraction must be in [0, 1], got {self.consistency_start_fraction}")
+            raise ConfigError("mt: consistency_start_fraction must be in [0, 1], "
+                              f"got {self.consistency_start_fraction}")
 
 
 @params_of("cps")
