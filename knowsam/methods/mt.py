@@ -47,7 +47,9 @@ class MeanTeacher(Method):
         return ramp_weight(step, self.ctx.iterations, p.consistency, p.rampup_fraction, p.ramp_stages)
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
-        self.set_lr(step)
+        # SSL4MIS sets the rate after each step from the iteration just done (train_mean_teacher_2D.py:180-184),
+        # so iteration t runs at the rate of t - 1.
+        self.set_lr(max(step - 1, 0))
         p, n_l = self.p, batch.n_labeled
         student, teacher = self.nets["student"], self.nets["teacher"]
         logits = student(batch.x)
