@@ -182,6 +182,14 @@ def test_mean_teacher_consistency_is_off_for_the_first_thirtieth_then_ramps_in_s
     assert make_method("mt", iterations=300, consistency_start_fraction=0.0).consistency_weight(0) > 0
 
 
+def test_mean_teacher_rate_is_set_from_the_previous_iteration_as_in_ssl4mis():
+    """train_mean_teacher_2D.py:180-184: the rate is set after the step from iter_num, before it is incremented."""
+    m = make_method("mt", iterations=100)
+    for step, expected in ((0, 0.01), (1, 0.01), (5, 0.01 * (1 - 4 / 100) ** 0.9)):
+        m.train_step(random_batch(), step)
+        assert m.optimizers["student"].param_groups[0]["lr"] == pytest.approx(expected)
+
+
 def test_patch_grid_keeps_patches_of_at_least_four_pixels():
     assert [patch_grid(s, 16, 4) for s in (256, 64, 32, 16)] == [16, 16, 8, 4]
 
