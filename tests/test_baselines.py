@@ -16,7 +16,7 @@ from knowsam.data.batch import Batch
 from knowsam.methods import Method, MethodContext, get_method, method_names
 from knowsam.methods import ucmt as ucmt_module
 from knowsam.methods.registry import method_params
-from knowsam.methods.ucmt import patch_grid, plan_mix
+from knowsam.methods.ucmt import patch_grid, per_image_dice_loss, plan_umix
 from tests.conftest import polyp_images
 
 
@@ -73,22 +73,78 @@ def test_mean_teacher_ema_follows_the_formula(step):
     assert not any(p.requires_grad for p in m.nets["teacher"].parameters())
 
 
-def test_ucmt_teacher_averages_both_students():
+def test_ucmt_teacher_follows_both_students_after_each_of_the_two_steps(monkeypatch):
+    """Official train.py:225 and :337: weighted_update after step 1 and again after step 2, both
+    with the iteration's decay."""
     m = make_method("ucmt", iterations=100)
     perturb(*m.nets.values())
-    teacher_before = params_of(m.nets["teacher"])
+    snapshots = [params_of(m.nets["teacher"])]
+    real_step = m.update
+
+    def record(loss, *names):
+        real_step(loss, *names)
+        snapshots.append((params_of(m.nets["student1"]), params_of(m.nets["student2"])))
+
+    monkeypatch.setattr(m, "update", record)
     m.train_step(random_batch(), 9)
-    s1, s2 = params_of(m.nets["student1"]), params_of(m.nets["student2"])
+    teacher0, (s1a, s2a), (s1b, s2b) = snapshots
     d = 0.9  # min(1 - 1/10, 0.99)
     for name, t in m.nets["teacher"].named_parameters():
-        expected = d * teacher_before[name] + (1 - d) * (0.99 * s1[name] + 0.01 * s2[name])
+        after_first = d * teacher0[name] + (1 - d) * (0.99 * s1a[name] + 0.01 * s2a[name])
+        expected = d * after_first + (1 - d) * (0.99 * s1b[name] + 0.01 * s2b[name])
         torch.testing.assert_close(t, expected, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(t, after_first)  # a second update happened
 
 
-def test_cps_targets_are_the_peers_detached_argmax():
+def test_ucmt_reports_the_ema_teacher():
+    """Official train.py:356-359 saves the teacher; eval.py:64-66 evaluates that file."""
+    m = make_method("ucmt")
+    m.train_step(random_batch(), 0)
+    x = random_batch(seed=1).x
+    m.eval()
+    with torch.no_grad():
+        expected = m.nets["teacher"](x).softmax(1)
+        student = m.nets["student1"](x).softmax(1)
+    assert torch.equal(m.predict(x), expected)
+    assert not torch.allclose(expected, student)
+
+
+def test_ucmt_unlabeled_weight_is_alpha_over_two_per_term_ramped_over_a_fifth_of_the_run():
+    """Official train.py:134, 211-221: loss_u = alpha (cps1 + cps2)/2 + alpha (cmt1 + cmt2)/2 with
+    alpha 0.1, ramped over 5 of 25 epochs."""
+    m = make_method("ucmt", iterations=100)
+    assert (m.p.unsup_weight, m.p.rampup_fraction) == (0.1, 0.2)
+    assert m.train_step(random_batch(), 20)["w_unsup"] == pytest.approx(0.1)
+    assert m.train_step(random_batch(), 10)["w_unsup"] == pytest.approx(0.1 * np.exp(-5 * 0.25))
+
+    torch.manual_seed(3)
+    terms = m.train_step(random_batch(), 50)
+    for suffix in ("", "_mix"):
+        expected = sum(terms[f"sup_{s}{suffix}"] + 0.05 * (terms[f"cps_{s}{suffix}"] + terms[f"cmt_{s}{suffix}"])
+                       for s in ("student1", "student2"))
+        assert terms[f"loss_{'plain' if not suffix else 'mix'}"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_per_image_dice_uses_a_plain_denominator_per_image():
+    """Official loss_functions.py:18-40: (2 I + s) / (sum p + sum t + s) per image and class."""
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(3, 2, 8, 8, generator=g), torch.randint(0, 2, (3, 8, 8), generator=g)
+    p = logits.softmax(1).numpy()
+    dices = []
+    for b in range(3):
+        for k in range(2):
+            t = (labels[b] == k).numpy()
+            dices.append((2 * (p[b, k] * t).sum() + 1e-5) / (p[b, k].sum() + t.sum() + 1e-5))
+    assert per_image_dice_loss(logits, labels).item() == pytest.approx(1 - np.mean(dices), rel=1e-6)
+
+
+@pytest.mark.parametrize("labeled_rows", [True, False])
+def test_cps_targets_are_the_peers_detached_argmax(labeled_rows):
     """net2's gradient is exactly that of sup2 + w * CE(net2, argmax net1): nothing reaches net2
-    through net1's pseudo-label loss, and the target is the peer's hard prediction."""
-    m = make_method("cps", cps_weight=1.0, rampup_fraction=0.0)  # full weight from step 0
+    through net1's pseudo-label loss, and the target is the peer's hard prediction, on every image
+    (CPS paper) or on the unlabeled ones only (SSL4MIS)."""
+    m = make_method("cps", cps_weight=1.0, rampup_fraction=0.0,  # full weight from step 0
+                    pseudo_supervise_labeled=labeled_rows)
     batch = random_batch()
     weights = {k: {n: v.clone() for n, v in net.state_dict().items()} for k, net in m.nets.items()}
     torch.manual_seed(7)
@@ -103,10 +159,35 @@ def test_cps_targets_are_the_peers_detached_argmax():
     target = l1.detach().argmax(1)
     assert not ref.pseudo_labels(l1).requires_grad
     assert torch.equal(ref.pseudo_labels(l1), target)
-    loss = ce_dice_loss(l2[:2], batch.y_l) + F.cross_entropy(l2, target)
+    rows = slice(0, 4) if labeled_rows else slice(2, 4)
+    loss = ce_dice_loss(l2[:2], batch.y_l) + F.cross_entropy(l2[rows], target[rows])
     expected = torch.autograd.grad(loss, list(ref.nets["net2"].parameters()))
     for (name, g), e in zip(got.items(), expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_mean_teacher_consistency_is_off_for_the_first_thirtieth_then_ramps_in_stages():
+    """SSL4MIS train_mean_teacher_2D.py:169-174: weight 0.1 x sigmoid_rampup(iter // 150, 200), and no
+    consistency before iteration 1000 (of 30k)."""
+    m = make_method("mt", iterations=30000)
+    ramp = lambda stage: 0.1 * np.exp(-5 * (1 - stage / 200) ** 2)  # noqa: E731
+    assert m.consistency_weight(999) == 0.0
+    assert m.consistency_weight(1000) == pytest.approx(ramp(6))  # 1000 // 150
+    assert m.consistency_weight(1049) == pytest.approx(ramp(6))
+    assert m.consistency_weight(1050) == pytest.approx(ramp(7))
+    assert m.consistency_weight(29999) == pytest.approx(ramp(199))
+    short = make_method("mt", iterations=300)  # the same shape in fractions of a shorter run
+    assert [short.consistency_weight(s) for s in (9, 10)] == [0.0, pytest.approx(ramp(6))]
+    assert short.consistency_weight(11) == pytest.approx(ramp(7))  # 11 * 200 / 300 = 7.33
+    assert make_method("mt", iterations=300, consistency_start_fraction=0.0).consistency_weight(0) > 0
+
+
+def test_mean_teacher_rate_is_set_from_the_previous_iteration_as_in_ssl4mis():
+    """train_mean_teacher_2D.py:180-184: the rate is set after the step from iter_num, before it is incremented."""
+    m = make_method("mt", iterations=100)
+    for step, expected in ((0, 0.01), (1, 0.01), (5, 0.01 * (1 - 4 / 100) ** 0.9)):
+        m.train_step(random_batch(), step)
+        assert m.optimizers["student"].param_groups[0]["lr"] == pytest.approx(expected)
 
 
 def test_patch_grid_keeps_patches_of_at_least_four_pixels():
@@ -114,7 +195,7 @@ def test_patch_grid_keeps_patches_of_at_least_four_pixels():
 
 
 def loop_mix(base: torch.Tensor, donor: torch.Tensor, dest: torch.Tensor, src: torch.Tensor, grid: int):
-    """Reference mixing, one patch at a time."""
+    """Reference patch move, one patch at a time: ``base`` with ``donor``'s patches ``src`` at ``dest``."""
     out = base.clone()
     p = base.shape[-1] // grid
     for b in range(len(base)):
@@ -125,49 +206,87 @@ def loop_mix(base: torch.Tensor, donor: torch.Tensor, dest: torch.Tensor, src: t
     return out
 
 
-def test_umix_picks_patches_by_uncertainty_and_moves_images_and_labels_alike():
+def official_umix(image: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, grid: int, k: int) -> torch.Tensor:
+    """Reference UMIX written from the official loop (train.py:254-273), one patch at a time."""
+    out = image.clone()
+    p = image.shape[-1] // grid
+    means = [u.reshape(len(u), grid, p, grid, p).mean((2, 4)).flatten(1) for u in (u1, u2)]
+    order = [torch.sort(m, dim=1, descending=True).indices for m in means]
+
+    def patch(b, index):
+        r, c = divmod(index, grid)
+        return (b, ..., slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p))
+
+    for b in range(len(image)):
+        for a, z in ((0, 1), (1, 0)):  # student 1's uncertain patches first, then student 2's
+            dests, srcs = order[a][b, :k].tolist(), order[z][b, -k:].tolist()
+            donors = [out[patch(b, s)].clone() for s in srcs]  # one statement: sources read before writing
+            for dest, donor in zip(dests, donors):
+                out[patch(b, dest)] = donor
+    return out
+
+
+def test_umix_moves_patches_both_ways_like_the_official_loop():
     g = torch.Generator().manual_seed(3)
-    u_dest, u_src = torch.rand(3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g)
-    mix = plan_mix(u_dest, u_src, grid=8, k=2)
+    u1, u2 = torch.rand(3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g)
+    umix = plan_umix(u1, u2, grid=8, k=2)
     for b in range(3):  # independent ranking of the 4x4-pixel patch means
-        dest_means = u_dest[b].numpy().reshape(8, 4, 8, 4).mean((1, 3)).ravel()
-        src_means = u_src[b].numpy().reshape(8, 4, 8, 4).mean((1, 3)).ravel()
-        assert mix.dest[b].tolist() == list(np.argsort(-dest_means)[:2])
-        assert mix.src[b].tolist() == list(np.argsort(src_means)[:2])
+        m1 = u1[b].numpy().reshape(8, 4, 8, 4).mean((1, 3)).ravel()
+        m2 = u2[b].numpy().reshape(8, 4, 8, 4).mean((1, 3)).ravel()
+        first, second = umix.moves
+        assert first.dest[b].tolist() == list(np.argsort(-m1)[:2])  # student 1's most uncertain ...
+        assert first.src[b].tolist() == list(np.argsort(-m2)[-2:])  # ... get student 2's least uncertain
+        assert second.dest[b].tolist() == list(np.argsort(-m2)[:2])  # and the other way round
+        assert second.src[b].tolist() == list(np.argsort(-m1)[-2:])
 
-    base, donor = torch.rand(3, 3, 32, 32, generator=g), torch.rand(3, 3, 32, 32, generator=g)
-    mixed = mix.apply(base, donor)
-    assert torch.equal(mixed, loop_mix(base, donor, mix.dest, mix.src, 8))
-    assert (mixed != base).any(dim=1).float().mean().item() == pytest.approx(2 * 16 / 1024)  # 2 patches of 16 px
+    image = torch.rand(3, 3, 32, 32, generator=g)
+    mixed = umix.apply(image)
+    assert torch.equal(mixed, official_umix(image, u1, u2, 8, 2))
+    changed = (mixed != image).any(dim=1).float().mean(dim=(1, 2))
+    assert (changed > 2 * 16 / 1024).all()  # more than one direction's two patches of 16 px
     label = lambda img: (img[:, 0] > 0.5).long()  # noqa: E731  (a label that is a function of the pixels)
-    assert torch.equal(mix.apply(label(base), label(donor)), label(mixed))
+    assert torch.equal(umix.apply(label(image)), label(mixed))
+
+    # Where both directions write the same patch, the second wins, as in the official in-place loop.
+    same = plan_umix(u1, u1, grid=8, k=2)
+    assert torch.equal(same.apply(image), official_umix(image, u1, u1, 8, 2))
 
 
-def test_ucmt_second_update_trains_on_mixed_views_with_mixed_pseudo_labels(monkeypatch):
+def test_ucmt_second_update_trains_both_students_on_one_mixed_image_labeled_rows_included(monkeypatch):
     m = make_method("ucmt")
-    plans, updates = [], []
-    real_plan, real_update = ucmt_module.plan_mix, m._update
+    batch = random_batch()
+    calls = []
+    real_update = m._update
 
-    def record_plan(*args, **kwargs):
-        plans.append(real_plan(*args, **kwargs))
-        return plans[-1]
-
-    def record_update(batch, views, teacher_targets, peer_targets, w):
-        logits, loss, terms = real_update(batch, views, teacher_targets, peer_targets, w)
-        updates.append((views, teacher_targets, peer_targets, [out.detach() for out in logits]))
+    def record(b, step, x_l, y_l, views, teacher_label, w):
+        logits, loss, terms = real_update(b, step, x_l, y_l, views, teacher_label, w)
+        calls.append((x_l, y_l, views, teacher_label, logits))
         return logits, loss, terms
 
-    monkeypatch.setattr(ucmt_module, "plan_mix", record_plan)
-    monkeypatch.setattr(m, "_update", record_update)
-    m.train_step(random_batch(), 0)
-    (views, teacher, _, logits), (mixed_views, mixed_teacher, mixed_peer, _) = updates
-    assert len(plans) == 2 and all(p.dest.shape == (2, 2) for p in plans)
-    for i in range(2):
-        p, peer_label = plans[i], logits[1 - i][2:].argmax(1)  # the peer's first-pass label of its view
-        assert torch.equal(mixed_views[i], loop_mix(views[i], views[1 - i], p.dest, p.src, m.grid))
-        assert torch.equal(mixed_teacher[i], loop_mix(teacher[i], teacher[i], p.dest, p.src, m.grid))
-        assert torch.equal(mixed_peer[i], loop_mix(peer_label, peer_label, p.dest, p.src, m.grid))
-    assert m._mixes is None  # the plug-in alignment is off again outside the mixed update
+    monkeypatch.setattr(m, "_update", record)
+    torch.manual_seed(0)
+    m.train_step(batch, 0)
+    (x_l1, y_l1, views1, teacher1, logits1), (x_l2, y_l2, views2, teacher2, _) = calls
+    assert torch.equal(x_l1, batch.x_l) and torch.equal(y_l1, batch.y_l)
+    assert torch.equal(views2[0], views2[1])  # both students train on the same mixed image
+
+    # Redo the mixing independently, from the first step's predictions and view A1.
+    m2 = make_method("ucmt")  # same seed: the weights m had before its first step
+    view_a1 = ucmt_module.strong_augment(batch.x, torch.Generator().manual_seed(0 * 1000 + 11))
+    assert torch.equal(view_a1[2:], views1[0])
+    torch.manual_seed(0)  # the teacher's passes draw the same dropout masks as m's did
+    with torch.no_grad():
+        teacher = m2.nets["teacher"]
+        teacher_prob = torch.cat([teacher(batch.x_l), teacher(batch.x_u)]).softmax(1)
+    torch.testing.assert_close(teacher_prob[2:].argmax(1), teacher1, rtol=0, atol=0)
+    u = [ucmt_module.mean_entropy(out.softmax(1), teacher_prob) for out in logits1]
+    mixed = official_umix(view_a1, u[0], u[1], m.grid, 2)
+    assert torch.equal(torch.cat([x_l2, views2[0]]), mixed)
+    labels = official_umix(torch.cat([batch.y_l, teacher1])[:, None].float(), u[0], u[1], m.grid, 2)[:, 0].long()
+    assert torch.equal(torch.cat([y_l2, teacher2]), labels)
+    assert not torch.equal(x_l2, view_a1[:2])  # the labeled rows were mixed ...
+    assert not torch.equal(y_l2, batch.y_l)  # ... with their ground truth
+    assert m._umix is None  # the plug-in alignment is off again outside the mixed update
 
 
 @pytest.mark.parametrize("name", ["mt", "ucmt"])

@@ -55,7 +55,7 @@ def test_skd_loss_is_the_base_loss_plus_kd_from_sam(name):
 
     def record(student, logits, b):
         out = hook(student, logits, b)
-        mix = skd._mixes[student] if getattr(skd, "_mixes", None) else None
+        mix = getattr(skd, "_umix", None)
         calls.append((student, logits.detach(), out.item(), mix))
         return out
 
@@ -68,8 +68,9 @@ def test_skd_loss_is_the_base_loss_plus_kd_from_sam(name):
     assert [c[0] for c in calls] == STUDENTS[name]  # every student, every update
     for student, logits, value, mix in calls:
         expected = target
-        if mix is not None:  # UCMT's mixed pass: SAM's logits moved with the same patches
-            expected = torch.cat([target[:2], loop_mix(target[2:], target[2:], mix.dest, mix.src, skd.grid)])
+        if mix is not None:  # UCMT's mixed pass: SAM's logits moved with the same patches, every row
+            for move in mix.moves:
+                expected = loop_mix(expected, expected, move.dest, move.src, skd.grid)
         assert value == pytest.approx(0.5 * kd_loss(logits, expected, 4.0).item(), rel=1e-4), student
     first_update = len(STUDENTS[name]) if name != "ucmt" else 2
     kd_sum = sum(c[2] for c in calls[:first_update])

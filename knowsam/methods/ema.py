@@ -6,7 +6,7 @@ and every baseline ramps its unsupervised weight on the same schedule.
 
 from __future__ import annotations
 
-import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,16 +18,20 @@ from knowsam.methods.base import MethodContext
 
 
 def ema_decay(step: int, decay: float) -> float:
-    """SSL4MIS's warm-up decay min(1 - 1/(step + 1), decay): 0 at step 0, so the teacher starts as a copy."""
+    """SSL4MIS's warm-up decay min(1 - 1/(step + 1), decay): 0 at step 0, so the first update copies the student(s)."""
     return min(1.0 - 1.0 / (step + 1), decay)
 
 
-def make_teacher(student: nn.Module) -> nn.Module:
-    """A frozen copy of ``student``: the teacher learns only through EMA updates, never by gradients."""
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
+def frozen(net: nn.Module) -> nn.Module:
+    """``net`` as an EMA teacher: it learns only through EMA updates, never by gradients.
+
+    SSL4MIS and UCMT build the teacher as one more randomly initialised network; the first EMA
+    update (decay 0 at step 0) replaces its weights by the student's, so only step 0's targets
+    come from the random weights.
+    """
+    for p in net.parameters():
         p.requires_grad_(False)
-    return teacher
+    return net
 
 
 @torch.no_grad()
@@ -44,13 +48,18 @@ def ema_update(teacher: nn.Module, students: Sequence[tuple[nn.Module, float]], 
         t.mul_(decay).add_(mix, alpha=1.0 - decay)
 
 
-def ramp_weight(step: int, iterations: int, weight: float, fraction: float) -> float:
+def ramp_weight(step: int, iterations: int, weight: float, fraction: float, stages: int = 0) -> float:
     """``weight`` x sigmoid ramp-up over the first ``fraction`` of the run.
 
-    SSL4MIS ramps over 200 "epochs" of 150 iterations, i.e. its whole 30k-iteration run;
-    expressing the length as a fraction of ``iterations`` keeps that shape for any run length.
+    ``stages = 0``: the ramp advances every iteration. ``stages = n``: it advances in n equal
+    stages, as SSL4MIS's 2D trainers do (``sigmoid_rampup(iter_num // 150, 200)``: 200 stages of 150
+    iterations over its 30k-iteration run). Lengths are fractions of ``iterations``, so the shape
+    is the same for any run length.
     """
-    return weight * sigmoid_rampup(step, round(fraction * iterations))
+    length = fraction * iterations
+    if stages and length > 0:
+        return weight * sigmoid_rampup(math.floor(step * stages / length), stages)
+    return weight * sigmoid_rampup(step, round(length))
 
 
 def require_unlabeled(ctx: MethodContext, method: str) -> None:

@@ -55,8 +55,16 @@ class MeanTeacherParams:
     ema_decay: float = 0.99
     consistency: float = 0.1  # weight of the consistency term once ramped up
     rampup_fraction: float = 1.0  # ramp over this fraction of the run (SSL4MIS: the whole run)
+    ramp_stages: int = 200  # the ramp advances in this many stages (SSL4MIS); 0: every iteration
+    consistency_start_fraction: float = 1 / 30  # no consistency before this part of the run (SSL4MIS: 1000 of 30k)
     noise_std: float = 0.1  # teacher input noise N(0, std^2) ...
     noise_clip: float = 0.2  # ... clamped to [-clip, clip]
+
+    def __post_init__(self) -> None:
+        _check_ramp("mt", self.rampup_fraction, self.ramp_stages)
+        if not 0 <= self.consistency_start_fraction <= 1:
+            raise ConfigError("mt: consistency_start_fraction must be in [0, 1], "
+                              f"got {self.consistency_start_fraction}")
 
 
 @params_of("cps")
@@ -64,6 +72,11 @@ class MeanTeacherParams:
 class CpsParams:
     cps_weight: float = 0.1  # weight of the cross pseudo-label CE once ramped up (SSL4MIS: 0.1)
     rampup_fraction: float = 1.0  # ramp over this fraction of the run (SSL4MIS: the whole run)
+    ramp_stages: int = 200  # the ramp advances in this many stages (SSL4MIS); 0: every iteration
+    pseudo_supervise_labeled: bool = True  # CPS paper: every image; SSL4MIS: unlabeled images only (False)
+
+    def __post_init__(self) -> None:
+        _check_ramp("cps", self.rampup_fraction, self.ramp_stages)
 
 
 @params_of("ucmt")
@@ -71,11 +84,22 @@ class CpsParams:
 class UcmtParams:
     ema_decay: float = 0.99
     student1_share: float = 0.99  # teacher follows 0.99 * student1 + 0.01 * student2
-    consistency: float = 0.1  # weight of the unlabeled Dice terms once ramped up
-    rampup_fraction: float = 1.0  # ramp over this fraction of the run
+    # alpha: loss_u = alpha x (mean of the two peer terms + mean of the two teacher terms), i.e.
+    # alpha / 2 on each term of each student
+    unsup_weight: float = 0.1
+    rampup_fraction: float = 0.2  # ramp over this fraction of the run (official: 5 of 25 epochs)
+    supervised_ce: bool = False  # False: Dice alone (official); True: the other baselines' (CE + Dice) / 2
     umix_grid: int = 16  # patches per side (fewer on small images, see umix_min_patch)
     umix_min_patch: int = 4  # smallest patch side in pixels
-    umix_topk: int = 2  # patches replaced per image
+    umix_topk: int = 2  # patches relocated per image and direction
+
+    def __post_init__(self) -> None:
+        _check_ramp("ucmt", self.rampup_fraction, 0)
+
+
+def _check_ramp(method: str, fraction: float, stages: int) -> None:
+    if not 0 <= fraction <= 1 or stages < 0:
+        raise ConfigError(f"{method}: need 0 <= rampup_fraction <= 1 and ramp_stages >= 0, got {fraction}, {stages}")
 
 
 KD_ENTROPY_FORMS = ("k-class", "official-2class")

@@ -1,4 +1,4 @@
-"""The SSL4MIS-style 2D U-Net shared by every method (channels 16-32-64-128-256)."""
+"""The 2D U-Net shared by every method (channels 16-32-64-128-256), with KnowSAM's transposed-conv decoder."""
 
 from __future__ import annotations
 
