@@ -57,10 +57,12 @@ def consistency_loss(probs: torch.Tensor, target_probs: torch.Tensor, all_classe
     the two-class soft cross-entropy H(target, probs); at K > 2 they differ. ``probs`` is
     clamped to [1e-8, 1 - 1e-7] as in the official code; ``target_probs`` is detached here.
     """
-    classes = range(probs.shape[1]) if all_classes else [probs.shape[1] - 1]
-    per_class = [F.binary_cross_entropy(probs[:, c].clamp(1e-8, 1 - 1e-7), target_probs[:, c].detach())
-                 for c in classes]
-    return torch.stack(per_class).mean()
+    # Written out rather than F.binary_cross_entropy, which CUDA autocast refuses (train.amp_bf16).
+    # BCELoss's floor of -100 on the logarithms never acts: the clamp keeps them above -19.
+    classes = slice(None) if all_classes else slice(-1, None)
+    p, q = probs[:, classes].clamp(1e-8, 1 - 1e-7), target_probs[:, classes].detach()
+    per_class = -(q * p.log() + (1 - q) * (1 - p).log()).mean((0, 2, 3))
+    return per_class.mean()
 
 
 def consistency_weight(step: int, total: int, weight: float, rampup: int) -> float:
