@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import types
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -382,8 +383,10 @@ def training_step_terms(official: types.SimpleNamespace, x: torch.Tensor) -> lis
         own = ours.losses(batch, STEP)
     if not ours.mixing_at(STEP):
         raise SystemExit("our method does not mix at the compared iteration")
-    frames = capture_returns(lambda: trainer.train(x, y, STEP),
-                             {"train": type(trainer).train, "mix_up": type(trainer).mix_up})
+    with warnings.catch_warnings():  # the official step logs tensors with a graph: torch warns each time
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+        frames = capture_returns(lambda: trainer.train(x, y, STEP),
+                                 {"train": type(trainer).train, "mix_up": type(trainer).mix_up})
     official_sam = frames["train"]["pred_sam"].detach()
     ours._sam_logits = lambda images, fused, n_grad: official_sam
     with torch.no_grad():

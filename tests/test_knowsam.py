@@ -194,7 +194,7 @@ def test_net_loss_is_the_documented_combination():
     w = consistency_weight(1, 10, 1.0, 200)
     students = [terms[f"{n}_sup"] + terms[f"{n}_kd"] + 0.9 * terms[f"{n}_ent"] + w * terms[f"{n}_cons"]
                 for n in ("unet", "vnet")]
-    assert terms["unet"] == pytest.approx(students[0], rel=1e-6) and terms["vnet"] == pytest.approx(students[1], rel=1e-6)
+    assert [terms["unet"], terms["vnet"]] == pytest.approx(students, rel=1e-6)
     mixed_keys = [k for k in terms if "_mix" in k]
     # Step 1 is not after round(0.24 * 10) = 2: no mixing, every mixed term logged as 0.
     assert len(mixed_keys) == 11 and all(terms[k] == 0.0 for k in mixed_keys)
