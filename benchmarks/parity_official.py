@@ -45,6 +45,7 @@ import torch.nn as nn
 from knowsam.config import SamParams, TrainParams
 from knowsam.data.batch import Batch
 from knowsam.methods import MethodContext, get_method
+from knowsam.methods.knowsam import KnowSam
 from knowsam.methods.params import KnowSamParams
 from knowsam.models import build_model
 from knowsam.models.sam_teacher import AdaptedBlock, ClassPromptHead, build_sam_parts
@@ -326,9 +327,8 @@ def _value(v: object) -> torch.Tensor:
     return v.detach().double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
 
 
-def training_step_terms(official: types.SimpleNamespace, x: torch.Tensor) -> list[Term]:
-    """Every loss term of one official training step with mixing on, against ours."""
-    folder = Path(tempfile.mkdtemp(prefix="knowsam-parity-"))
+def build_both(official: types.SimpleNamespace, folder: Path) -> tuple[nn.Module, KnowSam]:
+    """The official trainer and our method, both on one random-init SAM checkpoint written to ``folder``."""
     checkpoint = random_sam_checkpoint(folder)
     # The official build reads this fixed file name from the working directory (its checkpoint
     # argument is ignored), so the random checkpoint is linked there under that name.
@@ -353,12 +353,17 @@ def training_step_terms(official: types.SimpleNamespace, x: torch.Tensor) -> lis
           f"{sum('Adapter' in k for k in left_random)} adapter tensors (encoder and mask decoder), "
           f"{sum(k.startswith('super_prompt.') for k in left_random)} prompt-module tensors and "
           f"{len(decoder)} mask-decoder tensors whose names differ from SAM's ({decoder[0]}, ...)")
-
     ctx = MethodContext(in_channels=CHANNELS, num_classes=CLASSES, image_size=SIZE, iterations=ITERATIONS,
                         train=TrainParams(batch_size=BATCH, labeled_batch=LABELED),
                         sam=SamParams(arch="vit_b", checkpoint=str(checkpoint)), device=torch.device("cpu"),
                         seed=SEED)
-    ours = get_method("knowsam")(ctx, KnowSamParams(mixed_iterations=float(MIXED_AFTER)))
+    return trainer, get_method("knowsam")(ctx, KnowSamParams(mixed_iterations=float(MIXED_AFTER)))
+
+
+def training_step_terms(official: types.SimpleNamespace, x: torch.Tensor) -> list[Term]:
+    """Every loss term of one official training step with mixing on, against ours."""
+    with tempfile.TemporaryDirectory(prefix="knowsam-parity-") as folder:  # the checkpoint: about 360 MB
+        trainer, ours = build_both(official, Path(folder))
     ours.train()
     copy_networks(trainer.SGDL, ours.nets["unet"], ours.nets["vnet"], ours.nets["fusion"])
     sam = ours.nets["sam"]
