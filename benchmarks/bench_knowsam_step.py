@@ -86,7 +86,7 @@ def main() -> None:
     print(f"KnowSAM step: batch {a.batch} ({a.labeled} labeled), {a.size} px, SAM {a.arch} (random init), "
           f"{a.classes} classes, {a.threads} threads, device {a.device}, bf16={a.bf16}, "
           f"channels_last={a.channels_last}, sam_full_graph={a.full_sam_graph}")
-    for phase, step in (("before mixing", 10), ("after mixing", method.mix_from + 10)):
+    for phase, step in (("before mixing", 10), ("after mixing", method.mix_after + 10)):
         assert method.mixing_at(step) == (phase == "after mixing")
         for _ in range(a.warmup):
             step_in_context(method, batch, step, train)

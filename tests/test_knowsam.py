@@ -148,17 +148,36 @@ def test_supervised_and_consistency_losses_match_numpy():
         inter, den = (p * q).sum((0, 2, 3)), (p * p).sum((0, 2, 3)) + (q * q).sum((0, 2, 3))
         return 1 - ((2 * inter + 1e-5) / (den + 1e-5)).mean()
 
+    def bce(p, q):  # per class: mean over pixels of -(q log p + (1 - q) log(1 - p)), p clamped as officially
+        p = np.clip(p, 1e-8, 1 - 1e-7)
+        return -(q * np.log(p) + (1 - q) * np.log(1 - p)).mean((0, 2, 3))
+
     assert supervised_loss(a, y).item() == pytest.approx(ce + dice_loss(pa, onehot), rel=1e-5)
-    assert consistency_loss(a, b, all_classes=True).item() == pytest.approx(dice_loss(pa, pb), rel=1e-5)
-    assert consistency_loss(a, b, all_classes=False).item() == pytest.approx(dice_loss(pa[:, 3:], pb[:, 3:]), rel=1e-5)
+    sa, sb = a.softmax(1), b.softmax(1)
+    assert consistency_loss(sa, sb, all_classes=True).item() == pytest.approx(bce(pa, pb).mean(), rel=1e-5)
+    assert consistency_loss(sa, sb, all_classes=False).item() == pytest.approx(bce(pa, pb)[3], rel=1e-5)
     # Defect 2: the official form ignores every class but the last. Redistribute the mass of
     # classes 0 and 1 (their exp-sum, hence the last class's softmax, is unchanged).
     mass = a[:, 0].exp() + a[:, 1].exp()
     share = torch.rand(2, 5, 6, generator=g) * 0.98 + 0.01
     a2 = a.clone()
     a2[:, 0], a2[:, 1] = (mass * share).log(), (mass * (1 - share)).log()
-    assert consistency_loss(a2, b, False).item() == pytest.approx(consistency_loss(a, b, False).item(), rel=1e-5)
-    assert abs(consistency_loss(a2, b, True).item() - consistency_loss(a, b, True).item()) > 1e-3
+    sa2 = a2.softmax(1)
+    assert consistency_loss(sa2, sb, False).item() == pytest.approx(consistency_loss(sa, sb, False).item(), rel=1e-5)
+    assert abs(consistency_loss(sa2, sb, True).item() - consistency_loss(sa, sb, True).item()) > 1e-3
+
+
+def test_bce_consistency_is_the_two_class_soft_cross_entropy():
+    """At K = 2 the official BCE on the last class is H(q, p) = -sum_c q_c log p_c, and so is the all-class mean."""
+    g = torch.Generator().manual_seed(3)
+    p, q = torch.randn(2, 2, 7, 5, generator=g).softmax(1), torch.randn(2, 2, 7, 5, generator=g).softmax(1)
+    soft_ce = -(q * p.log()).sum(1).mean()
+    assert consistency_loss(p, q, all_classes=False).item() == pytest.approx(soft_ce.item(), rel=1e-5)
+    assert consistency_loss(p, q, all_classes=True).item() == pytest.approx(soft_ce.item(), rel=1e-5)
+    p.requires_grad_(True)
+    q.requires_grad_(True)
+    consistency_loss(p, q, all_classes=False).backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0 and q.grad is None  # the target is detached
 
 
 @pytest.mark.parametrize("t", [0, 1, 149, 150, 7499, 15000, 29999, 30000])
@@ -175,12 +194,37 @@ def test_net_loss_is_the_documented_combination():
     w = consistency_weight(1, 10, 1.0, 200)
     students = [terms[f"{n}_sup"] + terms[f"{n}_kd"] + 0.9 * terms[f"{n}_ent"] + w * terms[f"{n}_cons"]
                 for n in ("unet", "vnet")]
-    assert terms["mixed"] == 0.0  # 1 < round(0.24 * 10)
+    assert [terms["unet"], terms["vnet"]] == pytest.approx(students, rel=1e-6)
+    mixed_keys = [k for k in terms if "_mix" in k]
+    # Step 1 is not after round(0.24 * 10) = 2: no mixing, every mixed term logged as 0.
+    assert len(mixed_keys) == 11 and all(terms[k] == 0.0 for k in mixed_keys)
     assert terms["net"] == pytest.approx(sum(students) / 2 + terms["fusion"], rel=1e-6)
     assert terms["cons_weight"] == pytest.approx(w)
 
 
-def test_mixed_term_is_the_sub_networks_loss_on_the_mixed_batch():
+def _ce_dice(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE + (1 - mean over classes of batch-pooled 2 sum(p y) / (sum p^2 + sum y^2)), written out apart."""
+    p = logits.double().softmax(1)
+    y = torch.stack([labels == c for c in range(p.shape[1])], 1).double()
+    ce = -(p.log() * y).sum(1).mean()
+    dice = 2 * (p * y).sum((0, 2, 3)) / ((p * p).sum((0, 2, 3)) + (y * y).sum((0, 2, 3)))
+    return ce + 1 - dice.mean()
+
+
+def _entropy_2(logits: torch.Tensor) -> torch.Tensor:
+    p = logits.double().softmax(1)
+    return -(p * p.log()).sum(1).mean() / math.log(2)
+
+
+def _bce_last(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    p, q = p.double()[:, -1], q.double()[:, -1]
+    return -(q * p.log() + (1 - q) * (1 - p).log()).mean()
+
+
+def test_each_mixed_stage_loss_is_its_terms_composed():
+    """Official mixed stage: U-Net, V-Net and fusion re-run on the mixed batch; per sub-network N
+    (other M): CE+Dice(N, y_mix) + 0.9 H(N) + w (cons(N, M) + CE+Dice(N_u, argmax F_mix,u)); the
+    fusion module CE+Dice(F_mix, y_mix); no distillation."""
     m = make(iterations=10, mixed_iterations=0.0)
     m.eval()  # no dropout, running BatchNorm statistics: every forward below is reproducible
     b = batch(2, 2)
@@ -189,19 +233,34 @@ def test_mixed_term_is_the_sub_networks_loss_on_the_mixed_batch():
     with torch.no_grad():
         u, v = nets["unet"](b.x), nets["vnet"](b.x)
         fused = nets["fusion"](u, v)
-        xm, ym, tm = uncertainty_mix(b.x, b.y_l, sam.decode(sam.encode(b.x), fused), fused.softmax(1), 2, 4, 5)
+        pseudo = sam.decode(sam.encode(b.x), fused).argmax(1)
+        xm, ym = uncertainty_mix(b.x, b.y_l, pseudo, fused.softmax(1), 2, 4, 5)
         um, vm = nets["unet"](xm), nets["vnet"](xm)
+        fm = nets["fusion"](um, vm)
     w = consistency_weight(5, 10, 1.0, 200)
-
-    def student(a: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        return (supervised_loss(a, ym) + kd_loss(a, tm, 10.0) + 0.9 * entropy_loss(a)
-                + w * consistency_loss(a, other, all_classes=False))
-
-    assert terms["mixed"].item() == pytest.approx(((student(um, vm) + student(vm, um)) / 2).item(), rel=1e-5)
-    assert terms["net"].item() > terms["mixed"].item() > 0
-    assert not any(has_grad(g) for g in grads(terms["mixed"], nets["fusion"]).values())  # fusion not re-run
-    for name in ("unet", "vnet"):
-        assert any(has_grad(g) for g in grads(terms["mixed"], nets[name]).values())
+    fused_labels = fm.argmax(1)
+    pu, pv = um.double().softmax(1), vm.double().softmax(1)
+    expected = {}
+    for name, own in (("unet", um), ("vnet", vm)):
+        expected.update({f"{name}_mix_sup": _ce_dice(own, ym), f"{name}_mix_ent": _entropy_2(own),
+                         f"{name}_mix_self": _ce_dice(own[2:], fused_labels[2:]),
+                         # defect 1: the V-Net's term is the U-Net's scored against it, both detached
+                         f"{name}_mix_cons": _bce_last(pu, pv)})
+        expected[f"{name}_mix"] = (expected[f"{name}_mix_sup"] + 0.9 * expected[f"{name}_mix_ent"]
+                                   + w * (expected[f"{name}_mix_cons"] + expected[f"{name}_mix_self"]))
+    expected["fusion_mix"] = _ce_dice(fm, ym)
+    for key, value in expected.items():
+        assert terms[key].item() == pytest.approx(value.item(), rel=1e-4), key
+    students = terms["unet"] + terms["unet_mix"] + terms["vnet"] + terms["vnet_mix"]
+    assert terms["net"].item() == pytest.approx((students / 2 + terms["fusion"] + terms["fusion_mix"]).item(),
+                                                rel=1e-6)
+    assert terms["unet_mix_self"].item() > 0 and terms["fusion_mix"].item() > 0
+    # The mixed stage re-runs the fusion module, and its loss reaches all three networks.
+    mixed = terms["unet_mix"] + terms["vnet_mix"] + terms["fusion_mix"]
+    for name in NET_NAMES:
+        assert any(has_grad(g) for g in grads(mixed, nets[name]).values()), name
+    # Defect 1 holds in the mixed stage too: the V-Net's consistency term has no gradient.
+    assert not terms["vnet_mix_cons"].requires_grad and terms["unet_mix_cons"].requires_grad
 
 
 # --- mixing --------------------------------------------------------------------------------------
@@ -220,10 +279,10 @@ def test_mixing_moves_the_least_uncertain_patches(n_l: int, n_u: int):
     x = torch.rand(b, 3, size, size)
     teacher = torch.randn(b, 2, size, size)
     y_l = torch.randint(0, 2, (n_l, size, size))
-    xm, ym, tm = uncertainty_mix(x, y_l, teacher, probs, n_l, grid, count)
+    pseudo = teacher.argmax(1)
+    xm, ym = uncertainty_mix(x, y_l, pseudo, probs, n_l, grid, count)
 
     ent = -(fg * np.log(fg) + (1 - fg) * np.log(1 - fg))
-    pseudo = teacher.argmax(1)
     for i in range(b):
         chosen = set(np.argsort(ent[i].ravel())[:count].tolist())
         partner = n_l + i % n_u if i < n_l else (i - n_l) % n_l
@@ -234,7 +293,6 @@ def test_mixing_moves_the_least_uncertain_patches(n_l: int, n_u: int):
             sl = (slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell))
             src, lab = (partner, partner_labels) if cell_id in chosen else (i, own_labels)
             assert torch.equal(xm[i][(slice(None), *sl)], x[src][(slice(None), *sl)]), (i, cell_id)
-            assert torch.equal(tm[i][(slice(None), *sl)], teacher[src][(slice(None), *sl)]), (i, cell_id)
             assert torch.equal(ym[i][sl], lab[sl]), (i, cell_id)
 
 
@@ -256,14 +314,17 @@ def test_vnet_consistency_gradient_only_when_fixed(fixed: bool):
     assert any(has_grad(g) for g in vnet_from_cons.values()) == fixed
     assert any(has_grad(g) for g in grads(terms["unet_cons"], m.nets["unet"]).values())  # U-Net learns either way
     assert not any(has_grad(g) for g in grads(terms["unet_cons"], m.nets["vnet"]).values())  # target detached
+    # Official (loss_diff2): the V-Net's term is the U-Net's probabilities scored against the V-Net's.
+    assert (terms["vnet_cons"].item() == terms["unet_cons"].item()) != fixed
 
 
-def test_consistency_all_classes_switch_reaches_the_step():
+@pytest.mark.parametrize("k", [2, 4])
+def test_consistency_all_classes_switch_changes_the_step_only_beyond_two_classes(k: int):
     torch.manual_seed(0)
-    official = make(k=4).losses(batch(2, 2, k=4), 10)["unet_cons"].item()
+    official = make(k=k).losses(batch(2, 2, k=k), 10)["unet_cons"].item()
     torch.manual_seed(0)
-    fixed = make(k=4, consistency_all_classes=True).losses(batch(2, 2, k=4), 10)["unet_cons"].item()
-    assert official != pytest.approx(fixed, abs=1e-4)
+    fixed = make(k=k, consistency_all_classes=True).losses(batch(2, 2, k=k), 10)["unet_cons"].item()
+    assert (official == pytest.approx(fixed, rel=1e-5)) == (k == 2)
 
 
 def test_official_two_class_kd_entropy_is_refused_beyond_two_classes():
@@ -280,9 +341,9 @@ def test_official_two_class_kd_entropy_is_refused_beyond_two_classes():
 def test_validation_empty_score_and_mixing_start():
     assert make().validation_empty_score == 0.0
     assert make(validation_empty_zero=False).validation_empty_score == 1.0
-    m = make(iterations=50000)
-    assert m.mix_from == 12000 and not m.mixing_at(11999) and m.mixing_at(12000)
-    assert make(iterations=50000, mixed_iterations=3000.0).mix_from == 3000
+    m = make(iterations=50000)  # official: iter_num > 12000 with iter_num counted from 0
+    assert m.mix_after == 12000 and not m.mixing_at(12000) and m.mixing_at(12001)
+    assert make(iterations=50000, mixed_iterations=3000.0).mix_after == 3000
     with pytest.raises(ConfigError):
         make(mix_patches=17)
 
@@ -294,9 +355,9 @@ def test_steps_run_for_four_classes_and_without_unlabeled(k: int, n_l: int, n_u:
     before = {n: p.clone() for n, p in m.nets["unet"].named_parameters()}
     adapter = m.nets["sam"].image_encoder.blocks[0].attn_adapter.down.weight
     adapter_before = adapter.clone()
-    out = m.train_step(batch(n_l, n_u, k=k, size=size, channels=channels), 0)
+    out = m.train_step(batch(n_l, n_u, k=k, size=size, channels=channels), 1)  # mixing after iteration 0
     assert all(math.isfinite(v) for v in out.values())
-    assert (out["mixed"] > 0) == (n_u > 0)  # no unlabeled partner: no mixing
+    assert (out["fusion_mix"] > 0) == (n_u > 0)  # no unlabeled partner: no mixing
     assert any(not torch.equal(p, before[n]) for n, p in m.nets["unet"].named_parameters())
     assert not torch.equal(adapter, adapter_before)  # SAM's Adam stepped too
     m.eval()
@@ -364,9 +425,15 @@ def test_resumed_training_equals_uninterrupted():
     b.load_state_dict(torch.load(buffer, weights_only=True))
     torch.set_rng_state(rng)
     assert b.train_step(batch(2, 2, seed=1), 1) == expected
-    # Both optimisers decay linearly: lr (1 - t/T) at t = 1 of T = 4.
-    assert b.optimizers["sam"].param_groups[0]["lr"] == pytest.approx(1e-4 * 0.75)
-    assert b.optimizers["nets"].param_groups[0]["lr"] == pytest.approx(0.01 * 0.75)
+
+
+@pytest.mark.parametrize("step,scale", [(0, 1.0), (1, 1.0), (2, 0.75), (3, 0.5)])
+def test_both_rates_decay_linearly_one_step_late_as_officially(step: int, scale: float):
+    """Official: the rate is set after each step from its index, so step t runs with lr (1 - (t-1)/T)."""
+    m = make(iterations=4)
+    m.train_step(batch(2, 2), step)
+    assert m.optimizers["sam"].param_groups[0]["lr"] == pytest.approx(1e-4 * scale)
+    assert m.optimizers["nets"].param_groups[0]["lr"] == pytest.approx(0.01 * scale)
 
 
 def test_provenance_random_init_and_checkpoint(tmp_path):
@@ -395,7 +462,7 @@ def test_twenty_steps_on_polyp_images_lower_the_loss():
     x, y = polyp_images(16, 32)
     steps = 20
     torch.manual_seed(0)
-    m = make(size=32, iterations=steps, lr=0.03)  # mixing from step round(0.24 * 20) = 5
+    m = make(size=32, iterations=steps, lr=0.03)  # mixing after step round(0.24 * 20) = 5
     fixed = Batch(x[:2], y[:2], x[8:10])
 
     def fixed_loss() -> float:
@@ -409,7 +476,7 @@ def test_twenty_steps_on_polyp_images_lower_the_loss():
     for step in range(steps):
         lab, unl = [(2 * step) % 8, (2 * step + 1) % 8], [8 + (2 * step) % 8, 8 + (2 * step + 1) % 8]
         out = m.train_step(Batch(x[lab], y[lab], x[unl]), step)
-        mixed_steps += out["mixed"] > 0
+        mixed_steps += out["fusion_mix"] > 0
     after = fixed_loss()
-    assert mixed_steps == steps - 5
+    assert mixed_steps == steps - 6
     assert after < 0.9 * before, (before, after)

@@ -1,16 +1,18 @@
 """KnowSAM: co-trained U-Net and V-Net, a fusion module, and an adapted SAM teacher prompted by them.
 
-One step (see docs/knowsam-options.md for every option and the official-code defects):
+One step (docs/knowsam-options.md lists every option and the official-code defects):
 SAM encodes the batch, the sub-networks and the fusion module predict, SAM decodes with learnable
 sparse prompts and the fused logits (detached) as dense prompt. SAM learns from the labels
 (CE + Dice); each sub-network learns from the labels, from SAM (distillation), from entropy
 minimisation and from the other sub-network (consistency); the fusion module from the labels.
 After ``mixed_iterations`` the least uncertain patches are swapped between labeled and unlabeled
-images and the two sub-networks learn their losses once more on the mixed batch.
+images and the whole network (both sub-networks and the fusion module) is run again on the mixed
+batch: supervised, entropy, consistency and a self-training term on the fused argmax, no
+distillation (official trainer.py:116-134).
 
-Loss forms chosen here (the description fixes the terms, not every form): supervised = CE + soft
-Dice with weight 1 each (SSL4MIS's Dice: batch-pooled, all classes); consistency = soft Dice between
-the two softmaxes, averaged over classes (only the last class with the official defect 2).
+Loss forms follow the official code (trainer.py, utils/losses.py): supervised = CE + SSL4MIS's
+soft Dice, weight 1 each; consistency = binary cross-entropy between the two sub-networks'
+probabilities of the last class.
 """
 
 from __future__ import annotations
@@ -47,15 +49,20 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels) + soft_dice_loss(logits.softmax(1), labels)
 
 
-def consistency_loss(logits: torch.Tensor, other_logits: torch.Tensor, all_classes: bool) -> torch.Tensor:
-    """Soft Dice loss between two softmaxes; ``all_classes=False`` keeps only the last class (defect 2).
+def consistency_loss(probs: torch.Tensor, target_probs: torch.Tensor, all_classes: bool) -> torch.Tensor:
+    """Official cross-consistency: BCE of ``probs`` against ``target_probs`` (softmaxes), last class only.
 
-    The other network's output is a target: it is detached here.
+    The official loss (utils/losses.py:28-47) loops over the classes but keeps only the last
+    BCE (defect 2); ``all_classes=True`` averages the per-class BCEs instead. At K = 2 both are
+    the two-class soft cross-entropy H(target, probs); at K > 2 they differ. ``probs`` is
+    clamped to [1e-8, 1 - 1e-7] as in the official code; ``target_probs`` is detached here.
     """
-    p, q = logits.softmax(1), other_logits.detach().softmax(1)
-    if not all_classes:
-        p, q = p[:, -1:], q[:, -1:]
-    return soft_dice_loss(p, q)
+    # Written out rather than F.binary_cross_entropy, which CUDA autocast refuses (train.amp_bf16).
+    # BCELoss's floor of -100 on the logarithms never acts: the clamp keeps them above -19.
+    classes = slice(None) if all_classes else slice(-1, None)
+    p, q = probs[:, classes].clamp(1e-8, 1 - 1e-7), target_probs[:, classes].detach()
+    per_class = -(q * p.log() + (1 - q) * (1 - p).log()).mean((0, 2, 3))
+    return per_class.mean()
 
 
 def consistency_weight(step: int, total: int, weight: float, rampup: int) -> float:
@@ -83,9 +90,12 @@ def entropy_two_class_official(logits: torch.Tensor) -> torch.Tensor:
 
 # --- uncertainty-guided mixing ------------------------------------------------------------------
 def least_uncertain_patches(probs: torch.Tensor, grid: int, count: int) -> torch.Tensor:
-    """Pixel mask (B, H, W) of each image's ``count`` patches (of a grid x grid split) with lowest mean entropy."""
+    """Pixel mask (B, H, W) of each image's ``count`` patches (of a grid x grid split) with lowest mean entropy.
+
+    Entropy as the official mixing computes it: -sum p log(p + 1e-6) (trainer.py:65-66).
+    """
     b, _, h, w = probs.shape
-    entropy = -(probs * torch.log(probs.clamp_min(1e-8))).sum(1, keepdim=True)
+    entropy = -(probs * torch.log(probs + 1e-6)).sum(1, keepdim=True)
     pooled = F.avg_pool2d(entropy, (h // grid, w // grid)).flatten(1)  # (B, grid*grid), row-major patches
     chosen = pooled.topk(count, dim=1, largest=False).indices
     cells = torch.zeros_like(pooled, dtype=torch.bool).scatter_(1, chosen, True).view(b, grid, grid)
@@ -93,34 +103,28 @@ def least_uncertain_patches(probs: torch.Tensor, grid: int, count: int) -> torch
 
 
 def uncertainty_mix(
-    x: torch.Tensor, y_l: torch.Tensor, teacher: torch.Tensor, fused_probs: torch.Tensor, n_l: int, grid: int,
+    x: torch.Tensor, y_l: torch.Tensor, pseudo: torch.Tensor, fused_probs: torch.Tensor, n_l: int, grid: int,
     count: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Swap least-uncertain patches between labeled and unlabeled images; returns (images, labels, teacher logits).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swap least-uncertain patches between labeled and unlabeled images; returns (images, labels).
 
-    ``x``, ``teacher`` and ``fused_probs`` cover the batch (labeled rows first). Labeled image j is
-    paired with unlabeled image j mod n_u and unlabeled image i with labeled image i mod n_l: with
-    equal counts that is the official one-to-one pairing, otherwise every image is still mixed.
-    A labeled image takes its partner's content (and SAM pseudo-label) on its own least-uncertain
-    patches; an unlabeled image takes its partner's content (and ground truth) on its own
-    least-uncertain patches, SAM pseudo-label elsewhere. SAM's logits are moved the same way, so
-    the distillation target follows the content. Output order: mixed labeled, then mixed unlabeled.
+    ``x``, ``pseudo`` (SAM's argmax) and ``fused_probs`` cover the batch (labeled rows first).
+    Labeled image j is paired with unlabeled image j mod n_u and unlabeled image i with labeled
+    image i mod n_l: with equal counts that is the official one-to-one pairing, otherwise every
+    image is still mixed. A labeled image takes its partner's content (and SAM pseudo-label) on
+    its own least-uncertain patches; an unlabeled image takes its partner's content (and ground
+    truth) on its own least-uncertain patches, SAM pseudo-label elsewhere (trainer.py:73-114).
+    Output order: mixed labeled, then mixed unlabeled.
     """
     n_u = len(x) - n_l
     if n_l < 1 or n_u < 1:
         raise ValueError(f"mixing needs labeled and unlabeled images, got {n_l} and {n_u}")
     mask = least_uncertain_patches(fused_probs, grid, count)
-    pseudo = teacher.argmax(1)
     part_of_l = torch.arange(n_l, device=x.device) % n_u + n_l  # row of each labeled image's partner
     part_of_u = torch.arange(n_u, device=x.device) % n_l
     partner = torch.cat([part_of_l, part_of_u])
     labels = torch.cat([y_l, pseudo[n_l:]])  # every image's own labels: ground truth or SAM's argmax
-    m = mask[:, None]
-    return (
-        torch.where(m, x[partner], x),
-        torch.where(mask, labels[partner], labels),
-        torch.where(m, teacher[partner], teacher),
-    )
+    return torch.where(mask[:, None], x[partner], x), torch.where(mask, labels[partner], labels)
 
 
 # --- the method ----------------------------------------------------------------------------------
@@ -152,7 +156,8 @@ class KnowSam(Method):
             self.optimizers["sam"] = sam_optimizer(sam, p.sam_lr)
         self._frozen_sha256 = frozen_fingerprint(sam)
         mix = p.mixed_iterations
-        self.mix_from = round(mix * ctx.iterations) if mix < 1 else int(mix)  # first iteration with mixing
+        # Mixing runs at iterations after this one (0-based), as the official ``iter_num > 12000``.
+        self.mix_after = round(mix * ctx.iterations) if mix < 1 else int(mix)
         self.timings: dict[str, float] | None = None  # set to {} to accumulate seconds per part of a step
 
     # --- pieces of a step -------------------------------------------------------------------
@@ -206,34 +211,63 @@ class KnowSam(Method):
             return entropy_two_class_official(logits)
         return entropy_loss(logits)
 
-    def _student_terms(self, name: str, logits: torch.Tensor, other: torch.Tensor, teacher: torch.Tensor,
-                       labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A sub-network's terms; ``labels`` cover its first len(labels) rows, ``teacher`` all rows."""
-        cons_grad = name == "unet" or self.p.vnet_consistency_grad
+    def _consistency(self, name: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """cons(N, M) of sub-network ``name`` (logits ``own``) against the other one (``other``, a target).
+
+        Official defect 1 (trainer.py:177, utils/losses.py:39-47): the V-Net's term scores the
+        U-Net's probabilities against the V-Net's, both detached, so it equals the U-Net's term
+        in value and gives no gradient. ``vnet_consistency_grad`` scores the V-Net's own instead.
+        """
+        p_own, p_other = own.softmax(1), other.detach().softmax(1)
+        if name == "vnet" and not self.p.vnet_consistency_grad:
+            return consistency_loss(p_other, p_own.detach(), self.p.consistency_all_classes)
+        return consistency_loss(p_own, p_other, self.p.consistency_all_classes)
+
+    def _first_pass_terms(self, name: str, logits: torch.Tensor, other: torch.Tensor, teacher: torch.Tensor,
+                          labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A sub-network's terms on the batch (trainer.py:171-179); ``labels`` cover its first len(labels) rows."""
         return {
             "sup": supervised_loss(logits[: len(labels)], labels),
             "kd": self._kd(logits, teacher),
             "ent": self._entropy(logits),
-            "cons": consistency_loss(logits if cons_grad else logits.detach(), other, self.p.consistency_all_classes),
+            "cons": self._consistency(name, logits, other),
         }
 
-    def _student_loss(self, terms: dict[str, torch.Tensor], w: float) -> torch.Tensor:
-        return terms["sup"] + terms["kd"] + self.p.entropy_weight * terms["ent"] + w * terms["cons"]
+    def _mixed_terms(self, name: str, logits: torch.Tensor, other: torch.Tensor, labels: torch.Tensor,
+                     fused_labels: torch.Tensor, n_l: int) -> dict[str, torch.Tensor]:
+        """A sub-network's terms on the mixed batch (trainer.py:121-129): no distillation; ``self`` is
+        self-training of the mixed unlabeled rows (from ``n_l`` on) on the fused argmax."""
+        return {
+            "sup": supervised_loss(logits, labels),
+            "ent": self._entropy(logits),
+            "cons": self._consistency(name, logits, other),
+            "self": supervised_loss(logits[n_l:], fused_labels[n_l:]),
+        }
 
-    def _students_loss(self, u: torch.Tensor, v: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                       w: float, batch: Batch | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(L_u + L_v)/2 for one forward; plug-in losses only when ``batch`` is what was forwarded."""
-        logged: dict[str, torch.Tensor] = {}
-        student_losses = []
-        for name, own, other in (("unet", u, v), ("vnet", v, u)):
-            terms = self._student_terms(name, own, other, teacher, labels)
-            extra = self.student_extra_loss(name, own, batch) if batch is not None else 0.0
-            student_losses.append(self._student_loss(terms, w) + extra)
-            logged.update({f"{name}_{k}": t for k, t in terms.items()})
-        return sum(student_losses) / 2, logged
+    def _mixed_stage(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, fused: torch.Tensor, n_l: int,
+                     w: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The whole network again on the uncertainty-mixed batch: (each student's loss, logged terms)."""
+        with self._timed("mixing"), torch.no_grad():
+            xm, ym = uncertainty_mix(x, y, teacher.argmax(1), fused.detach().softmax(1), n_l, self.p.mix_grid,
+                                     self.p.mix_patches)
+        with self._timed("sub_networks"):
+            um, vm = self._students(xm)
+            fm = self._fuse(um, vm)
+        fused_labels = fm.detach().argmax(1)
+        losses, logged = {}, {}
+        for name, own, other in (("unet", um, vm), ("vnet", vm, um)):
+            t = self._mixed_terms(name, own, other, ym, fused_labels, n_l)
+            losses[name] = t["sup"] + self.p.entropy_weight * t["ent"] + w * (t["cons"] + t["self"])
+            logged.update({f"{name}_mix_{k}": term for k, term in t.items()})
+        logged["fusion_mix"] = supervised_loss(fm, ym)
+        return losses, logged
 
     def losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        """Every loss term of iteration ``step`` with its graph; ``sam`` (L_sam) and ``net`` (L_net) are optimised."""
+        """Every loss term of iteration ``step`` with its graph; ``sam`` (L_sam) and ``net`` (L_net) are optimised.
+
+        L_net = (L_U + L_U,mix + L_V + L_V,mix)/2 + L_F + L_F,mix (trainer.py:190); before mixing
+        starts, or without unlabeled images, the mixed terms are 0.
+        """
         x, y, n_l = batch.x, batch.y_l, batch.n_labeled
         w = consistency_weight(step, self.ctx.iterations, self.p.consistency_weight, self.p.consistency_rampup)
         with self._timed("sub_networks"):
@@ -241,28 +275,36 @@ class KnowSam(Method):
             fused = self._fuse(u, v)
         sam_logits = self._sam_logits(x, fused, len(x) if self.p.sam_full_graph else n_l)
         teacher = sam_logits.detach()
-        students, logged = self._students_loss(u, v, teacher, y, w, batch)
+        logged: dict[str, torch.Tensor] = {}
+        for name, own, other in (("unet", u, v), ("vnet", v, u)):
+            t = self._first_pass_terms(name, own, other, teacher, y)
+            logged.update({f"{name}_{k}": term for k, term in t.items()})
+            logged[name] = (t["sup"] + t["kd"] + self.p.entropy_weight * t["ent"] + w * t["cons"]
+                            + self.student_extra_loss(name, own, batch))
         logged["fusion"] = supervised_loss(fused[:n_l], y)
         logged["sam"] = supervised_loss(sam_logits[:n_l], y)
-        mixed = torch.zeros((), device=x.device)
+        zero = torch.zeros((), device=x.device)
+        # Fixed keys on every step (zeros before mixing), so the logged curves keep their columns.
+        mixed = {f"{n}_mix_{k}": zero for n in STUDENTS for k in ("sup", "ent", "cons", "self")}
+        mixed.update({"unet_mix": zero, "vnet_mix": zero, "fusion_mix": zero})
         if self.mixing_at(step) and len(batch.x_u):
-            with self._timed("mixing"), torch.no_grad():
-                xm, ym, tm = uncertainty_mix(x, y, teacher, fused.detach().softmax(1), n_l, self.p.mix_grid,
-                                             self.p.mix_patches)
-            with self._timed("sub_networks"):  # the sub-networks only: the fusion module is not re-run
-                um, vm = self._students(xm)
-            mixed, _ = self._students_loss(um, vm, tm, ym, w, None)
-        logged["mixed"] = mixed
-        logged["net"] = students + logged["fusion"] + mixed
+            students_mixed, terms = self._mixed_stage(x, y, teacher, fused, n_l, w)
+            mixed.update(terms)
+            mixed.update({f"{n}_mix": loss for n, loss in students_mixed.items()})
+        logged.update(mixed)
+        students = logged["unet"] + logged["unet_mix"] + logged["vnet"] + logged["vnet_mix"]
+        logged["net"] = students / 2 + logged["fusion"] + logged["fusion_mix"]
         logged["cons_weight"] = torch.tensor(w)
         return logged
 
     def mixing_at(self, step: int) -> bool:
-        """Whether iteration ``step`` (0-based) adds the uncertainty-guided mixed batch."""
-        return step >= self.mix_from and self.p.mix_patches > 0
+        """Whether iteration ``step`` (0-based) has the mixed stage: official ``iter_num > mixed_iterations``."""
+        return step > self.mix_after and self.p.mix_patches > 0
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
-        self.set_lr(step, power=1.0)  # KnowSAM decays both optimisers linearly: lr * (1 - t/T)
+        # The official code sets both rates after each step from that step's index (trainer.py:205-211):
+        # iteration t runs with lr (1 - (t - 1)/T), iteration 0 with lr.
+        self.set_lr(max(step - 1, 0), power=1.0)
         terms = self.losses(batch, step)
         # The two graphs are disjoint (SAM sees the fused logits detached; the networks see SAM's
         # output detached), so one backward pass over their sum equals the official two separate updates.

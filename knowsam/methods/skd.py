@@ -5,7 +5,9 @@ Per training step, before the baseline's own step:
 1. dense prompt = the baseline's main student (``X.main_student``) on ``batch.x``, in eval mode
    and without gradients, so the plug-in changes none of X's random draws or BatchNorm statistics;
 2. SAM (adapters + learnable prompts, see ``knowsam.methods.sam_support``) predicts every image
-   of the batch with the pre-update weights (labeled part with a graph, unlabeled part without);
+   of the batch with the pre-update weights, decoding the whole batch at once as ``knowsam``
+   does, so the prompt heads' training-mode BatchNorm sees one batch as in the official code
+   (the image encoder's graph covers the labeled images only, as ``knowsam``'s default);
    CE + Dice on the labeled part updates SAM's trainable tensors with Adam, lr decaying linearly;
 3. SAM's detached logits over ``batch.x`` are cached, and X's ``train_step`` runs unchanged: each
    time a student calls the ``student_extra_loss`` hook, the plug-in returns
@@ -80,13 +82,15 @@ def with_skd(base: type[Method]) -> type[Method]:
                 group["lr"] = linear_decay(self.p.sam_lr, step, self.ctx.iterations)
             n_l = batch.n_labeled
             prompt = self._dense_prompt(batch.x)
-            with torch.no_grad():  # before the update: every image is seen by the same SAM
-                unlabeled = self.sam(batch.x_u, prompt[n_l:]) if len(batch.x_u) else None
-            labeled = self.sam(batch.x_l, prompt[:n_l])
+            embeddings = self.sam.encode(batch.x_l)
+            if len(batch.x_u):
+                with torch.no_grad():  # L_sam covers the labeled images: no encoder graph for the rest
+                    embeddings = torch.cat([embeddings, self.sam.encode(batch.x_u)])
+            logits = self.sam.decode(embeddings, prompt)
+            labeled = logits[:n_l]
             loss = F.cross_entropy(labeled, batch.y_l) + soft_dice_loss(labeled.softmax(1), batch.y_l)
             self.update(loss, SAM_OPTIMIZER)
-            parts = [labeled.detach()] + ([unlabeled] if unlabeled is not None else [])
-            self._sam_logits = torch.cat(parts)
+            self._sam_logits = logits.detach()  # computed before the update: one SAM for every image
             return loss.item()
 
         def student_extra_loss(self, student: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor | float:
