@@ -370,7 +370,7 @@ def test_resumed_training_equals_uninterrupted():
 
 
 def test_provenance_random_init_and_checkpoint(tmp_path):
-    assert make().provenance() == {"sam_arch": "tiny", "sam_weights": "random-init",
+    assert make().provenance() == {"sam_arch": "tiny", "sam_weights": "random-init", "sam_encoder": "adapters",
                                    "sam_load_report": "random init (seed 0); no checkpoint loaded"}
     torch.manual_seed(1)  # other weights than the teacher's own seeded initialisation
     path = tmp_path / "tiny_sam.pth"

@@ -30,7 +30,8 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     """SamTeacher for ``ctx``, loaded (or explicitly random), frozen except adapters/prompt heads, on ctx.device.
 
     Returns the teacher and its provenance: ``sam_arch``, ``sam_weights`` ("random-init" or
-    "<file name> sha256 <first 12 hex>") and ``sam_load_report`` (one line).
+    "<file name> sha256 <first 12 hex>"), ``sam_encoder`` (adapters or cached) and
+    ``sam_load_report`` (one line).
     """
     from knowsam.models.sam_checkpoint import load_sam_weights, resolve_checkpoint
     from knowsam.models.sam_teacher import SamTeacher
@@ -39,7 +40,8 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     path = resolve_checkpoint(s.checkpoint, s.arch, Path(s.cache_dir).expanduser())  # fails before the build
     with torch.random.fork_rng(devices=[]):  # seeded build; the run's global RNG stream is untouched
         torch.manual_seed(ctx.seed)
-        teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels)
+        teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels,
+                             encoder=s.encoder)
     if path is None:
         weights, report = "random-init", f"random init (seed {ctx.seed}); no checkpoint loaded"
     else:
@@ -47,14 +49,17 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
         weights = f"{path.name} sha256 {_checkpoint_sha256(path, s.arch)[:12]}"
     # The constructor froze SAM; loading copies values only, so requires_grad is unchanged.
     teacher.to(ctx.device)
-    return teacher, {"sam_arch": s.arch, "sam_weights": weights, "sam_load_report": report}
+    return teacher, {"sam_arch": s.arch, "sam_weights": weights, "sam_encoder": s.encoder, "sam_load_report": report}
 
 
 def _checkpoint_sha256(path: Path, arch: str) -> str:
-    """The official file's known digest (``resolve_checkpoint`` has verified it), else hash the file."""
+    """The official or bundled file's known digest (``resolve_checkpoint`` has verified it), else hash the file."""
     from knowsam.download import sha256_file
+    from knowsam.models import lite_medsam
     from knowsam.models.sam_checkpoint import SAM_CHECKPOINTS
 
+    if arch == lite_medsam.ARCH and path.name == lite_medsam.BUNDLED_FILE:
+        return lite_medsam.BUNDLED_SHA256
     info = SAM_CHECKPOINTS.get(arch)
     return info.sha256 if info is not None and path.name == info.filename else sha256_file(path)
 
