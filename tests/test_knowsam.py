@@ -102,7 +102,7 @@ def test_sam_graph_over_the_batch_or_labeled_images_only():
     for full_graph, n_grad in ((True, 5), (False, 2)):  # the switch picks the graph
         m = make(sam_full_graph=full_graph)
         seen, sam_logits = [], m._sam_logits
-        m._sam_logits = lambda x, f, n: seen.append(n) or sam_logits(x, f, n)
+        m._sam_logits = lambda x, f, n, b=None: seen.append(n) or sam_logits(x, f, n, b)
         m.losses(b, 0)
         assert seen == [n_grad]
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from knowsam.data.batch import Batch
 from knowsam.errors import KnowsamError
 from knowsam.methods.base import MethodContext
 
@@ -62,6 +63,25 @@ def _checkpoint_sha256(path: Path, arch: str) -> str:
         return lite_medsam.BUNDLED_SHA256
     info = SAM_CHECKPOINTS.get(arch)
     return info.sha256 if info is not None and path.name == info.filename else sha256_file(path)
+
+
+def teacher_forward(teacher: SamTeacher, batch: Batch, dense_logits: torch.Tensor, rows: slice = slice(None)
+                    ) -> torch.Tensor:
+    """The teacher's per-class logits for ``batch.x[rows]``, in the frame of the augmented view.
+
+    ``adapters``: SAM encodes the augmented images. ``cached``: SAM decodes the cached embedding of
+    each un-augmented image; the dense prompt (predicted on the view) is first moved back to the
+    image's own frame, and the logits moved to the view's frame, by the geometry the augmentation
+    recorded. Photometric and cut-out changes of the view are not seen by a cached teacher.
+    """
+    if teacher.encoder_mode == "adapters":
+        return teacher(batch.x[rows], dense_logits)
+    if batch.teacher_embeddings is None or batch.geometry is None:
+        raise KnowsamError("sam.encoder cached: this batch carries no cached embeddings "
+                           "(the training stream reads them from the embed stage's output)")
+    geometry = batch.geometry[rows]
+    embeddings = batch.teacher_embeddings[rows].to(dense_logits.dtype)
+    return geometry.apply(teacher.decode(embeddings, geometry.invert(dense_logits.detach())))
 
 
 def sam_optimizer(teacher: SamTeacher, lr: float = 1e-4) -> torch.optim.Adam:

@@ -30,7 +30,7 @@ from knowsam.losses import kd_loss, soft_dice_loss
 from knowsam.methods.base import Method, MethodContext
 from knowsam.methods.registry import register_plugin
 from knowsam.methods.sam_support import (build_sam_teacher, frozen_fingerprint, linear_decay, load_trained_state,
-                                         sam_optimizer, trained_state)
+                                         sam_optimizer, teacher_forward, trained_state)
 
 SAM_OPTIMIZER = "skd_sam"  # the plug-in's optimiser among the method's; the base method never names it
 
@@ -81,8 +81,8 @@ def with_skd(base: type[Method]) -> type[Method]:
             n_l = batch.n_labeled
             prompt = self._dense_prompt(batch.x)
             with torch.no_grad():  # before the update: every image is seen by the same SAM
-                unlabeled = self.sam(batch.x_u, prompt[n_l:]) if len(batch.x_u) else None
-            labeled = self.sam(batch.x_l, prompt[:n_l])
+                unlabeled = teacher_forward(self.sam, batch, prompt[n_l:], slice(n_l, None)) if len(batch.x_u) else None
+            labeled = teacher_forward(self.sam, batch, prompt[:n_l], slice(None, n_l))
             loss = F.cross_entropy(labeled, batch.y_l) + soft_dice_loss(labeled.softmax(1), batch.y_l)
             self.update(loss, SAM_OPTIMIZER)
             parts = [labeled.detach()] + ([unlabeled] if unlabeled is not None else [])
