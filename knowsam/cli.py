@@ -129,7 +129,8 @@ def prepare(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTIO
 
 
 @app.command()
-def embed(dataset: str = typer.Argument(...), batch: int = typer.Option(8, help="Images per encoder call."),
+def embed(dataset: str = typer.Argument(...),
+          batch: int = typer.Option(1, help="Images per encoder call (1 was fastest on CPU; more on a GPU)."),
           params_file: Path = PARAMS_OPTION) -> None:
     """Cache the frozen SAM encoder's embeddings of a dataset's training images (sam.encoder: cached)."""
     from rich.progress import Progress

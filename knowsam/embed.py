@@ -18,7 +18,7 @@ from knowsam.machine import pick_device
 from knowsam.models import embedding_cache
 
 
-def embed(params: Params, dataset: str, *, batch: int = 8,
+def embed(params: Params, dataset: str, *, batch: int = 1,
           progress: Callable[[int, int], None] | None = None) -> dict:
     """Fill ``<sam.embeddings_root>/<dataset>`` (resuming), or note that ``sam.encoder`` needs no cache."""
     from knowsam.methods import MethodContext
@@ -37,8 +37,11 @@ def embed(params: Params, dataset: str, *, batch: int = 8,
                         iterations=1, train=params.train, sam=params.sam, device=device, training=False)
     teacher, provenance = build_sam_teacher(ctx)
     teacher.eval()
+    if params.train.compile:  # measured 1.6x on 2 CPU cores after ~40 s of compilation (docs/scaling.md)
+        teacher.image_encoder.compile()
     expected = embedding_cache.identity(data, provenance["sam_arch"], provenance["sam_weights"])
-    # bf16 autocast where the machine has it: measured in docs/scaling.md; fp16 storage either way.
+    # bf16 autocast (train.amp_bf16) doubles CPU speed but changes the embeddings by about 3e-2
+    # relative, so it is part of the cache's identity; fp16 storage either way.
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if params.train.amp_bf16
                 else contextlib.nullcontext())
 
