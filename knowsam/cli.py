@@ -131,6 +131,30 @@ def prepare(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTIO
 
 
 @app.command()
+def embed(dataset: str = typer.Argument(...),
+          batch: int = typer.Option(1, help="Images per encoder call (1 was fastest on CPU; more on a GPU)."),
+          params_file: Path = PARAMS_OPTION) -> None:
+    """Cache the frozen SAM encoder's embeddings of a dataset's training images (sam.encoder: cached)."""
+    from rich.progress import Progress
+
+    from knowsam.embed import embed as embed_dataset
+
+    params = _load_params(params_file)
+    if batch < 1:
+        raise KnowsamError(f"--batch {batch} must be >= 1", 2)
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"embed {dataset}", total=None)
+        meta = embed_dataset(params, dataset, batch=batch,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if not meta["needed"]:
+        typer.echo(f"{dataset}: sam.encoder is {params.sam.encoder}; no embedding cache needed")
+        return
+    last = meta["last_call"]
+    typer.echo(f"{dataset}: {meta['done']} embeddings; this call {last['images']} images in {last['seconds']} s "
+               f"({last['images_per_second']} images/s)")
+
+
+@app.command()
 def split(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION,
           ratio: Optional[float] = typer.Option(None, help="Only this ratio (default: every ratio in params)."),
           seed: Optional[int] = typer.Option(None, help="Only this seed (default: every seed in params).")) -> None:
@@ -197,6 +221,43 @@ def leaderboard(params_file: Path = PARAMS_OPTION,
     params = _load_params(params_file)
     path = write_leaderboard(params, out)
     typer.echo(f"wrote {path}")
+
+
+@app.command("teacher-check")
+def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. polyp or acdc."),
+                  prompt: list[str] = typer.Option(["box"], "--prompt", help="box (ground-truth boxes) or none "
+                                                   "(whole-image box); repeat to score both from one encoder pass."),
+                  limit: Optional[int] = typer.Option(None, help="Only the first N cases of each test set."),
+                  sets: Optional[str] = typer.Option(None, help="Comma-separated test sets (default: all)."),
+                  as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+                  raw: Optional[Path] = typer.Option(None, help="Raw dataset folder (default: data.raw_root/DATASET)."),
+                  arch: Optional[str] = typer.Option(None, help="SAM arch (default: params sam.arch)."),
+                  checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint (default: params sam.checkpoint)."),
+                  params_file: Path = PARAMS_OPTION) -> None:
+    """Score the pretrained SAM teacher alone on the dataset's test sets, prompted with boxes."""
+    import json
+
+    from knowsam.teacher_check import pretrained_teacher, teacher_check as check
+
+    params = _load_params(params_file)
+    if limit is not None and limit < 1:
+        raise KnowsamError(f"--limit {limit} must be >= 1", 2)
+    folder = raw if raw is not None else Path(params.data.raw_root) / dataset
+    if not folder.is_dir():
+        raise KnowsamError(f"{folder}: raw dataset folder not found; run `knowsam-bench acquire {dataset}` or pass --raw")
+    teacher, weights = pretrained_teacher(arch or params.sam.arch, checkpoint or params.sam.checkpoint,
+                                          params.sam.cache_dir, params.train)
+    only = [t.strip() for t in sets.split(",") if t.strip()] if sets is not None else None
+    result = check(dataset, folder, teacher, tuple(dict.fromkeys(prompt)), limit=limit, test_sets=only)
+    result["teacher"] = weights
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    typer.echo(f"{dataset}: {weights}; {result['images']} images in {result['seconds']:.0f} s")
+    for name, parts in result["scores"].items():
+        for part, entry in parts.items():
+            classes = "".join(f", {c} {v:.4f}" for c, v in entry.get("per_class", {}).items())
+            typer.echo(f"  --prompt {name:<4} {part}: mDice {entry['mDice']:.4f} (n={entry['n']}){classes}")
 
 
 @app.command()

@@ -56,10 +56,15 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class SamParams:
-    arch: str = "vit_b"  # vit_b | vit_l | vit_h | tiny
-    checkpoint: str = "official"  # official | none (random init, stated in every table) | a file path
+    arch: str = "vit_b"  # vit_b | vit_l | vit_h | tiny | lite_medsam
+    # official | bundled (LiteMedSAM's packaged file) | none (random init, stated in every table) | a file path
+    checkpoint: str = "official"
     cache_dir: str = "~/.cache/knowsam-bench"
     normalize_pixels: bool = False  # official code feeds [0,1] pixels without SAM's normalisation
+    # adapters: KnowSAM's trainable encoder adapters, the encoder runs every step (the GPU way);
+    # cached: frozen encoder, embeddings computed once by the embed stage (the CPU way)
+    encoder: str = "adapters"
+    embeddings_root: str = "data/embeddings"  # where the embed stage writes <dataset>/ (encoder: cached)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Params:
 
 
 INTERPOLATIONS = ("bilinear", "nearest")
+SAM_ENCODERS = ("adapters", "cached")
 RESOLUTIONS = ("original", "training")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -161,6 +167,10 @@ def check(params: Params) -> Params:
     _check_choice(d.interpolation, INTERPOLATIONS, "data.interpolation")
     _check_choice(params.eval.resolution, RESOLUTIONS, "eval.resolution")
     _check_choice(t.device, DEVICES, "train.device")
+    _check_choice(params.sam.encoder, SAM_ENCODERS, "sam.encoder")
+    if params.sam.encoder == "cached" and params.sam.checkpoint == "none":
+        raise ConfigError("params: 'sam.encoder' cached needs pretrained weights (sam.checkpoint is none); "
+                          "a random encoder is only trained with adapters")
     if d.image_size < 16 or d.image_size % 16:
         raise ConfigError(f"params: 'data.image_size' = {d.image_size} must be a positive multiple of 16 "
                           "(four 2x poolings in the U-Net and SAM's 16-pixel patches)")

@@ -91,7 +91,7 @@ TRAINING_SOURCES = (
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the package
 
 # Where things are kept, not what is computed: moving data or a cache keeps every trained run valid.
-LOCATION_KEYS = {"data": ("raw_root", "prepared_root", "splits_root", "mirror"), "sam": ("cache_dir",)}
+LOCATION_KEYS = {"data": ("raw_root", "prepared_root", "splits_root", "mirror"), "sam": ("cache_dir", "embeddings_root")}
 
 
 def code_fingerprint(root: Path | None = None) -> str:

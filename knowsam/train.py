@@ -98,6 +98,17 @@ def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, devic
     return float(torch.cat(scores).mean())
 
 
+def teacher_embeddings(params: Params, run: RunId, data: PreparedDataset, method: Method) -> np.ndarray | None:
+    """The embed stage's cache for a method whose SAM teacher has a frozen, cached encoder; else None."""
+    provenance = method.provenance()
+    if provenance.get("sam_encoder") != "cached":
+        return None
+    from knowsam.models.embedding_cache import identity, open_cache
+
+    expected = {**identity(data, provenance["sam_arch"], provenance["sam_weights"]), "bf16": params.train.amp_bf16}
+    return open_cache(Path(params.sam.embeddings_root) / run.dataset, expected)
+
+
 def _save_checkpoint(run_dir: Path, state: dict) -> None:
     """New checkpoint in place atomically; the previous one kept as a fallback."""
     current, previous = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
@@ -275,7 +286,8 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
     batch_size, labeled_batch = dist.shard(params.train.batch_size, params.train.labeled_batch, method.uses_unlabeled)
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
                          batch_size=batch_size, labeled_batch=labeled_batch,
-                         seed=dist.stream_seed(run.seed), device=device, augmentation=method.augmentation)
+                         seed=dist.stream_seed(run.seed), device=device, augmentation=method.augmentation,
+                         teacher_embeddings=teacher_embeddings(params, run, data, method))
     # One process per run folder; under torchrun rank 0 holds it for the whole group.
     with run_lock(run_dir) if dist.is_main else contextlib.nullcontext(), stop_on_sigterm():
         val = validation_arrays(data, split)

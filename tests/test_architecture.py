@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and measures", ("knowsam.data", "knowsam.metrics", "knowsam.losses")),
     ("models", ("knowsam.models",)),
     ("methods", ("knowsam.methods",)),
-    ("runs", ("knowsam.runs", "knowsam.validation", "knowsam.train", "knowsam.evaluate", "knowsam.describe")),
+    ("runs", ("knowsam.runs", "knowsam.validation", "knowsam.train", "knowsam.evaluate", "knowsam.describe",
+              "knowsam.embed", "knowsam.teacher_check")),
     ("reports", ("knowsam.report",)),
     ("entry points", ("knowsam.cli", "knowsam.bench", "knowsam.plan", "knowsam.__main__")),
 ]

@@ -102,7 +102,7 @@ def test_sam_graph_over_the_batch_or_labeled_images_only():
     for full_graph, n_grad in ((True, 5), (False, 2)):  # the switch picks the graph
         m = make(sam_full_graph=full_graph)
         seen, sam_logits = [], m._sam_logits
-        m._sam_logits = lambda x, f, n: seen.append(n) or sam_logits(x, f, n)
+        m._sam_logits = lambda x, f, n, b=None: seen.append(n) or sam_logits(x, f, n, b)
         m.losses(b, 0)
         assert seen == [n_grad]
 
@@ -437,7 +437,7 @@ def test_both_rates_decay_linearly_one_step_late_as_officially(step: int, scale:
 
 
 def test_provenance_random_init_and_checkpoint(tmp_path):
-    assert make().provenance() == {"sam_arch": "tiny", "sam_weights": "random-init",
+    assert make().provenance() == {"sam_arch": "tiny", "sam_weights": "random-init", "sam_encoder": "adapters",
                                    "sam_load_report": "random init (seed 0); no checkpoint loaded"}
     torch.manual_seed(1)  # other weights than the teacher's own seeded initialisation
     path = tmp_path / "tiny_sam.pth"

@@ -257,7 +257,7 @@ def test_volume_table_and_reference(tmp_path: Path) -> None:
             dice = [base[method] + bonus + 0.01 * i for i in range(3)]
             write_run(tmp_path, RunId(method, "promise12", ratio, 0),
                       case_rows("test", dice, hd95=[hd95[method] - bonus * 10] * 3, asd=[asd[method]] * 3),
-                      {"sam_arch": "vit_b", "sam_weights": "sam_vit_b.pth sha256 0123456789ab"}
+                      {"sam_arch": "vit_b", "sam_weights": "sam_vit_b.pth sha256 0123456789ab", "sam_encoder": "cached"}
                       if method == "knowsam" else None)
     text = build(tmp_path, params)
     header, *rows = section_table(text, "### test")
@@ -273,7 +273,8 @@ def test_volume_table_and_reference(tmp_path: Path) -> None:
     _, *refs = section_table(text, "Reported by the paper (promise12)")
     assert refs == [["knowsam (paper)", "5%", "test", "mDice (listed as Dice)", "78.49", "79.00 (n=1)", "+0.51"],
                     ["knowsam (paper)", "10%", "test", "mDice (listed as Dice)", "82.93", "84.00 (n=1)", "+1.07"]]
-    assert "SAM teacher weights: vit_b sam_vit_b.pth sha256 0123456789ab." in text
+    assert ("SAM teacher weights: `vit_b` sam_vit_b.pth sha256 0123456789ab, frozen encoder, embeddings cached "
+            "(knowsam).") in text
     assert "None: all 6 runs of the params matrix are evaluated." in text
     assert f"figures/overlays_promise12.png: not drawn, {tmp_path / 'data/prepared/promise12'} is missing." in text
     assert "figures/curves_promise12.png: not drawn, no evaluated run of promise12 has training curves." in text

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +53,19 @@ def executed(tmp_path_factory) -> dict[str, set[str]]:
     params["train"].update(iterations=2, eval_every=1, checkpoint_every=1, threads=1)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dataset, ratio, seed = params["datasets"][0], str(params["ratios"][0]), str(params["seeds"][0])
+    # The embed stage also runs as it does for a frozen-encoder teacher (a tiny SAM with a checkpoint
+    # file in SAM's format, so it has weights to cache), where it executes the teacher's code.
+    from segment_anything.modeling import Sam
+
+    from knowsam.models.sam_teacher import build_sam_parts
+
+    torch.save(Sam(*build_sam_parts("tiny", 1024, use_rel_pos=True)).state_dict(), ws / "tiny_sam.pth")
+    cached = {**params, "sam": {**params["sam"], "encoder": "cached", "checkpoint": str(ws / "tiny_sam.pth")}}
+    (ws / "params-cached.yaml").write_text(yaml.safe_dump(cached, sort_keys=False))
     calls = {
         "acquire": [[dataset]],
         "prepare": [[dataset]],
+        "embed": [[dataset], [dataset, "--params", "params-cached.yaml"]],
         "split": [[dataset, "--ratio", ratio, "--seed", seed]],
         # The train stage is one template for every method: its deps must cover the union.
         "train": [["--method", m, "--dataset", dataset, "--ratio", ratio, "--seed", seed, "--restart-stale"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from knowsam.data.geometry import ViewGeometry, identity_map, warp_from_albumentations
+
 
 def _per_image(gen: torch.Generator, n: int) -> torch.Tensor:
     return torch.rand(n, generator=gen)
@@ -23,9 +25,16 @@ def _per_image(gen: torch.Generator, n: int) -> torch.Tensor:
 def weak_augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
                  jitter: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Random h/v flip, k*90 rotation and brightness/contrast jitter, per image, labels moved alike."""
+    x, y, _ = weak_augment_with_geometry(x, y, gen, jitter)
+    return x, y
+
+
+def weak_augment_with_geometry(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                               jitter: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, ViewGeometry]:
+    """``weak_augment`` and the flips and rotation it drew for each row."""
     n = len(x)
     if n == 0:
-        return x, y
+        return x, y, ViewGeometry.identity(0)
     hflip = _per_image(gen, n) < 0.5
     vflip = _per_image(gen, n) < 0.5
     rot = torch.randint(0, 4, (n,), generator=gen)
@@ -42,9 +51,11 @@ def weak_augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
             ys.append(torch.rot90(y, k, (-2, -1)))
         x = torch.stack(xs)[rot, torch.arange(n)]
         y = torch.stack(ys)[rot, torch.arange(n)]
+    else:
+        rot = torch.zeros_like(rot)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]).clamp(0, 1)
-    return x.contiguous(), y.contiguous()
+    return x.contiguous(), y.contiguous(), ViewGeometry(hflip, vflip, rot)
 
 
 def strong_augment(x: torch.Tensor, gen: torch.Generator, strength: float = 0.3,
@@ -117,11 +128,17 @@ class WeakStrongAugment:
 
     Per-image numpy work (albumentations), seeded per batch from the caller's torch generator,
     so the stream's saved generator state still makes a resumed run see the same batches.
+    ``geometry`` is what the last call did to each row's pixels (labeled rows, then unlabeled).
     """
 
     def __init__(self, image_size: int):
-        self.weak = official_weak_pipeline(image_size)
-        self.strong = official_strong_pipeline()
+        import albumentations as A
+
+        self.image_size = image_size
+        # Recording the applied parameters changes no draw: the same seed gives the same images.
+        self.weak = A.Compose(official_weak_pipeline(image_size).transforms, save_applied_params=True)
+        self.strong = A.Compose(official_strong_pipeline().transforms, save_applied_params=True)
+        self.geometry = ViewGeometry.identity(0)
 
     def __call__(self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,10 +146,22 @@ class WeakStrongAugment:
         self.weak.set_random_seed(seed)
         self.strong.set_random_seed(seed + 1)
         labeled = [self.weak(image=_hwc(x), mask=y.numpy()) for x, y in zip(x_l, y_l)]
-        unlabeled = [self.strong(image=_hwc(x))["image"] for x in x_u]
+        unlabeled = [self.strong(image=_hwc(x)) for x in x_u]
+        self.geometry = self._geometry(labeled + unlabeled)
         x_l = _chw([d["image"] for d in labeled], x_l)
         y_l = torch.from_numpy(np.stack([d["mask"] for d in labeled])) if labeled else y_l
-        return x_l, y_l.to(torch.int64), _chw(unlabeled, x_u)
+        return x_l, y_l.to(torch.int64), _chw([d["image"] for d in unlabeled], x_u)
+
+    def _geometry(self, results: list[dict]) -> ViewGeometry:
+        rows = [warp_from_albumentations(r["applied_transforms"], self.image_size) for r in results]
+        n = len(rows)
+        geometry = ViewGeometry(torch.tensor([r[0] for r in rows], dtype=torch.bool).reshape(n),
+                                torch.tensor([r[1] for r in rows], dtype=torch.bool).reshape(n),
+                                torch.zeros(n, dtype=torch.int64))
+        if any(r[2] is not None for r in rows):
+            identity = identity_map(1, self.image_size)[0]
+            geometry.warp = torch.stack([torch.from_numpy(r[2]) if r[2] is not None else identity for r in rows])
+        return geometry
 
 
 def _hwc(x: torch.Tensor) -> np.ndarray:

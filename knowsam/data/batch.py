@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from knowsam.data.geometry import ViewGeometry
+
 
 @dataclass
 class Batch:
@@ -18,6 +20,10 @@ class Batch:
     x_l: torch.Tensor
     y_l: torch.Tensor
     x_u: torch.Tensor
+    # Only for a frozen-encoder SAM teacher (sam.encoder: cached), rows in ``x`` order: the cached
+    # embedding of each row's un-augmented image, and how the augmentation moved each row's pixels.
+    teacher_embeddings: torch.Tensor | None = None
+    geometry: ViewGeometry | None = None
 
     @property
     def x(self) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from knowsam.data.augment import WeakStrongAugment, weak_augment
+from knowsam.data.augment import WeakStrongAugment, weak_augment_with_geometry
 from knowsam.data.batch import Batch
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.errors import KnowsamError
@@ -65,11 +65,14 @@ class TrainStream:
     ``augmentation``: ``shared`` gives every row the shared weak augmentation (batched tensor
     ops); ``weak-strong`` is the official KnowSAM dataloader's, weak for labeled rows and strong
     for unlabeled rows (:class:`knowsam.data.augment.WeakStrongAugment`).
+
+    ``teacher_embeddings`` (an (N, C, E, E) array over the training images, memory-mapped: the
+    embed stage's cache) makes every batch carry its rows' embeddings and view geometry.
     """
 
     def __init__(self, data: PreparedDataset, split: dict, *, label_pool: str, uses_unlabeled: bool,
                  batch_size: int, labeled_batch: int, seed: int, device: torch.device,
-                 augmentation: str = "shared"):
+                 augmentation: str = "shared", teacher_embeddings: np.ndarray | None = None):
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {augmentation!r}; known: {', '.join(AUGMENTATIONS)}")
         index = data.index("train")
@@ -93,6 +96,10 @@ class TrainStream:
                           if self.composition.unlabeled else None)
         self.aug_gen = torch.Generator().manual_seed(seed * 1000 + 3)
         self.weak_strong = WeakStrongAugment(self.images.shape[-1]) if augmentation == "weak-strong" else None
+        if teacher_embeddings is not None and len(teacher_embeddings) != len(self.images):
+            raise KnowsamError(f"the teacher's embedding cache has {len(teacher_embeddings)} rows for "
+                               f"{len(self.images)} training images: re-run the embed stage")
+        self.teacher_embeddings = teacher_embeddings
 
     def _load(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         order = np.sort(idx)  # memory maps read faster in file order; keep the sampled order below
@@ -102,19 +109,28 @@ class TrainStream:
         return x, y
 
     def next_batch(self) -> Batch:
-        x_l, y_l = self._load(self.labeled.take(self.composition.labeled))
-        if self.unlabeled is not None:
-            x_u, _ = self._load(self.unlabeled.take(self.composition.unlabeled))
-        else:
-            x_u = x_l[:0]
+        rows_l = self.labeled.take(self.composition.labeled)
+        x_l, y_l = self._load(rows_l)
+        rows_u = self.unlabeled.take(self.composition.unlabeled) if self.unlabeled is not None else rows_l[:0]
+        x_u = self._load(rows_u)[0] if len(rows_u) else x_l[:0]
         dev = self.device
         if self.weak_strong is not None:
             x_l, y_l, x_u = self.weak_strong(x_l, y_l, x_u, self.aug_gen)
-            return Batch(x_l=x_l.to(dev), y_l=y_l.to(dev), x_u=x_u.to(dev))
-        n_l = len(x_l)
-        x, y = weak_augment(torch.cat([x_l, x_u]), torch.cat([y_l, y_l[:0].new_zeros((len(x_u),) + y_l.shape[1:])]),
-                            self.aug_gen)
-        return Batch(x_l=x[:n_l].to(dev), y_l=y[:n_l].to(dev), x_u=x[n_l:].to(dev))
+            batch = Batch(x_l=x_l.to(dev), y_l=y_l.to(dev), x_u=x_u.to(dev))
+            geometry = self.weak_strong.geometry
+        else:
+            n_l = len(x_l)
+            x, y, geometry = weak_augment_with_geometry(
+                torch.cat([x_l, x_u]), torch.cat([y_l, y_l[:0].new_zeros((len(x_u),) + y_l.shape[1:])]), self.aug_gen)
+            batch = Batch(x_l=x[:n_l].to(dev), y_l=y[:n_l].to(dev), x_u=x[n_l:].to(dev))
+        if self.teacher_embeddings is not None:
+            rows = np.concatenate([rows_l, rows_u])
+            order = np.argsort(rows, kind="stable")  # file order reads faster; rows may repeat
+            emb = np.empty((len(rows), *self.teacher_embeddings.shape[1:]), self.teacher_embeddings.dtype)
+            emb[order] = self.teacher_embeddings[rows[order]]
+            batch.teacher_embeddings = torch.from_numpy(emb).to(dev)
+            batch.geometry = geometry
+        return batch
 
     def state_dict(self) -> dict:
         return {"labeled": self.labeled.state_dict(),

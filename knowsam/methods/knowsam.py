@@ -36,6 +36,7 @@ from knowsam.methods.sam_support import (
     frozen_fingerprint,
     load_trained_state,
     sam_optimizer,
+    teacher_forward,
     trained_state,
 )
 from knowsam.models import build_model
@@ -182,7 +183,8 @@ class KnowSam(Method):
     def _fuse(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.nets["fusion"](u, v).float()
 
-    def _sam_logits(self, x: torch.Tensor, fused: torch.Tensor, n_grad: int) -> torch.Tensor:
+    def _sam_logits(self, x: torch.Tensor, fused: torch.Tensor, n_grad: int, batch: Batch | None = None
+                    ) -> torch.Tensor:
         """SAM's per-class logits; the encoder's graph covers only the first ``n_grad`` images.
 
         The decoder always runs on the whole batch at once, so the prompt heads' BatchNorm sees
@@ -191,6 +193,9 @@ class KnowSam(Method):
         adapters via the unlabeled images, a path that encoding them without a graph drops.
         """
         sam = self.nets["sam"]
+        if sam.encoder_mode == "cached":  # a frozen encoder: its embeddings come with the batch
+            with self._timed("sam_decoder"):
+                return teacher_forward(sam, batch, fused.detach()).float()
         with self._timed("sam_encoder"):
             emb = sam.encode(x[:n_grad])
             if n_grad < len(x):
@@ -273,7 +278,7 @@ class KnowSam(Method):
         with self._timed("sub_networks"):
             u, v = self._students(x)
             fused = self._fuse(u, v)
-        sam_logits = self._sam_logits(x, fused, len(x) if self.p.sam_full_graph else n_l)
+        sam_logits = self._sam_logits(x, fused, len(x) if self.p.sam_full_graph else n_l, batch)
         teacher = sam_logits.detach()
         logged: dict[str, torch.Tensor] = {}
         for name, own, other in (("unet", u, v), ("vnet", v, u)):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from knowsam.data.batch import Batch
 from knowsam.errors import KnowsamError
 from knowsam.methods.base import MethodContext
 
@@ -30,7 +31,8 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     """SamTeacher for ``ctx``, loaded (or explicitly random), frozen except adapters/prompt heads, on ctx.device.
 
     Returns the teacher and its provenance: ``sam_arch``, ``sam_weights`` ("random-init" or
-    "<file name> sha256 <first 12 hex>") and ``sam_load_report`` (one line).
+    "<file name> sha256 <first 12 hex>"), ``sam_encoder`` (adapters or cached) and
+    ``sam_load_report`` (one line).
     """
     from knowsam.models.sam_checkpoint import load_sam_weights, resolve_checkpoint
     from knowsam.models.sam_teacher import SamTeacher
@@ -39,7 +41,8 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     path = resolve_checkpoint(s.checkpoint, s.arch, Path(s.cache_dir).expanduser())  # fails before the build
     with torch.random.fork_rng(devices=[]):  # seeded build; the run's global RNG stream is untouched
         torch.manual_seed(ctx.seed)
-        teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels)
+        teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels,
+                             encoder=s.encoder)
     if path is None:
         weights, report = "random-init", f"random init (seed {ctx.seed}); no checkpoint loaded"
     else:
@@ -47,16 +50,38 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
         weights = f"{path.name} sha256 {_checkpoint_sha256(path, s.arch)[:12]}"
     # The constructor froze SAM; loading copies values only, so requires_grad is unchanged.
     teacher.to(ctx.device)
-    return teacher, {"sam_arch": s.arch, "sam_weights": weights, "sam_load_report": report}
+    return teacher, {"sam_arch": s.arch, "sam_weights": weights, "sam_encoder": s.encoder, "sam_load_report": report}
 
 
 def _checkpoint_sha256(path: Path, arch: str) -> str:
-    """The official file's known digest (``resolve_checkpoint`` has verified it), else hash the file."""
+    """The official or bundled file's known digest (``resolve_checkpoint`` has verified it), else hash the file."""
     from knowsam.download import sha256_file
+    from knowsam.models import lite_medsam
     from knowsam.models.sam_checkpoint import SAM_CHECKPOINTS
 
+    if arch == lite_medsam.ARCH and path.name == lite_medsam.BUNDLED_FILE:
+        return lite_medsam.BUNDLED_SHA256
     info = SAM_CHECKPOINTS.get(arch)
     return info.sha256 if info is not None and path.name == info.filename else sha256_file(path)
+
+
+def teacher_forward(teacher: SamTeacher, batch: Batch, dense_logits: torch.Tensor, rows: slice = slice(None)
+                    ) -> torch.Tensor:
+    """The teacher's per-class logits for ``batch.x[rows]``, in the frame of the augmented view.
+
+    ``adapters``: SAM encodes the augmented images. ``cached``: SAM decodes the cached embedding of
+    each un-augmented image; the dense prompt (predicted on the view) is first moved back to the
+    image's own frame, and the logits moved to the view's frame, by the geometry the augmentation
+    recorded. Photometric and cut-out changes of the view are not seen by a cached teacher.
+    """
+    if teacher.encoder_mode == "adapters":
+        return teacher(batch.x[rows], dense_logits)
+    if batch.teacher_embeddings is None or batch.geometry is None:
+        raise KnowsamError("sam.encoder cached: this batch carries no cached embeddings "
+                           "(the training stream reads them from the embed stage's output)")
+    geometry = batch.geometry[rows]
+    embeddings = batch.teacher_embeddings[rows].to(dense_logits.dtype)
+    return geometry.apply(teacher.decode(embeddings, geometry.invert(dense_logits.detach())))
 
 
 def sam_optimizer(teacher: SamTeacher, lr: float = 1e-4) -> torch.optim.Adam:

@@ -32,7 +32,7 @@ from knowsam.losses import kd_loss, soft_dice_loss
 from knowsam.methods.base import Method, MethodContext
 from knowsam.methods.registry import register_plugin
 from knowsam.methods.sam_support import (build_sam_teacher, frozen_fingerprint, linear_decay, load_trained_state,
-                                         sam_optimizer, trained_state)
+                                         sam_optimizer, teacher_forward, trained_state)
 
 SAM_OPTIMIZER = "skd_sam"  # the plug-in's optimiser among the method's; the base method never names it
 
@@ -82,11 +82,14 @@ def with_skd(base: type[Method]) -> type[Method]:
                 group["lr"] = linear_decay(self.p.sam_lr, step, self.ctx.iterations)
             n_l = batch.n_labeled
             prompt = self._dense_prompt(batch.x)
-            embeddings = self.sam.encode(batch.x_l)
-            if len(batch.x_u):
-                with torch.no_grad():  # L_sam covers the labeled images: no encoder graph for the rest
-                    embeddings = torch.cat([embeddings, self.sam.encode(batch.x_u)])
-            logits = self.sam.decode(embeddings, prompt)
+            if self.sam.encoder_mode == "cached":  # a frozen encoder: its embeddings come with the batch
+                logits = teacher_forward(self.sam, batch, prompt)
+            else:
+                embeddings = self.sam.encode(batch.x_l)
+                if len(batch.x_u):
+                    with torch.no_grad():  # L_sam covers the labeled images: no encoder graph for the rest
+                        embeddings = torch.cat([embeddings, self.sam.encode(batch.x_u)])
+                logits = self.sam.decode(embeddings, prompt)
             labeled = logits[:n_l]
             loss = F.cross_entropy(labeled, batch.y_l) + soft_dice_loss(labeled.softmax(1), batch.y_l)
             self.update(loss, SAM_OPTIMIZER)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from knowsam.download import download_file, sha256_file
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.fileio import write_json
+from knowsam.models import lite_medsam
 from knowsam.models.sam_teacher import SamTeacher
 
 
@@ -53,12 +54,20 @@ def resolve_checkpoint(spec: str, arch: str, cache_dir: Path, *, download: bool 
     """Turn a checkpoint spec into a verified local file.
 
     ``"none"``: random SAM weights (returns None). ``"default"``/``"official"``: the official file
-    for ``arch`` in ``cache_dir``, downloaded once if absent (and ``download``). Anything else is a
+    for ``arch`` in ``cache_dir``, downloaded once if absent (and ``download``). ``"bundled"``: the
+    LiteMedSAM file shipped inside its package (size and sha256 checked). Anything else is a
     path to a local file; if it carries an official file name it must have that file's sha256.
     """
     if spec == "none":
         return None
+    if spec == "bundled":
+        if arch != lite_medsam.ARCH:
+            raise ConfigError(f"sam.checkpoint 'bundled' is LiteMedSAM's packaged file: it needs sam.arch "
+                              f"{lite_medsam.ARCH!r}, not {arch!r}")
+        return lite_medsam.bundled_checkpoint()
     if spec in ("default", "official"):
+        if arch == lite_medsam.ARCH:
+            raise ConfigError(f"no official SAM checkpoint for arch {arch!r}: use sam.checkpoint 'bundled'")
         if arch not in SAM_CHECKPOINTS:
             raise ConfigError(f"no official SAM checkpoint for arch {arch!r}; use a local file or 'none'")
         info = SAM_CHECKPOINTS[arch]
@@ -181,6 +190,7 @@ def load_sam_state_dict(teacher: SamTeacher, state: dict[str, torch.Tensor], sou
             f"not a {teacher.arch} checkpoint"
         )
     teacher.load_state_dict(to_load, strict=False)
+    teacher.train(teacher.training)  # lets modules that cache values derived from weights (TinyViT) refresh them
     return report
 
 

@@ -13,6 +13,12 @@ Built from ``segment_anything``'s own modules so that a SAM checkpoint loads by 
 
 Only the adapters and the prompt heads train; the rest of SAM is frozen. SAM's modules contain
 no dropout or batch norm (only LayerNorm), so train/eval mode does not change the frozen parts.
+
+``arch="lite_medsam"`` swaps the ViT for LiteMedSAM's TinyViT (:mod:`knowsam.models.lite_medsam`):
+input fixed at 256 px (images of another size are resized for the encoder), 64x64 embedding,
+adapters in its attention blocks. With ``encoder="cached"`` the encoder is frozen without adapters
+and its embeddings come from a cache computed once (:mod:`knowsam.models.embedding_cache`): only
+the prompt heads train.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from knowsam.config import SAM_ENCODERS
 from knowsam.errors import ConfigError
+from knowsam.models import lite_medsam
 from knowsam.models.unet import ConvBlock
 
 
@@ -95,6 +103,7 @@ ARCHS: dict[str, SamArch] = {
     # on 2 CPU threads.
     "tiny": SamArch(128, 4, 4, (1, 3), window_size=4, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4),
 }
+TEACHER_ARCHS = (*ARCHS, lite_medsam.ARCH)
 
 
 def build_sam_parts(
@@ -274,22 +283,45 @@ class SamTeacher(nn.Module):
     """
 
     def __init__(
-        self, arch: str, image_size: int, num_classes: int, in_channels: int = 3, normalize_pixels: bool = False
+        self, arch: str, image_size: int, num_classes: int, in_channels: int = 3, normalize_pixels: bool = False,
+        encoder: str = "adapters",
     ):
         super().__init__()
         if in_channels not in (1, 3):
             raise ConfigError(f"SAM teacher takes 1 or 3 input channels, got in_channels={in_channels}")
         if num_classes < 1:
             raise ConfigError(f"SAM teacher needs num_classes >= 1, got {num_classes}")
+        if encoder not in SAM_ENCODERS:
+            raise ConfigError(f"unknown SAM encoder mode {encoder!r}; known: {', '.join(SAM_ENCODERS)}")
         self.arch, self.image_size, self.num_classes = arch, image_size, num_classes
-        self.in_channels, self.normalize_pixels = in_channels, normalize_pixels
-        self.image_encoder, self.prompt_encoder, self.mask_decoder = build_sam_parts(arch, image_size)
-        self.image_encoder.blocks = nn.ModuleList(AdaptedBlock(b) for b in self.image_encoder.blocks)
-        dim = ARCHS[arch].prompt_dim
+        self.in_channels, self.normalize_pixels, self.encoder_mode = in_channels, normalize_pixels, encoder
+        if arch == lite_medsam.ARCH:
+            lite_medsam.check_options(normalize_pixels)
+            self.image_encoder, self.prompt_encoder, self.mask_decoder = lite_medsam.build_parts()
+            self.encoder_size = lite_medsam.INPUT_SIZE
+            if encoder == "adapters":
+                lite_medsam.add_adapters(self.image_encoder, Adapter)
+        elif arch in ARCHS:
+            self.image_encoder, self.prompt_encoder, self.mask_decoder = build_sam_parts(arch, image_size)
+            self.encoder_size = image_size
+            if encoder == "adapters":
+                self.image_encoder.blocks = nn.ModuleList(AdaptedBlock(b) for b in self.image_encoder.blocks)
+        else:
+            raise ConfigError(f"unknown SAM arch {arch!r}; known: {', '.join(TEACHER_ARCHS)}")
+        dim = self.mask_decoder.transformer_dim
         self.prompt_heads = nn.ModuleList(ClassPromptHead(dim) for _ in range(num_classes))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()
+        self.train()
+
+    def train(self, mode: bool = True) -> SamTeacher:
+        """Train mode for the prompt heads; TinyViT's frozen BatchNorm statistics and cached attention
+        biases need its eval mode always (calling it also refreshes that cache after new weights load)."""
+        super().train(mode)
+        if self.arch == lite_medsam.ARCH:
+            self.image_encoder.train(False)
+        return self
 
     @staticmethod
     def is_added_name(name: str) -> bool:
@@ -305,7 +337,10 @@ class SamTeacher(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, in_channels, S, S) in [0, 1] -> image embeddings (B, prompt_dim, S/16, S/16)."""
+        """Images (B, in_channels, S, S) in [0, 1] -> image embeddings (B, prompt_dim, E, E).
+
+        E is S/16 for the ViTs; LiteMedSAM resizes every image to 256 px and gives E = 64.
+        """
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.image_size, self.image_size):
             s = self.image_size
             raise ValueError(f"SAM teacher expects (B, {self.in_channels}, {s}, {s}), got {tuple(x.shape)}")
@@ -313,6 +348,8 @@ class SamTeacher(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         if self.normalize_pixels:
             x = (x * 255.0 - self.pixel_mean) / self.pixel_std
+        if self.encoder_size != self.image_size:
+            x = F.interpolate(x, size=(self.encoder_size, self.encoder_size), mode="bilinear", align_corners=False)
         return self.image_encoder(x)
 
     def decode(self, embeddings: torch.Tensor, dense_logits: torch.Tensor) -> torch.Tensor:
@@ -338,6 +375,17 @@ class SamTeacher(nn.Module):
 
     def forward(self, x: torch.Tensor, dense_logits: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), dense_logits)
+
+    def decode_boxes(self, embeddings: torch.Tensor, boxes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """SAM's own box prompting, without the learnable prompts: what the pretrained model does alone.
+
+        ``boxes`` (N, 4) are (x0, y0, x1, y1) in the encoder's input pixels, box n on image
+        ``rows[n]`` of ``embeddings``; returns logits (N, S_enc, S_enc) at the encoder's input size.
+        """
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.to(embeddings.dtype), masks=None)
+        low_res = self._predict_masks(embeddings[rows], sparse, dense)
+        size = (self.encoder_size, self.encoder_size)
+        return F.interpolate(low_res[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def _predict_masks(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """SAM's single-mask prediction for N = B*K prompts over B images, in one decoder call.

@@ -157,16 +157,30 @@ def reference_table(part: pd.DataFrame, refs: list[reference.Reference]) -> list
     return lines
 
 
+# How each teacher's image encoder trained (provenance ``sam_encoder``), as the note words it.
+ENCODER_NOTES = {"adapters": "encoder adapters trained", "cached": "frozen encoder, embeddings cached"}
+
+
 def _sam_note(long: pd.DataFrame) -> str:
+    """Which SAM teacher (arch, weights, how its encoder trained) each SAM-using method had."""
     plain = long[(long.variant == "") & (long.sam_weights != "")]
     if plain.empty:
         return "SAM teacher: no evaluated run uses one."
+    encoder = plain.sam_encoder if "sam_encoder" in plain else pd.Series("", index=plain.index)
+    teachers = {}
+    for method, arch, weights, mode in zip(plain.method, plain.sam_arch, plain.sam_weights, encoder):
+        how = ENCODER_NOTES.get(mode, "")
+        teachers.setdefault(f"`{arch}` {weights}" + (f", {how}" if how else ""), set()).add(method)
     random_init = sorted(set(plain.method[plain.sam_weights == "random-init"]))
+    lines = []
     if random_init:
-        return ("**SAM teacher: random initialisation, no pretrained SAM weights** in runs of "
-                f"{', '.join(random_init)}; these numbers do not show what a pretrained SAM brings.")
-    used = sorted({f"{a} {w}".strip() for a, w in zip(plain.sam_arch, plain.sam_weights)})
-    return f"SAM teacher weights: {'; '.join(used)}."
+        lines.append("**SAM teacher: random initialisation, no pretrained SAM weights** in runs of "
+                     f"{', '.join(random_init)}; these numbers do not show what a pretrained SAM brings.")
+    pretrained = {k: v for k, v in teachers.items() if "random-init" not in k}
+    if pretrained:
+        lines.append("SAM teacher weights: " + "; ".join(f"{k} ({', '.join(sorted(v))})"
+                                                       for k, v in sorted(pretrained.items())) + ".")
+    return " ".join(lines)
 
 
 def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]:
