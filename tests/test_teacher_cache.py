@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from knowsam.data.augment import _REFLECT, WeakStrongAugment, official_strong_pipeline, weak_augment_with_geometry
+from knowsam.data.augment import _REFLECT, WeakStrongAugment, weak_augment_with_geometry
 from knowsam.data.batch import Batch
 from knowsam.data.dataset import FORMAT_VERSION, PreparedDataset
 from knowsam.data.geometry import ViewGeometry, warp_from_albumentations
