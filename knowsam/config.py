@@ -60,6 +60,8 @@ class SamParams:
     checkpoint: str = "official"  # official | none (random init, stated in every table) | a file path
     cache_dir: str = "~/.cache/knowsam-bench"
     normalize_pixels: bool = False  # official code feeds [0,1] pixels without SAM's normalisation
+    decoder: str = "adapted"  # adapted: KnowSAM's official decoder (adapters); stock: SAM's own
+    load_decoder_mlp: bool = False  # official: the adapted decoder's MLPs never get the checkpoint's weights
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Params:
 INTERPOLATIONS = ("bilinear", "nearest")
 RESOLUTIONS = ("original", "training")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SAM_DECODERS = ("adapted", "stock")
 
 
 def _type_name(tp: Any) -> str:
@@ -161,6 +164,7 @@ def check(params: Params) -> Params:
     _check_choice(d.interpolation, INTERPOLATIONS, "data.interpolation")
     _check_choice(params.eval.resolution, RESOLUTIONS, "eval.resolution")
     _check_choice(t.device, DEVICES, "train.device")
+    _check_choice(params.sam.decoder, SAM_DECODERS, "sam.decoder")
     if d.image_size < 16 or d.image_size % 16:
         raise ConfigError(f"params: 'data.image_size' = {d.image_size} must be a positive multiple of 16 "
                           "(four 2x poolings in the U-Net and SAM's 16-pixel patches)")

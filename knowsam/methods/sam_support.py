@@ -39,7 +39,8 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     path = resolve_checkpoint(s.checkpoint, s.arch, Path(s.cache_dir).expanduser())  # fails before the build
     with torch.random.fork_rng(devices=[]):  # seeded build; the run's global RNG stream is untouched
         torch.manual_seed(ctx.seed)
-        teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels)
+        teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels,
+                             decoder=s.decoder, load_decoder_mlp=s.load_decoder_mlp)
     if path is None:
         weights, report = "random-init", f"random init (seed {ctx.seed}); no checkpoint loaded"
     else:
