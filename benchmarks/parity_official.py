@@ -372,6 +372,13 @@ def training_step_terms(official: types.SimpleNamespace, x: torch.Tensor) -> lis
     for src, dst in zip(trainer.sam_model.image_encoder.blocks, sam.image_encoder.blocks):
         copy_in_order(src.Space_Adapter, dst.attn_adapter)
         copy_in_order(src.MLP_Adapter, dst.mlp_adapter)
+    # Both sides leave the decoder MLPs at their random init (the official defect): the same
+    # layers, drawn by two different builds, so the official draw is copied in.
+    official_transformer, transformer = trainer.sam_model.mask_decoder.transformer, sam.mask_decoder.transformer
+    for src, dst in zip(official_transformer.layers, transformer.layers):
+        for a, b in ((src.Space_Adapter, dst.attn_adapter), (src.MLP_Adapter, dst.mlp_adapter), (src.mlp, dst.mlp)):
+            copy_in_order(a, b)
+    copy_in_order(official_transformer.Space_Adapter, transformer.attn_adapter)
     dropout_off(trainer.SGDL, trainer.sam_model, *ours.nets.values())
 
     y = disc_labels(BATCH)

@@ -65,6 +65,8 @@ class SamParams:
     # cached: frozen encoder, embeddings computed once by the embed stage (the CPU way)
     encoder: str = "adapters"
     embeddings_root: str = "data/embeddings"  # where the embed stage writes <dataset>/ (encoder: cached)
+    decoder: str = "adapted"  # adapted: KnowSAM's official decoder (adapters); stock: SAM's own
+    load_decoder_mlp: bool = False  # official: the adapted decoder's MLPs never get the checkpoint's weights
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ INTERPOLATIONS = ("bilinear", "nearest")
 SAM_ENCODERS = ("adapters", "cached")
 RESOLUTIONS = ("original", "training")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SAM_DECODERS = ("adapted", "stock")
 
 
 def _type_name(tp: Any) -> str:
@@ -171,6 +174,7 @@ def check(params: Params) -> Params:
     if params.sam.encoder == "cached" and params.sam.checkpoint == "none":
         raise ConfigError("params: 'sam.encoder' cached needs pretrained weights (sam.checkpoint is none); "
                           "a random encoder is only trained with adapters")
+    _check_choice(params.sam.decoder, SAM_DECODERS, "sam.decoder")
     if d.image_size < 16 or d.image_size % 16:
         raise ConfigError(f"params: 'data.image_size' = {d.image_size} must be a positive multiple of 16 "
                           "(four 2x poolings in the U-Net and SAM's 16-pixel patches)")

@@ -25,7 +25,7 @@ def _count(params: list[nn.Parameter]) -> dict[str, int]:
 
 
 def _sam_part(name: str) -> str:
-    """Which listed part of a SAM teacher a parameter name belongs to (adapters out of the encoder)."""
+    """Which listed part of a SAM teacher a parameter name belongs to (adapters out of encoder and decoder)."""
     if name.startswith("prompt_heads."):
         return "prompt_heads"
     if ".attn_adapter." in name or ".mlp_adapter." in name:

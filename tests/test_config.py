@@ -46,6 +46,7 @@ def test_every_profile_validates():
     ("data.image_size", 100, "'data.image_size' = 100 must be a positive multiple of 16"),
     ("train.labeled_batch", 9, "'train.labeled_batch' = 9 must be in [1, train.batch_size = 8]"),
     ("data.interpolation", "cubic", "'data.interpolation' must be one of bilinear, nearest"),
+    ("sam.decoder", "lite", "'sam.decoder' must be one of adapted, stock"),
     ("method_params", {"labeled-only": {"x": 1}}, "unknown key 'method_params.labeled-only.x' (known: none)"),
     ("method_params", {"nope": {}}, "'method_params.nope' names an unknown method"),
     ("method_params", {"mt": {"ema_decay": "high"}}, "'method_params.mt.ema_decay' must be float, got 'high'"),

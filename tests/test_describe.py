@@ -18,7 +18,10 @@ def test_describe_knowsam_polyp_gives_the_official_counts(capsys):
     assert modules["vnet"] == {"params": 3_265_986, "trainable": 3_265_986}
     assert modules["fusion"] == {"params": 40_548, "trainable": 40_548}
     assert modules["sam.prompt_heads"] == {"params": 11_156_992, "trainable": 11_156_992}  # 2 x 5,578,496
-    assert modules["sam.adapters"]["trainable"] == modules["sam.adapters"]["params"] > 0
+    # 12 encoder blocks x 2 x 295,872, and the mask decoder's 5 x 33,088 (the official decoder's 6 less the
+    # MLP adapter its forward never calls)
+    assert modules["sam.adapters"] == {"params": 7_266_368, "trainable": 7_266_368}
+    assert modules["sam.mask_decoder"] == {"params": 4_058_340, "trainable": 0}  # SAM's, its MLPs included
     for frozen in ("sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder"):
         assert modules[frozen]["params"] > 0 and modules[frozen]["trainable"] == 0, frozen
     assert {"unet", "vnet", "fusion"} < set(modules)

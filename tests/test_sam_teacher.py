@@ -14,7 +14,16 @@ from segment_anything.modeling.image_encoder import Block, window_partition, win
 from knowsam.errors import ConfigError
 from knowsam.models import build_model
 from knowsam.models.fusion import Fusion
-from knowsam.models.sam_teacher import PIXEL_MEAN, PIXEL_STD, AdaptedBlock, ClassPromptHead, SamTeacher
+from knowsam.models.adapted_decoder import AdaptedTwoWayBlock, AdaptedTwoWayTransformer
+from knowsam.models.adapter import Adapter
+from knowsam.models.sam_teacher import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    AdaptedBlock,
+    ClassPromptHead,
+    SamTeacher,
+    build_sam_parts,
+)
 
 
 def _teacher(size: int = 64, k: int = 2, **kw) -> SamTeacher:
@@ -34,7 +43,8 @@ def test_only_adapters_and_prompt_heads_get_gradients():
     trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
     assert trainable
     assert all(".attn_adapter." in n or ".mlp_adapter." in n or n.startswith("prompt_heads.") for n in trainable)
-    assert len([n for n in trainable if "adapter" in n]) == 4 * 2 * 4  # 4 blocks x 2 adapters x (2 weights + 2 biases)
+    # (2 weights + 2 biases) per adapter: 4 encoder blocks x 2, 2 decoder blocks x 2, the decoder's final one
+    assert len([n for n in trainable if "adapter" in n]) == (4 * 2 + 2 * 2 + 1) * 4
     for name, p in teacher.named_parameters():
         if name in trainable:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -96,6 +106,8 @@ def test_bad_configs_are_config_errors():
         SamTeacher("vit_x", 64, 2)
     with pytest.raises(ConfigError, match="in_channels=2"):
         SamTeacher("tiny", 64, 2, in_channels=2)
+    with pytest.raises(ConfigError, match="unknown SAM decoder 'lite'"):
+        SamTeacher("tiny", 64, 2, decoder="lite")
     assert isinstance(build_model("sam_teacher", arch="tiny", image_size=32, num_classes=1), SamTeacher)
 
 
@@ -239,3 +251,77 @@ def test_teacher_import_skips_torchvision_yet_segment_anything_stays_whole():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"  # the package's own __init__ ran on first use
+
+
+# --- adapted mask decoder ------------------------------------------------------------------
+
+
+def test_adapted_decoder_official_structure_and_parameter_count():
+    _, _, decoder = build_sam_parts("vit_b", 256)
+    stock = sum(p.numel() for p in decoder.parameters())
+    decoder.transformer = AdaptedTwoWayTransformer(decoder.transformer)
+    names = [n for n, _ in decoder.named_parameters()]
+    # The official vit_b mask decoder (Model/sam/build_sam.py 96-107 with Model/common/two_way_transformer.py)
+    # has 4,256,868 parameters; 33,088 of them are its transformer-level MLP adapter, which its forward
+    # never calls and which is left out here.
+    assert sum(p.numel() for p in decoder.parameters()) == 4_256_868 - 33_088 == 4_223_780
+    assert stock == 4_058_340  # SAM's decoder: everything but the 5 adapters of 33,088 (256 -> 64 -> 256)
+    adapters = [n for n in names if "adapter" in n]
+    assert sorted({n.rsplit(".", 2)[0] for n in adapters}) == [
+        "transformer.attn_adapter", "transformer.layers.0.attn_adapter", "transformer.layers.0.mlp_adapter",
+        "transformer.layers.1.attn_adapter", "transformer.layers.1.mlp_adapter",
+    ]
+    # Every SAM tensor keeps SAM's name, so a checkpoint still matches by key.
+    sam_names = {n for n, _ in build_sam_parts("vit_b", 256)[2].named_parameters()}
+    assert set(names) - set(adapters) == sam_names
+
+
+def test_decoder_adapters_train_and_its_mlps_stay_frozen():
+    teacher = _teacher()
+    for name, p in teacher.mask_decoder.named_parameters():
+        assert p.requires_grad == ("adapter" in name), name
+    assert teacher.unloaded_sam_names == {
+        f"mask_decoder.transformer.layers.{i}.mlp.{lin}.{kind}"
+        for i in range(2) for lin in ("lin1", "lin2") for kind in ("weight", "bias")
+    }
+    assert _teacher(load_decoder_mlp=True).unloaded_sam_names == frozenset()
+    stock = _teacher(decoder="stock")
+    assert stock.unloaded_sam_names == frozenset()
+    assert not any("adapter" in n for n, _ in stock.mask_decoder.named_parameters())
+
+
+def _official_block(block: AdaptedTwoWayBlock, queries, keys, query_pe, key_pe):
+    """The official two-way block written out step by step (Model/common/two_way_transformer.py 166-198)."""
+    if not block.skip_first_layer_pe:
+        queries = queries + query_pe
+    queries = block.norm1(queries + block.attn_adapter(block.self_attn(q=queries, k=queries, v=queries)))
+    q, k = queries + query_pe, keys + key_pe
+    queries = block.norm2(queries + block.attn_adapter(block.cross_attn_token_to_image(q=q, k=k, v=keys)))
+    queries = block.norm3(queries + block.mlp(queries) + 0.5 * block.mlp_adapter(queries))
+    q, k = queries + query_pe, keys + key_pe
+    return queries, block.norm4(keys + block.attn_adapter(block.cross_attn_image_to_token(q=k, k=q, v=queries)))
+
+
+def test_adapted_decoder_follows_the_official_order():
+    torch.manual_seed(0)
+    _, _, decoder = build_sam_parts("tiny", 64)
+    transformer = AdaptedTwoWayTransformer(decoder.transformer)
+    image, pe, tokens = torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4), torch.randn(2, 7, 64)
+    with torch.no_grad():
+        queries, keys = tokens, image.flatten(2).transpose(1, 2)
+        key_pe = pe.flatten(2).transpose(1, 2)
+        for block in transformer.layers:
+            queries, keys = _official_block(block, queries, keys, tokens, key_pe)
+        adapter = transformer.attn_adapter
+        attn = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
+        queries = adapter(transformer.norm_final_attn(queries + adapter(attn)))
+        ours_q, ours_k = transformer(image, pe, tokens)
+    torch.testing.assert_close(ours_q, queries)
+    torch.testing.assert_close(ours_k, keys)
+    # Not SAM's transformer even with the adapters silenced: the self-attention differs.
+    for module in transformer.modules():
+        if isinstance(module, Adapter):
+            nn.init.zeros_(module.up.weight)
+            nn.init.zeros_(module.up.bias)
+    with torch.no_grad():
+        assert (transformer(image, pe, tokens)[0] - decoder.transformer(image, pe, tokens)[0]).abs().max() > 1e-3

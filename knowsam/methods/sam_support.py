@@ -42,7 +42,7 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     with torch.random.fork_rng(devices=[]):  # seeded build; the run's global RNG stream is untouched
         torch.manual_seed(ctx.seed)
         teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels,
-                             encoder=s.encoder)
+                             encoder=s.encoder, decoder=s.decoder, load_decoder_mlp=s.load_decoder_mlp)
     if path is None:
         weights, report = "random-init", f"random init (seed {ctx.seed}); no checkpoint loaded"
     else:

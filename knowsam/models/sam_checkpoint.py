@@ -130,7 +130,8 @@ class LoadReport:
 
     loaded: list[str] = field(default_factory=list)  # copied as is (includes resized keys)
     resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # key -> (from, to)
-    skipped: list[str] = field(default_factory=list)  # in the checkpoint, deliberately unused (rel-pos tables)
+    # in the checkpoint, deliberately unused (rel-pos tables; decoder MLPs kept at init, see SamTeacher)
+    skipped: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, matching nothing in the teacher
     missing: list[str] = field(default_factory=list)  # in the teacher, absent from the checkpoint
 
@@ -165,8 +166,9 @@ def load_sam_state_dict(teacher: SamTeacher, state: dict[str, torch.Tensor], sou
     report = LoadReport()
     to_load: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w")):
-            report.skipped.append(key)  # relative positions are off in the teacher
+        # relative positions are off in the teacher; some SAM tensors it keeps at init on purpose
+        if key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w")) or key in teacher.unloaded_sam_names:
+            report.skipped.append(key)
             continue
         if key not in target:
             report.unexpected.append(key)
@@ -182,7 +184,7 @@ def load_sam_state_dict(teacher: SamTeacher, state: dict[str, torch.Tensor], sou
             value = resize_pos_embed(value, want[1:3])
         to_load[key] = value
         report.loaded.append(key)
-    report.missing = [k for k in target if k not in to_load]
+    report.missing = [k for k in target if k not in to_load and k not in teacher.unloaded_sam_names]
     not_sam = [k for k in report.missing if not SamTeacher.is_added_name(k)]
     if not_sam:
         raise KnowsamError(

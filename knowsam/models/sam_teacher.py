@@ -9,6 +9,10 @@ Built from ``segment_anything``'s own modules so that a SAM checkpoint loads by 
 * the sparse prompt is not a box but two tokens per class predicted from the image embedding
   (Learnable Prompt Strategy, :class:`ClassPromptHead`); the dense prompt is a logit map given
   by the caller (the fused sub-network output), embedded by SAM's frozen mask encoder;
+* the mask decoder's two-way transformer is the official adapted one
+  (:mod:`knowsam.models.adapted_decoder`; ``decoder="stock"``: SAM's own), and its MLPs keep their
+  random initialisation instead of the checkpoint's, as in the official runs
+  (``load_decoder_mlp=True`` loads them);
 * the decoder runs once per class, every (image, class) pair in one batched call.
 
 Only the adapters and the prompt heads train; the rest of SAM is frozen. SAM's modules contain
@@ -32,9 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from knowsam.config import SAM_ENCODERS
+from knowsam.config import SAM_DECODERS, SAM_ENCODERS
 from knowsam.errors import ConfigError
 from knowsam.models import lite_medsam
+from knowsam.models.adapter import Adapter
 from knowsam.models.unet import ConvBlock
 
 
@@ -68,6 +73,8 @@ def _defer_segment_anything_init() -> None:
 _defer_segment_anything_init()
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer  # noqa: E402
 from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition  # noqa: E402
+
+from knowsam.models.adapted_decoder import AdaptedTwoWayTransformer  # noqa: E402
 
 PATCH_SIZE = 16
 # SAM's pixel statistics on the 0-255 scale (used only with normalize_pixels=True).
@@ -152,25 +159,6 @@ def build_sam_parts(
         iou_head_hidden_dim=a.prompt_dim,
     )
     return encoder, prompt_encoder, decoder
-
-
-class Adapter(nn.Module):
-    """Bottleneck dim -> dim/4 -> dim with GELU, optionally with its own skip connection.
-
-    PyTorch's default Linear init, as the official adapter (``Model/common/adapter.py``): the
-    adapted SAM does not start as the pretrained one, it starts where the official run starts.
-    """
-
-    def __init__(self, dim: int, skip: bool):
-        super().__init__()
-        self.skip = skip
-        self.down = nn.Linear(dim, dim // 4)
-        self.act = nn.GELU()
-        self.up = nn.Linear(dim // 4, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.up(self.act(self.down(x)))
-        return x + out if self.skip else out
 
 
 class AdaptedBlock(nn.Module):
@@ -284,7 +272,7 @@ class SamTeacher(nn.Module):
 
     def __init__(
         self, arch: str, image_size: int, num_classes: int, in_channels: int = 3, normalize_pixels: bool = False,
-        encoder: str = "adapters",
+        encoder: str = "adapters", decoder: str = "adapted", load_decoder_mlp: bool = False,
     ):
         super().__init__()
         if in_channels not in (1, 3):
@@ -308,6 +296,16 @@ class SamTeacher(nn.Module):
                 self.image_encoder.blocks = nn.ModuleList(AdaptedBlock(b) for b in self.image_encoder.blocks)
         else:
             raise ConfigError(f"unknown SAM arch {arch!r}; known: {', '.join(TEACHER_ARCHS)}")
+        if decoder not in SAM_DECODERS:
+            raise ConfigError(f"unknown SAM decoder {decoder!r}; known: {', '.join(SAM_DECODERS)}")
+        if decoder == "adapted":
+            self.mask_decoder.transformer = AdaptedTwoWayTransformer(self.mask_decoder.transformer)
+        # SAM tensors a checkpoint load leaves at their (seeded) initial values: the adapted decoder's
+        # MLPs, which the official build never loads (its MLP layers have other names).
+        self.unloaded_sam_names = frozenset(
+            name for name, _ in self.named_parameters()
+            if decoder == "adapted" and not load_decoder_mlp and self.is_decoder_mlp_name(name)
+        )
         dim = self.mask_decoder.transformer_dim
         self.prompt_heads = nn.ModuleList(ClassPromptHead(dim) for _ in range(num_classes))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -327,6 +325,10 @@ class SamTeacher(nn.Module):
     def is_added_name(name: str) -> bool:
         """True for tensors KnowSAM adds to SAM (adapters, prompt heads): exactly the trainable ones."""
         return name.startswith("prompt_heads.") or ".attn_adapter." in name or ".mlp_adapter." in name
+
+    @staticmethod
+    def is_decoder_mlp_name(name: str) -> bool:
+        return name.startswith("mask_decoder.transformer.layers.") and ".mlp." in name
 
     def freeze(self) -> None:
         """Make exactly the adapters and prompt heads trainable; freeze the rest of SAM."""
