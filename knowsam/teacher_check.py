@@ -47,7 +47,7 @@ def frame_cases(raw: Path, spec, size: int, limit: int | None, test_sets: list[s
             continue
         for name, image_path, mask_path in find_pairs(folder / "images", folder / "masks")[:limit]:
             image = resize_image(read_image(image_path), size, "bilinear")
-            mask = resize_binary_mask((read_mask(mask_path) > 127).astype(np.uint8), size, "bilinear")
+            mask = resize_binary_mask(read_mask(mask_path), size, "bilinear")
             yield Case(test_set, name, torch.from_numpy(image)[None].float() / 255, mask[None])
 
 
@@ -101,7 +101,8 @@ def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train) -> tup
     if train.threads:
         torch.set_num_threads(train.threads)
     size = 256  # LiteMedSAM's input; the ViTs run at the paper's size
-    teacher = SamTeacher(arch, size, 1, encoder="cached")
+    # The pretrained model as published: SAM's own decoder with every weight loaded (no adapters).
+    teacher = SamTeacher(arch, size, 1, encoder="cached", decoder="stock")
     load_sam_weights(teacher, path)
     return teacher.to(pick_device(train.device)).eval(), f"{arch} {path.name}"
 

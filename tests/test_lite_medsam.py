@@ -22,7 +22,7 @@ KVASIR = MIRROR / "polyp/TestDataset/Kvasir" if MIRROR else None
 
 @pytest.fixture(scope="module")
 def pretrained() -> SamTeacher:
-    teacher = SamTeacher("lite_medsam", 256, 1, encoder="cached")
+    teacher = SamTeacher("lite_medsam", 256, 1, encoder="cached", decoder="stock")
     load_sam_weights(teacher, resolve_checkpoint("bundled", "lite_medsam", Path("unused")))
     return teacher.eval()
 
@@ -40,7 +40,7 @@ def test_decode_with_ground_truth_box_on_a_real_image(pretrained):
 
     name = sorted(p.stem for p in (KVASIR / "images").iterdir())[0]
     image = resize_image(read_image(KVASIR / "images" / f"{name}.jpg"), 256, "bilinear")
-    mask = resize_binary_mask((read_mask(KVASIR / "masks" / f"{name}.png") > 127).astype(np.uint8), 256, "bilinear")
+    mask = resize_binary_mask(read_mask(KVASIR / "masks" / f"{name}.png"), 256, "bilinear")
     ys, xs = np.nonzero(mask)
     box = torch.tensor([[xs.min(), ys.min(), xs.max(), ys.max()]], dtype=torch.float32)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_adapters_in_every_attention_block_and_only_added_tensors_train():
     assert len(blocks) == 2 + 6 + 2  # TinyViT stages 2-4
     trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in teacher.named_parameters() if SamTeacher.is_added_name(n)}
-    assert sum(".attn_adapter." in n for n in trainable) == 4 * len(blocks)
+    assert sum(".attn_adapter." in n and n.startswith("image_encoder.") for n in trainable) == 4 * len(blocks)
     # An adapter changes the block's output (the hooks are live), and gradients reach it.
     x = torch.rand(1, 3, 64, 64)
     out = teacher.encode(x)
@@ -85,4 +85,14 @@ def test_frozen_encoder_stays_in_eval_mode():
     teacher = SamTeacher("lite_medsam", 64, 2, encoder="cached")
     teacher.train()
     assert not teacher.image_encoder.training and teacher.prompt_heads.training
-    assert not any(".attn_adapter." in n for n, _ in teacher.named_parameters())
+    assert not any(".attn_adapter." in n for n, _ in teacher.image_encoder.named_parameters())
+
+
+def test_adapted_decoder_leaves_exactly_the_decoder_mlps_unloaded_by_default():
+    """The official decoder's defect applies to any checkpoint: its MLPs keep their initial values."""
+    teacher = SamTeacher("lite_medsam", 256, 1, encoder="cached")
+    load_sam_weights(teacher, resolve_checkpoint("bundled", "lite_medsam", Path("unused")))
+    state = torch.load(lite_medsam.bundled_checkpoint(), map_location="cpu", weights_only=True)
+    own = teacher.state_dict()
+    differing = {k for k, v in state.items() if not torch.equal(own[k], v)}
+    assert differing and differing <= teacher.unloaded_sam_names
