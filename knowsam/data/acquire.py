@@ -245,7 +245,7 @@ def _mirror_miss(spec: DatasetSpec, mirror_dir: Path) -> str:
 def _from_mirror_layout(spec: DatasetSpec, mirror_dir: Path, stage: Path) -> dict:
     archive_names = {a.filename for a in spec.archives}
     manifest = _verify_manifest(mirror_dir, lambda rel: rel not in archive_names)
-    method = _link_tree(mirror_dir, stage, skip=archive_names)
+    method = _copy_tree(mirror_dir, stage, skip=archive_names)
     return {"origin": "mirror", "location": str(mirror_dir), "method": method, "manifest": manifest}
 
 
@@ -292,7 +292,7 @@ def _verify_manifest(folder: Path, wanted: Callable[[str], bool]) -> dict | None
     return {"file": str(path), "sha256": sha256_file(path), "entries_verified": len(entries)}
 
 
-def _link_tree(src: Path, dst: Path, skip: set[str]) -> str:
+def _copy_tree(src: Path, dst: Path, skip: set[str]) -> str:
     """Copy every file of ``src`` into ``dst`` (reflinks where possible, never hard links); return how."""
     copied = False
     for dirpath, _, filenames in os.walk(src, followlinks=True):
