@@ -68,7 +68,7 @@ def test_each_albumentations_transform_the_loader_draws_is_followed(transform):
 
 def test_weak_strong_loader_views_align_with_the_recorded_geometry():
     size = 256  # the strong pipeline's 12 px holes cover little of the image at the official size
-    aug = WeakStrongAugment(size)
+    aug = WeakStrongAugment(size, record_geometry=True)
     x0 = smooth_field(8, 3, size, seed=4)
     y0 = (x0[:, 0] > 0.5).long()
     x_l, _, x_u = aug(x0[:4], y0[:4], x0[4:], torch.Generator().manual_seed(2))

@@ -95,7 +95,8 @@ class TrainStream:
         self.unlabeled = (EpochSampler(rows_of(split["unlabeled"]), seed=seed * 1000 + 2)
                           if self.composition.unlabeled else None)
         self.aug_gen = torch.Generator().manual_seed(seed * 1000 + 3)
-        self.weak_strong = WeakStrongAugment(self.images.shape[-1]) if augmentation == "weak-strong" else None
+        self.weak_strong = (WeakStrongAugment(self.images.shape[-1], record_geometry=teacher_embeddings is not None)
+                            if augmentation == "weak-strong" else None)
         if teacher_embeddings is not None and len(teacher_embeddings) != len(self.images):
             raise KnowsamError(f"the teacher's embedding cache has {len(teacher_embeddings)} rows for "
                                f"{len(self.images)} training images: re-run the embed stage")
