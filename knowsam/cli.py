@@ -134,7 +134,7 @@ def prepare(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTIO
 def embed(dataset: str = typer.Argument(...),
           batch: int = typer.Option(1, help="Images per encoder call (1 was fastest on CPU; more on a GPU)."),
           params_file: Path = PARAMS_OPTION) -> None:
-    """Cache the frozen SAM encoder's embeddings of a dataset's training images (sam.encoder: cached)."""
+    """Cache the frozen SAM encoder's embeddings of every image of a dataset (sam.encoder: cached)."""
     from rich.progress import Progress
 
     from knowsam.embed import embed as embed_dataset
@@ -150,7 +150,7 @@ def embed(dataset: str = typer.Argument(...),
         typer.echo(f"{dataset}: sam.encoder is {params.sam.encoder}; no embedding cache needed")
         return
     last = meta["last_call"]
-    typer.echo(f"{dataset}: {meta['done']} embeddings; this call {last['images']} images in {last['seconds']} s "
+    typer.echo(f"{dataset}: {sum(meta['done'].values())} embeddings ({', '.join(f'{k} {v}' for k, v in meta['done'].items())}); this call {last['images']} images in {last['seconds']} s "
                f"({last['images_per_second']} images/s)")
 
 

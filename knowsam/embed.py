@@ -1,4 +1,4 @@
-"""The ``embed`` stage: the frozen teacher encoder's embeddings of one dataset's training images.
+"""The ``embed`` stage: the frozen teacher encoder's embeddings of every image of one dataset.
 
 Builds the run's SAM teacher exactly as training does (same arch, weights and resolution), so the
 cache's identity is the one training checks (:mod:`knowsam.models.embedding_cache`).

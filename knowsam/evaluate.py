@@ -24,17 +24,20 @@ from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.errors import KnowsamError
 from knowsam.machine import pick_device
 from knowsam.metrics import EMPTY_MASK_POLICY, case_metrics, summarize
+from knowsam.models import embedding_cache
 from knowsam.runs import RunId, build_method, config_hash, run_config
 
 
 @torch.no_grad()
 def predict_probs(method, images: np.ndarray, device: torch.device, batch: int = 16,
-                  variant: str | None = None) -> torch.Tensor:
+                  variant: str | None = None, embeddings: np.ndarray | None = None) -> torch.Tensor:
+    """``method.predict`` over ``images`` in batches; ``embeddings``: the teacher's cached embeddings of them."""
     method.eval()
     out = []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(to_float(np.asarray(images[start:start + batch]))).to(device)
-        out.append(method.predict(x, variant).float().cpu())
+        emb = None if embeddings is None else torch.from_numpy(np.array(embeddings[start:start + batch])).to(device)
+        out.append(method.predict(x, variant, emb).float().cpu())
     return torch.cat(out)
 
 
@@ -134,10 +137,14 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
         raise KnowsamError(f"{weights_path}: unreadable or not this method's weights ({type(exc).__name__}); "
                            f"re-run the train stage for {run.stage_name}") from None
     resolution = params.eval.resolution
+    # A frozen, cached teacher encoder: its variant decodes the embed stage's embeddings of each test image.
+    cache = embedding_cache.open_for_teacher(params.sam.embeddings_root, run.dataset, data, method.provenance(),
+                                             params.train.amp_bf16)
     rows, predictions = [], {}
     for variant in (None, *method.variants):
         for part in data.eval_parts:
-            probs = predict_probs(method, data.images(part), device, variant=variant)
+            probs = predict_probs(method, data.images(part), device, variant=variant,
+                                  embeddings=None if cache is None or variant is None else cache[part])
             for row, key, pred in _score_part(data, part, probs, resolution):
                 rows.append({"variant": variant or "", **row})
                 if variant is None:

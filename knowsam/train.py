@@ -34,6 +34,7 @@ from knowsam.data.splits import read_split, split_path
 from knowsam.errors import KnowsamError
 from knowsam.machine import pick_device
 from knowsam.methods import Method
+from knowsam.models import embedding_cache
 from knowsam.runs import RunId, build_method, config_hash, run_config
 
 CHECKPOINT_VERSION = 2
@@ -67,26 +68,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validation_arrays(data: PreparedDataset, split: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """Validation images/masks at training size: held-out training cases, or the dataset's own val part."""
+def validation_arrays(data: PreparedDataset, split: dict, teacher_cache: dict[str, np.ndarray] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """Validation images, masks at training size and the cached teacher embeddings of the images
+    (None without a cache): held-out training cases, or the dataset's own val part."""
     if data.meta.get("has_val"):
-        return data.images("val"), np.load(data.root / "val_masks.npy", mmap_mode="r")
+        return (data.images("val"), np.load(data.root / "val_masks.npy", mmap_mode="r"),
+                None if teacher_cache is None else teacher_cache["val"])
     if not split["validation"]:
         return None
     index = data.index("train")
     rows = np.flatnonzero(index["case"].isin(set(split["validation"])).to_numpy())
-    return data.images("train")[rows], data.masks()[rows]
+    return (data.images("train")[rows], data.masks()[rows],
+            None if teacher_cache is None else teacher_cache["train"][rows])
 
 
 @torch.no_grad()
-def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, device: torch.device,
-                    batch: int = 16) -> float:
-    """Mean over images and foreground classes of Dice at training size (both empty: the method's rule, 1 by default)."""
+def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, embeddings: np.ndarray | None,
+                    device: torch.device, variant: str | None = None, batch: int = 16) -> float:
+    """Mean over images and foreground classes of Dice at training size (both empty: the method's rule, 1 by default).
+
+    ``variant`` scores one of the method's extra outputs (the SAM teacher's own prediction) instead
+    of the reported one; ``embeddings`` are the teacher's cached embeddings of ``images``, if any.
+    """
     method.eval()
     scores = []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(to_float(np.asarray(images[start:start + batch]))).to(device)
-        pred = method.predict(x).argmax(1).cpu()
+        emb = None if embeddings is None else torch.from_numpy(np.array(embeddings[start:start + batch])).to(device)
+        pred = method.predict(x, variant, emb).argmax(1).cpu()
         gt = torch.from_numpy(np.asarray(masks[start:start + batch]).astype(np.int64))
         for c in range(1, method.ctx.num_classes):
             p, g = pred == c, gt == c
@@ -96,17 +106,6 @@ def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, devic
                                       torch.full_like(total, method.validation_empty_score)))
     method.train()
     return float(torch.cat(scores).mean())
-
-
-def teacher_embeddings(params: Params, run: RunId, data: PreparedDataset, method: Method) -> np.ndarray | None:
-    """The embed stage's cache for a method whose SAM teacher has a frozen, cached encoder; else None."""
-    provenance = method.provenance()
-    if provenance.get("sam_encoder") != "cached":
-        return None
-    from knowsam.models.embedding_cache import identity, open_cache
-
-    expected = {**identity(data, provenance["sam_arch"], provenance["sam_weights"]), "bf16": params.train.amp_bf16}
-    return open_cache(Path(params.sam.embeddings_root) / run.dataset, expected)
 
 
 def _save_checkpoint(run_dir: Path, state: dict) -> None:
@@ -284,13 +283,15 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
     if dist.rank:  # same initial weights on every rank (seeded above); own dropout draws from here on
         seed_everything(dist.stream_seed(run.seed))
     batch_size, labeled_batch = dist.shard(params.train.batch_size, params.train.labeled_batch, method.uses_unlabeled)
+    cache = embedding_cache.open_for_teacher(params.sam.embeddings_root, run.dataset, data, method.provenance(),
+                                             params.train.amp_bf16)
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
                          batch_size=batch_size, labeled_batch=labeled_batch,
                          seed=dist.stream_seed(run.seed), device=device, augmentation=method.augmentation,
-                         teacher_embeddings=teacher_embeddings(params, run, data, method))
+                         teacher_embeddings=None if cache is None else cache["train"])
     # One process per run folder; under torchrun rank 0 holds it for the whole group.
     with run_lock(run_dir) if dist.is_main else contextlib.nullcontext(), stop_on_sigterm():
-        val = validation_arrays(data, split)
+        val = validation_arrays(data, split, cache)
         t = params.train
         state = _load_checkpoint(run_dir, chash, restart_stale)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -335,6 +336,9 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                     dice = validation_dice(method, *val, device)
                     live.log_metric("val/dice", dice)
                     record["val_dice"] = dice
+                    for variant in method.variants:  # e.g. the SAM teacher: does it learn? (not used to pick weights)
+                        record[f"val_dice_{variant}"] = validation_dice(method, *val, device, variant)
+                        live.log_metric(f"val/dice_{variant}", record[f"val_dice_{variant}"])
                     if dice > best["dice"]:
                         best = {"dice": dice, "step": step}
                         _save_weights(run_dir / "best.pt", method, step)

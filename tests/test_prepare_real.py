@@ -133,7 +133,7 @@ def test_acdc_validation_split_and_evaluation_contract(acdc):
     split = make_split(data, 0.5, seed=0, val_fraction=0.2)
     assert split["validation"] == [] and split["counts"]["validation"] == 1
     assert len(split["labeled"]) == 1 and len(split["labeled"] + split["unlabeled"]) == 2  # two patients
-    val_images, val_masks = validation_arrays(data, split)
+    val_images, val_masks, _ = validation_arrays(data, split)
     assert len(val_images) == len(val_masks) == 5
     probs = torch.nn.functional.one_hot(torch.from_numpy(np.array(val_masks)).long(), 4).permute(0, 3, 1, 2).float()
     (row, key, pred), = list(_score_part(data, "val", probs, "original"))

@@ -13,6 +13,7 @@ from knowsam.losses import kd_loss
 from knowsam.methods import get_method
 from knowsam.methods.registry import method_params
 from knowsam.methods.sam_support import build_sam_teacher, trained_state
+from knowsam.methods.skd import SAM_STATE
 from knowsam.models.sam_teacher import SamTeacher
 from tests.test_baselines import loop_mix, loss_before_after, make_method, random_batch
 
@@ -92,7 +93,8 @@ def test_skd_state_round_trip_restores_sam_and_resumes_exactly():
     a = make_method("mt+skd")
     a.train_step(batch, 0)
     state = a.state_dict()
-    assert state["sam"]["trained"] and all(SamTeacher.is_added_name(k) for k in state["sam"]["trained"])
+    sam_state = state["weights"][SAM_STATE]  # with the weights: best.pt can score the teacher row
+    assert sam_state["trained"] and all(SamTeacher.is_added_name(k) for k in sam_state["trained"])
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -110,7 +112,7 @@ def test_skd_state_round_trip_restores_sam_and_resumes_exactly():
         assert torch.equal(va, vb), k  # same Adam moments, same update
     torch.testing.assert_close(a.nets["teacher"].state_dict(), b.nets["teacher"].state_dict(), rtol=0, atol=0)
 
-    saved["sam"]["frozen_sha256"] = "0" * 64
+    saved["weights"][SAM_STATE]["frozen_sha256"] = "0" * 64
     with pytest.raises(KnowsamError, match="other frozen SAM weights"):
         make_method("mt+skd").load_state_dict(saved)
 

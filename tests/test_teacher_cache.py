@@ -78,14 +78,16 @@ def test_weak_strong_loader_views_align_with_the_recorded_geometry():
         assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
 
 
-def make_prepared(root: Path, n: int = 5, size: int = 32) -> PreparedDataset:
+def make_prepared(root: Path, n: int = 5, n_test: int = 3, size: int = 32) -> PreparedDataset:
     root.mkdir(parents=True)
-    images = (smooth_field(n, 3, size, seed=5) * 255).to(torch.uint8).numpy()
-    np.save(root / "train_images.npy", images)
-    np.save(root / "train_masks.npy", (images[:, 0] > 127).astype(np.uint8))
+    images = (smooth_field(n + n_test, 3, size, seed=5) * 255).to(torch.uint8).numpy()
+    np.save(root / "train_images.npy", images[:n])
+    np.save(root / "train_masks.npy", (images[:n, 0] > 127).astype(np.uint8))
     (root / "train_index.csv").write_text("name,case\n" + "".join(f"im{i},im{i}\n" for i in range(n)))
+    np.save(root / "Test-A_images.npy", images[n:])
+    (root / "Test-A_index.csv").write_text("name,case\n" + "".join(f"t{i},t{i}\n" for i in range(n_test)))
     (root / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "num_classes": 2, "in_channels": 3,
-                                                "image_size": size, "test_sets": {}}))
+                                                "image_size": size, "test_sets": {"Test-A": n_test}}))
     return PreparedDataset(root)
 
 
@@ -94,24 +96,38 @@ def test_embedding_cache_equals_a_fresh_encoder_pass_and_resumes(tmp_path):
     torch.manual_seed(0)
     teacher = SamTeacher("tiny", 32, 2, encoder="cached").eval()
     expected = embedding_cache.identity(data, "tiny", "test weights")
+    assert list(expected["parts"]) == ["train", "Test-A"]
     folder = tmp_path / "emb"
 
-    def stop_after_first_batch(done, total):
-        if done < total:
-            raise KeyboardInterrupt
+    def stop_after(count):
+        def progress(done, total):
+            assert total == 8
+            if done >= count:
+                raise KeyboardInterrupt
+        return progress
 
     with pytest.raises(KeyboardInterrupt):
-        embedding_cache.embed_dataset(data, folder, teacher.encode, expected, batch=2, progress=stop_after_first_batch)
-    with pytest.raises(KnowsamError, match="incomplete"):
+        embedding_cache.embed_dataset(data, folder, teacher.encode, expected, batch=2, progress=stop_after(2))
+    with pytest.raises(KnowsamError, match=r"incomplete \(train: 2 of 5\)"):
+        embedding_cache.open_cache(folder, expected)
+    with pytest.raises(KeyboardInterrupt):  # resumed, stopped again inside the test part
+        embedding_cache.embed_dataset(data, folder, teacher.encode, expected, batch=2, progress=stop_after(7))
+    with pytest.raises(KnowsamError, match=r"incomplete \(Test-A: 2 of 3\)"):
         embedding_cache.open_cache(folder, expected)
     meta = embedding_cache.embed_dataset(data, folder, teacher.encode, expected, batch=2)
-    assert meta["last_call"]["images"] == 3  # resumed after the first two rows
-    cached = torch.from_numpy(np.asarray(embedding_cache.open_cache(folder, expected))).float()
+    assert meta["last_call"]["images"] == 1 and meta["done"] == {"train": 5, "Test-A": 3}
+    cache = embedding_cache.open_cache(folder, expected)
     with torch.no_grad():
-        fresh = teacher.encode(torch.from_numpy(data.images("train").astype(np.float32) / 255))
-    torch.testing.assert_close(cached, fresh, rtol=2e-3, atol=2e-3)
+        for part in ("train", "Test-A"):
+            fresh = teacher.encode(torch.from_numpy(data.images(part).astype(np.float32) / 255))
+            torch.testing.assert_close(torch.from_numpy(np.array(cache[part])).float(), fresh, rtol=2e-3, atol=2e-3)
     with pytest.raises(KnowsamError, match="made for other weights"):
         embedding_cache.open_cache(folder, {**expected, "weights": "other"})
+    # Another encoder starts over: no row of the old cache survives under the new identity.
+    other = {**expected, "weights": "other"}
+    meta = embedding_cache.embed_dataset(data, folder, lambda x: teacher.encode(x) * 0, other, batch=4)
+    assert meta["last_call"]["images"] == 8
+    assert not np.asarray(embedding_cache.open_cache(folder, other)["train"]).any()
 
 
 def test_cached_teacher_logits_follow_the_view():
@@ -128,3 +144,62 @@ def test_cached_teacher_logits_follow_the_view():
         own_frame = teacher.decode(teacher.encode(x0), geometry.invert(dense_on_view))
     torch.testing.assert_close(got, geometry.apply(own_frame))
     torch.testing.assert_close(geometry.invert(got), own_frame)
+
+
+@pytest.fixture(scope="module")
+def cached_teacher_runs(demo_prepared, tmp_path_factory):
+    """knowsam and mt+skd trained with a frozen, cached tiny SAM (a checkpoint file, so the teacher is
+    not re-drawn per method); returns (params, runs root, embeddings folder, training summaries)."""
+    import dataclasses
+
+    from segment_anything.modeling import Sam
+
+    from knowsam.data.splits import split_path, write_split
+    from knowsam.embed import embed
+    from knowsam.models.sam_teacher import build_sam_parts
+    from knowsam.runs import RunId
+    from knowsam.train import train_run
+    from tests.conftest import small_params
+
+    work = tmp_path_factory.mktemp("cached")
+    torch.manual_seed(0)
+    torch.save(Sam(*build_sam_parts("tiny", 1024, use_rel_pos=True)).state_dict(), work / "tiny_sam.pth")
+    params = small_params(demo_prepared, iterations=3, eval_every=3)
+    params = dataclasses.replace(params, methods=["knowsam", "mt+skd"], sam=dataclasses.replace(
+        params.sam, encoder="cached", checkpoint=str(work / "tiny_sam.pth"), embeddings_root=str(work / "emb")))
+    data = PreparedDataset(demo_prepared / "data/prepared/demo")
+    write_split(data, split_path(params.data.splits_root, "demo", 0.1, 0), 0.1, 0, 0.1)
+    meta = embed(params, "demo")
+    assert meta["done"] == {"train": 48, "Demo-Kvasir": 6, "Demo-Colon": 6}
+    summaries = {m: train_run(params, RunId(m, "demo", 0.1, 0), runs_root=work / "runs", progress=False)
+                 for m in params.methods}
+    return params, work, data, summaries
+
+
+def test_teacher_rows_of_knowsam_and_skd_decode_the_cached_test_embeddings(cached_teacher_runs):
+    from knowsam.evaluate import evaluate_group, predict_probs
+    from knowsam.runs import RunId, build_method
+
+    params, work, data, _ = cached_teacher_runs
+    summaries = evaluate_group(params, "demo", 0.1, 0, runs_root=work / "runs", eval_root=work / "eval",
+                               metrics_root=work / "metrics")
+    cache = embedding_cache.open_cache(work / "emb" / "demo", {**embedding_cache.identity(
+        data, "tiny", summaries["knowsam"]["provenance"]["sam_weights"]), "bf16": False})
+    for name in ("knowsam", "mt+skd"):
+        assert set(summaries[name]["variants"]) == {"sam"}
+        assert set(summaries[name]["variants"]["sam"]) == {"Demo-Kvasir", "Demo-Colon"}
+        run = RunId(name, "demo", 0.1, 0)
+        method = build_method(params, run, data, torch.device("cpu"), training=False)
+        method.load_eval_state_dict(torch.load(run.train_dir(work / "runs") / "best.pt", weights_only=True)["weights"])
+        images = data.images("Demo-Kvasir")
+        from_cache = predict_probs(method, images, torch.device("cpu"), variant="sam", embeddings=cache["Demo-Kvasir"])
+        live = predict_probs(method, images, torch.device("cpu"), variant="sam")  # the encoder runs on the images
+        torch.testing.assert_close(from_cache, live, rtol=0, atol=2e-2)  # fp16 storage of the embeddings
+        assert not torch.equal(from_cache, predict_probs(method, images, torch.device("cpu")))  # not the student's
+
+
+def test_validation_scores_the_teacher_of_every_method_that_has_one(cached_teacher_runs):
+    _, _, _, summaries = cached_teacher_runs
+    for name in ("knowsam", "mt+skd"):
+        record = summaries[name]["final_losses"]
+        assert 0.0 <= record["val_dice_sam"] <= 1.0 and "val_dice" in record

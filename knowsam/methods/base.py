@@ -81,12 +81,14 @@ class Method:
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, variant: str | None = None,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities (B, K, H, W) of the network the method reports at test time.
 
         ``variant`` names one of ``self.variants`` (extra outputs scored separately, e.g. the
         SAM teacher's own prediction); ``None`` is the method's reported prediction: the
-        softmax of ``reported_net``.
+        softmax of ``reported_net``. ``embeddings``: a frozen teacher encoder's cached
+        embeddings of ``x`` (the embed stage's), used by a teacher variant instead of encoding ``x``.
         """
         if variant is not None:
             raise ValueError(f"{self.name}: unknown variant {variant!r}; known: {', '.join(self.variants) or 'none'}")

@@ -321,7 +321,8 @@ class KnowSam(Method):
 
     # --- test time ------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, variant: str | None = None,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Fused prediction (softmax); ``variant="sam"``: SAM prompted by the fused logits, as in training."""
         if variant not in (None, *self.variants):
             raise ValueError(f"knowsam: unknown variant {variant!r}; known: {', '.join(self.variants)}")
@@ -329,7 +330,8 @@ class KnowSam(Method):
         if variant is None:
             return fused.softmax(1)
         sam = self.nets["sam"]
-        return sam.decode(sam.encode(x), fused).float().softmax(1)
+        embeddings = sam.encode(x) if embeddings is None else embeddings.to(fused.dtype)
+        return sam.decode(embeddings, fused).float().softmax(1)
 
     # --- persistence: the frozen SAM is rebuilt, never saved -------------------------------
     def eval_state_dict(self) -> dict:

@@ -35,6 +35,7 @@ from knowsam.methods.sam_support import (build_sam_teacher, frozen_fingerprint, 
                                          sam_optimizer, teacher_forward, trained_state)
 
 SAM_OPTIMIZER = "skd_sam"  # the plug-in's optimiser among the method's; the base method never names it
+SAM_STATE = "skd_sam"  # the plug-in's entry among the saved weights; no method has a network of that name
 
 
 @register_plugin("skd")
@@ -44,6 +45,7 @@ def with_skd(base: type[Method]) -> type[Method]:
 
     class WithSkd(base):  # type: ignore[valid-type,misc]
         name = f"{base.name}+skd"
+        variants = (*base.variants, "sam")  # the teacher's own prediction: a row of its own in every table
         description = (f"{base.description}; + SKD: KnowSAM's SAM teacher (adapters, learnable prompts, "
                        f"dense prompt from {base.main_student}) distilled into every student")
 
@@ -117,17 +119,29 @@ def with_skd(base: type[Method]) -> type[Method]:
                 self._frozen_sha256 = frozen_fingerprint(self.sam)
             return self._frozen_sha256
 
-        def state_dict(self) -> dict[str, Any]:
-            return {**super().state_dict(), "sam": {"trained": trained_state(self.sam),
-                                                    "frozen_sha256": self._frozen()}}
+        @torch.no_grad()
+        def predict(self, x: torch.Tensor, variant: str | None = None,
+                    embeddings: torch.Tensor | None = None) -> torch.Tensor:
+            """``variant="sam"``: SAM prompted by the main student's logits, as in training; else X's own."""
+            if variant != "sam":
+                return super().predict(x, variant, embeddings)
+            prompt = self.nets[base.main_student](x)
+            embeddings = self.sam.encode(x) if embeddings is None else embeddings.to(prompt.dtype)
+            return self.sam.decode(embeddings, prompt).float().softmax(1)
 
-        def load_state_dict(self, state: dict[str, Any]) -> None:
-            super().load_state_dict(state)
-            sam = state["sam"]
+        # The trained SAM tensors travel with the weights (best.pt too), so the teacher row can be scored.
+        def eval_state_dict(self) -> dict[str, Any]:
+            return {**super().eval_state_dict(), SAM_STATE: {"trained": trained_state(self.sam),
+                                                             "frozen_sha256": self._frozen()}}
+
+        def load_eval_state_dict(self, state: dict[str, Any]) -> None:
+            state = dict(state)
+            sam = state.pop(SAM_STATE)
             if sam["frozen_sha256"] != self._frozen():
                 raise KnowsamError(f"{self.name}: the saved run used other frozen SAM weights than the ones "
-                                   f"loaded now ({self.sam_provenance['sam_weights']}); cannot resume")
+                                   f"loaded now ({self.sam_provenance['sam_weights']}); retrain or restore them")
             load_trained_state(self.sam, sam["trained"])
+            super().load_eval_state_dict(state)
 
         def provenance(self) -> dict[str, Any]:
             return {**super().provenance(), **self.sam_provenance}
