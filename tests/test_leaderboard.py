@@ -20,6 +20,7 @@ from knowsam import config, fileio
 from knowsam.data.dataset import FORMAT_VERSION, PreparedDataset
 from knowsam.metrics import EMPTY_MASK_POLICY, summarize
 from knowsam.report import reference
+from knowsam.report import figures
 from knowsam.report.figures import mean_curve, overlay_cases
 from knowsam.report.leaderboard import write_leaderboard
 from knowsam.report.results import load_per_case
@@ -233,6 +234,26 @@ def test_training_curves_average_seeds_at_shared_steps() -> None:
     assert loss[10] == pytest.approx(np.mean([1 / 7, 1 / 8, 1 / 9, 1 / 10]) + 0.05)
     # A seed stopped early: only the steps both reached are averaged.
     assert list(mean_curve([seeds[0], seeds[1][seeds[1].step <= 200]], "val_dice").index) == [100, 200]
+
+
+def test_training_curves_draw_the_teacher_dotted_in_its_method_colour(tmp_path: Path, monkeypatch) -> None:
+    params = make_params(tmp_path, "polyp", ["ucmt", "knowsam"], [0.1], [0, 1])
+    for seed in (0, 1):
+        for method in ("ucmt", "knowsam"):
+            table = curves_table(0.6, seed)
+            if method == "knowsam":
+                table["val_dice_sam"] = table["val_dice"] / 2
+            path = RunId(method, "polyp", 0.1, seed).curves_file(tmp_path / "eval")
+            path.parent.mkdir(parents=True)
+            table.to_csv(path, index=False)
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig))
+    figures.training_curves(params, "polyp", tmp_path / "curves.png", tmp_path / "eval")
+    lines = {line.get_label(): line for line in drawn["fig"].axes[0].get_lines()}
+    assert list(lines) == ["ucmt (n=2)", "knowsam (n=2)", "knowsam [SAM output]"]
+    teacher, knowsam = lines["knowsam [SAM output]"], lines["knowsam (n=2)"]
+    assert teacher.get_linestyle() == ":" and teacher.get_color() == knowsam.get_color()
+    assert teacher.get_ydata() == pytest.approx(knowsam.get_ydata() / 2)
 
 
 def test_leaderboard_does_not_import_torch(polyp_workspace) -> None:

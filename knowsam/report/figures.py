@@ -19,7 +19,7 @@ from matplotlib.ticker import NullFormatter
 from knowsam import fileio
 from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
-from knowsam.report.results import is_upper_bound, ratio_label, test_set_order
+from knowsam.report.results import is_upper_bound, ratio_label, row_label, test_set_order
 from knowsam.runs import RunId
 
 PNG_METADATA = {"Software": None}
@@ -142,7 +142,8 @@ def mean_curve(curves: list[pd.DataFrame], column: str, window: int = 1) -> pd.S
 
 def training_curves(params: Params, dataset: str, path: str | Path, eval_root: str | Path = "data/eval") -> Path | None:
     """Validation Dice (top) and training loss (bottom) against iteration, one line per method (mean
-    over its seeds), one column per labeled ratio; references dashed. None when no run has curves."""
+    over its seeds), one column per labeled ratio; references dashed, a method's teacher (its
+    ``val_dice_<variant>`` curve) dotted in the method's colour. None when no run has curves."""
     runs = {(m, r): [RunId(m, dataset, r, s).curves_file(eval_root) for s in params.seeds]
             for r in params.ratios for m in params.methods}
     curves = {key: [pd.read_csv(f) for f in files if f.is_file()] for key, files in runs.items()}
@@ -160,7 +161,12 @@ def training_curves(params: Params, dataset: str, path: str | Path, eval_root: s
             style = {"linestyle": "--", "color": "black"} if is_upper_bound(method) else {}
             label = f"{method} (n={len(found)})"
             dice = mean_curve(found, "val_dice")
-            dice_ax.plot(dice.index, dice.to_numpy() * 100.0, marker=".", label=label, **style)
+            (line,) = dice_ax.plot(dice.index, dice.to_numpy() * 100.0, marker=".", label=label, **style)
+            for column in sorted({c for f in found for c in f.columns if c.startswith("val_dice_")}):
+                variant = column.removeprefix("val_dice_")  # a teacher's own prediction: dotted, same colour
+                extra = mean_curve(found, column)
+                dice_ax.plot(extra.index, extra.to_numpy() * 100.0, linestyle=":", color=line.get_color(),
+                             label=row_label(method, variant))
             loss = mean_curve(found, "loss", window)
             loss_ax.plot(loss.index, loss.to_numpy(), label=label, **style)
         dice_ax.set_title(f"{dataset}, {ratio_label(ratio)} labeled", fontsize=9)
