@@ -25,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from knowsam.config import SamParams
 from knowsam.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ class StepSetting:
     size: int
     batch: int
     labeled: int
-    sam_arch: str
+    sam: SamParams  # the teacher's settings; its weights never matter for timing (random init)
     warmup: int
     steps: int
     methods: tuple[str, ...] | None  # None: every registered method
@@ -113,11 +114,23 @@ def demo_dataset(root: Path, size: int, n_train: int):
     return data, read_split(split_file, data)
 
 
+def stand_in_embeddings(method, data, s: StepSetting) -> np.ndarray | None:
+    """Random rows in the embed stage's shape and dtype when ``method`` has a cached teacher encoder
+    (a step reads its batch's rows and never the encoder); None otherwise."""
+    from knowsam.models.embedding_cache import DTYPE
+    from knowsam.models.sam_teacher import embedding_shape
+
+    if method.provenance().get("sam_encoder") != "cached":
+        return None
+    shape = (len(data.images("train")), *embedding_shape(s.sam.arch, s.size))
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32).astype(DTYPE)
+
+
 def time_steps(name: str, data, split, s: StepSetting, threads: int, deadline: float = float("inf")) -> StepResult:
     """Median-able step times of method ``name``: ``next_batch`` then ``train_step``, after warm-up."""
     import torch
 
-    from knowsam.config import SamParams, TrainParams
+    from knowsam.config import TrainParams
     from knowsam.data.loader import TrainStream
     from knowsam.methods import MethodContext, get_method
     from knowsam.methods.registry import method_params
@@ -127,14 +140,14 @@ def time_steps(name: str, data, split, s: StepSetting, threads: int, deadline: f
     train = TrainParams(iterations=iterations, batch_size=s.batch, labeled_batch=s.labeled, threads=threads,
                         device="cpu")
     ctx = MethodContext(in_channels=data.in_channels, num_classes=data.num_classes, image_size=s.size,
-                        iterations=iterations, train=train, sam=SamParams(arch=s.sam_arch, checkpoint="none"),
+                        iterations=iterations, train=train, sam=replace(s.sam, checkpoint="none"),
                         device=torch.device("cpu"), seed=0)
     start = time.perf_counter()
     method = get_method(name)(ctx, method_params(name, {}))
     build_s = time.perf_counter() - start
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
                          batch_size=s.batch, labeled_batch=s.labeled, seed=0, device=ctx.device,
-                         augmentation=method.augmentation)
+                         augmentation=method.augmentation, teacher_embeddings=stand_in_embeddings(method, data, s))
     method.train()
     totals, waits = [], []
     # Mid-run iterations: ramps, EMA decay and KnowSAM's mixing are all in their steady state.
@@ -174,7 +187,7 @@ def step_section(report: Report, s: StepSetting, work: Path, threads: int, n_tra
         log(f"{s.label}: {name} {results[-1].median:.3f} s/step")
     steps = sorted({len(r.totals) for r in results})
     lines = [f"{s.size} px, batch {s.batch} ({s.labeled} labeled; methods without unlabeled data take {s.batch} "
-             f"labeled), SAM `{s.sam_arch}` with random weights, {threads} threads, CPU; {s.warmup} warm-up "
+             f"labeled), SAM `{s.sam.arch}` ({s.sam.encoder} encoder) with random weights, {threads} threads, CPU; {s.warmup} warm-up "
              f"step(s), then {'/'.join(map(str, steps))} timed step(s) per method (fewer only where the time budget ran out); a step = `TrainStream.next_batch` + "
              f"`train_step` at a mid-run iteration. Demo images (step time does not depend on content).",
              "", "| method | median s/step | min | max | data wait (share of step) | build s |",
@@ -409,7 +422,7 @@ def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path 
     started, load_start = time.perf_counter(), load_text()
     mirror = mirror if mirror is not None else default_mirror()
     if quick:
-        cpu = StepSetting("CPU profile (quick: reduced)", 32, 4, 2, "tiny", 1, 2, None)
+        cpu = StepSetting("CPU profile (quick: reduced)", 32, 4, 2, SamParams(arch="tiny", checkpoint="none"), 1, 2, None)
         paper = None
         n_train, n_scores, n_prep = 16, 6, 0
     else:
@@ -417,8 +430,8 @@ def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path 
 
         prof = validation.load(config.profile_path("cpu"))
         cpu = StepSetting("CPU profile", prof.data.image_size, prof.train.batch_size, prof.train.labeled_batch,
-                          prof.sam.arch, 1, 3, None)
-        paper = StepSetting("paper-sized configuration", 256, 8, 4, "vit_b", 1, 2,
+                          prof.sam, 1, 3, None)
+        paper = StepSetting("paper-sized configuration", 256, 8, 4, SamParams(arch="vit_b", checkpoint="none"), 1, 2,
                             ("fully-supervised", "knowsam", "mt"))
         n_train, n_scores, n_prep = 48, 60, 200
     report = Report(quick)

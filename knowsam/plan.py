@@ -3,7 +3,10 @@
 Expands the active params into runs, counts those already complete, and times a few training
 steps of every method on this machine at the params' image size, batch and SAM teacher (on the
 synthetic demo images: a step's time does not depend on pixel content). A run's estimate is its
-iterations times the median step time; validation passes and evaluation come on top.
+iterations times the median step time; validation passes and evaluation come on top. With a
+frozen, cached teacher encoder (``sam.encoder: cached``) the ``embed`` stage comes first: the
+images of each prepared dataset not yet in its cache times the encoder's measured seconds per
+image (eager; ``train.compile`` makes the stage faster).
 """
 
 from __future__ import annotations
@@ -37,15 +40,62 @@ def measure_step_seconds(params: Params, methods: list[str], steps: int) -> dict
 
     t = params.train
     setting = StepSetting(label="plan", size=params.data.image_size, batch=t.batch_size, labeled=t.labeled_batch,
-                          sam_arch=params.sam.arch, warmup=1, steps=steps, methods=tuple(methods))
+                          sam=params.sam, warmup=1, steps=steps, methods=tuple(methods))
     with tempfile.TemporaryDirectory(prefix="knowsam-plan-") as work:
         data, split = demo_dataset(Path(work), params.data.image_size, n_train=max(4 * t.batch_size, 16))
         return {m: time_steps(m, data, split, setting, t.threads or 2).median for m in methods}
 
 
+def measure_encoder_seconds(params: Params, images: int = 2) -> float:
+    """Median seconds per image of the frozen teacher encoder (batch 1, random weights) on this machine."""
+    import statistics
+    import time
+
+    import torch
+
+    from knowsam.models.sam_teacher import SamTeacher
+
+    s, size = params.sam, params.data.image_size
+    if params.train.threads:
+        torch.set_num_threads(params.train.threads)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = SamTeacher(s.arch, size, 2, 3, s.normalize_pixels, encoder="cached", decoder=s.decoder).eval()
+        x = torch.rand(1, 3, size, size)
+    times = []
+    with torch.no_grad():
+        for i in range(images + 1):  # the first call warms up
+            start = time.perf_counter()
+            teacher.encode(x)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def embed_plan(params: Params, image_seconds: float) -> list[dict]:
+    """Per dataset: images the embed stage has still to encode (None before preparation) and its time."""
+    from knowsam.data.dataset import PreparedDataset
+    from knowsam.models import embedding_cache
+
+    rows = []
+    for dataset in params.datasets:
+        folder = Path(params.data.prepared_root) / dataset
+        if not folder.is_dir():
+            rows.append({"dataset": dataset, "images": None, "pending": None, "seconds": None})
+            continue
+        data = PreparedDataset(folder)
+        total = sum(len(data.index(part)) for part in embedding_cache.parts(data))
+        done = embedding_cache.rows_done(Path(params.sam.embeddings_root) / dataset, data, params.sam.arch)
+        pending = total - sum(done.values())
+        rows.append({"dataset": dataset, "images": total, "pending": pending,
+                     "seconds": round(pending * image_seconds, 1)})
+    return rows
+
+
 def make_plan(params: Params, runs_root: str | Path = "data/runs", steps: int = 2,
-              step_seconds: dict[str, float] | None = None) -> dict:
-    """Runs, completed runs and time estimates; ``step_seconds`` replaces the measurement when given."""
+              step_seconds: dict[str, float] | None = None, encoder_seconds: float | None = None) -> dict:
+    """Runs, completed runs and time estimates; ``step_seconds`` (per method) and ``encoder_seconds``
+    (per image) replace the measurements when given."""
     runs = matrix(params)
     done = {run for run in runs if is_complete(params, run, runs_root)}
     pending_methods = [m for m in params.methods if any(r.method == m and r not in done for r in runs)]
@@ -54,13 +104,20 @@ def make_plan(params: Params, runs_root: str | Path = "data/runs", steps: int = 
                              sum(r.method == m and r not in done for r in runs)) for m in params.methods]
     iterations = params.train.iterations
     total_s = sum(p.pending * p.run_s(iterations) for p in per_method)
+    embed = None
+    if params.sam.encoder == "cached":
+        image_s = encoder_seconds if encoder_seconds is not None else measure_encoder_seconds(params)
+        embed = {"image_s": round(image_s, 3), "datasets": embed_plan(params, image_s)}
+    embed_s = sum(d["seconds"] or 0.0 for d in embed["datasets"]) if embed else 0.0
     return {
         "profile": params.profile, "device": params.train.device, "iterations": iterations,
         "runs": len(runs), "done": len(done), "pending": len(runs) - len(done),
         "methods": [{"method": p.method, "step_s": round(p.step_s, 4), "run_s": round(p.run_s(iterations), 1),
                      "runs": p.runs, "pending": p.pending} for p in per_method],
         "pending_train_s": round(total_s, 1),
-        "feasible": total_s <= FEASIBLE_SECONDS,
+        "embed": embed,
+        "pending_embed_s": round(embed_s, 1),
+        "feasible": total_s + embed_s <= FEASIBLE_SECONDS,
     }
 
 
@@ -76,10 +133,18 @@ def duration(seconds: float) -> str:
 
 def render(plan: dict) -> list[str]:
     """The plan's closing lines (the per-method table is drawn by the CLI)."""
-    lines = [f"{plan['runs']} runs in profile '{plan['profile']}': {plan['done']} complete, {plan['pending']} to train; "
-             f"training them one after another takes about {duration(plan['pending_train_s'])} "
-             "(validation and evaluation come on top)."]
+    lines = []
+    if plan.get("embed"):
+        e = plan["embed"]
+        parts = [f"{d['dataset']} {d['pending']} of {d['images']} images, about {duration(d['seconds'])}"
+                 if d["images"] is not None else f"{d['dataset']} not prepared yet (counted once it is)"
+                 for d in e["datasets"]]
+        lines.append(f"embed stage (frozen teacher encoder, {e['image_s']:.2f} s an image here): "
+                     f"{'; '.join(parts)}; about {duration(plan['pending_embed_s'])} in all, before training.")
+    lines.append(f"{plan['runs']} runs in profile '{plan['profile']}': {plan['done']} complete, {plan['pending']} to "
+                 f"train; training them one after another takes about {duration(plan['pending_train_s'])} "
+                 "(validation and evaluation come on top).")
     if not plan["feasible"]:
-        lines.append(f"This is more than {duration(FEASIBLE_SECONDS)} of training on this machine "
+        lines.append(f"This is more than {duration(FEASIBLE_SECONDS)} of computing on this machine "
                      f"(train.device: {plan['device']}): run this profile on a GPU (see docs/scaling.md).")
     return lines

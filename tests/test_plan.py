@@ -58,3 +58,23 @@ def test_a_profile_beyond_this_machine_says_it_needs_a_gpu(tmp_path):
     assert any("run this profile on a GPU" in line for line in render(plan))
     fast = make_plan(paper, tmp_path, step_seconds={m: 1e-4 for m in paper.methods})
     assert fast["feasible"] and not any("GPU" in line for line in render(fast))
+
+
+def test_a_cached_teacher_encoder_adds_the_embed_stage_and_times_steps_without_the_encoder(demo_prepared, tmp_path):
+    from knowsam.embed import embed
+
+    params = dataclasses.replace(small_params(demo_prepared), methods=["knowsam"], ratios=[0.1], seeds=[0])
+    params = dataclasses.replace(params, sam=dataclasses.replace(
+        params.sam, arch="tiny", checkpoint="none", encoder="cached", embeddings_root=str(tmp_path / "emb")))
+    images = 48 + 6 + 6  # the demo's train, Demo-Kvasir and Demo-Colon parts
+    plan = make_plan(params, tmp_path / "runs", step_seconds={"knowsam": 1.0}, encoder_seconds=0.5)
+    assert plan["embed"] == {"image_s": 0.5, "datasets": [
+        {"dataset": "demo", "images": images, "pending": images, "seconds": images * 0.5}]}
+    assert plan["pending_embed_s"] == images * 0.5 and plan["pending_train_s"] == params.train.iterations
+    assert any(f"demo {images} of {images} images" in line for line in render(plan))
+    embed(params, "demo")
+    plan = make_plan(params, tmp_path / "runs", encoder_seconds=0.5)  # steps measured with stand-in embeddings
+    assert plan["embed"]["datasets"][0]["pending"] == 0 and plan["pending_embed_s"] == 0
+    assert plan["methods"][0]["step_s"] > 0
+    adapters = dataclasses.replace(params, sam=dataclasses.replace(params.sam, encoder="adapters"))
+    assert make_plan(adapters, tmp_path / "runs", step_seconds={"knowsam": 1.0})["embed"] is None

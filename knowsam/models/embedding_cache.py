@@ -60,6 +60,16 @@ def _read_meta(folder: Path) -> dict | None:
         return None
 
 
+def rows_done(folder: Path, data: PreparedDataset, arch: str) -> dict[str, int]:
+    """Rows of each part already embedded in ``folder`` by ``arch`` for exactly these prepared images
+    (0 where none); for estimates: the weights are not checked."""
+    meta = _read_meta(folder) or {}
+    ident = meta.get("identity") or {}
+    expected = identity(data, arch, "")
+    same = all(ident.get(k) == expected[k] for k in ("arch", "image_size", "dtype", "parts"))
+    return {part: int(meta.get("done", {}).get(part, 0)) if same else 0 for part in expected["parts"]}
+
+
 def open_cache(folder: Path, expected: dict) -> dict[str, np.ndarray]:
     """The complete cache in ``folder`` made for ``expected`` (see :func:`identity`): part -> memory-mapped rows."""
     meta = _read_meta(folder)

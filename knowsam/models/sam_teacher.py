@@ -113,6 +113,15 @@ ARCHS: dict[str, SamArch] = {
 TEACHER_ARCHS = (*ARCHS, lite_medsam.ARCH)
 
 
+def embedding_shape(arch: str, image_size: int) -> tuple[int, int, int]:
+    """(C, E, E) of the encoder's image embedding for ``arch`` at ``image_size`` (the cache's row shape)."""
+    if arch == lite_medsam.ARCH:
+        return lite_medsam.EMBED_DIM, lite_medsam.EMBED_GRID, lite_medsam.EMBED_GRID
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown SAM arch {arch!r}; known: {', '.join(TEACHER_ARCHS)}")
+    return ARCHS[arch].prompt_dim, image_size // PATCH_SIZE, image_size // PATCH_SIZE
+
+
 def build_sam_parts(
     arch: str, image_size: int, *, use_rel_pos: bool = False
 ) -> tuple[ImageEncoderViT, PromptEncoder, MaskDecoder]:
