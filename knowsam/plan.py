@@ -139,8 +139,10 @@ def render(plan: dict) -> list[str]:
         parts = [f"{d['dataset']} {d['pending']} of {d['images']} images, about {duration(d['seconds'])}"
                  if d["images"] is not None else f"{d['dataset']} not prepared yet (counted once it is)"
                  for d in e["datasets"]]
+        unknown = any(d["images"] is None for d in e["datasets"])
+        total = f"{'the prepared ones' if unknown else 'in all'} about {duration(plan['pending_embed_s'])}"
         lines.append(f"embed stage (frozen teacher encoder, {e['image_s']:.2f} s an image here): "
-                     f"{'; '.join(parts)}; about {duration(plan['pending_embed_s'])} in all, before training.")
+                     f"{'; '.join(parts)}; {total}, before training.")
     lines.append(f"{plan['runs']} runs in profile '{plan['profile']}': {plan['done']} complete, {plan['pending']} to "
                  f"train; training them one after another takes about {duration(plan['pending_train_s'])} "
                  "(validation and evaluation come on top).")

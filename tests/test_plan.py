@@ -71,7 +71,10 @@ def test_a_cached_teacher_encoder_adds_the_embed_stage_and_times_steps_without_t
     assert plan["embed"] == {"image_s": 0.5, "datasets": [
         {"dataset": "demo", "images": images, "pending": images, "seconds": images * 0.5}]}
     assert plan["pending_embed_s"] == images * 0.5 and plan["pending_train_s"] == params.train.iterations
-    assert any(f"demo {images} of {images} images" in line for line in render(plan))
+    assert any(f"demo {images} of {images} images" in line and "in all about" in line for line in render(plan))
+    unprepared = dataclasses.replace(params, data=dataclasses.replace(params.data, prepared_root=str(tmp_path / "no")))
+    line = render(make_plan(unprepared, tmp_path / "runs", step_seconds={"knowsam": 1.0}, encoder_seconds=0.5))[0]
+    assert "demo not prepared yet" in line and "the prepared ones about 0 s" in line
     embed(params, "demo")
     plan = make_plan(params, tmp_path / "runs", encoder_seconds=0.5)  # steps measured with stand-in embeddings
     assert plan["embed"]["datasets"][0]["pending"] == 0 and plan["pending_embed_s"] == 0
