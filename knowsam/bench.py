@@ -115,15 +115,15 @@ def demo_dataset(root: Path, size: int, n_train: int):
 
 
 def stand_in_embeddings(method, data, s: StepSetting) -> np.ndarray | None:
-    """Random rows in the embed stage's shape and dtype when ``method`` has a cached teacher encoder
-    (a step reads its batch's rows and never the encoder); None otherwise."""
+    """Rows in the embed stage's shape and dtype when ``method`` has a cached teacher encoder (a step
+    reads its batch's rows and never the encoder; their values do not change its time); None otherwise."""
     from knowsam.models.embedding_cache import DTYPE
     from knowsam.models.sam_teacher import embedding_shape
 
     if method.provenance().get("sam_encoder") != "cached":
         return None
     shape = (len(data.images("train")), *embedding_shape(s.sam.arch, s.size))
-    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32).astype(DTYPE)
+    return np.zeros(shape, DTYPE)
 
 
 def time_steps(name: str, data, split, s: StepSetting, threads: int, deadline: float = float("inf")) -> StepResult:
