@@ -23,6 +23,8 @@ app = typer.Typer(
 _state = {"debug": False}
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Params file (DVC's params.yaml).")
+ALLOW_STALE_OPTION = typer.Option(False, "--allow-stale", help="Also show runs scored under other params or code "
+                                  "(marked †) instead of leaving them out.")
 
 
 @app.callback()
@@ -214,13 +216,20 @@ def evaluate(dataset: str = typer.Argument(...), ratio: float = typer.Option(...
 
 @app.command()
 def leaderboard(params_file: Path = PARAMS_OPTION,
-                out: Path = typer.Option(Path("reports"), help="Folder for leaderboard.md/.csv and figures.")) -> None:
-    """Build reports/leaderboard.md and .csv from every evaluated run of the params matrix."""
+                out: Path = typer.Option(Path("reports"), help="Folder for leaderboard.md/.csv and figures."),
+                allow_stale: bool = ALLOW_STALE_OPTION) -> None:
+    """Build reports/leaderboard.md and .csv from every run of the params matrix evaluated under the current
+    params and code."""
     from knowsam.report.leaderboard import write_leaderboard
+    from knowsam.report.results import repro_hint
 
     params = _load_params(params_file)
-    path = write_leaderboard(params, out)
+    path, results = write_leaderboard(params, out, allow_stale=allow_stale)
     typer.echo(f"wrote {path}")
+    if results.left_out:
+        typer.echo(f"left out {len(results.left_out)} run(s): {repro_hint(results.left_out)}")
+    if results.stale:
+        typer.echo(f"shown marked as stale: {', '.join(map(str, results.stale))}")
 
 
 @app.command("teacher-check")
@@ -279,11 +288,11 @@ def compare(methods: list[str] = typer.Option(..., "--methods", help="Comma-sepa
             dataset: Optional[str] = typer.Option(None, help="Only this dataset."),
             ratio: Optional[float] = typer.Option(None, help="Only this labeled ratio."),
             fmt: str = typer.Option("table", "--format", help="table | md | json"),
-            params_file: Path = PARAMS_OPTION) -> None:
+            allow_stale: bool = ALLOW_STALE_OPTION, params_file: Path = PARAMS_OPTION) -> None:
     """Compare methods: mean ± std over seeds, difference, paired Wilcoxon p-value, paper number."""
     from knowsam.report.compare import compare_command
 
-    raise typer.Exit(compare_command(params_file, methods, dataset, ratio, fmt))
+    raise typer.Exit(compare_command(params_file, methods, dataset, ratio, fmt, allow_stale))
 
 
 @app.command()
@@ -291,12 +300,13 @@ def publish(out: Path = typer.Argument(..., help="Folder to write, e.g. reports/
             methods: str = typer.Option("ucmt,knowsam", "--compare", help="Methods for the comparison (first = baseline)."),
             wall_seconds: Optional[float] = typer.Option(None, help="Wall time of the pipeline run, in seconds."),
             command: str = typer.Option("dvc repro", help="The command that produced the runs."),
-            params_file: Path = PARAMS_OPTION) -> None:
+            allow_stale: bool = ALLOW_STALE_OPTION, params_file: Path = PARAMS_OPTION) -> None:
     """Freeze the evaluated runs into a folder for Git: leaderboard, figures, comparison, params, versions."""
     from knowsam.report.compare import parse_methods
     from knowsam.report.publish import publish as publish_results
 
-    path = publish_results(params_file, out, parse_methods(methods), wall_seconds=wall_seconds, command=command)
+    path = publish_results(params_file, out, parse_methods(methods), wall_seconds=wall_seconds, command=command,
+                           allow_stale=allow_stale)
     typer.echo(f"wrote {path}")
 
 

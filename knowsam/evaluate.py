@@ -26,6 +26,7 @@ from knowsam.machine import pick_device
 from knowsam.metrics import EMPTY_MASK_POLICY, case_metrics, summarize
 from knowsam.models import embedding_cache
 from knowsam.runs import RunId, build_method, config_hash, run_config
+from knowsam.summaries import identity, read_summary, stale_reason
 
 
 @torch.no_grad()
@@ -100,29 +101,31 @@ def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, method
         if on_result is not None:
             on_result(run.method, summaries[run.method])
     group = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed) for m in params.methods]
-    fileio.write_json(runs[0].metrics_file(metrics_root), headline_metrics(group, eval_root))
+    fileio.write_json(runs[0].metrics_file(metrics_root), headline_metrics(params, group, eval_root))
     return summaries
 
 
 HEADLINE = ("mDice", "mIoU", "HD95", "ASD")  # the paper tables' metrics; summary.json has every column
 
 
-def headline_metrics(group: list[RunId], eval_root: str | Path = "data/eval") -> dict:
-    """{method or "method [variant]": {test set: headline metrics}} for the runs of ``group`` with a summary.
+def headline_metrics(params: Params, group: list[RunId], eval_root: str | Path = "data/eval") -> dict:
+    """{method or "method [variant]": {test set: headline metrics}} for the runs of ``group`` whose summary
+    scored the current params and code; ``left_out`` names the others and why (only when there are any).
 
     Kept small on purpose: ``dvc metrics show``/``diff`` print one column per key.
     """
-    out = {}
+    out, left_out = {}, {}
     for run in group:
-        path = run.summary_file(eval_root)
-        if not path.is_file():
+        summary = read_summary(run, eval_root)
+        reason = "not evaluated" if summary is None else stale_reason(summary, identity(params, run))
+        if reason is not None:
+            left_out[run.method] = reason
             continue
-        summary = json.loads(path.read_text())
         outputs = {run.method: summary["test_sets"],
                    **{f"{run.method} [{v}]": parts for v, parts in summary["variants"].items()}}
         for name, parts in outputs.items():
             out[name] = {part: {k: m[k] for k in HEADLINE if k in m} for part, m in parts.items()}
-    return out
+    return {**out, "left_out": left_out} if left_out else out
 
 
 def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torch.device, weights_path: Path,
@@ -167,14 +170,15 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "best_step": int(saved["step"]),
         "iterations": params.train.iterations,  # checked finished before scoring (see _trained_weights)
-        # The weights scored: reports count this summary only while the run folder holds the same training.
-        "config_hash": config_hash(run_config(params, run)),
         "evaluation_resolution": resolution,
         "empty_mask_policy": EMPTY_MASK_POLICY,
         "provenance": method.provenance(),
         "test_sets": parts,
         "variants": variants,
     })
+    # The identity of the weights scored (kept unrounded): tables count this summary only while it is the
+    # current params' and code's, and while the run folder holds the same training.
+    summary.update(identity(params, run))
     fileio.write_json(run.summary_file(eval_root), summary)
     return summary
 
@@ -248,8 +252,12 @@ def _check_trained_config(params: Params, run: RunId, run_dir: Path) -> None:
     path = run_dir / "config.json"
     try:
         trained = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # no readable record (an older run folder): best.pt is all there is to go on
+        if not isinstance(trained, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:  # nothing says what the weights were trained with: never score them
+        what = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable, {type(exc).__name__}"
+        raise KnowsamError(f"{path}: run configuration {what}, so {run_dir / 'best.pt'} cannot be matched to the "
+                           f"params; re-run the train stage for {run.stage_name}") from None
     trained.pop("config_hash", None)
     trained.pop("distributed", None)  # how it was trained (processes), not what
     if not isinstance(trained.get("train"), dict) or config_hash(trained) != config_hash(run_config(params, run)):

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("knowsam.models",)),
     ("methods", ("knowsam.methods",)),
     ("runs", ("knowsam.runs", "knowsam.validation", "knowsam.train", "knowsam.evaluate", "knowsam.describe",
-              "knowsam.embed", "knowsam.teacher_check")),
+              "knowsam.embed", "knowsam.teacher_check", "knowsam.summaries")),
     ("reports", ("knowsam.report",)),
     ("entry points", ("knowsam.cli", "knowsam.bench", "knowsam.plan", "knowsam.__main__")),
 ]

@@ -837,17 +837,19 @@ def test_evaluate_an_unfinished_run(train_ws, cli):
 
 def test_leaderboard_leaves_out_a_summary_of_a_training_since_restarted(train_ws, cli):
     """Scored, then restarted (e.g. its code changed) and stopped: the old scores no longer stand for the run."""
-    from knowsam.report.results import load_summaries
+    from knowsam import validation
+    from knowsam.report.results import LeftOut, load_summaries
 
     assert cli(train_ws, "evaluate", *EVAL)[0] == 0
     run = RunId("labeled-only", "demo", 0.1, 0)  # cwd is the workspace (the cli fixture moved there)
-    table, missing = load_summaries([run], iterations=2)
-    assert not missing and set(table.method) == {"labeled-only"}
+    params = validation.load("params.yaml")
+    results = load_summaries(params, [run])
+    assert not results.left_out and set(results.table.method) == {"labeled-only"}
     config = json.loads((train_ws / RUN_DIR / "config.json").read_text())
     config["config_hash"] = "0" * 16  # what a restarted training under another configuration writes first
     (train_ws / RUN_DIR / "config.json").write_text(json.dumps(config))
-    table, missing = load_summaries([run], iterations=2)
-    assert missing == [run] and table.empty
+    results = load_summaries(params, [run])
+    assert results.left_out == [LeftOut(run, "retrained since scored", scored=True)] and results.table.empty
 
 
 def test_second_trainer_on_a_run_folder(train_ws, cli):

@@ -44,7 +44,7 @@ def workspace(tmp_path_factory) -> tuple[Path, config.Params, dict]:
     for method in ("ucmt", "mt", "knowsam"):
         for seed in SEEDS:
             rows = [r for t in N_CASES for r in case_rows(t, list(dice[method, t, seed]))]
-            write_run(root, RunId(method, "polyp", 0.1, seed), rows)
+            write_run(root, RunId(method, "polyp", 0.1, seed), rows, params=params)
     return root, params, dice
 
 
@@ -97,10 +97,11 @@ def test_missing_runs_name_stages_and_command(workspace) -> None:
     root, params, _ = workspace
     with pytest.raises(KnowsamError) as err:
         compare(params, ["ucmt", "cps"], eval_root=root / "data/eval")
-    runs = ", ".join(f"cps-polyp-0.1-{s}" for s in SEEDS)
+    runs = ", ".join(f"cps-polyp-0.1-{s} (not trained)" for s in SEEDS)
     stages = " ".join(f"evaluate@polyp-0.1-{s}" for s in SEEDS)
     assert err.value.exit_code == 1
-    assert str(err.value) == f"missing evaluated runs: {runs}; produce them with `dvc repro {stages}`"
+    assert str(err.value) == (f"runs not evaluated under the current params and code: {runs}; "
+                              f"produce them with `dvc repro {stages}`")
 
 
 @pytest.mark.parametrize("methods, dataset, ratio, message", [
@@ -201,6 +202,6 @@ def test_publish_freezes_leaderboard_comparison_params_and_versions(workspace, t
     assert "cps" in (out / "leaderboard.md").read_text()
     # A failed publication (a method that is not evaluated) leaves the previous one untouched.
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(KnowsamError, match="missing evaluated runs"):
+    with pytest.raises(KnowsamError, match="runs not evaluated under the current params and code"):
         publish(params_file, out, ["ucmt", "cps"], eval_root=root / "data/eval")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

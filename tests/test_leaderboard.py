@@ -25,6 +25,7 @@ from knowsam.report.figures import mean_curve, overlay_cases
 from knowsam.report.leaderboard import write_leaderboard
 from knowsam.report.results import load_per_case
 from knowsam.runs import RunId
+from knowsam.summaries import identity
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 POLYP_SETS = {"Kvasir": 4, "CVC-ClinicDB": 3}
@@ -43,8 +44,9 @@ def case_rows(test_set: str, dice: list[float], variant: str = "", hd95: list[fl
 
 
 def write_run(root: Path, run: RunId, rows: list[dict], provenance: dict | None = None,
-              resolution: str = "original") -> None:
-    """per_case.csv and summary.json under root/data/eval, like evaluate writes them."""
+              resolution: str = "original", *, params: config.Params) -> None:
+    """per_case.csv and summary.json under root/data/eval, like evaluate writes them (scored under ``params``
+    and this code)."""
     table = pd.DataFrame(rows)
     fileio.write_text(run.eval_dir(root / "data/eval") / "per_case.csv", table.to_csv(index=False))
 
@@ -57,6 +59,7 @@ def write_run(root: Path, run: RunId, rows: list[dict], provenance: dict | None 
         "empty_mask_policy": EMPTY_MASK_POLICY, "provenance": provenance or {},
         "test_sets": summaries(table[table.variant == ""]),
         "variants": {v: summaries(table[table.variant == v]) for v in variants},
+        **identity(params, run),
     })
 
 
@@ -114,7 +117,7 @@ def polyp_workspace(tmp_path_factory) -> tuple[Path, config.Params, str]:
                 rows += [r for t in POLYP_SETS for r in case_rows(t, polyp_dice(method, seed, t, -0.05), "sam")]
                 provenance = {"sam_arch": "tiny", "sam_weights": "random-init"}
             run = RunId(method, "polyp", 0.1, seed)
-            write_run(root, run, rows, provenance)
+            write_run(root, run, rows, provenance, params=params)
             if (method, seed) != ("knowsam", 1):
                 fileio.write_text(run.curves_file(root / "data/eval"), curves_table(POLYP_BASE[method], seed).to_csv(index=False))
             if seed == 0 and method != "ucmt":
@@ -138,7 +141,7 @@ def section_table(text: str, heading: str, first_header: str = "| Method") -> li
 
 
 def build(root: Path, params: config.Params, out: str = "reports") -> str:
-    path = write_leaderboard(params, root / out, root / "data/eval")
+    path, _ = write_leaderboard(params, root / out, root / "data/eval", runs_root=root / "data/runs")
     return path.read_text()
 
 
@@ -184,8 +187,8 @@ def test_footnotes_and_missing_runs(polyp_workspace) -> None:
     assert "same U-Net backbone, input size, iteration budget and batch composition" in notes
     assert "DeepLabv3+" in notes
     assert "fully-supervised (the upper bound" in notes
-    assert ("1 of 8 runs have no metrics: ucmt-polyp-0.1-1; produce them with "
-            "`dvc repro evaluate@polyp-0.1-1`") in text
+    assert ("1 of 8 runs have no current metrics and are not shown: ucmt-polyp-0.1-1 (not trained); produce them "
+            "with `dvc repro evaluate@polyp-0.1-1`.") in text
 
 
 def test_csv_matches_table(polyp_workspace) -> None:
@@ -218,7 +221,7 @@ def test_figures_written_and_deterministic(polyp_workspace) -> None:
 def test_leaderboard_without_overlays_draws_no_dataset_images(polyp_workspace) -> None:
     # What `publish` writes: the overlays show dataset images, which must not go into Git.
     root, params, _ = polyp_workspace
-    text = write_leaderboard(params, root / "plain", root / "data/eval", overlays=False).read_text()
+    text = write_leaderboard(params, root / "plain", root / "data/eval", overlays=False)[0].read_text()
     assert sorted(p.name for p in (root / "plain/figures").iterdir()) == ["curves_polyp.png", "leaderboard.png"]
     assert "overlays" not in text and "](figures/leaderboard.png)" in text
 
@@ -248,7 +251,8 @@ def test_training_curves_draw_the_teacher_dotted_in_its_method_colour(tmp_path: 
             table.to_csv(path, index=False)
     drawn = {}
     monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig))
-    figures.training_curves(params, "polyp", tmp_path / "curves.png", tmp_path / "eval")
+    figures.training_curves(params, "polyp", tmp_path / "curves.png", tmp_path / "eval",
+                            {RunId(m, "polyp", 0.1, s): False for m in ("ucmt", "knowsam") for s in (0, 1)})
     lines = {line.get_label(): line for line in drawn["fig"].axes[0].get_lines()}
     assert list(lines) == ["ucmt (n=2)", "knowsam (n=2)", "knowsam [SAM output]"]
     teacher, knowsam = lines["knowsam [SAM output]"], lines["knowsam (n=2)"]
@@ -262,7 +266,7 @@ def test_leaderboard_does_not_import_torch(polyp_workspace) -> None:
     code = ("import sys; from pathlib import Path; from tests.test_leaderboard import POLYP_BASE, make_params; "
             "from knowsam.report.leaderboard import write_leaderboard; root = Path(sys.argv[1]); "
             "write_leaderboard(make_params(root, 'polyp', list(POLYP_BASE), [0.1], [0, 1]), root / 'reports-again', "
-            "root / 'data/eval'); print('torch' in sys.modules)")
+            "root / 'data/eval', runs_root=root / 'data/runs'); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
     assert (root / "reports-again/leaderboard.md").read_text() == text
@@ -279,7 +283,7 @@ def test_volume_table_and_reference(tmp_path: Path) -> None:
             write_run(tmp_path, RunId(method, "promise12", ratio, 0),
                       case_rows("test", dice, hd95=[hd95[method] - bonus * 10] * 3, asd=[asd[method]] * 3),
                       {"sam_arch": "vit_b", "sam_weights": "sam_vit_b.pth sha256 0123456789ab", "sam_encoder": "cached"}
-                      if method == "knowsam" else None)
+                      if method == "knowsam" else None, params=params)
     text = build(tmp_path, params)
     header, *rows = section_table(text, "### test")
     assert header == ["Method", "5% Dice", "5% IoU", "5% HD95", "5% ASD", "10% Dice", "10% IoU", "10% HD95", "10% ASD"]
@@ -296,7 +300,7 @@ def test_volume_table_and_reference(tmp_path: Path) -> None:
                     ["knowsam (paper)", "10%", "test", "mDice (listed as Dice)", "82.93", "84.00 (n=1)", "+1.07"]]
     assert ("SAM teacher weights: `vit_b` sam_vit_b.pth sha256 0123456789ab, frozen encoder, embeddings cached "
             "(knowsam).") in text
-    assert "None: all 6 runs of the params matrix are evaluated." in text
+    assert "None: all 6 runs of the params matrix are evaluated under the current params and code." in text
     assert f"figures/overlays_promise12.png: not drawn, {tmp_path / 'data/prepared/promise12'} is missing." in text
     assert "figures/curves_promise12.png: not drawn, no evaluated run of promise12 has training curves." in text
 

@@ -31,7 +31,7 @@ from knowsam import validation
 from knowsam.config import Params
 from knowsam.errors import KnowsamError
 from knowsam.report import reference
-from knowsam.report.results import (load_per_case, load_summaries, missing_evaluations, ratio_label, repro_hint,
+from knowsam.report.results import (STALE_MARK, STALE_NOTE, load_per_case, load_summaries, ratio_label, repro_hint,
                                     test_set_order)
 from knowsam.runs import RunId
 
@@ -55,6 +55,7 @@ class CompareRow:
     diff: float | None
     p_value: float | None
     paper: float | None
+    stale: bool = False  # a seed of it scored other params or code (shown by --allow-stale)
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,14 @@ class Comparison:
     baseline: str
     methods: list[str]
     rows: list[CompareRow]
+    stale_runs: list[str] = dataclasses.field(default_factory=list)  # "<run> (<reason>)", shown by --allow-stale
 
     def to_dict(self) -> dict:
         return {"metric": "mDice", "unit": "percent", "baseline": self.baseline, "methods": self.methods,
-                "pairing": PAIRING, "rows": [dataclasses.asdict(r) for r in self.rows]}
+                "pairing": PAIRING, "rows": [dataclasses.asdict(r) for r in self.rows], "stale_runs": self.stale_runs}
+
+    def stale_note(self) -> str | None:
+        return f"{STALE_MARK} {STALE_NOTE}: {', '.join(self.stale_runs)}." if self.stale_runs else None
 
     def groups(self) -> dict[tuple[str, float], list[CompareRow]]:
         out: dict[tuple[str, float], list[CompareRow]] = {}
@@ -95,11 +100,11 @@ def paired_wilcoxon(baseline: pd.Series, other: pd.Series, what: str) -> float:
     return float(wilcoxon(other.to_numpy(), baseline.to_numpy()).pvalue)
 
 
-def _case_dice(runs: list[RunId], eval_root: str | Path) -> pd.Series:
+def _case_dice(runs: list[RunId], eval_root: str | Path, summaries: dict[RunId, dict]) -> pd.Series:
     """Per-case Dice of the reported output, averaged over the runs (seeds); index (test_set, case)."""
     tables = []
     for run in runs:
-        table = load_per_case(run, eval_root)
+        table = load_per_case(run, eval_root, summaries[run])
         tables.append(table[table.variant == ""][["test_set", "case", "dice"]])
     grouped = pd.concat(tables).groupby(["test_set", "case"], sort=False)["dice"]
     counts = grouped.size()
@@ -127,28 +132,31 @@ def _check_selection(params: Params, methods: list[str], dataset: str | None, ra
 
 
 def compare(params: Params, methods: list[str], dataset: str | None = None, ratio: float | None = None,
-            eval_root: str | Path = "data/eval") -> Comparison:
+            eval_root: str | Path = "data/eval", *, allow_stale: bool = False,
+            runs_root: str | Path = "data/runs") -> Comparison:
     """Compare ``methods`` (the first is the baseline) on every selected dataset x ratio of the params.
 
-    Every run of the selection (all seeds) must be evaluated; otherwise a KnowsamError (exit 1)
-    names the missing ``evaluate@...`` stages and the ``dvc repro`` command that makes them.
+    Every run of the selection (all seeds) must be evaluated under the current params and code;
+    otherwise a KnowsamError (exit 1) names each run with the reason, and the ``dvc repro`` command
+    that makes them. ``allow_stale`` compares runs scored under other params or code, marked.
     """
     ratios = _check_selection(params, methods, dataset, ratio)
     datasets = [dataset] if dataset is not None else list(params.datasets)
     runs = [RunId(m, d, r, s) for d in datasets for r in ratios for m in methods for s in params.seeds]
-    missing = missing_evaluations(runs, eval_root)
-    if missing:
-        raise KnowsamError(f"missing evaluated runs: {repro_hint(missing)}", 1)
-    long, _ = load_summaries(runs, eval_root)
-    long = long[long.variant == ""]
+    results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale, per_case=True)
+    if results.left_out:
+        raise KnowsamError(f"runs not evaluated under the current params and code: {repro_hint(results.left_out)}", 1)
+    long = results.table[results.table.variant == ""]
     rows: list[CompareRow] = []
     for d in datasets:
         for r in ratios:
-            cases = {m: _case_dice([RunId(m, d, r, s) for s in params.seeds], eval_root) for m in methods}
+            cases = {m: _case_dice([RunId(m, d, r, s) for s in params.seeds], eval_root, results.summaries)
+                     for m in methods}
             here = long[(long.dataset == d) & (long.ratio == r)]
             for test_set in test_set_order(d, here.test_set):
                 rows += _test_set_rows(here[here.test_set == test_set], cases, d, r, test_set, methods)
-    return Comparison(baseline=methods[0], methods=list(methods), rows=rows)
+    return Comparison(baseline=methods[0], methods=list(methods), rows=rows,
+                      stale_runs=[str(item) for item in results.stale])
 
 
 def _test_set_rows(summaries: pd.DataFrame, cases: dict[str, pd.Series], dataset: str, ratio: float,
@@ -166,13 +174,14 @@ def _test_set_rows(summaries: pd.DataFrame, cases: dict[str, pd.Series], dataset
         std=float(seeds[m].std(ddof=1)) if len(seeds[m]) > 1 else None, n_seeds=len(seeds[m]), n_cases=len(own[m]),
         diff=None if m == baseline else float(seeds[m].mean() - seeds[baseline].mean()),
         p_value=None if m == baseline else paired_wilcoxon(own[baseline], own[m], f"{where}: {m} vs {baseline}"),
-        paper=reference.lookup(dataset, test_set, m, ratio, "mDice")) for m in methods]
+        paper=reference.lookup(dataset, test_set, m, ratio, "mDice"),
+        stale=bool(summaries[summaries.method == m]["stale"].any())) for m in methods]
 
 
 def _texts(row: CompareRow) -> list[str]:
     mean = f"{row.mean:.2f}" if row.std is None else f"{row.mean:.2f} ± {row.std:.2f}"
     p = "-" if row.p_value is None else f"{row.p_value:.3g} (n={row.n_cases})"
-    return [row.test_set, row.method, mean, str(row.n_seeds), "-" if row.diff is None else f"{row.diff:+.2f}", p,
+    return [row.test_set, row.method + (f" {STALE_MARK}" if row.stale else ""), mean, str(row.n_seeds), "-" if row.diff is None else f"{row.diff:+.2f}", p,
             "-" if row.paper is None else f"{row.paper:.2f}"]
 
 
@@ -195,6 +204,8 @@ def render_markdown(result: Comparison) -> str:
     for (dataset, ratio), rows in result.groups().items():
         lines += [f"### {dataset}, {ratio_label(ratio)} labeled", "", "| " + " | ".join(headers) + " |",
                   "|" + "---|" * len(headers), *("| " + " | ".join(_texts(r)) + " |" for r in rows), ""]
+    if result.stale_note():
+        lines += [result.stale_note(), ""]
     lines.append(f"Pairing: {PAIRING}. mDice = mean of per-image (per-volume) Dice.")
     return "\n".join(lines) + "\n"
 
@@ -202,7 +213,8 @@ def render_markdown(result: Comparison) -> str:
 def render_tables(result: Comparison) -> list[Table]:
     tables = []
     for (dataset, ratio), rows in result.groups().items():
-        table = Table(title=f"{dataset}, {ratio_label(ratio)} labeled", caption=_legend(result.baseline),
+        caption = " ".join(filter(None, [_legend(result.baseline), result.stale_note()]))
+        table = Table(title=f"{dataset}, {ratio_label(ratio)} labeled", caption=caption,
                       caption_justify="left", box=box.SIMPLE_HEAD)
         for header in _SHORT_HEADERS:
             text = header in ("Test set", "Method")
@@ -214,11 +226,11 @@ def render_tables(result: Comparison) -> list[Table]:
 
 
 def compare_command(params_file: str | Path, methods: str | list[str], dataset: str | None = None,
-                    ratio: float | None = None, fmt: str = "table") -> int:
+                    ratio: float | None = None, fmt: str = "table", allow_stale: bool = False) -> int:
     """CLI body of ``compare``: prints the comparison in ``fmt`` and returns 0; failures raise KnowsamError."""
     if fmt not in FORMATS:
         raise KnowsamError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", 2)
-    result = compare(validation.load(params_file), parse_methods(methods), dataset, ratio)
+    result = compare(validation.load(params_file), parse_methods(methods), dataset, ratio, allow_stale=allow_stale)
     if fmt == "json":
         print(json.dumps(result.to_dict(), indent=2))
     elif fmt == "md":

@@ -19,7 +19,7 @@ from matplotlib.ticker import NullFormatter
 from knowsam import fileio
 from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
-from knowsam.report.results import is_upper_bound, ratio_label, row_label, test_set_order
+from knowsam.report.results import STALE_MARK, is_upper_bound, ratio_label, row_label, test_set_order
 from knowsam.runs import RunId
 
 PNG_METADATA = {"Software": None}
@@ -48,8 +48,9 @@ def bar_chart(agg: pd.DataFrame, path: str | Path) -> Path:
         for i, label in enumerate(labels):
             rows = part[part.label == label].set_index("test_set").reindex(test_sets)
             x = np.arange(len(test_sets)) + (i - (len(labels) - 1) / 2) * width
+            stale = " " + STALE_MARK if rows["stale"].fillna(False).astype(bool).any() else ""
             ax.bar(x, rows["mean"].to_numpy(float), width, yerr=rows["std"].fillna(0.0).to_numpy(float),
-                   capsize=2, label=label)
+                   capsize=2, label=label + stale)
         ax.set_xticks(np.arange(len(test_sets)), test_sets, fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel("mDice (%)")
@@ -89,10 +90,12 @@ def _predictions(path: Path, keys: list[str]) -> dict[str, np.ndarray] | None:
         return {key: saved[key] for key in keys if key in saved.files}
 
 
-def overlay_grid(params: Params, dataset: str, path: str | Path, eval_root: str | Path = "data/eval") -> Path | None:
+def overlay_grid(params: Params, dataset: str, path: str | Path, eval_root: str | Path,
+                 shown: dict[RunId, bool]) -> Path | None:
     """Rows = ``eval.overlay_images`` fixed test cases; columns = image, ground truth, each method's prediction.
 
-    Predictions come from the first ratio and seed of the params. Everything is drawn over
+    Predictions come from the first ratio and seed of the params, of the runs the leaderboard
+    ``shown`` (True: stale, marked); the others are drawn as missing. Everything is drawn over
     the original image extent (the network-size image is stretched to it). Returns None when
     the prepared dataset is absent.
     """
@@ -102,9 +105,11 @@ def overlay_grid(params: Params, dataset: str, path: str | Path, eval_root: str 
     picks = overlay_cases(data, params.eval.overlay_images)
     keys = [f"{part}/{case}" for part, case in picks]
     ratio, seed = params.ratios[0], params.seeds[0]
-    predictions = {m: _predictions(RunId(m, dataset, ratio, seed).eval_dir(eval_root) / "predictions.npz", keys)
-                   for m in params.methods}
+    runs = {m: RunId(m, dataset, ratio, seed) for m in params.methods}
+    predictions = {m: _predictions(run.eval_dir(eval_root) / "predictions.npz", keys) if run in shown else None
+                   for m, run in runs.items()}
     colours = ListedColormap(CLASS_COLOURS[:data.num_classes])
+    titles = {m: m + (f" {STALE_MARK}" if shown.get(run) else "") for m, run in runs.items()}
     columns = ["image", "ground truth", *params.methods]
     fig = Figure(figsize=(1.9 * len(columns), 1.9 * max(len(picks), 1) + 0.4), layout="constrained")
     fig.suptitle(f"{dataset}: predictions at {ratio_label(ratio)} labeled, seed {seed}", fontsize=9)
@@ -117,7 +122,7 @@ def overlay_grid(params: Params, dataset: str, path: str | Path, eval_root: str 
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(name, fontsize=8)
+                ax.set_title(titles.get(name, name), fontsize=8)
             ax.imshow(image, cmap="gray", extent=extent, interpolation="nearest")
             if col == 0:
                 ax.set_ylabel(f"{part}\n{case}", fontsize=6)
@@ -140,13 +145,16 @@ def mean_curve(curves: list[pd.DataFrame], column: str, window: int = 1) -> pd.S
     return pd.concat(series, axis=1, join="inner").mean(axis=1) if series else pd.Series(dtype=float)
 
 
-def training_curves(params: Params, dataset: str, path: str | Path, eval_root: str | Path = "data/eval") -> Path | None:
+def training_curves(params: Params, dataset: str, path: str | Path, eval_root: str | Path,
+                    shown: dict[RunId, bool]) -> Path | None:
     """Validation Dice (top) and training loss (bottom) against iteration, one line per method (mean
     over its seeds), one column per labeled ratio; references dashed, a method's teacher (its
-    ``val_dice_<variant>`` curve) dotted in the method's colour. None when no run has curves."""
-    runs = {(m, r): [RunId(m, dataset, r, s).curves_file(eval_root) for s in params.seeds]
+    ``val_dice_<variant>`` curve) dotted in the method's colour. Only runs the leaderboard ``shown``
+    are drawn (True: stale, marked in the legend). None when no such run has curves."""
+    runs = {(m, r): [RunId(m, dataset, r, s) for s in params.seeds if RunId(m, dataset, r, s) in shown]
             for r in params.ratios for m in params.methods}
-    curves = {key: [pd.read_csv(f) for f in files if f.is_file()] for key, files in runs.items()}
+    curves = {key: [pd.read_csv(run.curves_file(eval_root)) for run in found if run.curves_file(eval_root).is_file()]
+              for key, found in runs.items()}
     if not any(curves.values()):
         return None
     window = max(1, params.train.iterations // 25)
@@ -159,7 +167,8 @@ def training_curves(params: Params, dataset: str, path: str | Path, eval_root: s
             if not found:
                 continue
             style = {"linestyle": "--", "color": "black"} if is_upper_bound(method) else {}
-            label = f"{method} (n={len(found)})"
+            stale = f" {STALE_MARK}" if any(shown[run] for run in runs[(method, ratio)]) else ""
+            label = f"{method} (n={len(found)}){stale}"
             dice = mean_curve(found, "val_dice")
             (line,) = dice_ax.plot(dice.index, dice.to_numpy() * 100.0, marker=".", label=label, **style)
             for column in sorted({c for f in found for c in f.columns if c.startswith("val_dice_")}):

@@ -22,8 +22,9 @@ from knowsam.data.sources import DATASETS
 from knowsam.errors import KnowsamError
 from knowsam.metrics import EMPTY_MASK_POLICY
 from knowsam.report import figures, reference
-from knowsam.report.results import (is_upper_bound, load_summaries, matrix, ratio_label, repro_hint, row_label,
-                                    test_set_order)
+from knowsam.report.results import (STALE_MARK, STALE_NOTE, Results, is_upper_bound, load_summaries, matrix,
+                                    ratio_label, repro_hint, row_label, test_set_order)
+from knowsam.runs import code_fingerprint
 
 POLYP_METRICS = ("mDice", "mIoU")
 VOLUME_METRICS = ("mDice", "mIoU", "HD95", "ASD")
@@ -55,7 +56,8 @@ def aggregate(long: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, method, variant, ratio, test set, metric) over seeds, in table units.
 
     Dice/IoU become percentages, distances stay in the evaluation's units. Adds the row
-    label, ``best`` and, for plain rows with a published value, ``paper`` and ``diff_vs_paper``.
+    label, ``stale`` (a run of the cell is of other params or code), ``best`` and, for plain rows
+    with a published value, ``paper`` and ``diff_vs_paper``.
     """
     book = reference.load()
     rows = []
@@ -67,7 +69,7 @@ def aggregate(long: pd.DataFrame) -> pd.DataFrame:
                          "ratio": ratio, "test_set": test_set, "metric": metric,
                          "unit": "%" if metric in PERCENT_METRICS else "distance",
                          "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else float("nan"),
-                         "n": len(values), "paper": paper,
+                         "n": len(values), "stale": bool(group["stale"].any()), "paper": paper,
                          "diff_vs_paper": values.mean() - paper if paper is not None else float("nan")})
     agg = pd.DataFrame(rows)
     agg["best"] = _best_flags(agg)
@@ -75,9 +77,11 @@ def aggregate(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def _best_flags(agg: pd.DataFrame) -> pd.Series:
-    """Best mean per (dataset, ratio, test set, metric) among at least two contenders; ties at 2 decimals all win."""
+    """Best mean per (dataset, ratio, test set, metric) among at least two contenders; ties at 2 decimals all win.
+
+    A stale cell never competes: it does not stand for the current params."""
     best = pd.Series(False, index=agg.index)
-    contenders = agg[(agg.variant == "") & ~agg.method.map(is_upper_bound)]
+    contenders = agg[(agg.variant == "") & ~agg.method.map(is_upper_bound) & ~agg.stale]
     for (_, _, _, metric), group in contenders.groupby(["dataset", "ratio", "test_set", "metric"]):
         if len(group) < 2:
             continue
@@ -87,10 +91,10 @@ def _best_flags(agg: pd.DataFrame) -> pd.Series:
     return best
 
 
-def format_cell(mean: float, std: float, n: int, bold: bool = False) -> str:
-    """``84.10 ± 0.50 (n=3)``; one seed has no std; bold covers mean and std."""
+def format_cell(mean: float, std: float, n: int, bold: bool = False, stale: bool = False) -> str:
+    """``84.10 ± 0.50 (n=3)``; one seed has no std; bold covers mean and std; ``†`` marks a stale cell."""
     text = f"{mean:.2f}" if n < 2 else f"{mean:.2f} ± {std:.2f}"
-    return f"{f'**{text}**' if bold else text} (n={n})"
+    return f"{f'**{text}**' if bold else text} (n={n})" + (f" {STALE_MARK}" if stale else "")
 
 
 def _md(cells: list[str]) -> str:
@@ -111,7 +115,7 @@ def _rows(part: pd.DataFrame, methods: list[str]) -> list[tuple[str, str]]:
 
 
 def _cells(part: pd.DataFrame) -> dict[tuple, str]:
-    return {tuple(r[k] for k in _KEY): format_cell(r["mean"], r["std"], r["n"], r["best"])
+    return {tuple(r[k] for k in _KEY): format_cell(r["mean"], r["std"], r["n"], r["best"], r["stale"])
             for r in part.to_dict("records")}
 
 
@@ -151,7 +155,7 @@ def reference_table(part: pd.DataFrame, refs: list[reference.Reference]) -> list
         if len(ours) == 1:
             row = ours.iloc[0]
             test_set, diff = row.test_set, f"{row['mean'] - ref.value:+.2f}"
-            cell = format_cell(row["mean"], row["std"], row["n"])
+            cell = format_cell(row["mean"], row["std"], row["n"], stale=row["stale"])
         lines.append(_md([f"{ref.method} (paper)", ratio_label(ref.ratio), test_set,
                           f"{ref.metric} (listed as {ref.listed_as})", f"{ref.value:.2f}", cell, diff]))
     return lines
@@ -188,6 +192,8 @@ def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]
     notes = [
         f"Profile `{params.profile}`: images resized to {params.data.image_size}x{params.data.image_size} px for the "
         f"networks, {params.train.iterations} training iterations, seeds {', '.join(map(str, params.seeds))}.",
+        "Identity: every run shown was trained and scored under these params and training code "
+        f"`{code_fingerprint()}` (`runs.code_fingerprint`), except cells marked {STALE_MARK}.",
         "Cells: mean ± std over seeds (sample std; none for one seed) with n = seeds evaluated. Dice/IoU in %; "
         "HD95/ASD in pixels for 2D images, in the volume's voxel-spacing units for volumes.",
         "mDice = mean of per-image Dice (per-volume for volume datasets), not a dataset-global Dice; mIoU likewise.",
@@ -210,8 +216,7 @@ def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]
     return [f"- {n}" for n in notes]
 
 
-def render(params: Params, long: pd.DataFrame, agg: pd.DataFrame, missing: list, total: int,
-           figure_lines: list[str]) -> str:
+def render(params: Params, results: Results, agg: pd.DataFrame, total: int, figure_lines: list[str]) -> str:
     book = reference.load()
     lines = [f"# Leaderboard (profile `{params.profile}`)", ""]
     with_paper = False
@@ -230,46 +235,56 @@ def render(params: Params, long: pd.DataFrame, agg: pd.DataFrame, missing: list,
             with_paper = True
             lines += [f"Reported by the paper ({dataset}): {book.protocols.get(dataset, '')}".rstrip(), "",
                       *reference_table(part, refs), ""]
-    lines += ["## Notes", "", *footnotes(params, long, with_paper), "", "## Missing runs", ""]
-    if missing:
-        lines.append(f"{len(missing)} of {total} runs have no metrics: {repro_hint(missing)}")
-    else:
-        lines.append(f"None: all {total} runs of the params matrix are evaluated.")
+    lines += ["## Notes", "", *footnotes(params, results.table, with_paper), "", "## Runs left out", ""]
+    if results.left_out:
+        lines.append(f"{len(results.left_out)} of {total} runs have no current metrics and are not shown: "
+                     f"{repro_hint(results.left_out)}.")
+    elif not results.stale:
+        lines.append(f"None: all {total} runs of the params matrix are evaluated under the current params and code.")
+    if results.stale:
+        lines += [*([""] if results.left_out else []), f"{STALE_MARK} Shown with --allow-stale: {len(results.stale)} "
+                  f"of {total} runs {STALE_NOTE}: {', '.join(map(str, results.stale))}."]
     lines += ["", "## Figures", "", *figure_lines]
     return "\n".join(lines) + "\n"
 
 
 def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root: str | Path = "data/eval", *,
-                      overlays: bool = True) -> Path:
+                      overlays: bool = True, allow_stale: bool = False,
+                      runs_root: str | Path = "data/runs") -> tuple[Path, Results]:
     """Write ``leaderboard.md``/``.csv`` and ``figures/`` (bar chart, training curves and overlays per
-    dataset); returns the .md path.
+    dataset); returns the .md path and what was shown and left out (``results.load_summaries``).
 
     Figures sit in one folder so the pipeline can declare them as a single output whatever
     the dataset list. ``overlays=False`` leaves out the overlays, which show dataset images.
+    Runs of other params or code are left out (named under "Runs left out"); ``allow_stale``
+    shows them, marked.
     """
     runs = matrix(params)
-    long, missing = load_summaries(runs, eval_root, params.train.iterations)
-    if long.empty:
-        raise KnowsamError(f"{eval_root}: no evaluated run of the params matrix; run `dvc repro` first")
-    agg = aggregate(long)
+    results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale)
+    if results.table.empty:
+        left = f" ({repro_hint(results.left_out)})" if results.left_out else ""
+        raise KnowsamError(f"{eval_root}: no evaluated run of the params matrix under the current params and "
+                           f"code{left}; run `dvc repro` first")
+    shown = results.shown
+    agg = aggregate(results.table)
     out_dir = Path(out_dir)
     figures.bar_chart(agg, out_dir / "figures/leaderboard.png")
     figure_lines = ["![mDice per test set](figures/leaderboard.png)", ""]
     for dataset in params.datasets:
         name = f"figures/curves_{dataset}.png"
-        if figures.training_curves(params, dataset, out_dir / name, eval_root):
+        if figures.training_curves(params, dataset, out_dir / name, eval_root, shown):
             figure_lines += [f"![{dataset} training curves]({name})", ""]
         else:
             figure_lines += [f"{name}: not drawn, no evaluated run of {dataset} has training curves.", ""]
     for dataset in params.datasets if overlays else []:
         name = f"figures/overlays_{dataset}.png"
-        if figures.overlay_grid(params, dataset, out_dir / name, eval_root):
+        if figures.overlay_grid(params, dataset, out_dir / name, eval_root, shown):
             figure_lines += [f"![{dataset} predictions]({name})", ""]
         else:
             figure_lines += [f"{name}: not drawn, {Path(params.data.prepared_root) / dataset} is missing.", ""]
     path = out_dir / "leaderboard.md"
-    fileio.write_text(path, render(params, long, agg, missing, len(runs), figure_lines[:-1]))
+    fileio.write_text(path, render(params, results, agg, len(runs), figure_lines[:-1]))
     columns = ["dataset", "method", "variant", "label", "ratio", "test_set", "metric", "unit", "mean", "std", "n",
-               "best", "paper", "diff_vs_paper"]
+               "stale", "best", "paper", "diff_vs_paper"]
     fileio.write_text(out_dir / "leaderboard.csv", agg[columns].to_csv(index=False, float_format="%.4f"))
-    return path
+    return path, results

@@ -77,19 +77,20 @@ def _readme(params: Params, compare_methods: list[str], wall_seconds: float | No
 
 def publish(params_file: str | Path, out_dir: str | Path, compare_methods: list[str], *,
             wall_seconds: float | None = None, command: str = "dvc repro",
-            eval_root: str | Path = "data/eval") -> Path:
+            eval_root: str | Path = "data/eval", allow_stale: bool = False) -> Path:
     """Write the publication folder ``out_dir`` from the evaluated runs of ``params_file``; returns it.
 
-    Every run of the comparison must be evaluated (``compare`` raises otherwise); the
-    leaderboard lists missing runs in its own notes.
+    Every run of the comparison must be evaluated under these params and the current code
+    (``compare`` raises otherwise, unless ``allow_stale``: then stale runs are published marked);
+    the leaderboard names the runs it leaves out in its own notes.
     """
     params = validation.load(params_file)
-    comparison = compare(params, compare_methods, eval_root=eval_root)
+    comparison = compare(params, compare_methods, eval_root=eval_root, allow_stale=allow_stale)
     versions, machine = package_versions(), machine_facts()
     out_dir = Path(out_dir)
     with fileio.atomic_dir(out_dir) as tmp:
         # No overlays: they show dataset images, which a Git repository must not redistribute.
-        write_leaderboard(params, tmp, eval_root, overlays=False)
+        write_leaderboard(params, tmp, eval_root, overlays=False, allow_stale=allow_stale)
         fileio.write_text(tmp / "compare.md", render_markdown(comparison))
         fileio.write_text(tmp / "compare.json", json.dumps(comparison.to_dict(), indent=2) + "\n")
         shutil.copyfile(params_file, tmp / "params.yaml")

@@ -1,20 +1,28 @@
 """Collecting evaluated runs: the one reader of ``data/eval`` for reports.
 
-Leaderboard, figures and ``compare`` all go through here, so a run counts as present or
-missing by one rule everywhere, and missing runs are named by the DVC stage that makes them.
+Leaderboard, figures, ``compare`` and ``publish`` all go through here, so a run counts as shown,
+stale or missing by one rule everywhere. A run is shown when its summary scored the training the
+current params and code make (``summaries.stale_reason``) and its run folder, if here, still holds
+that training. Every other run is named with the reason and the DVC stage that makes it; with
+``allow_stale`` a summary of other params or code is shown too, flagged ``stale``.
 """
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from knowsam.config import Params
+from knowsam.errors import KnowsamError
 from knowsam.methods.registry import UPPER_BOUNDS
 from knowsam.runs import RunId
+from knowsam.summaries import identity, read_summary, stale_reason
 
 # How a method's extra outputs (``Method.variants``) are named in tables.
 VARIANT_LABELS: dict[str, str] = {"sam": "SAM output"}
@@ -53,69 +61,158 @@ def test_set_order(dataset: str, names) -> list[str]:
     return sorted(set(names), key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
-def repro_hint(missing: list[RunId]) -> str:
-    """Names the missing runs and the one command that produces them (their groups' evaluate stages)."""
-    runs = ", ".join(r.stage_name for r in missing)
-    stages = " ".join(dict.fromkeys(f"evaluate@{r.group_stage_name}" for r in missing))
-    return f"{runs}; produce them with `dvc repro {stages}`"
+@dataclass(frozen=True)
+class LeftOut:
+    """A run of the matrix whose numbers are not current: ``reason`` says why."""
+
+    run: RunId
+    reason: str
+    scored: bool  # it has a summary (of other params or code, or of a training since replaced): allow_stale shows it
+
+    def __str__(self) -> str:
+        return f"{self.run.stage_name} ({self.reason})"
 
 
-def _read_summary(run: RunId, eval_root: str | Path) -> dict | None:
-    """The run's full summary (the evaluate stage writes it last), or None if not evaluated."""
-    path = run.summary_file(eval_root)
-    return json.loads(path.read_text()) if path.is_file() else None
+@dataclass
+class Results:
+    """``table``: one row per shown run x variant x test set (``stale`` marks runs shown by ``allow_stale``);
+    ``summaries``: the shown runs' summaries; ``left_out``: runs not shown; ``stale``: runs shown though stale."""
+
+    table: pd.DataFrame
+    summaries: dict[RunId, dict] = field(default_factory=dict)
+    left_out: list[LeftOut] = field(default_factory=list)
+    stale: list[LeftOut] = field(default_factory=list)
+
+    @property
+    def shown(self) -> dict[RunId, bool]:
+        """Every run in the table, True for a stale one."""
+        stale = {item.run for item in self.stale}
+        return {run: run in stale for run in self.summaries}
 
 
-def _scored_other_training(run: RunId, summary: dict, runs_root: str | Path) -> bool:
-    """The run folder now holds another training than the one the summary scored (restarted since)."""
-    path = run.train_dir(runs_root) / "config.json"
+STALE_MARK = "†"
+STALE_NOTE = ("scored under other params or code than the params file's (or a training since replaced); "
+              "these numbers do not stand for the current params")
+
+
+def repro_hint(left_out: list[LeftOut]) -> str:
+    """Names the runs and why, and the one command that produces them (their groups' evaluate stages)."""
+    stages = " ".join(dict.fromkeys(f"evaluate@{item.run.group_stage_name}" for item in left_out))
+    hint = f"{', '.join(map(str, left_out))}; produce them with `dvc repro {stages}`"
+    if all(item.scored for item in left_out):
+        hint += " (--allow-stale shows them, marked as stale)"
+    return hint
+
+
+def _run_folder_hash(run: RunId, runs_root: str | Path) -> str | None:
+    """The configuration hash of the training the run folder holds, None without a readable one (e.g. published
+    results, or evaluation folders copied without their runs: the summary is all there is)."""
     try:
-        current = json.loads(path.read_text()).get("config_hash")
+        recorded = json.loads((run.train_dir(runs_root) / "config.json").read_text())
     except (OSError, ValueError):
-        return False  # no run folder here (e.g. published results): the summary is all there is
-    return summary.get("config_hash", current) != current
+        return None
+    return recorded.get("config_hash") if isinstance(recorded, dict) else None
 
 
-def load_summaries(runs: list[RunId], eval_root: str | Path = "data/eval", iterations: int | None = None,
-                   runs_root: str | Path = "data/runs") -> tuple[pd.DataFrame, list[RunId]]:
-    """Long table (one row per run x variant x test set) of summary metrics, and the runs not evaluated.
+def _why_not_scored(params: Params, run: RunId, runs_root: str | Path, current_hash: str) -> str:
+    """A run without a summary: not trained (under these params and code), unfinished, or trained, not evaluated."""
+    if _run_folder_hash(run, runs_root) != current_hash:
+        return "not trained"
+    try:
+        trained = json.loads((run.train_dir(runs_root) / "train_log.json").read_text())["summary"]["iterations"]
+    except (OSError, ValueError, KeyError, TypeError):  # written when a training ends: absent while unfinished
+        return "unfinished"
+    return "not evaluated" if trained >= params.train.iterations else "unfinished"
 
-    With ``iterations``, a summary recording another number of trained iterations counts as not
-    evaluated: it never stands for the configured run. Nor does a summary of a training that the
-    run folder no longer holds (the run was restarted, e.g. after its code changed, since it was scored).
+
+def load_summaries(params: Params, runs: list[RunId], eval_root: str | Path = "data/eval",
+                   runs_root: str | Path = "data/runs", *, allow_stale: bool = False,
+                   per_case: bool = False) -> Results:
+    """The summaries of ``runs`` as a long table (one row per run x variant x test set), and the runs left out.
+
+    A run is left out when it has no summary (``per_case``: or no per-case table), when its summary
+    scored other params or code than ``params`` and the code here, or when its run folder now holds
+    another training than the one scored (restarted since). ``allow_stale`` shows the runs that have a
+    summary anyway, flagged ``stale``. A damaged summary is a KnowsamError naming the file.
 
     ``variant`` is "" for the method's reported output. Provenance (SAM weights) and the
     evaluation resolution are copied onto every row so footnotes can be built from the table.
     """
-    rows, missing = [], []
+    out = Results(table=pd.DataFrame())
+    rows = []
     for run in runs:
-        summary = _read_summary(run, eval_root)
-        if summary is None or (iterations is not None and summary.get("iterations", iterations) != iterations) \
-                or _scored_other_training(run, summary, runs_root):
-            missing.append(run)
+        summary = read_summary(run, eval_root)
+        current = identity(params, run)
+        if summary is None or (per_case and not (run.eval_dir(eval_root) / "per_case.csv").is_file()):
+            reason = "not evaluated" if summary is not None else _why_not_scored(
+                params, run, runs_root, current["config_hash"])
+            out.left_out.append(LeftOut(run, reason, scored=False))
             continue
-        provenance = summary.get("provenance", {})
+        reason = stale_reason(summary, current)
+        folder = _run_folder_hash(run, runs_root)
+        if reason is None and folder is not None and folder != current["config_hash"]:
+            reason = "retrained since scored"
+        if reason is not None:
+            (out.stale if allow_stale else out.left_out).append(LeftOut(run, reason, scored=True))
+            if not allow_stale:
+                continue
+        out.summaries[run] = summary
+        provenance = summary.get("provenance") or {}
         common = {"dataset": run.dataset, "method": run.method, "ratio": run.ratio, "seed": run.seed,
-                  "resolution": summary.get("evaluation_resolution", ""),
+                  "stale": reason is not None, "resolution": summary.get("evaluation_resolution", ""),
                   "sam_arch": provenance.get("sam_arch", ""), "sam_weights": provenance.get("sam_weights", ""),
                   "sam_encoder": provenance.get("sam_encoder", "")}
         outputs = {"": summary["test_sets"], **summary.get("variants", {})}
         for variant, test_sets in outputs.items():
             for test_set, metrics in test_sets.items():
                 rows.append({**common, "variant": variant, "test_set": test_set, **metrics})
-    return pd.DataFrame(rows), missing
+    out.table = pd.DataFrame(rows)
+    return out
 
 
-def load_per_case(run: RunId, eval_root: str | Path = "data/eval") -> pd.DataFrame:
-    """A run's per-case table; ``variant`` is "" for the reported output (also in files written before variants)."""
-    table = pd.read_csv(run.eval_dir(eval_root) / "per_case.csv", dtype={"case": str, "test_set": str, "variant": str})
+ID_COLUMNS = ("variant", "test_set", "case")
+
+
+def load_per_case(run: RunId, eval_root: str | Path = "data/eval", summary: dict | None = None) -> pd.DataFrame:
+    """A run's per-case table; ``variant`` is "" for the reported output (also in files written before variants).
+
+    Read strictly: a file cut short, a NaN or a non-number (the empty-mask policy gives every case a
+    finite value) is a KnowsamError naming the file, and with the run's ``summary`` so is a case count
+    that differs from the summary's (a file cut at a line end).
+    """
+    path = run.eval_dir(eval_root) / "per_case.csv"
+    redo = f"re-run `dvc repro evaluate@{run.group_stage_name}`"
+    try:
+        raw = path.read_bytes()
+        if not raw.endswith(b"\n"):  # evaluate ends every row with a newline: anything else was cut short
+            raise ValueError("empty" if not raw.strip() else "truncated: no newline at the end")
+        table = pd.read_csv(io.BytesIO(raw), dtype={"case": str, "test_set": str, "variant": str})
+    except (OSError, ValueError) as exc:  # pandas' parser errors are ValueErrors
+        raise KnowsamError(f"{path}: unreadable per-case table ({' '.join(str(exc).split())}); {redo}") from None
     if "variant" not in table.columns:
         table.insert(0, "variant", "")
     table["variant"] = table["variant"].fillna("")  # an empty CSV field reads as NaN
+    absent = [c for c in ("test_set", "case", "dice") if c not in table.columns]
+    if absent:
+        raise KnowsamError(f"{path}: unreadable per-case table (no column {absent[0]!r}); {redo}")
+    for column in [c for c in table.columns if c not in ID_COLUMNS]:
+        bad = ~np.isfinite(pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float))
+        if bad.any():
+            row = table[bad].iloc[0]
+            raise KnowsamError(f"{path}: column {column!r} is {row[column]} for case {row['case']} of "
+                               f"{row['test_set']}, where every value is a finite number (see the empty-mask "
+                               f"policy); {redo}")
+    if summary is not None:
+        _check_case_counts(path, table, summary, redo)
     return table
 
 
-def missing_evaluations(runs: list[RunId], eval_root: str | Path = "data/eval") -> list[RunId]:
-    """Runs lacking the summary or the per-case table (both come from the evaluate stage)."""
-    return [r for r in runs
-            if not (r.summary_file(eval_root).is_file() and (r.eval_dir(eval_root) / "per_case.csv").is_file())]
+def _check_case_counts(path: Path, table: pd.DataFrame, summary: dict, redo: str) -> None:
+    outputs = {"": summary["test_sets"], **summary.get("variants", {})}
+    for variant, parts in outputs.items():
+        for test_set, metrics in parts.items():
+            found = int(((table.variant == variant) & (table.test_set == test_set)).sum())
+            if found != metrics["n"]:
+                output = f"{test_set} ({variant} output)" if variant else test_set
+                raise KnowsamError(f"{path}: {found} cases of {output} where summary.json counts {metrics['n']} "
+                                   f"(truncated, or not from the same evaluation); {redo}")
