@@ -31,6 +31,7 @@ VOLUME_HEADERS = {"mDice": "Dice", "mIoU": "IoU", "HD95": "HD95", "ASD": "ASD"}
 PERCENT_METRICS = frozenset({"mDice", "mIoU"})
 LOWER_IS_BETTER = frozenset({"HD95", "ASD"})
 _KEY = ["dataset", "method", "variant", "ratio", "test_set", "metric"]
+WRITER = "knowsam-bench leaderboard"
 
 FAIRNESS_NOTE = (
     "Fairness: every method here uses the same U-Net backbone, input size, iteration budget and batch "
@@ -246,6 +247,8 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
 
     Figures sit in one folder so the pipeline can declare them as a single output whatever
     the dataset list. ``overlays=False`` leaves out the overlays, which show dataset images.
+    An existing file of these names is replaced only if the leaderboard wrote it there and it is
+    unchanged since (``out_dir``'s record, ``fileio.claim_files``); anything else is refused first.
     """
     runs = matrix(params)
     long, missing = load_summaries(runs, eval_root, params.train.iterations)
@@ -253,6 +256,12 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
         raise KnowsamError(f"{eval_root}: no evaluated run of the params matrix; run `dvc repro` first")
     agg = aggregate(long)
     out_dir = Path(out_dir)
+    names = ["leaderboard.md", "leaderboard.csv", "figures/leaderboard.png",
+             *(f"figures/curves_{dataset}.png" for dataset in params.datasets),
+             *(f"figures/overlays_{dataset}.png" for dataset in params.datasets if overlays)]
+    inputs = [eval_root, params.data.prepared_root]
+    fileio.check_folder(out_dir, WRITER, inputs)
+    fileio.claim_files(out_dir, names, WRITER, inputs)
     figures.bar_chart(agg, out_dir / "figures/leaderboard.png")
     figure_lines = ["![mDice per test set](figures/leaderboard.png)", ""]
     for dataset in params.datasets:
@@ -272,4 +281,5 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     columns = ["dataset", "method", "variant", "label", "ratio", "test_set", "metric", "unit", "mean", "std", "n",
                "best", "paper", "diff_vs_paper"]
     fileio.write_text(out_dir / "leaderboard.csv", agg[columns].to_csv(index=False, float_format="%.4f"))
+    fileio.record_files(out_dir, [name for name in names if (out_dir / name).is_file()], WRITER)
     return path

@@ -5,6 +5,8 @@ leaderboard (Markdown + CSV) and its figures, regenerated from the evaluated run
 comparison (Markdown + JSON); the exact params; package versions and machine facts; and a
 README with the wall time and the commands that produced it. It is written to a temporary
 sibling folder and renamed into place, so a failure leaves the previous publication intact.
+It goes only into a new folder or one publish wrote before, untouched since (``fileio.atomic_dir``):
+a folder holding anything else, the workspace, its inputs or a Git repository is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from knowsam.machine import cpu_model
 from knowsam.report.compare import compare, render_markdown
 from knowsam.report.leaderboard import write_leaderboard
 
+WRITER = "knowsam-bench publish"
 PACKAGES = ("knowsam-bench", "torch", "torchvision", "segment-anything", "dvc", "dvclive", "numpy", "scipy", "pandas",
             "medpy", "scikit-image", "SimpleITK", "h5py", "Pillow", "typer", "rich", "PyYAML", "matplotlib")
 
@@ -87,7 +90,7 @@ def publish(params_file: str | Path, out_dir: str | Path, compare_methods: list[
     comparison = compare(params, compare_methods, eval_root=eval_root)
     versions, machine = package_versions(), machine_facts()
     out_dir = Path(out_dir)
-    with fileio.atomic_dir(out_dir) as tmp:
+    with fileio.atomic_dir(out_dir, writer=WRITER, inputs=[params_file, eval_root]) as tmp:
         # No overlays: they show dataset images, which a Git repository must not redistribute.
         write_leaderboard(params, tmp, eval_root, overlays=False)
         fileio.write_text(tmp / "compare.md", render_markdown(comparison))
