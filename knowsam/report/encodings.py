@@ -159,10 +159,14 @@ def _labels(kind: _Kind, image: Image.Image, path) -> Reading:
         if kind.values.dtype == np.uint16 and not _ids_only(kind.values) and kind.values.max() <= 255:
             raise KnowsamError(f"{path}: 16-bit mask whose levels ({_shown(kind.values)}) all lie below 256: 8-bit "
                                "levels stored in 16 bits? Save it as 8-bit, or as {0, 65535}")
+    if kind.name == "colour" and (kind.colours > 2 or _lossy(image)):
+        raise KnowsamError(f"{path}: {_rule(image, f'colour image of {kind.colours} colours')}: a colour mask is read "
+                           "only with two colours, background and label, in a lossless file; store the mask as grey "
+                           "{0, 255} or {0, 1}")
     mask = decode_mask(kind.source, source=path) > 0
     if kind.name == "colour" and kind.colours > 1 and mask.all():
-        raise KnowsamError(f"{path}: colour mask of {kind.colours} colours whose every pixel has a channel above 127: "
-                           "which colour is the background? Store the mask as grey {0, 255} or {0, 1}")
+        raise KnowsamError(f"{path}: colour mask whose two colours both have a channel above 127: which one is the "
+                           "background? Store the mask as grey {0, 255} or {0, 1}")
     return Reading(_rule(image, _mask_rule(kind)), mask=mask)
 
 
@@ -200,6 +204,10 @@ def _refuse_ambiguous(kind: _Kind, image: Image.Image, path) -> None:
     labels_or = "pass --pred-encoding labels or --pred-encoding probability"
     if kind.name in ("grey", "alpha"):  # a grey palette's {0, 1} reads empty either way
         values = kind.values
+        if _lossy(image) and 0 < values.max() <= 127:
+            raise KnowsamError(f"{path}: {image.format} with levels {_shown(values)}, none above 127: class ids "
+                               "saved lossily (they cannot be read back), or a probability map below 0.5? Pass "
+                               "--pred-encoding probability if it is one")
         if _ids_only(values):
             raise KnowsamError(f"{path}: values 0 and 1 only: class ids {{0, 1}}, or a probability map near 0? "
                                f"{labels_or}")
@@ -207,10 +215,6 @@ def _refuse_ambiguous(kind: _Kind, image: Image.Image, path) -> None:
             raise KnowsamError(f"{path}: 16-bit levels ({_shown(values)}) all below 256: 8-bit levels stored in "
                                "16 bits, or a probability map near 0? Save it as 8-bit, or pass "
                                "--pred-encoding probability")
-        if _lossy(image) and 0 < values.max() <= 127:
-            raise KnowsamError(f"{path}: {image.format} with levels {_shown(values)}, none above 127: class ids "
-                               "saved lossily (they cannot be read back), or a probability map below 0.5? Pass "
-                               "--pred-encoding probability if it is one")
     if kind.name == "float" and not _ids_only(kind.values):
         raise KnowsamError(f"{path}: float values {_shown(kind.values)}: a probability map? Pass "
                            "--pred-encoding probability (masks hold class ids 0 and 1)")
