@@ -142,8 +142,16 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _check_inputs(target: Path, inputs: Iterable[str | os.PathLike], writer: str, *, holds: bool) -> None:
-    """Refuse a ``target`` that is an input or lies inside one (with ``holds``: or holds one, or the workspace)."""
+    """Refuse a ``target`` that is an input or lies inside one (with ``holds``: or holds one, the
+    workspace or a Git repository)."""
     resolved = target.resolve()
+    if holds:
+        workspace = Path.cwd().resolve()
+        if _inside(workspace, resolved):
+            where = "is" if resolved == workspace else "holds"
+            raise KnowsamError(f"{target}: {where} the workspace {workspace}; give a new folder")
+        if (target / ".git").exists():
+            raise KnowsamError(f"{target}: holds a Git repository (.git); give a new folder")
     for item in inputs:
         source = Path(item).resolve()
         if _inside(resolved, source):
@@ -151,12 +159,6 @@ def _check_inputs(target: Path, inputs: Iterable[str | os.PathLike], writer: str
             raise KnowsamError(f"{target}: {where} {item}, which {writer} reads; write elsewhere")
         if holds and _inside(source, resolved):
             raise KnowsamError(f"{target}: holds {item}, which {writer} reads; give a new folder")
-    if holds:
-        workspace = Path.cwd().resolve()
-        if _inside(workspace, resolved):
-            raise KnowsamError(f"{target}: holds the workspace {workspace}; give a new folder")
-        if (target / ".git").exists():
-            raise KnowsamError(f"{target}: holds a Git repository (.git); give a new folder")
 
 
 def claim_files(folder: str | os.PathLike, names: Iterable[str], writer: str,
@@ -209,20 +211,26 @@ def _foreign_file(target: Path, writer: str) -> str | None:
     return None
 
 
+def check_replaceable(path: str | os.PathLike, writer: str, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse a folder ``writer`` may not replace: one ``check_folder`` refuses, or one holding anything
+    but files ``writer`` wrote there and nobody changed since."""
+    check_folder(path, writer, inputs)
+    reason = _foreign_file(Path(path), writer)
+    if reason:
+        raise KnowsamError(f"{reason}; give a new folder, or move that away first")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, writer: str, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield an empty sibling folder; on success it replaces ``path``, on failure it is removed.
 
     ``path`` must be new, empty, or hold only files ``writer`` wrote there and nobody changed
-    since (its record says so); anything else is refused before the body runs, as are the
-    folders ``check_folder`` refuses. The new folder's record lists every file in it, for ``writer``.
+    since (its record says so): ``check_replaceable``, before the body runs. The new folder's
+    record lists every file in it, for ``writer``.
     The previous folder is set aside, not deleted, until the new one is in place.
     """
     target = Path(path)
-    check_folder(target, writer, inputs)
-    reason = _foreign_file(target, writer)
-    if reason:
-        raise KnowsamError(f"{reason}; give a new folder, or move that away first")
+    check_replaceable(target, writer, inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

@@ -250,11 +250,6 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     An existing file of these names is replaced only if the leaderboard wrote it there and it is
     unchanged since (``out_dir``'s record, ``fileio.claim_files``); anything else is refused first.
     """
-    runs = matrix(params)
-    long, missing = load_summaries(runs, eval_root, params.train.iterations)
-    if long.empty:
-        raise KnowsamError(f"{eval_root}: no evaluated run of the params matrix; run `dvc repro` first")
-    agg = aggregate(long)
     out_dir = Path(out_dir)
     names = ["leaderboard.md", "leaderboard.csv", "figures/leaderboard.png",
              *(f"figures/curves_{dataset}.png" for dataset in params.datasets),
@@ -262,6 +257,11 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     inputs = [eval_root, params.data.prepared_root]
     fileio.check_folder(out_dir, WRITER, inputs)
     fileio.claim_files(out_dir, names, WRITER, inputs)
+    runs = matrix(params)
+    long, missing = load_summaries(runs, eval_root, params.train.iterations)
+    if long.empty:
+        raise KnowsamError(f"{eval_root}: no evaluated run of the params matrix; run `dvc repro` first")
+    agg = aggregate(long)
     figures.bar_chart(agg, out_dir / "figures/leaderboard.png")
     figure_lines = ["![mDice per test set](figures/leaderboard.png)", ""]
     for dataset in params.datasets:

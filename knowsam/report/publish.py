@@ -74,6 +74,7 @@ def _readme(params: Params, compare_methods: list[str], wall_seconds: float | No
         f"| [compare.md](compare.md), [compare.json](compare.json) | `knowsam-bench compare --methods {methods}` |",
         "| [params.yaml](params.yaml) | the exact parameters of the run |",
         "| [versions.json](versions.json) | package versions and machine facts |",
+        f"| `{fileio.OUTPUT_RECORD}` | what publish wrote here, so that publishing again replaces exactly that |",
     ]
     return "\n".join(lines) + "\n"
 
@@ -86,11 +87,12 @@ def publish(params_file: str | Path, out_dir: str | Path, compare_methods: list[
     Every run of the comparison must be evaluated (``compare`` raises otherwise); the
     leaderboard lists missing runs in its own notes.
     """
+    out_dir, inputs = Path(out_dir), [params_file, eval_root]
+    fileio.check_replaceable(out_dir, WRITER, inputs)  # before any work
     params = validation.load(params_file)
     comparison = compare(params, compare_methods, eval_root=eval_root)
     versions, machine = package_versions(), machine_facts()
-    out_dir = Path(out_dir)
-    with fileio.atomic_dir(out_dir, writer=WRITER, inputs=[params_file, eval_root]) as tmp:
+    with fileio.atomic_dir(out_dir, writer=WRITER, inputs=inputs) as tmp:
         # No overlays: they show dataset images, which a Git repository must not redistribute.
         write_leaderboard(params, tmp, eval_root, overlays=False)
         fileio.write_text(tmp / "compare.md", render_markdown(comparison))
