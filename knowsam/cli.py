@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="knowsam-bench", standalone_mode=True)
     except SystemExit as exc:
+        if isinstance(getattr(exc.__context__, "__cause__", None), KeyboardInterrupt):  # typer's silent exit 130
+            print("interrupted", file=sys.stderr)
+            return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KnowsamError as exc:
         if _state["debug"]:

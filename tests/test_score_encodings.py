@@ -23,6 +23,7 @@ from knowsam.errors import KnowsamError
 from knowsam.report.score import score_folders
 from tests.test_masks import ROWS
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(40, 48), (36, 36), (30, 44)]
 VIRIDIS = np.rint(matplotlib.colormaps["viridis"](np.arange(256))[:, :3] * 255).astype(np.uint8)
 
@@ -120,6 +121,7 @@ COLOUR_FOR_PROBABILITY = Refused(r"(palette|colour) image of \d+ colours: --pred
 COLOUR_MAPPED_AUTO = Refused(r"colour image of \d+ colours: a colour-mapped probability map or coloured labels\? "
                              r"Pass --pred-encoding colormap:<name> or --pred-encoding labels")
 COLOUR_NOT_A_MASK = Refused(r"colour image of \d+ colours: a colour mask is read only with two colours")
+BOTH_BRIGHT = Refused(r"colour mask whose two colours both have a channel above 127: which one is the background\?")
 FLOAT_AUTO = Refused(r"float values .*: a probability map\? Pass --pred-encoding probability")
 FLOAT_LABELS = Refused(r"mask values .* are neither class ids nor 8- or 16-bit grey levels")
 
@@ -158,6 +160,9 @@ def mask_encodings(mask_of: Callable[[int], np.ndarray]) -> dict:
         "red on black": (lambda i: png(red_on_black(m(i))),
                          {"truth": (same, "colour: any channel > 127"), "auto": (same, "colour: any channel > 127"),
                           "labels": (same, "colour: any channel > 127"),
+                          "probability": (COLOUR_FOR_PROBABILITY, None)}),
+        "red on white": (lambda i: png(np.where(m(i)[..., None], [255, 0, 0], [255, 255, 255]).astype(np.uint8)),
+                         {"truth": (BOTH_BRIGHT, None), "auto": (BOTH_BRIGHT, None), "labels": (BOTH_BRIGHT, None),
                           "probability": (COLOUR_FOR_PROBABILITY, None)}),
         "alpha only": (lambda i: png(alpha_only(m(i))),
                        {"truth": (same, "alpha > 127"), "auto": (same, "probability = alpha / 255 > 0.5"),
@@ -297,6 +302,25 @@ def test_ground_truth_is_read_as_preparation_reads_it(tmp_path: Path, name: str)
     assert np.array_equal(read_truth(image, name).mask, decode_mask(image) > 0)
 
 
+REFUSALS = sorted({(role, name, option) for role, table in (("truth", TRUTHS), ("pred", PREDICTIONS))
+                   for name, (_, options) in table.items() for option, (expect, _) in options.items()
+                   if isinstance(expect, Refused) and (role == "pred") == (option != "truth")})
+
+
+@pytest.mark.parametrize("role, name, option", REFUSALS)
+def test_every_refusal_is_one_line_from_the_command_line(folders, role: str, name: str, option: str) -> None:
+    """Through ``knowsam-bench score``: exit 1 and one line naming a file of the folder at fault."""
+    good_truth, _ = folders["truth", "grey {0, 255}"]
+    good_pred, _ = folders["pred", "grey {0, 255}"]
+    folder, _ = folders[role, name]
+    pred, gt = (folder, good_truth) if role == "pred" else (good_pred, folder)
+    extra = () if role == "truth" else ("--pred-encoding", option)
+    code, summary, err = score_cli(pred, gt, *extra)
+    pattern = (TRUTHS if role == "truth" else PREDICTIONS)[name][1][option][0].pattern
+    one_error_line(code, err, rf"^error: {re.escape(str(folder))}/c\d\.\w+: .*{pattern}")
+    assert code == 1 and summary is None
+
+
 # --- the cases reported against the previous policy (same truth; the prediction misread) -----------
 
 def score_cli(pred: Path, gt: Path, *extra: str) -> tuple[int, dict | None, str]:
@@ -420,3 +444,84 @@ def test_colour_and_transparency_both_varying_is_refused(tmp_path: Path, four_tr
         Image.fromarray(rgba).save(pred / f"c{i}.png")
     code, _, err = score_cli(pred, gt)
     one_error_line(code, err, r"c\d.png: colour and transparency both vary; which one is the mask\?")
+
+
+# --- interrupting score ------------------------------------------------------------------------------
+
+SLOW_SCORE = """
+import signal, sys, time
+from pathlib import Path
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores Ctrl-C)
+
+import knowsam.report.score as score
+
+scored = score._score_pair
+started = Path(sys.argv[3])
+
+
+def slow(job):  # a worker's pair takes long enough to be interrupted in the middle of the folder
+    started.touch()
+    time.sleep(0.3)
+    return scored(job)
+
+
+score._score_pair = slow
+if sys.argv[4] == "term":  # what the command line does with SIGTERM: stop as Ctrl-C does
+    from knowsam.train import stop_on_sigterm
+else:
+    import contextlib
+    stop_on_sigterm = contextlib.nullcontext
+from knowsam.cli import main
+
+with stop_on_sigterm():
+    sys.exit(main(["score", sys.argv[1], sys.argv[2]]))
+"""
+
+
+def processes_running(marker: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("how", ["ctrl-c", "term"])
+def test_interrupted_score_prints_the_interrupted_line_and_stops_its_workers(tmp_path: Path, how: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:40, 12:50] = 255
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+        for i in range(40):
+            Image.fromarray(mask).save(tmp_path / folder / f"c{i:02d}.png")
+    script = tmp_path / "slow_score.py"
+    script.write_text(SLOW_SCORE)
+    started = tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pred"), str(tmp_path / "gt"), str(started),
+                             how], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=REPO_ROOT)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert started.exists(), proc.communicate()
+    time.sleep(0.2)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends to the whole foreground group
+    else:
+        proc.send_signal(signal.SIGTERM)  # `kill PID`: the score process alone
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (130, "interrupted\n"), err
+    assert out == ""
+    time.sleep(0.5)
+    assert processes_running(str(script)) == []
