@@ -1,13 +1,14 @@
 """How ``knowsam-bench score`` reads a mask or prediction file: one policy for both, and the rule it applied.
 
-A file is first sorted into one kind by its mode (the table "How score reads files" in
-docs/evaluation.md): bilevel, grey (8- or 16-bit, grey palettes and grey stored as colour
-included), palette, colour, alpha (transparency varies and the visible pixels share one colour)
-or float. Then it is read by one of three encodings:
+A file is first sorted into one kind by its mode (the table in docs/evaluation.md, "Scoring other
+predictions"): bilevel, grey (8- or 16-bit, grey stored as colour included), grey palette, palette,
+colour, alpha (transparency varies and the visible pixels share one colour) or float. Then it is
+read by one of these encodings:
 
 * ``labels``: as a mask, by the policy of preparation (``knowsam.data.masks.decode_mask``), after
   refusing what that policy would have to guess: class ids in a lossy (JPEG) file, 16-bit levels
-  that all fit in 8 bits, and colour that varies together with transparency. A transparent
+  that all fit in 8 bits, colour images of more than two colours or in a lossy file, two colours
+  that both read as foreground, and colour that varies together with transparency. A transparent
   background is background whatever its colour. Ground truth is always read so.
 * ``probability``: grey levels divided by their full scale (255, 65535; alpha likewise; floats as
   they are), foreground where that is above the threshold.
@@ -15,10 +16,10 @@ or float. Then it is read by one of three encodings:
   probability whose colour they are (entry i of N stands for i / (N - 1)).
 
 ``auto`` (the default for predictions) reads a file as a probability map or as a mask only where
-the two readings cannot differ or only one applies, and refuses the rest naming what to pass:
-grey values that are all 0 and 1 (class ids, or a probability map near 0), 16-bit levels below
-256, a JPEG whose levels stay below 128, and palettes or colour images of more than two colours
-(a colour-mapped probability map or coloured labels).
+it can only be one, or where both readings give the same foreground, and refuses the rest naming
+what to pass: grey values that are all 0 and 1 (class ids, or a probability map near 0), 16-bit
+levels below 256, a JPEG whose levels stay below 128, floats other than 0 and 1, and palettes or
+colour images of more than two colours (a colour-mapped probability map or coloured labels).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def _labels(kind: _Kind, image: Image.Image, path) -> Reading:
         if _lossy(image) and 0 < kind.values.max() <= 127:
             raise KnowsamError(f"{path}: {image.format} mask with levels {_shown(kind.values)}, none above 127: "
                                "class ids saved in a lossy format cannot be read back; save label masks as PNG")
-        if kind.values.dtype == np.uint16 and not _ids_only(kind.values) and kind.values.max() <= 255:
+        if kind.values.dtype == np.uint16 and not _ids_only(kind.values) and 0 < kind.values.max() <= 255:
             raise KnowsamError(f"{path}: 16-bit mask whose levels ({_shown(kind.values)}) all lie below 256: 8-bit "
                                "levels stored in 16 bits? Save it as 8-bit, or as {0, 65535}")
     if kind.name == "colour" and (kind.colours > 2 or _lossy(image)):
