@@ -237,24 +237,24 @@ def atomic_dir(path: str | os.PathLike, *, writer: str, inputs: Iterable[str | o
         yield tmp
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         record_files(tmp, [name for name in written if name != OUTPUT_RECORD], writer)
-        _swap(tmp, target)
+        swap_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _swap(new: Path, target: Path) -> None:
-    """Put folder ``new`` at ``target``; the old ``target`` is removed only once ``new`` is in place."""
+def swap_dir(staging: Path, target: Path) -> None:
+    """Rename folder ``staging`` to ``target``; an existing ``target`` is moved aside first and deleted last,
+    and put back if the rename fails."""
     if not target.exists():
-        new.rename(target)
+        os.replace(staging, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    target.rename(old / target.name)
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    retired.rmdir()  # os.replace needs the name free (or an empty dir) to move ``target`` there
+    os.replace(target, retired)
     try:
-        new.rename(target)
+        os.replace(staging, target)
     except BaseException:
-        (old / target.name).rename(target)
+        os.replace(retired, target)
         raise
-    finally:
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)

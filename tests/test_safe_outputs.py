@@ -5,6 +5,7 @@ line naming the path, and leaves the folder as it was, byte for byte."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -114,17 +115,19 @@ def test_a_failed_replacement_leaves_the_previous_publication(tmp_path, monkeypa
             (tmp / "a.txt").write_text("second")
             raise RuntimeError("stopped half-way")
     # The final rename fails: the previous folder is put back.
-    real_rename = Path.rename
+    real_replace, refused = os.replace, []
 
-    def failing_rename(self, target):
-        if self.name.endswith(".tmp"):
+    def failing_replace(source, target):
+        if Path(source).is_dir() and str(source).endswith(".tmp"):  # the new folder, not a file in it
+            refused.append(source)
             raise OSError("rename failed")
-        return real_rename(self, target)
+        return real_replace(source, target)
 
-    monkeypatch.setattr(Path, "rename", failing_rename)
+    monkeypatch.setattr(fileio.os, "replace", failing_replace)
     with pytest.raises(OSError, match="rename failed"):
         with fileio.atomic_dir(out, writer="w") as tmp:
             (tmp / "a.txt").write_text("third")
+    assert len(refused) == 1
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pub"]
 
