@@ -233,6 +233,9 @@ def atomic_dir(path: str | os.PathLike, *, writer: str, inputs: Iterable[str | o
     check_replaceable(target, writer, inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; give it what a plain mkdir would
     try:
         yield tmp
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())

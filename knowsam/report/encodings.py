@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from knowsam.data.masks import GREY_TOLERANCE, decode_mask
+from knowsam.data.masks import GREY_TOLERANCE, decode_mask, palette_of
 from knowsam.errors import ConfigError, KnowsamError
 
 PRED_ENCODINGS = ("auto", "labels", "probability", "colormap:<name>")
@@ -117,11 +117,7 @@ def _kind(image: Image.Image, path) -> _Kind:
         if image.mode != "PA":
             image = image.convert("L" if image.mode == "LA" else "RGB")
     if image.mode in ("P", "PA"):
-        index = np.asarray(image.getchannel(0) if image.mode == "PA" else image)
-        used = np.flatnonzero(np.bincount(index.ravel(), minlength=256))
-        palette = np.zeros((256, 3), np.uint8)
-        entries = np.asarray(image.getpalette("RGB") or [], np.uint8).reshape(-1, 3)
-        palette[:len(entries)] = entries
+        index, palette, used = palette_of(image)
         if (palette[used] == palette[used][:, :1]).all():  # a grey mask stored with a palette: read by level
             return _Kind("grey palette", palette[index, 0], source)
         return _Kind("palette", index, source, colours=used.size)
