@@ -30,10 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+from knowsam import fileio
 from knowsam.config import SamParams
+from knowsam.errors import KnowsamError
 from knowsam.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
+WRITER = "knowsam-bench bench"
 DATA_WAIT_LIMIT = 0.05  # share of a CPU-profile step spent waiting for data
 
 
@@ -417,6 +420,10 @@ def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path 
 
     from knowsam.train import keep_freed_memory
 
+    out = Path(out)
+    if out.is_dir():
+        raise KnowsamError(f"{out}: --out names a folder; give the path of the Markdown report to write")
+    fileio.claim_files(out.parent, [out.name], WRITER)  # before minutes of measuring
     torch.set_num_threads(threads)
     keep_freed_memory()  # step times as training sees them
     started, load_start = time.perf_counter(), load_text()
@@ -466,6 +473,6 @@ def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path 
             "inflated when other work shares the machine: compare the load averages "
             f"(start {load_start}; end {load_text()}).", ""]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(head + report.sections), encoding="utf-8")
+    fileio.write_text(out, "\n".join(head + report.sections))
+    fileio.record_files(out.parent, [out.name], WRITER)
     return out

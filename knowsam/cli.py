@@ -96,12 +96,12 @@ def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, 
 
     source = config.profile_path(name)
     validation.validate(config.parse(yaml.safe_load(source.read_text()), str(source)))
-    if params_file.is_file():  # edits of the user's own are kept, never silently overwritten
-        current = params_file.read_text()
-        if all(current != config.profile_path(p).read_text() for p in config.profile_names()):
-            backup = params_file.with_name(params_file.name + ".bak")
-            fileio.write_text(backup, current)
-            typer.echo(f"{params_file}: differs from every profile; kept as {backup}")
+    if params_file.is_file():  # edits of the user's own are kept, never overwritten
+        current = params_file.read_bytes()
+        if all(current != config.profile_path(p).read_bytes() for p in config.profile_names()):
+            backup, new = fileio.keep_copy(params_file, current)
+            typer.echo(f"{params_file}: differs from every profile; "
+                       f"{'kept as' if new else 'already kept as'} {backup}")
     fileio.write_text(params_file, source.read_text())
     typer.echo(f"{params_file}: now profile '{name}' (from {source.name}); run `dvc repro`")
 
@@ -216,7 +216,8 @@ def evaluate(dataset: str = typer.Argument(...), ratio: float = typer.Option(...
 
 @app.command()
 def leaderboard(params_file: Path = PARAMS_OPTION,
-                out: Path = typer.Option(Path("reports"), help="Folder for leaderboard.md/.csv and figures."),
+                out: Path = typer.Option(Path("reports"), help="Folder for leaderboard.md/.csv and figures (replaces "
+                                         "only the files the leaderboard wrote there)."),
                 allow_stale: bool = ALLOW_STALE_OPTION) -> None:
     """Build reports/leaderboard.md and .csv from every run of the params matrix evaluated under the current
     params and code."""
@@ -270,17 +271,22 @@ def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. po
 
 
 @app.command()
-def score(pred_dir: Path = typer.Argument(..., help="Folder of prediction maps (png/jpg, 0-255)."),
+def score(pred_dir: Path = typer.Argument(..., help="Folder of predictions: probability maps or masks."),
           gt_dir: Path = typer.Argument(..., help="Folder of ground-truth masks, matched by file stem."),
-          threshold: float = typer.Option(0.5, help="Foreground if value/255 > threshold."),
+          threshold: float = typer.Option(0.5, help="A probability map's foreground: probability > threshold."),
+          pred_encoding: str = typer.Option("auto", "--pred-encoding",
+                                            help="auto | labels (read as masks, like ground truth) | probability "
+                                                 "(grey level / full scale) | colormap:<name> (matplotlib's). "
+                                                 "auto refuses what it cannot tell apart."),
           as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
-          out: Optional[Path] = typer.Option(None, help="Write the per-image CSV here."),
+          out: Optional[Path] = typer.Option(None, help="Write the per-image CSV here (a new file, or one "
+                                             "score wrote; not inside the folders it reads)."),
           resize: bool = typer.Option(False, "--resize", help="Resize predictions of another size to their "
                                       "mask's (refused otherwise).")) -> None:
     """Score any folder of predictions against ground-truth masks at the masks' resolution."""
     from knowsam.report.score import score_command
 
-    raise typer.Exit(score_command(pred_dir, gt_dir, threshold, out, as_json, resize))
+    raise typer.Exit(score_command(pred_dir, gt_dir, threshold, out, as_json, resize, pred_encoding))
 
 
 @app.command()
@@ -296,7 +302,8 @@ def compare(methods: list[str] = typer.Option(..., "--methods", help="Comma-sepa
 
 
 @app.command()
-def publish(out: Path = typer.Argument(..., help="Folder to write, e.g. reports/published/cpu."),
+def publish(out: Path = typer.Argument(..., help="A new folder, or one publish wrote before (it is replaced), "
+                                         "e.g. reports/published/cpu."),
             methods: str = typer.Option("ucmt,knowsam", "--compare", help="Methods for the comparison (first = baseline)."),
             wall_seconds: Optional[float] = typer.Option(None, help="Wall time of the pipeline run, in seconds."),
             command: str = typer.Option("dvc repro", help="The command that produced the runs."),
@@ -340,7 +347,8 @@ def plan(params_file: Path = PARAMS_OPTION,
 
 @app.command()
 def bench(quick: bool = typer.Option(False, "--quick", help="Seconds instead of minutes: reduced sizes (for tests)."),
-          out: Path = typer.Option(Path("reports/benchmarks.md"), help="Markdown report to write."),
+          out: Path = typer.Option(Path("reports/benchmarks.md"), help="Markdown report to write (a new file, or "
+                                   "one bench wrote)."),
           threads: int = typer.Option(2, help="torch threads for the training steps."),
           mirror: Optional[Path] = typer.Option(None, help="Offline data mirror (default: $KNOWSAM_MIRROR).")) -> None:
     """Measure step times, data-wait share, scoring/preparation throughput, CLI and pipeline overheads."""
@@ -354,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="knowsam-bench", standalone_mode=True)
     except SystemExit as exc:
+        if isinstance(getattr(exc.__context__, "__cause__", None), KeyboardInterrupt):  # typer's silent exit 130
+            print("interrupted", file=sys.stderr)
+            return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KnowsamError as exc:
         if _state["debug"]:

@@ -722,11 +722,11 @@ def test_profile_keeps_an_edited_params_file(tmp_path, cli, capsys):
     write_params(tmp_path, edited)
     code, _ = cli(tmp_path, "profile", "cpu")
     assert code == 0
-    assert (tmp_path / "params.yaml.bak").read_text() == edited
+    assert (tmp_path / "params.yaml.bak.1").read_text() == edited
     assert (tmp_path / "params.yaml").read_text() == (REPO / "knowsam/profiles/cpu.yaml").read_text()
-    (tmp_path / "params.yaml.bak").unlink()
+    (tmp_path / "params.yaml.bak.1").unlink()
     assert cli(tmp_path, "profile", "demo")[0] == 0  # a profile's own text needs no backup
-    assert not (tmp_path / "params.yaml.bak").exists()
+    assert not list(tmp_path.glob("params.yaml.bak*"))
 
 
 # --- labeled ratio 1.0 ------------------------------------------------------------------------

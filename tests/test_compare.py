@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -187,8 +188,13 @@ def test_publish_freezes_leaderboard_comparison_params_and_versions(workspace, t
     publish(params_file, out, ["ucmt", "knowsam"], wall_seconds=3725.4, command="dvc repro",
             eval_root=root / "data/eval")
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert names == ["README.md", "compare.json", "compare.md", "figures/leaderboard.png", "leaderboard.csv",
-                     "leaderboard.md", "params.yaml", "versions.json"]
+    assert names == [".knowsam-output", "README.md", "compare.json", "compare.md", "figures/leaderboard.png",
+                     "leaderboard.csv", "leaderboard.md", "params.yaml", "versions.json"]
+    # The record vouches for every other file, so that a later publish may replace exactly these.
+    record = json.loads((out / ".knowsam-output").read_text())["files"]
+    assert sorted(record) == names[1:]
+    assert {entry["written_by"] for entry in record.values()} == {"knowsam-bench publish"}
+    assert record["params.yaml"]["sha256"] == hashlib.sha256(params_file.read_bytes()).hexdigest()
     assert (out / "params.yaml").read_bytes() == params_file.read_bytes()
     versions = json.loads((out / "versions.json").read_text())
     assert versions["packages"]["torch"].startswith("2.") and int(versions["machine"]["cores"]) >= 1

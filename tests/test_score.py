@@ -161,8 +161,10 @@ def test_json_output_is_one_object_with_the_summary(pairs: tuple[Path, Path], ca
     assert score_command(*pairs, 0.5, None, as_json=True) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
-    assert tuple(summary) == SUMMARY_KEYS
-    assert summary == pytest.approx(score_folders(*pairs).summary)
+    assert tuple(summary) == (*SUMMARY_KEYS, "decoding")
+    assert summary["decoding"] == {"prediction": {"probability = grey / 255 > 0.5": 4},
+                                   "ground_truth": {"grey > 127": 4}}
+    assert {k: summary[k] for k in SUMMARY_KEYS} == pytest.approx(score_folders(*pairs).summary)
     assert captured.err == ""
 
 
@@ -195,11 +197,22 @@ def test_unreadable_image_is_named(pairs: tuple[Path, Path], workers: int) -> No
         score_folders(pred, gt, workers=workers)
 
 
-def test_float_prediction_is_refused(tmp_path: Path) -> None:
+def test_float_prediction_is_read_only_as_an_explicit_probability_map(tmp_path: Path) -> None:
     save(tmp_path / "gt" / "a.png", square((10, 10), 2, 2, 4))
-    save(tmp_path / "pred" / "a.tif", np.full((10, 10), 0.7, np.float32))
-    with pytest.raises(KnowsamError, match=r"a.tif: mask values 0.7 are neither class ids nor 8- or 16-bit grey"):
+    prob = np.full((10, 10), 0.3, np.float32)
+    prob[2:6, 2:4] = 0.7  # half the square
+    save(tmp_path / "pred" / "a.tif", prob)
+    with pytest.raises(KnowsamError, match=r"a.tif: float values 0.3, 0.7: a probability map\? Pass --pred-encoding "
+                                           r"probability"):
         score_folders(tmp_path / "pred", tmp_path / "gt")
+    with pytest.raises(KnowsamError, match=r"a.tif: mask values 0.3, 0.7 are neither class ids nor 8- or 16-bit grey"):
+        score_folders(tmp_path / "pred", tmp_path / "gt", encoding="labels")
+    result = score_folders(tmp_path / "pred", tmp_path / "gt", encoding="probability")
+    assert result.summary["mDice"] == pytest.approx(2 * 8 / (8 + 16))
+    assert result.rules["prediction"] == {"probability = value > 0.5": 1}
+    save(tmp_path / "pred" / "a.tif", prob * 4)
+    with pytest.raises(KnowsamError, match=r"a.tif: values 1.2, 2.8 are not all probabilities in \[0, 1\]"):
+        score_folders(tmp_path / "pred", tmp_path / "gt", encoding="probability")
 
 
 # --- mask encodings (the policy of knowsam.data.masks, shared with preparation) -------------------
@@ -228,8 +241,11 @@ def zero_one_masks(root: Path) -> list[np.ndarray]:
 def test_zero_one_predictions_equal_to_zero_one_truth_score_one(tmp_path: Path) -> None:
     for i, mask in enumerate(zero_one_masks(tmp_path)):
         save(tmp_path / "pred" / f"m{i}.png", mask)
-    code, summary, _ = score_cli(tmp_path / "pred", tmp_path / "gt")
+    code, summary, _ = score_cli(tmp_path / "pred", tmp_path / "gt", "--pred-encoding", "labels")
     assert code == 0 and summary["n"] == 3 and summary["mDice"] == 1.0 and summary["mIoU"] == 1.0
+    # Without --pred-encoding, values 0 and 1 may as well be a probability map near 0: refused.
+    code, summary, err = score_cli(tmp_path / "pred", tmp_path / "gt")
+    assert code == 1 and summary is None and "m0.png: values 0 and 1 only" in err
 
 
 def test_all_zero_predictions_against_zero_one_truth_score_zero(tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import tempfile
 import zlib
@@ -30,7 +29,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from knowsam.errors import ConfigError, KnowsamError
-from knowsam.fileio import write_bytes
+from knowsam.fileio import swap_dir, write_bytes
 
 DEMO_CITATION = (
     "knowsam-bench synthetic demo polyp dataset: procedurally generated endoscopy-like "
@@ -309,24 +308,8 @@ def generate_demo(
             _write_split(staging / TEST_ROOT / name, seed, name, count, style)
         marker = {"generator": _GENERATOR_ID, "description": DEMO_CITATION, "seed": seed, "counts": counts}
         write_bytes(staging / MARKER_FILE, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode())
-        _swap_into_place(staging, root)
+        swap_dir(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return counts
-
-
-def _swap_into_place(staging: Path, root: Path) -> None:
-    """Rename ``staging`` to ``root``; an existing ``root`` is moved aside first and deleted last."""
-    if not root.exists():
-        os.replace(staging, root)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
-    retired.rmdir()  # os.replace needs the name free (or an empty dir) to move ``root`` there
-    os.replace(root, retired)
-    try:
-        os.replace(staging, root)
-    except BaseException:
-        os.replace(retired, root)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)

@@ -209,7 +209,7 @@ def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, 
                            f"not kind {spec.kind} with {spec.in_channels} channel(s) and {spec.num_classes} classes")
     if test_sets is None:
         test_sets = ordered_test_sets(spec, raw)
-    with fileio.atomic_dir(out) as tmp:
+    with fileio.atomic_dir(out, writer="knowsam-bench prepare") as tmp:
         train_pairs = find_pairs(raw / "TrainDataset" / "images", raw / "TrainDataset" / "masks")
         train = _load_all(train_pairs, image_size, interpolation, workers)
         problems = _empty_mask_problems(train_pairs, train)

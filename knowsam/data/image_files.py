@@ -47,6 +47,8 @@ def open_image(path: Path, what: str = "image") -> Image.Image:
     """The image, decoded and turned upright by its EXIF orientation; any failure is one line naming ``path``."""
     try:
         with Image.open(path) as image:
-            return ImageOps.exif_transpose(image)  # a decoded copy, valid once the file is closed
+            upright = ImageOps.exif_transpose(image)  # a decoded copy, valid once the file is closed
+            upright.format = image.format  # the copy forgets it; scoring needs to know a lossy file
+            return upright
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise KnowsamError(f"{path}: unreadable {what} ({describe_error(exc)})") from None

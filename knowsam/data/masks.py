@@ -119,12 +119,19 @@ def _levels_or_ids(image: Image.Image, num_classes: int, source) -> tuple[np.nda
     return _by_value(np.asarray(image), num_classes, source)
 
 
-def _palette(image: Image.Image, num_classes: int, source) -> tuple[np.ndarray | None, np.ndarray | None]:
+def palette_of(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A P or PA image's indices (H, W), its 256 RGB entries and the indices used; the used
+    entries are all grey (R = G = B) when the palette only compresses a grey mask."""
     index = np.asarray(image.getchannel(0) if image.mode == "PA" else image)
     used = np.flatnonzero(np.bincount(index.ravel(), minlength=256))
     palette = np.zeros((256, 3), np.uint8)
     entries = np.asarray(image.getpalette("RGB") or [], np.uint8).reshape(-1, 3)
     palette[:len(entries)] = entries
+    return index, palette, used
+
+
+def _palette(image: Image.Image, num_classes: int, source) -> tuple[np.ndarray | None, np.ndarray | None]:
+    index, palette, used = palette_of(image)
     colours = palette[used]
     if (colours == colours[:, :1]).all():  # a grey mask stored with a palette
         return palette[index, 0], None

@@ -321,7 +321,7 @@ def write_volume_dataset(out: Path, spec: DatasetSpec, *, train: list[Stack], va
         "has_val": True, "val": len(val), "val_slices": fingerprint["val"]["slices"],
         "test_sets": {test_part: len(test)}, "unavailable": [],
     }
-    with fileio.atomic_dir(out) as tmp:
+    with fileio.atomic_dir(out, writer="knowsam-bench prepare") as tmp:
         _write_train(tmp, spec, train)
         _write_eval_part(tmp, "val", val, with_masks=True)
         _write_eval_part(tmp, test_part, test, with_masks=False)

@@ -32,6 +32,7 @@ VOLUME_HEADERS = {"mDice": "Dice", "mIoU": "IoU", "HD95": "HD95", "ASD": "ASD"}
 PERCENT_METRICS = frozenset({"mDice", "mIoU"})
 LOWER_IS_BETTER = frozenset({"HD95", "ASD"})
 _KEY = ["dataset", "method", "variant", "ratio", "test_set", "metric"]
+WRITER = "knowsam-bench leaderboard"
 
 FAIRNESS_NOTE = (
     "Fairness: every method here uses the same U-Net backbone, input size, iteration budget and batch "
@@ -257,8 +258,17 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     Figures sit in one folder so the pipeline can declare them as a single output whatever
     the dataset list. ``overlays=False`` leaves out the overlays, which show dataset images.
     Runs of other params or code are left out (named under "Runs left out"); ``allow_stale``
-    shows them, marked.
+    shows them, marked. An existing file of these names is replaced only if the leaderboard wrote
+    it there and it is unchanged since (``out_dir``'s record, ``fileio.claim_files``); anything
+    else is refused first.
     """
+    out_dir = Path(out_dir)
+    names = ["leaderboard.md", "leaderboard.csv", "figures/leaderboard.png",
+             *(f"figures/curves_{dataset}.png" for dataset in params.datasets),
+             *(f"figures/overlays_{dataset}.png" for dataset in params.datasets if overlays)]
+    inputs = [eval_root, params.data.prepared_root]
+    fileio.check_folder(out_dir, WRITER, inputs)
+    fileio.claim_files(out_dir, names, WRITER, inputs)
     runs = matrix(params)
     results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale)
     if results.table.empty:
@@ -267,7 +277,6 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
                            f"code{left}; run `dvc repro` first")
     shown = results.shown
     agg = aggregate(results.table)
-    out_dir = Path(out_dir)
     figures.bar_chart(agg, out_dir / "figures/leaderboard.png")
     figure_lines = ["![mDice per test set](figures/leaderboard.png)", ""]
     for dataset in params.datasets:
@@ -287,4 +296,5 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     columns = ["dataset", "method", "variant", "label", "ratio", "test_set", "metric", "unit", "mean", "std", "n",
                "stale", "best", "paper", "diff_vs_paper"]
     fileio.write_text(out_dir / "leaderboard.csv", agg[columns].to_csv(index=False, float_format="%.4f"))
+    fileio.record_files(out_dir, [name for name in names if (out_dir / name).is_file()], WRITER)
     return path, results

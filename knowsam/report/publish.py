@@ -5,6 +5,8 @@ leaderboard (Markdown + CSV) and its figures, regenerated from the evaluated run
 comparison (Markdown + JSON); the exact params; package versions and machine facts; and a
 README with the wall time and the commands that produced it. It is written to a temporary
 sibling folder and renamed into place, so a failure leaves the previous publication intact.
+It goes only into a new folder or one publish wrote before, untouched since (``fileio.atomic_dir``):
+a folder holding anything else, the workspace, its inputs or a Git repository is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from knowsam.machine import cpu_model
 from knowsam.report.compare import compare, render_markdown
 from knowsam.report.leaderboard import write_leaderboard
 
+WRITER = "knowsam-bench publish"
 PACKAGES = ("knowsam-bench", "torch", "torchvision", "segment-anything", "dvc", "dvclive", "numpy", "scipy", "pandas",
             "medpy", "scikit-image", "SimpleITK", "h5py", "Pillow", "typer", "rich", "PyYAML", "matplotlib")
 
@@ -71,6 +74,7 @@ def _readme(params: Params, compare_methods: list[str], wall_seconds: float | No
         f"| [compare.md](compare.md), [compare.json](compare.json) | `knowsam-bench compare --methods {methods}` |",
         "| [params.yaml](params.yaml) | the exact parameters of the run |",
         "| [versions.json](versions.json) | package versions and machine facts |",
+        f"| `{fileio.OUTPUT_RECORD}` | what publish wrote here, so that publishing again replaces exactly that |",
     ]
     return "\n".join(lines) + "\n"
 
@@ -84,11 +88,12 @@ def publish(params_file: str | Path, out_dir: str | Path, compare_methods: list[
     (``compare`` raises otherwise, unless ``allow_stale``: then stale runs are published marked);
     the leaderboard names the runs it leaves out in its own notes.
     """
+    out_dir, inputs = Path(out_dir), [params_file, eval_root]
+    fileio.check_replaceable(out_dir, WRITER, inputs)  # before any work
     params = validation.load(params_file)
     comparison = compare(params, compare_methods, eval_root=eval_root, allow_stale=allow_stale)
     versions, machine = package_versions(), machine_facts()
-    out_dir = Path(out_dir)
-    with fileio.atomic_dir(out_dir) as tmp:
+    with fileio.atomic_dir(out_dir, writer=WRITER, inputs=inputs) as tmp:
         # No overlays: they show dataset images, which a Git repository must not redistribute.
         write_leaderboard(params, tmp, eval_root, overlays=False, allow_stale=allow_stale)
         fileio.write_text(tmp / "compare.md", render_markdown(comparison))

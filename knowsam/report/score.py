@@ -4,18 +4,17 @@ Conventions (the polyp protocol): files are paired by file stem; every pair is
 evaluated at the ground-truth mask's own resolution; the headline numbers are
 means of per-image values (``knowsam.metrics.summarize``).
 
-* Ground truth: decoded by the mask policy of ``knowsam.data.masks`` (the one
-  preparation uses: {0, 255}, {0, 1}, palette, colour, alpha, 16-bit), foreground =
-  class id > 0. A folder whose masks mostly decode empty is refused.
-* Prediction: what the same policy reads by grey level (8-bit grey, grey stored as
-  colour, the top 8 bits of 16-bit grey) is a probability map, foreground = value /
-  255 > threshold; any other encoding ({0, 1}, palette, colour) is decoded as a mask.
+* Both files are read by one policy (``knowsam.report.encodings``), which names the rule
+  it applied to each; the table and ``--json`` list them. Ground truth is read as a mask
+  (preparation's policy, with its guesses refused); a prediction by ``--pred-encoding``:
+  ``auto`` reads it as a probability map or a mask only where the readings cannot differ.
 * Both are turned upright by their EXIF orientation first.
 * A prediction whose size differs from its mask is refused, unless ``resize`` is
   given: then a probability map is resized to the mask's size as such (PIL's
   bilinear filter on float values, which also averages over the source footprint
   when shrinking) and thresholded after, so a low-resolution probability map is not
-  blocky-upsampled as a hard mask; a decoded mask is resized by nearest neighbour.
+  blocky-upsampled as a hard mask; a mask is resized by nearest neighbour.
+* A ground-truth folder whose masks mostly decode empty is refused.
 * Distances are in pixels of the mask.
 """
 
@@ -23,8 +22,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +34,17 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from knowsam import fileio
 from knowsam.data.image_files import IMAGE_SUFFIXES, is_hidden, open_image
-from knowsam.data.masks import check_empty_share, decode_mask, grey_levels
-from knowsam.errors import describe_error
-from knowsam.errors import ConfigError, KnowsamError
-from knowsam.fileio import atomic_path
+from knowsam.data.masks import check_empty_share
+from knowsam.errors import ConfigError, KnowsamError, describe_error
 from knowsam.metrics import EMPTY_MASK_POLICY, SUMMARY_DEFINITIONS, binary_metrics, summarize
+from knowsam.report.encodings import Reading, parse_encoding, read_prediction, read_truth
 
 PER_IMAGE_COLUMNS = ("name", "dice", "iou", "hd95", "asd", "precision", "recall", "hd_x095_paper")
 SUMMARY_KEYS = ("n", "mDice", "mIoU", "HD95", "ASD", "precision", "recall")
 _EXAMPLES = 5
+WRITER = "knowsam-bench score"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ScoreResult:
     predictions_without_mask: list[str]
     masks_without_prediction: list[str]
     resized: int  # predictions resized to their mask's size (only with ``resize``)
+    rules: dict[str, dict[str, int]]  # "prediction" / "ground_truth" -> rule applied -> files
 
     @property
     def complete(self) -> bool:
@@ -78,54 +80,68 @@ def _list_images(folder: Path, role: str) -> dict[str, Path]:
     return found
 
 
-def _prediction_mask(image: Image.Image, path: Path, size: tuple[int, int], threshold: float) -> np.ndarray:
-    """Foreground of the prediction ``image`` (read from ``path``) at ``size`` (W, H), resized first where needed."""
-    levels = grey_levels(image, source=path)
-    if levels is None:
-        decoded = Image.fromarray(decode_mask(image, source=path))
-        return np.asarray(decoded.resize(size, Image.Resampling.NEAREST) if decoded.size != size else decoded) > 0
-    if image.size != size:
-        resized = Image.fromarray(levels).convert("F").resize(size, Image.Resampling.BILINEAR)
-        return np.asarray(resized, dtype=np.float64) / 255.0 > threshold
-    # The same rule on 8-bit values without a float copy: v / 255 > threshold is
-    # monotone in v, so it holds from the first value where it does (threshold < 1
-    # guarantees 255 qualifies).
-    first = int(np.argmax(np.arange(256) / 255.0 > threshold))
-    return levels >= first
+def _foreground(reading: Reading, size: tuple[int, int], threshold: float) -> np.ndarray:
+    """Foreground of a file's ``reading`` at ``size`` (W, H), resized first where needed."""
+    if reading.mask is not None:
+        mask = reading.mask
+        if mask.shape[::-1] != size:
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)) > 0
+        return mask
+    levels, scale = reading.levels, reading.scale
+    if levels.shape[::-1] != size:
+        resized = Image.fromarray(levels.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.float64) / scale > threshold
+    if levels.dtype == np.uint8 and scale == 255:
+        # The same rule on 8-bit values without a float copy: v / 255 > threshold is
+        # monotone in v, so it holds from the first value where it does (threshold < 1
+        # guarantees 255 qualifies).
+        return levels >= int(np.argmax(np.arange(256) / 255.0 > threshold))
+    return levels / scale > threshold
 
 
-def _score_pair(job: tuple[str, Path, Path, float, bool]) -> dict:
+def _score_pair(job: tuple[str, Path, Path, float, bool, str]) -> dict:
     """Metrics of one pair; without ``resize``, a size mismatch is returned (to be refused) instead."""
-    name, pred_path, gt_path, threshold, resize = job
-    gt = decode_mask(open_image(gt_path, "mask"), source=gt_path) > 0
+    name, pred_path, gt_path, threshold, resize, encoding = job
+    truth = read_truth(open_image(gt_path, "mask"), gt_path)
     pred = open_image(pred_path, "prediction")
-    size = (gt.shape[1], gt.shape[0])
-    row = {"name": name, "gt_empty": not gt.any(), "resized": pred.size != size}
+    size = (truth.mask.shape[1], truth.mask.shape[0])
+    row = {"name": name, "gt_empty": not truth.mask.any(), "resized": pred.size != size, "truth_rule": truth.rule}
     if pred.size != size and not resize:
         return {**row, "mismatch": f"{pred_path}: prediction size {pred.size[0]}x{pred.size[1]} differs from "
                                    f"its mask's {size[0]}x{size[1]}"}
-    return {**row, **binary_metrics(_prediction_mask(pred, pred_path, size, threshold), gt)}
+    reading = read_prediction(pred, pred_path, encoding, threshold)
+    return {**row, "prediction_rule": reading.rule,
+            **binary_metrics(_foreground(reading, size, threshold), truth.mask)}
 
 
-def _run(jobs: list[tuple[str, Path, Path, float, bool]], workers: int) -> list[dict]:
+def _worker_signals() -> None:
+    """Workers leave Ctrl-C and SIGTERM to the parent, which stops them: no traceback from each worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(jobs: list[tuple[str, Path, Path, float, bool, str]], workers: int) -> list[dict]:
     if workers <= 1 or len(jobs) < 2 * workers:
         return [_score_pair(job) for job in jobs]
     # fork where available: workers start at once with modules already imported
     # and need no ``__main__`` guard in the caller's script. They run only numpy,
     # scipy and PIL code, so threads of the parent (torch, BLAS) are never needed.
+    # An interrupted parent leaves the ``with`` block and terminates the pool at once.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     context = multiprocessing.get_context(method)
     chunk = max(1, len(jobs) // (8 * workers))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_score_pair, jobs, chunksize=chunk))
+    with context.Pool(workers, initializer=_worker_signals) as pool:
+        return pool.map(_score_pair, jobs, chunksize=chunk)
 
 
 def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers: int = 2,
-                  resize: bool = False) -> ScoreResult:
+                  resize: bool = False, encoding: str = "auto") -> ScoreResult:
     """Score every prediction that has a mask of the same stem; report the rest as unmatched.
 
-    A prediction of another size than its mask is refused unless ``resize``.
+    Predictions are read by ``encoding`` (``knowsam.report.encodings``). A prediction of
+    another size than its mask is refused unless ``resize``.
     """
+    encoding = parse_encoding(encoding)
     if not 0.0 <= threshold < 1.0:
         raise ConfigError(f"threshold must be in [0, 1), got {threshold}")
     if workers < 1:
@@ -138,7 +154,7 @@ def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers:
             f"no prediction in {pred_dir} shares a file stem with a mask in {gt_dir} "
             f"(e.g. {next(iter(preds))!r} vs {next(iter(masks))!r})"
         )
-    rows = _run([(name, preds[name], masks[name], threshold, resize) for name in names], workers)
+    rows = _run([(name, preds[name], masks[name], threshold, resize, encoding) for name in names], workers)
     mismatched = [row["mismatch"] for row in rows if "mismatch" in row]
     if mismatched:
         raise KnowsamError(f"{mismatched[0]}; {len(mismatched)} of {len(rows)} prediction(s) differ in size "
@@ -154,12 +170,19 @@ def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers:
         predictions_without_mask=sorted(preds.keys() - masks.keys()),
         masks_without_prediction=sorted(masks.keys() - preds.keys()),
         resized=sum(row["resized"] for row in rows),
+        rules={"prediction": dict(Counter(row["prediction_rule"] for row in rows)),
+               "ground_truth": dict(Counter(row["truth_rule"] for row in rows))},
     )
 
 
-def _summary_table(result: ScoreResult, threshold: float) -> Table:
+def _rules_text(rules: dict[str, int]) -> str:
+    return "; ".join(f"{rule} ({n})" for rule, n in rules.items())
+
+
+def _summary_table(result: ScoreResult) -> Table:
     table = Table(
-        title=f"{result.summary['n']} images, foreground = prediction/255 > {threshold:g}",
+        title=f"{result.summary['n']} images. Predictions read as: {_rules_text(result.rules['prediction'])}. "
+              f"Ground truth read as: {_rules_text(result.rules['ground_truth'])}.",
         caption=f"{EMPTY_MASK_POLICY} Distances in pixels at the mask's resolution.",
         caption_justify="left",
     )
@@ -178,21 +201,24 @@ def _report_unmatched(names: list[str], what: str) -> None:
 
 
 def score_command(pred_dir: Path, gt_dir: Path, threshold: float, out: Path | None, as_json: bool,
-                  resize: bool = False) -> int:
+                  resize: bool = False, encoding: str = "auto") -> int:
     """CLI body of ``score``: 0 when every file was paired, 1 when some were not (the rest is still scored)."""
-    if out is not None and out.is_dir():  # checked before the scoring, which can take minutes
-        raise KnowsamError(f"{out}: --out names a folder; give the path of the per-image CSV file to write")
-    result = score_folders(pred_dir, gt_dir, threshold, resize=resize)
+    if out is not None:  # checked before the scoring, which can take minutes
+        if out.is_dir():
+            raise KnowsamError(f"{out}: --out names a folder; give the path of the per-image CSV file to write")
+        fileio.claim_files(out.parent, [out.name], WRITER, inputs=[pred_dir, gt_dir])
+    result = score_folders(pred_dir, gt_dir, threshold, resize=resize, encoding=encoding)
     if out is not None:
         try:
-            with atomic_path(out) as tmp:
+            with fileio.atomic_path(out) as tmp:
                 result.per_image.to_csv(tmp, index=False)
+            fileio.record_files(out.parent, [out.name], WRITER)
         except OSError as exc:
             raise KnowsamError(f"{out}: cannot write the per-image CSV ({describe_error(exc)})") from None
     if as_json:
-        print(json.dumps(result.summary))
+        print(json.dumps({**result.summary, "decoding": result.rules}))
     else:
-        Console(file=sys.stdout).print(_summary_table(result, threshold))
+        Console(file=sys.stdout).print(_summary_table(result))
     _report_unmatched(result.predictions_without_mask, f"prediction(s) without a ground-truth mask in {gt_dir}")
     _report_unmatched(result.masks_without_prediction, f"ground-truth mask(s) without a prediction in {pred_dir}")
     if result.resized:
