@@ -97,8 +97,10 @@ def test_sam_graph_over_the_batch_or_labeled_images_only():
     for n_grad, expected in ((5, full), (2, cut)):
         torch.manual_seed(1)
         got = grads(supervised_loss(m._sam_logits(b.x, fused, n_grad)[:2], b.y_l), sam)
-        for n in expected:  # equal up to float reassociation (batch size changes summation order)
-            assert (got[n] - expected[n]).norm() <= 1e-4 * expected[n].norm() + 1e-12, (n_grad, n)
+        # Equal up to float reassociation (batch size changes summation order). A conv bias before
+        # BatchNorm has an exactly zero gradient: its float noise (~1e-10) is what the 1e-8 absorbs.
+        for n in expected:
+            assert (got[n] - expected[n]).norm() <= 1e-4 * expected[n].norm() + 1e-8, (n_grad, n)
     for full_graph, n_grad in ((True, 5), (False, 2)):  # the switch picks the graph
         m = make(sam_full_graph=full_graph)
         seen, sam_logits = [], m._sam_logits
