@@ -136,7 +136,8 @@ class WeakStrongAugment:
     so the stream's saved generator state still makes a resumed run see the same batches.
     With ``record_geometry``, ``geometry`` is what the last call did to each row's pixels (labeled
     rows, then unlabeled); only a teacher that sees the un-augmented images needs it, and composing
-    the warps costs about a sixth of the augmentation's time.
+    the warps and their inverses adds about 40% to the augmentation's time (16 images at 256 px,
+    one CPU thread: 0.40 s instead of 0.28 s).
     """
 
     def __init__(self, image_size: int, record_geometry: bool = False):
