@@ -150,7 +150,8 @@ def time_steps(name: str, data, split, s: StepSetting, threads: int, deadline: f
     build_s = time.perf_counter() - start
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
                          batch_size=s.batch, labeled_batch=s.labeled, seed=0, device=ctx.device,
-                         augmentation=method.augmentation, teacher_embeddings=stand_in_embeddings(method, data, s))
+                         augmentation=method.augmentation, teacher_embeddings=stand_in_embeddings(method, data, s),
+                         unlabeled_pool=method.unlabeled_pool)
     method.train()
     totals, waits = [], []
     # Mid-run iterations: ramps, EMA decay and KnowSAM's mixing are all in their steady state.

@@ -1,8 +1,8 @@
 """The shared training loop: data, schedule, validation, checkpoint/resume and logging.
 
 A run folder holds ``config.json`` (resolved configuration), ``checkpoint.pt`` (+ the
-previous one, ``checkpoint.prev.pt``), ``best.pt`` (weights with the best validation
-Dice, what evaluation loads), ``train_log.json`` (the run's summary, written when it ends)
+previous one, ``checkpoint.prev.pt``), ``best.pt`` (the weights the method's selection rule
+keeps, by default those with the best validation Dice; what evaluation loads), ``train_log.json`` (the run's summary, written when it ends)
 and ``live/`` (dvclive curves: the one record of losses and validation Dice per iteration).
 Restarting the same command after a crash resumes from the newest readable checkpoint
 and ends with exactly the metrics of an uninterrupted run (on CPU).
@@ -106,6 +106,14 @@ def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, embed
                                       torch.full_like(total, method.validation_empty_score)))
     method.train()
     return float(torch.cat(scores).mean())
+
+
+def selection_score(method: Method, val_dice: float | None, window: list[float]) -> float | None:
+    """What ``best.pt`` maximises at an evaluation (None: nothing to select by): the validation Dice,
+    or, for a method with a ``selection_loss``, minus that term's mean since the previous evaluation."""
+    if method.selection_loss:
+        return -window[0] / window[1]
+    return val_dice
 
 
 def _save_checkpoint(run_dir: Path, state: dict) -> None:
@@ -288,7 +296,8 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
                          batch_size=batch_size, labeled_batch=labeled_batch,
                          seed=dist.stream_seed(run.seed), device=device, augmentation=method.augmentation,
-                         teacher_embeddings=None if cache is None else cache["train"])
+                         teacher_embeddings=None if cache is None else cache["train"],
+                         unlabeled_pool=method.unlabeled_pool)
     # One process per run folder; under torchrun rank 0 holds it for the whole group.
     with run_lock(run_dir) if dist.is_main else contextlib.nullcontext(), stop_on_sigterm():
         val = validation_arrays(data, split, cache)
@@ -298,12 +307,13 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
         for stale in run_dir.glob(".*.tmp"):  # left by a run killed while writing a file
             stale.unlink(missing_ok=True)
         dist.barrier()  # no rank removes a temporary file that rank 0 is writing
-        step, best, record = 0, {"dice": -1.0, "step": -1}, {}
+        step, best, record = 0, {"dice": -1.0, "step": -1, "score": -math.inf}, {}
+        window = [0.0, 0]  # sum and count of the method's selection_loss since the last evaluation
         if state is not None:
             method.load_state_dict(state["method"])
             stream.load_state_dict(dist.own(state)["stream"])
             _set_rng_state(dist.own(state)["rng"])
-            step, best, record = state["step"], state["best"], state["last_record"]
+            step, best, record, window = state["step"], state["best"], state["last_record"], state["selection_window"]
         if dist.is_main and step < t.iterations:  # its summary is written again only when the run ends
             (run_dir / "train_log.json").unlink(missing_ok=True)
         if dist.is_main:
@@ -329,19 +339,28 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                         raise KnowsamError(f"{run.method} on {run.dataset}: loss term '{term}' is {value} at iteration "
                                            f"{step}; stopped, last good checkpoint kept in {run_dir}")
                 step += 1
+                if method.selection_loss:
+                    window = [window[0] + losses[method.selection_loss], window[1] + 1]
                 for term, value in losses.items():
                     live.log_metric(f"train/{term}", value)
                 record = {"step": step, **{k: round(v, 6) for k, v in losses.items()}}
-                if dist.is_main and val is not None and (step % t.eval_every == 0 or step == t.iterations):
+                evaluation = step % t.eval_every == 0 or step == t.iterations
+                if dist.is_main and val is not None and evaluation:
                     dice = validation_dice(method, *val, device)
                     live.log_metric("val/dice", dice)
                     record["val_dice"] = dice
                     for variant in method.variants:  # e.g. the SAM teacher: does it learn? (not used to pick weights)
                         record[f"val_dice_{variant}"] = validation_dice(method, *val, device, variant)
                         live.log_metric(f"val/dice_{variant}", record[f"val_dice_{variant}"])
-                    if dice > best["dice"]:
-                        best = {"dice": dice, "step": step}
+                if dist.is_main and evaluation:
+                    score = selection_score(method, record.get("val_dice"), window)
+                    # Ties keep the earlier weights by Dice, the later by a loss (the official `<=`).
+                    tie = score == best["score"] and method.selection_loss is not None
+                    if score is not None and (score > best["score"] or tie):
+                        best = {"dice": record.get("val_dice", math.nan), "step": step, "score": score}
                         _save_weights(run_dir / "best.pt", method, step)
+                if evaluation:
+                    window = [0.0, 0]
                 live.next_step()
                 advance(losses)
                 if step % t.checkpoint_every == 0 or step == t.iterations:
@@ -350,10 +369,11 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                         _save_checkpoint(run_dir, {
                             "version": CHECKPOINT_VERSION, "config_hash": chash, "step": step,
                             "method": method.state_dict(), **ranks[0], "best": best, "last_record": record,
+                            "selection_window": window,
                             **({"ranks": ranks} if dist.enabled else {}),
                         })
         live.end()
-        if val is None:  # no validation data: the last weights are the reported ones
+        if best["step"] < 0:  # nothing to select by (no validation data): the last weights are the reported ones
             best = {"dice": float("nan"), "step": step}
             if dist.is_main:
                 _save_weights(run_dir / "best.pt", method, step)

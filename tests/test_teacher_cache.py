@@ -54,12 +54,13 @@ def test_each_albumentations_transform_the_loader_draws_is_followed(transform):
     x0 = smooth_field(1, 3, size)
     out = pipeline(image=x0[0].permute(1, 2, 0).numpy())
     view = torch.from_numpy(out["image"]).permute(2, 0, 1)[None]
-    hflip, vflip, warp = warp_from_albumentations(out["applied_transforms"], size)
+    hflip, vflip, warp, unwarp = warp_from_albumentations(out["applied_transforms"], size)
     geometry = ViewGeometry(torch.tensor([hflip]), torch.tensor([vflip]), torch.zeros(1, dtype=torch.int64),
-                            None if warp is None else torch.from_numpy(warp)[None])
+                            None if warp is None else torch.from_numpy(warp)[None],
+                            None if unwarp is None else torch.from_numpy(unwarp)[None])
     error = (geometry.apply(x0) - view).abs().mean()
     mirrored = ViewGeometry(torch.tensor([not hflip]), torch.tensor([vflip]), torch.zeros(1, dtype=torch.int64),
-                            geometry.warp)
+                            geometry.warp, geometry.unwarp)
     assert error < 0.01 < (mirrored.apply(x0) - view).abs().mean()
     inner = slice(8, -8)  # what the view never showed comes back by reflection only
     back = geometry.invert(geometry.apply(x0))

@@ -68,11 +68,15 @@ class TrainStream:
 
     ``teacher_embeddings`` (an (N, C, E, E) array over the training images, memory-mapped: the
     embed stage's cache) makes every batch carry its rows' embeddings and view geometry.
+
+    ``label_pool`` and ``unlabeled_pool`` (``Method``'s attributes of those names) say which cases
+    the labeled and the unlabeled rows are drawn from; "all" is every training case of the split.
     """
 
     def __init__(self, data: PreparedDataset, split: dict, *, label_pool: str, uses_unlabeled: bool,
                  batch_size: int, labeled_batch: int, seed: int, device: torch.device,
-                 augmentation: str = "shared", teacher_embeddings: np.ndarray | None = None):
+                 augmentation: str = "shared", teacher_embeddings: np.ndarray | None = None,
+                 unlabeled_pool: str = "unlabeled"):
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {augmentation!r}; known: {', '.join(AUGMENTATIONS)}")
         index = data.index("train")
@@ -82,6 +86,7 @@ class TrainStream:
             return np.concatenate([rows[c] for c in cases]) if cases else np.zeros(0, dtype=np.int64)
 
         labeled = split["labeled"] + (split["unlabeled"] if label_pool == "all" else [])
+        unlabeled = (split["labeled"] if unlabeled_pool == "all" else []) + split["unlabeled"]
         self.images, self.masks = data.images("train"), data.masks()
         self.device = device
         if uses_unlabeled:
@@ -92,7 +97,7 @@ class TrainStream:
             raise KnowsamError(f"the split at labeled ratio {split['ratio']:g} leaves no unlabeled image for a "
                                "semi-supervised method; fully-supervised is the all-labels reference")
         self.labeled = EpochSampler(rows_of(labeled), seed=seed * 1000 + 1)
-        self.unlabeled = (EpochSampler(rows_of(split["unlabeled"]), seed=seed * 1000 + 2)
+        self.unlabeled = (EpochSampler(rows_of(unlabeled), seed=seed * 1000 + 2)
                           if self.composition.unlabeled else None)
         self.aug_gen = torch.Generator().manual_seed(seed * 1000 + 3)
         self.weak_strong = (WeakStrongAugment(self.images.shape[-1], record_geometry=teacher_embeddings is not None)

@@ -48,6 +48,9 @@ class Method:
     reported_net: ClassVar[str] = ""
     # "labeled": sample labeled images from the labeled subset; "all": from the whole training pool.
     label_pool: ClassVar[str] = "labeled"
+    # "unlabeled": sample the unlabeled rows from the unlabeled subset; "all": from the whole training
+    # pool, labeled images included (their labels unused), as UCMT's official loader does.
+    unlabeled_pool: str = "unlabeled"
     # Training-batch augmentation (``knowsam.data.loader.AUGMENTATIONS``): "shared" gives every row the
     # same weak augmentation; "weak-strong" is KnowSAM's own dataloader (weak labeled, strong unlabeled rows).
     augmentation: ClassVar[str] = "shared"
@@ -61,6 +64,11 @@ class Method:
     # Score of an image whose prediction and ground truth are both empty, in validation
     # (model selection). 1 is correct; a method may reproduce a published quirk.
     validation_empty_score: float = 1.0
+    # Model selection, the weights ``best.pt`` keeps. None: the best validation Dice (every method by
+    # default, so that methods are compared alike). The name of a logged training term: the lowest
+    # mean of that term over the iterations since the previous evaluation, the later weights winning
+    # ties (UCMT's official rule); it needs no validation data.
+    selection_loss: str | None = None
     # Gradient accumulation: updates whose gradients add up before each optimiser step (1: none).
     accumulation_steps: int = 1
 

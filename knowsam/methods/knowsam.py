@@ -29,7 +29,7 @@ from knowsam.data.batch import Batch
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.losses import entropy_loss, kd_loss, sigmoid_rampup, soft_dice_loss
 from knowsam.methods.base import Method, MethodContext
-from knowsam.methods.params import KnowSamParams
+from knowsam.methods.params import KnowSamParams, iterations_of
 from knowsam.methods.registry import register_method
 from knowsam.methods.sam_support import (
     build_sam_teacher,
@@ -66,12 +66,13 @@ def consistency_loss(probs: torch.Tensor, target_probs: torch.Tensor, all_classe
     return per_class.mean()
 
 
-def consistency_weight(step: int, total: int, weight: float, rampup: int) -> float:
-    """weight * exp(-5 (1 - r)^2) with r = min(floor(t / (T / rampup)), rampup) / rampup.
+def consistency_weight(step: int, span: int, weight: float, rampup: int) -> float:
+    """weight * exp(-5 (1 - r)^2) with r = min(floor(t / (L / rampup)), rampup) / rampup.
 
-    The ramp counts ``rampup`` "epochs" of T / rampup iterations each, so it ends with the run.
+    The ramp counts ``rampup`` "epochs" of L / rampup iterations each over its span of L iterations
+    (official: the whole run, trainer.py:183); a span of 0 gives the full weight at once.
     """
-    epoch = min(step * rampup // total, rampup) if rampup > 0 else 0
+    epoch = min(step * rampup // span, rampup) if span > 0 else rampup
     return weight * sigmoid_rampup(epoch, rampup)
 
 
@@ -156,9 +157,9 @@ class KnowSam(Method):
         if ctx.training:
             self.optimizers["sam"] = sam_optimizer(sam, p.sam_lr)
         self._frozen_sha256 = frozen_fingerprint(sam)
-        mix = p.mixed_iterations
         # Mixing runs at iterations after this one (0-based), as the official ``iter_num > 12000``.
-        self.mix_after = round(mix * ctx.iterations) if mix < 1 else int(mix)
+        self.mix_after = iterations_of(p.mixed_iterations, ctx.iterations)
+        self.ramp_span = iterations_of(p.consistency_ramp_iterations, ctx.iterations)
         self.timings: dict[str, float] | None = None  # set to {} to accumulate seconds per part of a step
 
     # --- pieces of a step -------------------------------------------------------------------
@@ -274,7 +275,7 @@ class KnowSam(Method):
         starts, or without unlabeled images, the mixed terms are 0.
         """
         x, y, n_l = batch.x, batch.y_l, batch.n_labeled
-        w = consistency_weight(step, self.ctx.iterations, self.p.consistency_weight, self.p.consistency_rampup)
+        w = consistency_weight(step, self.ramp_span, self.p.consistency_weight, self.p.consistency_rampup)
         with self._timed("sub_networks"):
             u, v = self._students(x)
             fused = self._fuse(u, v)

@@ -92,9 +92,22 @@ class UcmtParams:
     umix_grid: int = 16  # patches per side (fewer on small images, see umix_min_patch)
     umix_min_patch: int = 4  # smallest patch side in pixels
     umix_topk: int = 2  # patches relocated per image and direction
+    select: str = "val-dice"  # model selection; "train-loss": the official lowest mean loss of the mixed update
+    unlabeled_pool: str = "all"  # official: unlabeled rows drawn from every training image; "unlabeled": the others
 
     def __post_init__(self) -> None:
         _check_ramp("ucmt", self.rampup_fraction, 0)
+        _check_choice("ucmt", "select", self.select, UCMT_SELECTIONS)
+        _check_choice("ucmt", "unlabeled_pool", self.unlabeled_pool, UNLABELED_POOLS)
+
+
+UCMT_SELECTIONS = ("val-dice", "train-loss")
+UNLABELED_POOLS = ("unlabeled", "all")
+
+
+def _check_choice(method: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{method}: {key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _check_ramp(method: str, fraction: float, stages: int) -> None:
@@ -105,15 +118,21 @@ def _check_ramp(method: str, fraction: float, stages: int) -> None:
 KD_ENTROPY_FORMS = ("k-class", "official-2class")
 
 
+def iterations_of(value: float, total: int) -> int:
+    """An iteration count written as a fraction of the run (up to 1, of ``total``) or absolutely (above 1)."""
+    return round(value * total) if value <= 1 else int(value)
+
+
 @params_of("knowsam")
 @dataclass(frozen=True)
 class KnowSamParams:
     kd_temperature: float = 10.0
     entropy_weight: float = 0.9
     consistency_weight: float = 1.0  # official: consistency 0.1 x 10
-    consistency_rampup: int = 200  # ramp "epochs" spread over the whole run
+    consistency_rampup: int = 200  # ramp "epochs" (stages) spread over consistency_ramp_iterations
+    consistency_ramp_iterations: float = 1.0  # the ramp's span (see iterations_of); official: the whole run
     sam_lr: float = 1e-4
-    mixed_iterations: float = 0.24  # < 1: fraction of train.iterations; >= 1: absolute iteration
+    mixed_iterations: float = 0.24  # mixing after this iteration (see iterations_of); official: 12000
     mix_grid: int = 4
     mix_patches: int = 5
     fusion_official_activation: bool = True
@@ -124,12 +143,14 @@ class KnowSamParams:
     sam_full_graph: bool = False  # True: SAM's graph over the whole batch (the official gradient, slower)
 
     def __post_init__(self) -> None:
-        if self.kd_entropy_form not in KD_ENTROPY_FORMS:
-            raise ConfigError(f"knowsam: kd_entropy_form must be one of {', '.join(KD_ENTROPY_FORMS)}, "
-                              f"got {self.kd_entropy_form!r}")
-        if self.kd_temperature <= 0 or self.sam_lr <= 0 or self.mixed_iterations < 0 or self.consistency_rampup < 0:
-            raise ConfigError("knowsam: kd_temperature and sam_lr must be > 0, mixed_iterations and "
-                              "consistency_rampup >= 0")
+        _check_choice("knowsam", "kd_entropy_form", self.kd_entropy_form, KD_ENTROPY_FORMS)
+        if self.kd_temperature <= 0 or self.sam_lr <= 0 or self.consistency_rampup < 0:
+            raise ConfigError("knowsam: kd_temperature and sam_lr must be > 0, consistency_rampup >= 0")
+        for key in ("mixed_iterations", "consistency_ramp_iterations"):
+            value = getattr(self, key)
+            if not (0 <= value <= 1 or value > 1 and float(value).is_integer()):
+                raise ConfigError(f"knowsam: {key} must be a fraction of train.iterations in [0, 1] or a whole "
+                                  f"number of iterations above 1, got {value}")
         if self.mix_grid < 1 or not 0 <= self.mix_patches <= self.mix_grid**2:
             raise ConfigError(f"knowsam: need mix_grid >= 1 and 0 <= mix_patches <= mix_grid^2, got "
                               f"{self.mix_grid}, {self.mix_patches}")

@@ -14,7 +14,10 @@ iteration makes two optimisation steps of both students, each followed by an EMA
 
 Every loss is a per-image Dice (official ``DSCLoss`` at ``inter_weight`` 1). Backbone: the shared
 U-Net (the paper uses DeepLabv3+), so every baseline differs only in method.
-Test time: the EMA teacher, the network the official code saves and evaluates.
+Test time: the EMA teacher, the network the official code saves and evaluates; by default the
+weights with the best validation Dice, with ``select: train-loss`` the official rule (the lowest
+mean loss of the mixed update over an evaluation window). Unlabeled rows are drawn, as
+officially, from every training image (``unlabeled_pool``).
 """
 
 from __future__ import annotations
@@ -147,6 +150,8 @@ class UCMT(Method):
             raise ConfigError(f"ucmt: umix_topk = {params.umix_topk} must be in [1, {self.grid ** 2}] "
                               f"(a {self.grid}x{self.grid} patch grid at {ctx.image_size} px)")
         self._umix: Umix | None = None  # set only during the mixed update
+        self.selection_loss = "loss_mix" if params.select == "train-loss" else None  # official train.py:356-358
+        self.unlabeled_pool = params.unlabeled_pool  # official train.py:71 draws from the whole training set
 
     def align_to_update(self, student: str, per_pixel: torch.Tensor) -> torch.Tensor:
         """Move a plug-in's per-pixel map over ``batch.x`` the way this update moved the images.
