@@ -85,7 +85,7 @@ class RunId:
 # Reports are not here: re-scoring never needs retraining.
 TRAINING_SOURCES = (
     "knowsam/config.py", "knowsam/data/augment.py", "knowsam/data/batch.py", "knowsam/data/dataset.py",
-    "knowsam/data/geometry.py",
+    "knowsam/data/geometry.py", "knowsam/data/three_point_affine.py",
     "knowsam/data/loader.py", "knowsam/data/splits.py", "knowsam/distributed.py", "knowsam/losses.py",
     "knowsam/methods", "knowsam/models", "knowsam/runs.py", "knowsam/train.py",
 )
