@@ -18,9 +18,7 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -178,24 +176,6 @@ def run_lock(run_dir: Path):
         os.close(fd)  # releases the lock
 
 
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """SIGTERM (``kill``, a stopped pipeline) stops training as Ctrl-C does: the exception unwinds through
-    the atomic writes, so no temporary file is left and the next run resumes from the last checkpoint."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _rng_state() -> dict:
     """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
@@ -290,7 +270,9 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                          seed=dist.stream_seed(run.seed), device=device, augmentation=method.augmentation,
                          teacher_embeddings=None if cache is None else cache["train"])
     # One process per run folder; under torchrun rank 0 holds it for the whole group.
-    with run_lock(run_dir) if dist.is_main else contextlib.nullcontext(), stop_on_sigterm():
+    # SIGINT and SIGTERM raise in the main thread (knowsam.cli.main) and unwind through the atomic writes:
+    # no temporary file is left and the next run resumes from the last checkpoint.
+    with run_lock(run_dir) if dist.is_main else contextlib.nullcontext():
         val = validation_arrays(data, split, cache)
         t = params.train
         state = _load_checkpoint(run_dir, chash, restart_stale)
@@ -353,8 +335,8 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                             **({"ranks": ranks} if dist.enabled else {}),
                         })
         live.end()
-        if val is None:  # no validation data: the last weights are the reported ones
-            best = {"dice": float("nan"), "step": step}
+        if val is None:  # no validation images, so no model selection: the final weights are the reported ones
+            best = {"dice": None, "step": step}
             if dist.is_main:
                 _save_weights(run_dir / "best.pt", method, step)
         best = dist.gather(best)[0]  # rank 0 validated
