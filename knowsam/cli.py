@@ -243,18 +243,20 @@ def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. po
     """Score the pretrained SAM teacher alone on the dataset's test sets, prompted with boxes."""
     import json
 
-    from knowsam.teacher_check import pretrained_teacher, teacher_check as check
+    from knowsam.teacher_check import check_prompts, pretrained_teacher, teacher_check as check
 
     params = _load_params(params_file)
     if limit is not None and limit < 1:
         raise KnowsamError(f"--limit {limit} must be >= 1", 2)
+    prompts = tuple(dict.fromkeys(prompt))
+    check_prompts(prompts)
     folder = raw if raw is not None else Path(params.data.raw_root) / dataset
     if not folder.is_dir():
         raise KnowsamError(f"{folder}: raw dataset folder not found; run `knowsam-bench acquire {dataset}` or pass --raw")
     teacher, weights = pretrained_teacher(arch or params.sam.arch, checkpoint or params.sam.checkpoint,
                                           params.sam.cache_dir, params.train)
     only = [t.strip() for t in sets.split(",") if t.strip()] if sets is not None else None
-    result = check(dataset, folder, teacher, tuple(dict.fromkeys(prompt)), limit=limit, test_sets=only)
+    result = check(dataset, folder, teacher, prompts, limit=limit, test_sets=only)
     result["teacher"] = weights
     if as_json:
         typer.echo(json.dumps(result, indent=1))
@@ -262,8 +264,15 @@ def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. po
     typer.echo(f"{dataset}: {weights}; {result['images']} images in {result['seconds']:.0f} s")
     for name, parts in result["scores"].items():
         for part, entry in parts.items():
-            classes = "".join(f", {c} {v:.4f}" for c, v in entry.get("per_class", {}).items())
-            typer.echo(f"  --prompt {name:<4} {part}: mDice {entry['mDice']:.4f} (n={entry['n']}){classes}")
+            classes = "".join(f", {c} {_score(v)}" for c, v in entry.get("per_class", {}).items())
+            excluded = entry["excluded"]
+            left_out = (f"; {len(excluded)} excluded, an empty ground truth gives no box: "
+                        f"{', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''}" if excluded else "")
+            typer.echo(f"  --prompt {name:<4} {part}: mDice {_score(entry['mDice'])} (n={entry['n']}){classes}{left_out}")
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 @app.command()

@@ -130,6 +130,8 @@ def _load_checkpoint(run_dir: Path, expected_hash: str, restart_stale: bool = Fa
             continue
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):  # a readable torch file of something else (a bare tensor, a list)
+                raise TypeError(f"holds a {type(state).__name__}, not a training checkpoint")
         except Exception as exc:  # truncated/corrupt files raise many different types
             err.print(f"[yellow]warning[/]: {path}: unreadable checkpoint ({type(exc).__name__}); trying an older one",
                       soft_wrap=True)  # one line, never wrapped at the terminal width

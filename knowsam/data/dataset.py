@@ -112,7 +112,8 @@ class PreparedDataset:
         path = self.root / name
         try:
             return reader(path, **kwargs)
-        except (OSError, ValueError, pd.errors.ParserError) as exc:  # np.load: ValueError on a bad header
+        # np.load: ValueError on a bad header, EOFError on an empty file (which typer would turn into "Aborted!")
+        except (OSError, ValueError, EOFError, pd.errors.ParserError) as exc:
             raise KnowsamError(f"{path}: missing or unreadable ({type(exc).__name__}); re-run the prepare stage") from None
 
 

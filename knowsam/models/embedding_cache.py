@@ -106,7 +106,7 @@ def open_cache(folder: Path, expected: dict) -> dict[str, np.ndarray]:
         path = embeddings_file(folder, part)
         try:
             cache[part] = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise KnowsamError(f"{path}: unreadable ({type(exc).__name__}); {hint}") from None
         if len(cache[part]) != info["rows"]:
             raise KnowsamError(f"{path}: {len(cache[part])} rows, expected {info['rows']}; {hint}")
@@ -173,7 +173,7 @@ def _damage(path: Path, rows: int) -> str | None:
     """What is wrong with a part's file that meta.json counts rows of (None: it holds ``rows`` rows of DTYPE)."""
     try:
         stored = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:  # missing, truncated ("mmap length is greater than file size"), no header
+    except (OSError, ValueError, EOFError) as exc:  # missing, truncated ("mmap length is greater than file size"), empty
         return f"damaged embedding cache file ({type(exc).__name__})"
     if stored.dtype != DTYPE or stored.ndim != 4 or len(stored) != rows:
         return f"embedding cache file holds {stored.dtype} {stored.shape}, expected {rows} rows of {np.dtype(DTYPE)}"
