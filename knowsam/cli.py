@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
-        print(f"interrupted ({exc}); outputs are whole, rerun the command to continue", file=sys.stderr)
+        print(f"interrupted ({exc}); nothing was left half-written, rerun the command to continue", file=sys.stderr)
         return 128 + exc.signum
     except Exception as exc:  # the machine, not the code: disk full or out of memory get one line too
         line = environment_failure(exc)

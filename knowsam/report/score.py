@@ -22,9 +22,7 @@ means of per-image values (``knowsam.metrics.summarize``).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from rich.table import Table
 
 from knowsam.data.image_files import IMAGE_SUFFIXES, is_hidden, open_image
 from knowsam.data.masks import check_empty_share, decode_mask, grey_levels
+from knowsam.data.workers import map_in_workers
 from knowsam.errors import describe_error
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.fileio import atomic_path
@@ -110,14 +109,7 @@ def _score_pair(job: tuple[str, Path, Path, float, bool]) -> dict:
 def _run(jobs: list[tuple[str, Path, Path, float, bool]], workers: int) -> list[dict]:
     if workers <= 1 or len(jobs) < 2 * workers:
         return [_score_pair(job) for job in jobs]
-    # fork where available: workers start at once with modules already imported
-    # and need no ``__main__`` guard in the caller's script. They run only numpy,
-    # scipy and PIL code, so threads of the parent (torch, BLAS) are never needed.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    context = multiprocessing.get_context(method)
-    chunk = max(1, len(jobs) // (8 * workers))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_score_pair, jobs, chunksize=chunk))
+    return map_in_workers(_score_pair, jobs, workers, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
 def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers: int = 2,
