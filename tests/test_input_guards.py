@@ -284,6 +284,11 @@ def test_teacher_check_unknown_arch_is_named_before_the_checkpoint(raw_ws, cli):
              r"^error: --arch 'vit_q' is not a SAM arch; known: vit_b, vit_l, vit_h, tiny, lite_medsam$")
 
 
+def test_teacher_check_unknown_prompt_is_named_before_any_weights(raw_ws, cli):
+    one_line(*cli(raw_ws, "teacher-check", "demo", "--prompt", "boxes"), 2,
+             r"^error: --prompt 'boxes': use one of box, none$")
+
+
 @pytest.fixture
 def empty_truth_raw(tmp_path) -> tuple[Path, Path, list[Path]]:
     """Two raw demo folders: four test cases, the last given an empty ground truth (the demo may draw more
