@@ -173,7 +173,8 @@ def _damage(path: Path, rows: int) -> str | None:
     """What is wrong with a part's file that meta.json counts rows of (None: it holds ``rows`` rows of DTYPE)."""
     try:
         stored = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as exc:  # missing, truncated ("mmap length is greater than file size"), empty
+    # missing, truncated ("mmap length is greater than file size"), emptied (EOFError)
+    except (OSError, ValueError, EOFError) as exc:
         return f"damaged embedding cache file ({type(exc).__name__})"
     if stored.dtype != DTYPE or stored.ndim != 4 or len(stored) != rows:
         return f"embedding cache file holds {stored.dtype} {stored.shape}, expected {rows} rows of {np.dtype(DTYPE)}"
@@ -197,8 +198,7 @@ def _allocate(folder: Path, files: dict[Path, tuple[int, ...]]) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise KnowsamError(f"{folder}: the embedding cache needs {_mb(needed, up=True)} MB, {_mb(free)} MB free on "
-                           "its disk; "
-                           "free some space (or set sam.embeddings_root on another disk) and rerun")
+                           "its disk; free some space (or set sam.embeddings_root on another disk) and rerun")
     for path, shape in files.items():
         with _disk_full_is_one_line(path), open(path, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
