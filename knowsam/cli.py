@@ -4,7 +4,11 @@ so that ``--help`` stays fast. Expected failures print one line on stderr and ex
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -90,12 +94,10 @@ def describe(method: str = typer.Argument(..., help="Method name (see `knowsam-b
 def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, paper."),
             params_file: Path = PARAMS_OPTION) -> None:
     """Switch params.yaml to a profile (the demo is the default)."""
-    import yaml
-
     from knowsam import config, fileio, validation
 
     source = config.profile_path(name)
-    validation.validate(config.parse(yaml.safe_load(source.read_text()), str(source)))
+    validation.validate(config.read(source))
     if params_file.is_file():  # edits of the user's own are kept, never overwritten
         current = params_file.read_bytes()
         if all(current != config.profile_path(p).read_bytes() for p in config.profile_names()):
@@ -188,6 +190,10 @@ def train(method: str = typer.Option(..., help="Method name (see `knowsam-bench 
     params = _load_params(params_file)
     run = _run_ids(params, method, dataset, ratio, seed)
     summary = train_run(params, run, progress=progress, restart_stale=restart_stale)
+    if summary["best_val_dice"] is None:
+        typer.echo(f"{run.stage_name}: {summary['iterations']} iterations; no validation images "
+                   f"(data.val_fraction {params.data.val_fraction:g}), so the final weights are the reported ones")
+        return
     typer.echo(f"{run.stage_name}: {summary['iterations']} iterations, best validation Dice "
                f"{summary['best_val_dice']:.4f} at {summary['best_step']}")
 
@@ -247,18 +253,20 @@ def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. po
     """Score the pretrained SAM teacher alone on the dataset's test sets, prompted with boxes."""
     import json
 
-    from knowsam.teacher_check import pretrained_teacher, teacher_check as check
+    from knowsam.teacher_check import check_prompts, pretrained_teacher, teacher_check as check
 
     params = _load_params(params_file)
     if limit is not None and limit < 1:
         raise KnowsamError(f"--limit {limit} must be >= 1", 2)
+    prompts = tuple(dict.fromkeys(prompt))
+    check_prompts(prompts)
     folder = raw if raw is not None else Path(params.data.raw_root) / dataset
     if not folder.is_dir():
         raise KnowsamError(f"{folder}: raw dataset folder not found; run `knowsam-bench acquire {dataset}` or pass --raw")
     teacher, weights = pretrained_teacher(arch or params.sam.arch, checkpoint or params.sam.checkpoint,
                                           params.sam.cache_dir, params.train)
     only = [t.strip() for t in sets.split(",") if t.strip()] if sets is not None else None
-    result = check(dataset, folder, teacher, tuple(dict.fromkeys(prompt)), limit=limit, test_sets=only)
+    result = check(dataset, folder, teacher, prompts, limit=limit, test_sets=only)
     result["teacher"] = weights
     if as_json:
         typer.echo(json.dumps(result, indent=1))
@@ -266,8 +274,15 @@ def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. po
     typer.echo(f"{dataset}: {weights}; {result['images']} images in {result['seconds']:.0f} s")
     for name, parts in result["scores"].items():
         for part, entry in parts.items():
-            classes = "".join(f", {c} {v:.4f}" for c, v in entry.get("per_class", {}).items())
-            typer.echo(f"  --prompt {name:<4} {part}: mDice {entry['mDice']:.4f} (n={entry['n']}){classes}")
+            classes = "".join(f", {c} {_score(v)}" for c, v in entry.get("per_class", {}).items())
+            excluded = entry["excluded"]
+            left_out = (f"; {len(excluded)} excluded, an empty ground truth gives no box: "
+                        f"{', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''}" if excluded else "")
+            typer.echo(f"  --prompt {name:<4} {part}: mDice {_score(entry['mDice'])} (n={entry['n']}){classes}{left_out}")
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 @app.command()
@@ -357,23 +372,54 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Seconds instead of 
     typer.echo(f"wrote {run_bench(out, quick=quick, threads=threads, mirror=mirror)}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: turns expected errors into one stderr line and an exit status."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread. Not a ``KeyboardInterrupt``, which typer turns into
+    a silent exit; it unwinds through every atomic write, so nothing half-written is left."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM stop any command with one line (see :func:`main`); handlers restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    owner = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != owner:  # a forked worker (a process pool) ends silently, as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app(args=argv, prog_name="knowsam-bench", standalone_mode=True)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: turns expected errors into one stderr line and an exit status; SIGINT and SIGTERM
+    into ``interrupted (<signal>)`` and 128 + the signal's number (130, 143), as a shell reports them."""
+    try:
+        with _stop_on_signals():
+            app(args=argv, prog_name="knowsam-bench", standalone_mode=True)
     except SystemExit as exc:
-        if isinstance(getattr(exc.__context__, "__cause__", None), KeyboardInterrupt):  # typer's silent exit 130
-            print("interrupted", file=sys.stderr)
-            return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KnowsamError as exc:
         if _state["debug"]:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as exc:
+        print(f"interrupted ({exc}); nothing was left half-written, rerun the command to continue", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:  # the machine, not the code: disk full or out of memory get one line too
         line = environment_failure(exc)
         if line is None or _state["debug"]:

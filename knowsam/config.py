@@ -12,13 +12,12 @@ Which datasets and methods exist (and each method's own params) is checked one l
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from knowsam.errors import ConfigError
 
@@ -94,6 +93,9 @@ SAM_ENCODERS = ("adapters", "cached")
 RESOLUTIONS = ("original", "training")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SAM_DECODERS = ("adapted", "stock")
+# knowsam.models.sam_teacher.TEACHER_ARCHS, listed here so that params are checked without importing torch
+# (tests/test_params_strict.py checks that both lists agree).
+SAM_ARCHS = ("vit_b", "vit_l", "vit_h", "tiny", "lite_medsam")
 
 
 def _type_name(tp: Any) -> str:
@@ -127,6 +129,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     # bool is a subclass of int: refuse `iterations: true` and `normalize_pixels: 1` alike.
     if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
         raise ConfigError(f"params: '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):  # YAML's .inf and .nan: no parameter means anything by them
+        raise ConfigError(f"params: '{key}' must be a finite number, got {value}")
     return value
 
 
@@ -152,6 +156,12 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"params: '{key}' must be one of {', '.join(choices)}, got {value!r}")
 
 
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """A value rule of one parameter: ``params: '<key>' = <value> must be <rule>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"params: '{key}' = {value!r} must be {rule}")
+
+
 def check(params: Params) -> Params:
     """Semantic checks that types alone cannot express (not the registries). Returns ``params`` unchanged."""
     for key, items in (("datasets", params.datasets), ("methods", params.methods),
@@ -170,6 +180,7 @@ def check(params: Params) -> Params:
     _check_choice(d.interpolation, INTERPOLATIONS, "data.interpolation")
     _check_choice(params.eval.resolution, RESOLUTIONS, "eval.resolution")
     _check_choice(t.device, DEVICES, "train.device")
+    _check_choice(params.sam.arch, SAM_ARCHS, "sam.arch")
     _check_choice(params.sam.encoder, SAM_ENCODERS, "sam.encoder")
     if params.sam.encoder == "cached" and params.sam.checkpoint == "none":
         raise ConfigError("params: 'sam.encoder' cached needs pretrained weights (sam.checkpoint is none); "
@@ -187,13 +198,19 @@ def check(params: Params) -> Params:
         raise ConfigError(f"params: 'train.labeled_batch' = {t.labeled_batch} must be in [1, train.batch_size = {t.batch_size}]")
     if t.lr <= 0:
         raise ConfigError(f"params: 'train.lr' must be > 0, got {t.lr}")
+    # torch's SGD refuses a negative momentum or weight decay; momentum 1 never forgets a gradient.
+    require(0 <= t.momentum < 1, "train.momentum", t.momentum, "in [0, 1)")
+    require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    require(t.threads >= 0, "train.threads", t.threads, ">= 0 (0: torch's default)")
+    require(params.eval.overlay_images >= 0, "eval.overlay_images", params.eval.overlay_images, ">= 0")
     return params
 
 
 def parse(raw: Any, source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    for i, ratio in enumerate(raw.get("ratios") or []):
+    ratios = raw.get("ratios")
+    for i, ratio in enumerate(ratios if isinstance(ratios, list) else []):  # a scalar fails the type check
         if isinstance(ratio, int) and not isinstance(ratio, bool) and ratio == 1:  # other ints fail the range check
             raise ConfigError(f"params: 'ratios[{i}]' = {ratio}: write it as {ratio}.0 (DVC names each stage's "
                               "files by the number as written, the harness by its value as a float)")
@@ -205,17 +222,58 @@ def ratio_text(ratio: float) -> str:
     return str(float(ratio))
 
 
+def load_yaml(path: str | Path) -> Any:
+    """A params file's content as DVC reads it: YAML 1.2 (``3e-2`` is a float, ``yes`` a string) through
+    ruamel.yaml's safe loader, DVC's own; a duplicate key at any level is refused, as DVC refuses it."""
+    from ruamel.yaml import YAML, YAMLError
+    from ruamel.yaml.constructor import DuplicateKeyError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        return YAML(typ="safe").load(text)
+    except DuplicateKeyError:
+        key, line, first = _duplicate_key(YAML(typ="safe").compose(text))
+        raise ConfigError(f"{path}: duplicate key '{key}' at line {line} (first at line {first}); "
+                          "keep one (DVC refuses the file too)") from None
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{path}: not valid YAML ({problem}{where})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid YAML (not UTF-8: {exc.reason} at byte {exc.start})") from None
+
+
+def _duplicate_key(node: Any, prefix: str = "") -> tuple[str, int, int] | None:
+    """(dotted key, its line, the first occurrence's line) of the first key repeated in one mapping."""
+    from ruamel.yaml.nodes import MappingNode, SequenceNode
+
+    if isinstance(node, MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                return f"{prefix}{key_node.value}", line, seen[key_node.value]
+            seen[key_node.value] = line
+        for key_node, value_node in node.value:
+            found = _duplicate_key(value_node, f"{prefix}{key_node.value}.")
+            if found:
+                return found
+    if isinstance(node, SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, f"{prefix[:-1]}[{i}].")
+            if found:
+                return found
+    return None
+
+
 def read(path: str | Path = "params.yaml") -> Params:
     """Read and type-check a params file; ``knowsam.validation.load`` also checks the values."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
-    return parse(raw, str(path))
+    return parse(load_yaml(path), str(path))
 
 
 def to_dict(params: Params) -> dict:

@@ -9,8 +9,11 @@ the adapters take part.
 
 Scores: per case and foreground class, Dice of the union of its slices' predictions against the
 label (a 2D frame is one slice). With ``box``, a class gets a box on each slice where the label
-has it and nothing elsewhere; with ``none``, one whole-image prediction per slice is scored
-against every class. mDice is the mean over cases (and classes), as the polyp papers average.
+has it and nothing elsewhere; a case without the class has no box to give, so it is left out of
+that class's score and named as excluded. With ``none``, one whole-image prediction per slice is
+scored against every class, empty labels included, under the project's empty-mask policy
+(``knowsam.metrics.EMPTY_MASK_POLICY``). mDice is the mean over the classes of each class's mean
+over its scored cases (over cases alone for one class, as the polyp papers average).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from knowsam.config import SAM_ARCHS
 from knowsam.data.sources import get_dataset
-from knowsam.errors import KnowsamError
+from knowsam.errors import ConfigError, KnowsamError
+from knowsam.metrics import binary_metrics
 
 PROMPTS = ("box", "none")
 
@@ -83,9 +88,10 @@ def prompts_for(labels: np.ndarray, num_classes: int, prompt: str) -> list[tuple
             if (labels[d] == c).any()]
 
 
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    total = pred.sum() + gt.sum()
-    return 1.0 if total == 0 else float(2 * (pred & gt).sum() / total)
+def check_prompts(prompts: tuple[str, ...]) -> None:
+    bad = [p for p in prompts if p not in PROMPTS]
+    if bad:
+        raise ConfigError(f"--prompt {bad[0]!r}: use one of {', '.join(PROMPTS)}")
 
 
 def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train) -> tuple[torch.nn.Module, str]:
@@ -94,6 +100,8 @@ def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train) -> tup
     from knowsam.models.sam_checkpoint import load_sam_weights, resolve_checkpoint
     from knowsam.models.sam_teacher import SamTeacher
 
+    if arch not in SAM_ARCHS:  # before the checkpoint, which is looked up by arch
+        raise ConfigError(f"--arch {arch!r} is not a SAM arch; known: {', '.join(SAM_ARCHS)}")
     if checkpoint == "none":
         raise KnowsamError("teacher-check scores pretrained weights and sam.checkpoint is none: "
                            "pass --arch lite_medsam --checkpoint bundled (or set them in params)", 2)
@@ -109,15 +117,14 @@ def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train) -> tup
 
 def teacher_check(dataset: str, raw: Path, teacher, prompts: tuple[str, ...], *, limit: int | None = None,
                   test_sets: list[str] | None = None, batch: int = 4, progress=None) -> dict:
-    """{"prompt": {test set: {"n", "mDice", ["per_class"]}}, "seconds", "images"} for the pretrained ``teacher``."""
+    """{"prompt": {test set: {"n", "mDice", ["per_class"], "excluded"}}, "seconds", "images"} for the
+    pretrained ``teacher``; ``n`` counts the cases scored, ``excluded`` names those left out (see the module)."""
     spec = get_dataset(dataset)
     if spec.reader not in CASE_READERS:
         raise KnowsamError(f"teacher-check reads 2D frame datasets and ACDC, not {dataset!r} ({spec.reader})")
-    bad = [p for p in prompts if p not in PROMPTS]
-    if bad:
-        raise KnowsamError(f"--prompt {bad[0]!r}: use one of {', '.join(PROMPTS)}", 2)
+    check_prompts(prompts)
     k = spec.num_classes
-    scores: dict[str, dict[str, list[list[float]]]] = {p: {} for p in prompts}
+    scores: dict[str, dict[str, list[tuple[str, list[float | None]]]]] = {p: {} for p in prompts}
     started, images = time.perf_counter(), 0
     device = next(teacher.parameters()).device
     for case in CASE_READERS[spec.reader](raw, spec, teacher.encoder_size, limit, test_sets):
@@ -133,21 +140,32 @@ def teacher_check(dataset: str, raw: Path, teacher, prompts: tuple[str, ...], *,
                     masks = (teacher.decode_boxes(emb, boxes, rows) > 0).cpu().numpy()
                     for (d, c, _), m in zip(found, masks):
                         pred[c, d] |= m
-                per_class = [dice(pred[0 if prompt == "none" else c], case.labels == c) for c in range(1, k)]
-                scores[prompt].setdefault(case.test_set, []).append(per_class)
+                per_class = [None if prompt == "box" and not (case.labels == c).any()  # no box to give
+                             else binary_metrics(pred[0 if prompt == "none" else c], case.labels == c)["dice"]
+                             for c in range(1, k)]
+                scores[prompt].setdefault(case.test_set, []).append((case.name, per_class))
         images += len(case.images)
         if progress is not None:
             progress(case)
     if not images:
         raise KnowsamError(f"{raw}: no test images found for {dataset}"
                            + (f" in test sets {', '.join(test_sets)}" if test_sets else ""))
-    out: dict = {}
-    for prompt, parts in scores.items():
-        out[prompt] = {}
-        for part, rows in parts.items():
-            arr = np.asarray(rows)
-            entry = {"n": len(arr), "mDice": float(arr.mean())}
-            if k > 2:
-                entry["per_class"] = {spec.class_names[c]: float(arr[:, c - 1].mean()) for c in range(1, k)}
-            out[prompt][part] = entry
+    out = {prompt: {part: _summary(rows, spec.class_names) for part, rows in parts.items()}
+           for prompt, parts in scores.items()}
     return {"dataset": dataset, "scores": out, "images": images, "seconds": time.perf_counter() - started}
+
+
+def _summary(rows: list[tuple[str, list[float | None]]], class_names: tuple[str, ...]) -> dict:
+    """n, mDice (None when no case could be scored), per-class means (several classes) and excluded cases."""
+    scores = np.array([[np.nan if v is None else v for v in per_class] for _, per_class in rows], dtype=float)
+    scored = ~np.isnan(scores)
+    class_means = [float(scores[scored[:, j], j].mean()) if scored[:, j].any() else None
+                   for j in range(scores.shape[1])]
+    present = [m for m in class_means if m is not None]
+    entry: dict = {"n": int(scored.any(axis=1).sum()), "mDice": float(np.mean(present)) if present else None}
+    if len(class_names) > 2:
+        entry["per_class"] = dict(zip(class_names[1:], class_means))
+    several = scores.shape[1] > 1
+    entry["excluded"] = [f"{name}/{class_names[j + 1]}" if several else name
+                         for (name, _), row in zip(rows, scored) for j in np.flatnonzero(~row)]
+    return entry

@@ -18,9 +18,7 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -140,6 +138,8 @@ def _load_checkpoint(run_dir: Path, expected_hash: str, restart_stale: bool = Fa
             continue
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):  # a readable torch file of something else (a bare tensor, a list)
+                raise TypeError(f"holds a {type(state).__name__}, not a training checkpoint")
         except Exception as exc:  # truncated/corrupt files raise many different types
             err.print(f"[yellow]warning[/]: {path}: unreadable checkpoint ({type(exc).__name__}); trying an older one",
                       soft_wrap=True)  # one line, never wrapped at the terminal width
@@ -184,24 +184,6 @@ def run_lock(run_dir: Path):
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """SIGTERM (``kill``, a stopped pipeline) stops training as Ctrl-C does: the exception unwinds through
-    the atomic writes, so no temporary file is left and the next run resumes from the last checkpoint."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _rng_state() -> dict:
@@ -299,7 +281,9 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                          teacher_embeddings=None if cache is None else cache["train"],
                          unlabeled_pool=method.unlabeled_pool)
     # One process per run folder; under torchrun rank 0 holds it for the whole group.
-    with run_lock(run_dir) if dist.is_main else contextlib.nullcontext(), stop_on_sigterm():
+    # SIGINT and SIGTERM raise in the main thread (knowsam.cli.main) and unwind through the atomic writes:
+    # no temporary file is left and the next run resumes from the last checkpoint.
+    with run_lock(run_dir) if dist.is_main else contextlib.nullcontext():
         val = validation_arrays(data, split, cache)
         t = params.train
         state = _load_checkpoint(run_dir, chash, restart_stale)
@@ -357,7 +341,7 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                     # Ties keep the earlier weights by Dice, the later by a loss (the official `<=`).
                     tie = score == best["score"] and method.selection_loss is not None
                     if score is not None and (score > best["score"] or tie):
-                        best = {"dice": record.get("val_dice", math.nan), "step": step, "score": score}
+                        best = {"dice": record.get("val_dice"), "step": step, "score": score}
                         _save_weights(run_dir / "best.pt", method, step)
                 if evaluation:
                     window = [0.0, 0]
@@ -373,8 +357,8 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                             **({"ranks": ranks} if dist.enabled else {}),
                         })
         live.end()
-        if best["step"] < 0:  # nothing to select by (no validation data): the last weights are the reported ones
-            best = {"dice": float("nan"), "step": step}
+        if best["step"] < 0:  # nothing selected (no validation images): the final weights are the reported ones
+            best = {"dice": None, "step": step}
             if dist.is_main:
                 _save_weights(run_dir / "best.pt", method, step)
         best = dist.gather(best)[0]  # rank 0 validated

@@ -270,6 +270,8 @@ def _unsafe_calls(source: str, filename: str) -> list[str]:
                 problems.append(f"{where} without weights_only=True")
         elif func.split(".")[-1] in ("load", "unsafe_load", "full_load", "load_all") and func.split(".")[0] == "yaml":
             problems.append(f"{where} (use yaml.safe_load)")
+        elif func.split(".")[-1] == "YAML" and const("typ") != "safe":  # ruamel.yaml: only its safe loader
+            problems.append(f"{where} (use YAML(typ='safe'))")
         elif func.split(".")[0] in ("pickle", "cPickle", "dill", "joblib", "marshal", "shelve") and \
                 func.split(".")[-1] in ("load", "loads", "Unpickler", "open"):
             problems.append(where)
@@ -292,9 +294,10 @@ def test_only_safe_loaders_in_the_package():
 def test_safe_loader_check_catches_unsafe_code():
     bad = ("import torch, yaml, pickle, numpy as np\n"
            "torch.load(p)\ntorch.load(p, weights_only=False)\nyaml.load(s)\nyaml.unsafe_load(s)\n"
-           "pickle.loads(b)\nnp.load(p, allow_pickle=True)\n")
-    assert len(_unsafe_calls(bad, "bad.py")) == 6
-    good = "torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(s)\nnp.load(p, mmap_mode='r')\n"
+           "pickle.loads(b)\nnp.load(p, allow_pickle=True)\nYAML(typ='unsafe').load(s)\nYAML().load(s)\n")
+    assert len(_unsafe_calls(bad, "bad.py")) == 8
+    good = ("torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(s)\nnp.load(p, mmap_mode='r')\n"
+            "YAML(typ='safe').load(s)\n")
     assert _unsafe_calls(good, "good.py") == []
 
 

@@ -111,7 +111,7 @@ def test_checkpoint_lacking_sam_tensors_is_refused(tiny_sam_state):
 def test_unreadable_checkpoint(tmp_path: Path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(KnowsamError, match="cannot read SAM checkpoint"):
+    with pytest.raises(KnowsamError, match=r"bad.pth: not a torch checkpoint or unreadable \(UnpicklingError\)$"):
         load_sam_weights(SamTeacher("tiny", 64, 2), bad)
 
 

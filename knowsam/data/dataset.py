@@ -40,7 +40,15 @@ def write_npy(path: Path, arr: np.ndarray) -> None:
     """One array of the format, written atomically (readers memory-map it, so never half a file)."""
     with fileio.atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, arr)
+            np.save(_PythonWrites(fh), arr)
+
+
+class _PythonWrites:
+    """A file that numpy takes for a plain stream, so it writes through Python's file object: numpy's own
+    ``tofile`` reports a full disk as a short write without errno, which no disk-full check recognises."""
+
+    def __init__(self, fh):
+        self.write = fh.write
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -104,7 +112,8 @@ class PreparedDataset:
         path = self.root / name
         try:
             return reader(path, **kwargs)
-        except (OSError, ValueError, pd.errors.ParserError) as exc:  # np.load: ValueError on a bad header
+        # np.load: ValueError on a bad header, EOFError on an empty file (which typer would turn into "Aborted!")
+        except (OSError, ValueError, EOFError, pd.errors.ParserError) as exc:
             raise KnowsamError(f"{path}: missing or unreadable ({type(exc).__name__}); re-run the prepare stage") from None
 
 

@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from knowsam.data.dataset import FORMAT_VERSION, part_slug, write_npy, write_npz
 from knowsam.data.image_files import image_files, open_image
 from knowsam.data.masks import MaskSource, check_empty_share, decode_mask, grey_levels
 from knowsam.data.sources import DatasetSpec
+from knowsam.data.workers import map_in_workers
 from knowsam.errors import KnowsamError, describe_error
 
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -163,8 +163,7 @@ def _load_all(pairs, size: int, interpolation: str, workers: int) -> list[PairRe
     jobs = [(n, i, m, size, interpolation) for n, i, m in pairs]
     if workers <= 1 or len(jobs) < 32:
         return [load_pair(j) for j in jobs]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(load_pair, jobs, chunksize=16))
+    return map_in_workers(load_pair, jobs, workers, chunksize=16)
 
 
 def _stats(results: list[PairResult]) -> dict:

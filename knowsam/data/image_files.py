@@ -8,6 +8,7 @@ applied, so that a frame and its mask can never end up rotated against each othe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,7 +28,12 @@ def image_files(folder: Path) -> dict[str, Path]:
     images: dict[str, Path] = {}
     others = []
     for path in sorted(folder.iterdir()):
-        if is_hidden(path) or not path.is_file():
+        if is_hidden(path):
+            continue
+        if path.is_symlink() and not path.exists():  # would be skipped as "not a file": a frame silently lost
+            raise KnowsamError(f"{path}: broken symbolic link (to {os.readlink(path)!r}, which does not exist); "
+                               "restore its target or remove the link")
+        if not path.is_file():
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             others.append(path.name)

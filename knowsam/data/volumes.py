@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +31,7 @@ from PIL import Image
 from knowsam import fileio
 from knowsam.data.dataset import FORMAT_VERSION, part_slug, write_npy, write_npz
 from knowsam.data.sources import DatasetSpec
+from knowsam.data.workers import map_in_workers
 from knowsam.errors import KnowsamError, describe_error
 
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -218,8 +218,7 @@ def load_stack(job: Job) -> Stack:
 def load_all(jobs: list[Job], workers: int) -> list[Stack]:
     if workers <= 1 or len(jobs) < 8:
         return [load_stack(j) for j in jobs]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(load_stack, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    return map_in_workers(load_stack, jobs, workers, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
 # --- fingerprint ----------------------------------------------------------------------

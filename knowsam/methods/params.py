@@ -46,7 +46,14 @@ def params_class(name: str) -> type:
         return cls
     extra = _PLUGIN[suffix]
     fields = [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(extra)]
-    return dataclasses.make_dataclass(f"{cls.__name__}With{extra.__name__}", fields, bases=(cls,), frozen=True)
+
+    def check_both(self) -> None:  # the base method's value checks and the plug-in's
+        for part in (cls, extra):
+            if hasattr(part, "__post_init__"):
+                part.__post_init__(self)
+
+    return dataclasses.make_dataclass(f"{cls.__name__}With{extra.__name__}", fields, bases=(cls,), frozen=True,
+                                      namespace={"__post_init__": check_both})
 
 
 @params_of("mt")
@@ -65,6 +72,8 @@ class MeanTeacherParams:
         if not 0 <= self.consistency_start_fraction <= 1:
             raise ConfigError("mt: consistency_start_fraction must be in [0, 1], "
                               f"got {self.consistency_start_fraction}")
+        _check_unit("mt", ema_decay=self.ema_decay)
+        _check_non_negative("mt", consistency=self.consistency, noise_std=self.noise_std, noise_clip=self.noise_clip)
 
 
 @params_of("cps")
@@ -77,6 +86,7 @@ class CpsParams:
 
     def __post_init__(self) -> None:
         _check_ramp("cps", self.rampup_fraction, self.ramp_stages)
+        _check_non_negative("cps", cps_weight=self.cps_weight)
 
 
 @params_of("ucmt")
@@ -97,6 +107,10 @@ class UcmtParams:
 
     def __post_init__(self) -> None:
         _check_ramp("ucmt", self.rampup_fraction, 0)
+        _check_unit("ucmt", ema_decay=self.ema_decay, student1_share=self.student1_share)
+        _check_non_negative("ucmt", unsup_weight=self.unsup_weight)
+        # the patch count is checked against the image once it is known (knowsam.methods.ucmt)
+        _check_positive("ucmt", umix_grid=self.umix_grid, umix_min_patch=self.umix_min_patch, umix_topk=self.umix_topk)
         _check_choice("ucmt", "select", self.select, UCMT_SELECTIONS)
         _check_choice("ucmt", "unlabeled_pool", self.unlabeled_pool, UNLABELED_POOLS)
 
@@ -113,6 +127,26 @@ def _check_choice(method: str, key: str, value: str, choices: tuple[str, ...]) -
 def _check_ramp(method: str, fraction: float, stages: int) -> None:
     if not 0 <= fraction <= 1 or stages < 0:
         raise ConfigError(f"{method}: need 0 <= rampup_fraction <= 1 and ramp_stages >= 0, got {fraction}, {stages}")
+
+
+def _check_unit(method: str, **values: float) -> None:
+    """EMA decays and mixing shares: weights of an average, in [0, 1]."""
+    for key, value in values.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{method}: {key} must be in [0, 1], got {value}")
+
+
+def _check_non_negative(method: str, **values: float) -> None:
+    """Loss weights and noise scales: a negative one would reverse what the term asks for."""
+    for key, value in values.items():
+        if value < 0:
+            raise ConfigError(f"{method}: {key} must be >= 0, got {value}")
+
+
+def _check_positive(method: str, **values: float) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{method}: {key} must be > 0, got {value}")
 
 
 KD_ENTROPY_FORMS = ("k-class", "official-2class")
@@ -154,6 +188,7 @@ class KnowSamParams:
         if self.mix_grid < 1 or not 0 <= self.mix_patches <= self.mix_grid**2:
             raise ConfigError(f"knowsam: need mix_grid >= 1 and 0 <= mix_patches <= mix_grid^2, got "
                               f"{self.mix_grid}, {self.mix_patches}")
+        _check_non_negative("knowsam", entropy_weight=self.entropy_weight, consistency_weight=self.consistency_weight)
 
 
 @params_of("+skd")
@@ -162,3 +197,7 @@ class SkdParams:
     kd_temperature: float = 10.0  # KnowSAM's T
     kd_weight: float = 1.0  # weight of the KD term in each student's loss
     sam_lr: float = 1e-4  # Adam lr of SAM's adapters and prompt heads, decayed linearly to 0
+
+    def __post_init__(self) -> None:
+        _check_positive("skd", kd_temperature=self.kd_temperature, sam_lr=self.sam_lr)
+        _check_non_negative("skd", kd_weight=self.kd_weight)

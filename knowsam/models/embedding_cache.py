@@ -6,19 +6,27 @@ heads and the decoder, and validation and evaluation score the teacher's own pre
 without running the encoder again. ``<embeddings_root>/<dataset>/``::
 
     <part>_embeddings.npy  (N, C, E, E) float16, rows in the prepared order of one part (train,
-                           val where the dataset has one, each test set); memory-mapped
+                           val where the dataset has one, each test set); memory-mapped by readers
     meta.json              which encoder and which images made it, and how many rows of each part are done
 
 Parts are filled in that order (training needs only ``train``). A run that stops is resumed at
-the first row not done. A cache made by other weights, another arch or other prepared images is
-refused with one line saying to re-run the stage. With ``sam.encoder: adapters`` the stage writes
-only meta.json saying that no cache is needed.
+the first row not done; a part whose file is damaged (truncated, another shape) is embedded again.
+The images a cache was made from are identified by their names and by a digest of their prepared
+pixels, so a changed image or ``data.interpolation`` makes a new cache. A cache made by other
+weights, another arch or other prepared images is refused with one line saying to re-run the stage.
+With ``sam.encoder: adapters`` the stage writes only meta.json saying that no cache is needed.
+
+Each file is allocated in full, its free space checked first, before any row is written, and rows
+are written through the file, not a memory map: a full disk is one line, never a SIGBUS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +36,7 @@ import torch
 
 from knowsam import fileio
 from knowsam.data.dataset import PreparedDataset, part_slug, to_float
-from knowsam.errors import KnowsamError
+from knowsam.errors import KnowsamError, is_disk_full
 
 META_FILE = "meta.json"
 DTYPE = np.float16  # half of float32's disk and memory; the decoder's input differs by < 1e-3 relative
@@ -44,13 +52,23 @@ def embeddings_file(folder: Path, part: str) -> Path:
 
 
 def identity(data: PreparedDataset, arch: str, weights: str) -> dict:
-    """What a cache must match to be used: encoder (arch, weights), images (size, names of each part) and format."""
-    def names(part: str) -> dict:
+    """What a cache must match to be used: encoder (arch, weights), images (size, and the names and
+    pixels of each part) and format."""
+    def images(part: str) -> dict:
         index = data.index(part)
-        return {"rows": len(index), "names_sha256": hashlib.sha256("\n".join(index["name"]).encode()).hexdigest()}
+        return {"rows": len(index), "names_sha256": hashlib.sha256("\n".join(index["name"]).encode()).hexdigest(),
+                "pixels_sha256": pixels_sha256(data.images(part))}
 
     return {"arch": arch, "weights": weights, "image_size": data.image_size, "dtype": np.dtype(DTYPE).name,
-            "parts": {part: names(part) for part in parts(data)}}
+            "parts": {part: images(part) for part in parts(data)}}
+
+
+def pixels_sha256(images: np.ndarray) -> str:
+    """Digest of a prepared image array (dtype, shape and every pixel): about a second per 500 MB, read
+    from the memory map, against minutes for encoding the same images."""
+    digest = hashlib.sha256(f"{images.dtype.str} {images.shape}".encode())
+    digest.update(memoryview(np.ascontiguousarray(images)).cast("B"))
+    return digest.hexdigest()
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -78,7 +96,7 @@ def open_cache(folder: Path, expected: dict) -> dict[str, np.ndarray]:
         raise KnowsamError(f"{folder}: no embedding cache for sam.encoder cached; {hint}")
     if meta.get("identity") != expected:
         made_for = meta.get("identity") or {}
-        changed = sorted(k for k in expected if made_for.get(k) != expected[k])
+        changed = sorted({"parts": "prepared images"}.get(k, k) for k in expected if made_for.get(k) != expected[k])
         raise KnowsamError(f"{folder}: embedding cache was made for other {', '.join(changed)}; {hint}")
     cache = {}
     for part, info in expected["parts"].items():
@@ -88,7 +106,7 @@ def open_cache(folder: Path, expected: dict) -> dict[str, np.ndarray]:
         path = embeddings_file(folder, part)
         try:
             cache[part] = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise KnowsamError(f"{path}: unreadable ({type(exc).__name__}); {hint}") from None
         if len(cache[part]) != info["rows"]:
             raise KnowsamError(f"{path}: {len(cache[part])} rows, expected {info['rows']}; {hint}")
@@ -107,7 +125,7 @@ def embed_dataset(data: PreparedDataset, folder: Path, encode: Callable[[torch.T
     """Fill ``folder`` with ``encode`` of every image of every part; resumes a run with the same identity.
 
     ``encode`` maps images (B, C, S, S) in [0, 1] to embeddings (B, C', E, E). Rows are written in
-    order and ``done`` advances after each batch is flushed, so a killed run loses one batch.
+    order and ``done`` advances after each batch is on disk, so a killed run loses one batch.
     ``progress(done, total)`` counts images over all parts. Returns meta.json's content, with the
     seconds and images per second of this call.
     """
@@ -118,24 +136,26 @@ def embed_dataset(data: PreparedDataset, folder: Path, encode: Callable[[torch.T
     if not same:  # embeddings of other images or another encoder: none of them is reused
         for stale in folder.glob("*_embeddings.npy"):
             stale.unlink()
+    for part, info in expected["parts"].items():
+        if done[part] and (problem := _damage(embeddings_file(folder, part), info["rows"])):
+            _warn(f"{embeddings_file(folder, part)}: {problem}; embedding {part} again")
+            done[part] = 0
     total = sum(info["rows"] for info in expected["parts"].values())
     first = sum(done.values())
     started = time.perf_counter()
+    to_allocate = [part for part, info in expected["parts"].items() if done[part] == 0 and info["rows"]]
     for part, info in expected["parts"].items():
         images = data.images(part)
         path = embeddings_file(folder, part)
-        if not path.is_file():
-            done[part] = 0
-        out = None
         for start in range(done[part], info["rows"], batch):
             x = torch.from_numpy(to_float(np.asarray(images[start:start + batch])))
             with torch.no_grad():
                 emb = encode(x).float().cpu().numpy().astype(DTYPE)
-            if out is None:  # the first batch tells the shape
-                out = (np.load(path, mmap_mode="r+") if start else
-                       np.lib.format.open_memmap(path, mode="w+", dtype=DTYPE, shape=(info["rows"], *emb.shape[1:])))
-            out[start:start + len(emb)] = emb
-            out.flush()
+            if to_allocate:  # the first batch tells the row shape: every new file is made before any row is written
+                _allocate(folder, {embeddings_file(folder, p): (expected["parts"][p]["rows"], *emb.shape[1:])
+                                   for p in to_allocate})
+                to_allocate = []
+            _write_rows(path, start, emb)
             done[part] = start + len(emb)
             fileio.write_json(folder / META_FILE, {"needed": True, "identity": expected, "done": done})
             if progress is not None:
@@ -147,6 +167,74 @@ def embed_dataset(data: PreparedDataset, folder: Path, encode: Callable[[torch.T
                           "images_per_second": round(computed / seconds, 3) if computed and seconds else None}}
     fileio.write_json(folder / META_FILE, meta)
     return meta
+
+
+def _damage(path: Path, rows: int) -> str | None:
+    """What is wrong with a part's file that meta.json counts rows of (None: it holds ``rows`` rows of DTYPE)."""
+    try:
+        stored = np.load(path, mmap_mode="r")
+    # missing, truncated ("mmap length is greater than file size"), emptied (EOFError)
+    except (OSError, ValueError, EOFError) as exc:
+        return f"damaged embedding cache file ({type(exc).__name__})"
+    if stored.dtype != DTYPE or stored.ndim != 4 or len(stored) != rows:
+        return f"embedding cache file holds {stored.dtype} {stored.shape}, expected {rows} rows of {np.dtype(DTYPE)}"
+    return None
+
+
+def _warn(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[yellow]warning[/]: {message}", soft_wrap=True, highlight=False)
+
+
+def _allocate(folder: Path, files: dict[Path, tuple[int, ...]]) -> None:
+    """Zero-filled .npy files of the given shapes, every block allocated now; refused at once when the
+    disk cannot hold them all (a memory map of a sparse file gets SIGBUS when the disk fills)."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    itemsize = np.dtype(DTYPE).itemsize
+    header = 128  # an .npy header of a 4-d shape takes one 64-byte-aligned block of at most this size
+    needed = sum(header + int(np.prod(shape)) * itemsize for shape in files.values())
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise KnowsamError(f"{folder}: the embedding cache needs {_mb(needed, up=True)} MB, {_mb(free)} MB free on "
+                           "its disk; free some space (or set sam.embeddings_root on another disk) and rerun")
+    for path, shape in files.items():
+        with _disk_full_is_one_line(path), open(path, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
+                                                      "fortran_order": False, "shape": shape})
+            size = fh.tell() + int(np.prod(shape)) * itemsize
+            fh.flush()
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fh.fileno(), 0, size)
+            else:  # written zeros are allocated blocks too
+                for offset in range(fh.tell(), size, 1 << 24):
+                    fh.write(bytes(min(1 << 24, size - offset)))
+
+
+def _write_rows(path: Path, start: int, rows: np.ndarray) -> None:
+    """Rows ``start...`` of an allocated file, synced to disk (meta.json counts them done next)."""
+    offset = np.load(path, mmap_mode="r").offset + start * rows[0].nbytes
+    with _disk_full_is_one_line(path), open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(memoryview(np.ascontiguousarray(rows)).cast("B"))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(path: Path):
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise KnowsamError(f"{path}: no space left on device ({_mb(shutil.disk_usage(path.parent).free)} MB free in "
+                           f"{path.parent}); free some space and rerun") from None
+
+
+def _mb(size: int, up: bool = False) -> int:
+    return -(-size // 2**20) if up else size // 2**20
 
 
 def open_for_teacher(embeddings_root: str | Path, dataset: str, data: PreparedDataset, provenance: dict,

@@ -7,7 +7,6 @@ random initialisation. ``"none"`` is the only way to ask for random SAM weights.
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,8 +146,8 @@ def load_sam_weights(teacher: SamTeacher, path: Path) -> LoadReport:
     """Load a SAM checkpoint file (official format: a plain state_dict) into ``teacher``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise KnowsamError(f"cannot read SAM checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # garbage, truncated or code-carrying files raise many types, with torch's long advice
+        raise KnowsamError(f"SAM checkpoint {path}: not a torch checkpoint or unreadable ({type(exc).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KnowsamError(f"SAM checkpoint {path} is not a state_dict of tensors")
     return load_sam_state_dict(teacher, state, source=str(path))

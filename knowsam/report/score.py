@@ -21,8 +21,6 @@ means of per-image values (``knowsam.metrics.summarize``).
 from __future__ import annotations
 
 import json
-import multiprocessing
-import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from rich.table import Table
 from knowsam import fileio
 from knowsam.data.image_files import IMAGE_SUFFIXES, is_hidden, open_image
 from knowsam.data.masks import check_empty_share
+from knowsam.data.workers import map_in_workers
 from knowsam.errors import ConfigError, KnowsamError, describe_error
 from knowsam.metrics import EMPTY_MASK_POLICY, SUMMARY_DEFINITIONS, binary_metrics, summarize
 from knowsam.report.encodings import Reading, parse_encoding, read_prediction, read_truth
@@ -114,24 +113,10 @@ def _score_pair(job: tuple[str, Path, Path, float, bool, str]) -> dict:
             **binary_metrics(_foreground(reading, size, threshold), truth.mask)}
 
 
-def _worker_signals() -> None:
-    """Workers leave Ctrl-C and SIGTERM to the parent, which stops them: no traceback from each worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _run(jobs: list[tuple[str, Path, Path, float, bool, str]], workers: int) -> list[dict]:
     if workers <= 1 or len(jobs) < 2 * workers:
         return [_score_pair(job) for job in jobs]
-    # fork where available: workers start at once with modules already imported
-    # and need no ``__main__`` guard in the caller's script. They run only numpy,
-    # scipy and PIL code, so threads of the parent (torch, BLAS) are never needed.
-    # An interrupted parent leaves the ``with`` block and terminates the pool at once.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    context = multiprocessing.get_context(method)
-    chunk = max(1, len(jobs) // (8 * workers))
-    with context.Pool(workers, initializer=_worker_signals) as pool:
-        return pool.map(_score_pair, jobs, chunksize=chunk)
+    return map_in_workers(_score_pair, jobs, workers, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
 def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers: int = 2,
