@@ -275,8 +275,10 @@ def test_paper_profile_mixes_and_ramps_at_the_official_iterations_whatever_the_r
                                              "[0, 1] or a whole number of iterations above 1, got 12000.5"),
     ("knowsam", "mixed_iterations", -1, "knowsam: mixed_iterations must be a fraction"),
     ("knowsam", "consistency_ramp_iterations", 2.5, "knowsam: consistency_ramp_iterations must be a fraction"),
-    ("knowsam", "consistency_ramp_iterations", math.inf, "knowsam: consistency_ramp_iterations must be a fraction"),
-    ("knowsam", "consistency_ramp_iterations", math.nan, "knowsam: consistency_ramp_iterations must be a fraction"),
+    ("knowsam", "consistency_ramp_iterations", math.inf,
+     "params: 'method_params.knowsam.consistency_ramp_iterations' must be a finite number, got inf"),
+    ("knowsam", "consistency_ramp_iterations", math.nan,
+     "params: 'method_params.knowsam.consistency_ramp_iterations' must be a finite number, got nan"),
 ])
 def test_bad_option_values_are_refused_naming_the_key(method, key, value, message):
     with pytest.raises(ConfigError) as err:
