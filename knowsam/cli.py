@@ -303,17 +303,25 @@ def publish(out: Path = typer.Argument(..., help="Folder to write, e.g. reports/
 @app.command()
 def plan(params_file: Path = PARAMS_OPTION,
          steps: int = typer.Option(2, min=1, help="Training steps timed per method (after one warm-up step)."),
-         as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object.")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+         profile: bool = typer.Option(False, "--profile", help="Also break each method's step into its parts, "
+                                      "beside a labeled-only step measured in the same run."),
+         overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE: plan with this param changed, e.g. "
+                                             "data.image_size=128 or 'methods=[knowsam]' (repeatable).")) -> None:
     """Before `dvc repro`: the runs the params expand to, those complete, and the training time on this machine."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from knowsam.plan import duration, make_plan, render
+    from knowsam.plan import duration, make_plan, profile_steps, render, with_overrides
 
-    params = _load_params(params_file)
-    result = make_plan(params, steps=steps)
+    params = with_overrides(_load_params(params_file), overrides)
+    breakdown = profile_steps(params, params.methods, steps) if profile else None
+    measured = {m["method"]: m["step_s"] for m in breakdown["methods"]} if breakdown else None
+    result = make_plan(params, steps=steps, step_seconds=measured)
+    if breakdown:
+        result["profile"] = breakdown
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -326,6 +334,26 @@ def plan(params_file: Path = PARAMS_OPTION,
     console.print(table)
     for line in render(result):
         console.print(line, soft_wrap=True, highlight=False)
+    if breakdown:
+        console.print(_profile_table(breakdown, params))
+
+
+def _profile_table(breakdown: dict, params):
+    from rich.table import Table
+
+    rows = breakdown["methods"]
+    parts = list(dict.fromkeys(p for m in rows for p in m["parts"]))
+    t, s = params.train, params.sam
+    table = Table(title=f"seconds per step by part: {params.data.image_size} px, batch {t.batch_size} "
+                        f"({t.labeled_batch} labeled), {t.threads or 'default'} threads, SAM {s.arch} "
+                        f"({s.encoder} encoder, prompt grid {s.prompt_grid}, bf16 {str(s.amp_bf16).lower()}); "
+                        f"medians of {breakdown['steps']} steps")
+    for header in ("Method", "s/step", f"x {breakdown['reference']}", "teacher", *parts):
+        table.add_column(header, justify="left" if header == "Method" else "right")
+    for m in rows:
+        table.add_row(m["method"], f"{m['step_s']:.3f}", f"{m['vs_reference']:.2f}", f"{m['teacher_s']:.3f}",
+                      *(f"{m['parts'][p]:.3f}" if p in m["parts"] else "-" for p in parts))
+    return table
 
 
 @app.command()
