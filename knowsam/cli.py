@@ -321,7 +321,7 @@ def plan(params_file: Path = PARAMS_OPTION,
     measured = {m["method"]: m["step_s"] for m in breakdown["methods"]} if breakdown else None
     result = make_plan(params, steps=steps, step_seconds=measured)
     if breakdown:
-        result["profile"] = breakdown
+        result["breakdown"] = breakdown
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -339,20 +339,26 @@ def plan(params_file: Path = PARAMS_OPTION,
 
 
 def _profile_table(breakdown: dict, params):
+    """One column per method, one row per part of a step (the step, then its parts, in seconds)."""
     from rich.table import Table
 
-    rows = breakdown["methods"]
-    parts = list(dict.fromkeys(p for m in rows for p in m["parts"]))
+    from knowsam.step_timing import PARTS
+
+    methods = breakdown["methods"]
+    parts = [p for p in (*PARTS, "data", "other") if any(p in m["parts"] for m in methods)]
     t, s = params.train, params.sam
-    table = Table(title=f"seconds per step by part: {params.data.image_size} px, batch {t.batch_size} "
+    table = Table(title=f"Seconds per step by part: {params.data.image_size} px, batch {t.batch_size} "
                         f"({t.labeled_batch} labeled), {t.threads or 'default'} threads, SAM {s.arch} "
                         f"({s.encoder} encoder, prompt grid {s.prompt_grid}, bf16 {str(s.amp_bf16).lower()}); "
-                        f"medians of {breakdown['steps']} steps")
-    for header in ("Method", "s/step", f"x {breakdown['reference']}", "teacher", *parts):
-        table.add_column(header, justify="left" if header == "Method" else "right")
-    for m in rows:
-        table.add_row(m["method"], f"{m['step_s']:.3f}", f"{m['vs_reference']:.2f}", f"{m['teacher_s']:.3f}",
-                      *(f"{m['parts'][p]:.3f}" if p in m["parts"] else "-" for p in parts))
+                        f"medians of {breakdown['steps']} step(s)")
+    table.add_column("Part")
+    for m in methods:
+        table.add_column(m["method"], justify="right")
+    table.add_row("step", *(f"{m['step_s']:.3f}" for m in methods))
+    table.add_row(f"x {breakdown['reference']}", *(f"{m['vs_reference']:.2f}" for m in methods))
+    table.add_row("teacher (its parts below)", *(f"{m['teacher_s']:.3f}" for m in methods))
+    for part in parts:
+        table.add_row(part, *(f"{m['parts'][part]:.3f}" if part in m["parts"] else "-" for m in methods))
     return table
 
 

@@ -16,11 +16,12 @@ Built from ``segment_anything``'s own modules so that a SAM checkpoint loads by 
 * the decoder runs once per class, every (image, class) pair in one batched call.
 
 Cheaper than a literal transcription, with the same outputs and gradients: each image's
-embedding is broadcast over its classes instead of copied K times, and the decoder keeps a graph
+embedding is broadcast over its classes instead of copied K times; the decoder keeps a graph
 only for the rows a loss reads (``decode(..., grad_rows=n)``): it couples no rows, so the rows
-of the other images are decoded without one. Two options change the maths (``sam.prompt_grid``:
-the grid the prompt heads see; ``sam.amp_bf16``: bfloat16 autocast in the teacher), both in
-docs/knowsam-options.md.
+of the other images are decoded without one; SAM's convolution stacks (mask downscaling, output
+upscaling) run on channels-last maps with each ``LayerNorm2d`` as one ``layer_norm`` call. Two
+options change the maths (``sam.prompt_grid``: the grid the prompt heads see; ``sam.amp_bf16``:
+bfloat16 autocast in the teacher), both in docs/knowsam-options.md.
 
 Only the adapters and the prompt heads train; the rest of SAM is frozen. SAM's modules contain
 no dropout or batch norm (only LayerNorm), so train/eval mode does not change the frozen parts.
@@ -81,6 +82,7 @@ def _defer_segment_anything_init() -> None:
 
 _defer_segment_anything_init()
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer  # noqa: E402
+from segment_anything.modeling.common import LayerNorm2d  # noqa: E402
 from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition  # noqa: E402
 
 from knowsam.models.adapted_decoder import AdaptedTwoWayTransformer  # noqa: E402
@@ -280,6 +282,22 @@ class ClassPromptHead(nn.Sequential):
         )
 
 
+def channels_last_stack(stack: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """SAM's convolution stack ``stack`` on ``x`` with the same values, fewer passes over memory.
+
+    Each ``LayerNorm2d`` (written by SAM as mean, subtraction, power, mean, square root, division,
+    scale and shift: a pass over the map each) runs as one ``layer_norm`` over the channels of a
+    channels-last view, and the maps stay channels-last for the convolutions around it.
+    """
+    for layer in stack:
+        if isinstance(layer, LayerNorm2d):
+            x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], layer.weight, layer.bias, layer.eps)
+            x = x.permute(0, 3, 1, 2)
+        else:
+            x = layer(x)
+    return x
+
+
 class SamTeacher(nn.Module):
     """SAM teacher producing per-class logits (B, K, H, W) at ``image_size``.
 
@@ -365,10 +383,9 @@ class SamTeacher(nn.Module):
 
     def compile(self, *args, **kwargs) -> None:
         """``train.compile``: compile, in place, what a training step runs (a step never calls ``forward``):
-        the prompt heads, the mask decoding and, with encoder adapters, the image encoder.
-        Checkpoint keys stay those of the plain modules."""
-        for head in self.prompt_heads:
-            head.compile(*args, **kwargs)
+        the mask decoding and, with encoder adapters, the image encoder. Checkpoint keys stay those
+        of the plain modules. The prompt heads stay eager: compiled, their dropout would draw other
+        masks than eager's from the same seed, and on the prompt grid they are a small part."""
         if self.encoder_mode == "adapters":
             self.image_encoder.compile(*args, **kwargs)
         self._predict_masks = torch.compile(self._predict_masks, *args, **kwargs)
@@ -423,7 +440,8 @@ class SamTeacher(nn.Module):
                 mode="bilinear",
                 align_corners=False,
             )
-            dense = self.prompt_encoder.mask_downscaling(masks.reshape(b * k, 1, *masks.shape[-2:]))  # (B*K, C, E, E)
+            masks = masks.reshape(b * k, 1, *masks.shape[-2:])
+            dense = channels_last_stack(self.prompt_encoder.mask_downscaling, masks)  # (B*K, C, E, E)
             g = b if grad_rows is None else grad_rows
             low_res = self._predict_masks(embeddings[:g], sparse[:g].flatten(0, 1), dense[:g * k])
             if g < b:
@@ -454,17 +472,21 @@ class SamTeacher(nn.Module):
 
         ``MaskDecoder.predict_masks`` repeats the image embedding once per prompt assuming a single
         image; here row b*K + k pairs image b with class k, the embedding broadcast over the K
-        classes as it is added to the dense prompt (no repeated copy). Output is mask token 0, as
-        SAM's ``multimask_output=False``.
+        classes as it is added to the dense prompt (no repeated copy), every map channels-last so
+        that the transformer's tokens and the upscaling's input are views, not copies. Output is
+        mask token 0, as SAM's ``multimask_output=False``.
         """
         dec = self.mask_decoder
         n, (b, c, e) = dense.shape[0], embeddings.shape[:3]
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
-        src = (embeddings.unsqueeze(1) + dense.reshape(b, n // b, c, e, e)).flatten(0, 1)
-        pos = self.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
+        # Channels-last maps: the transformer's (N, E*E, C) token views of them are then plain views.
+        cl = torch.channels_last
+        src = (embeddings.contiguous(memory_format=cl).unsqueeze(1) + dense.reshape(b, n // b, c, e, e)).flatten(0, 1)
+        pos = self.prompt_encoder.get_dense_pe().contiguous(memory_format=cl).expand(n, -1, -1, -1)
         hs, src = dec.transformer(src, pos, tokens)
         mask_token = hs[:, 1, :]  # index 0 is the IoU token
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(n, c, e, e))  # (N, C/8, 4E, 4E)
+        image = src.reshape(n, e, e, c).permute(0, 3, 1, 2)  # the tokens as a channels-last map: no copy
+        upscaled = channels_last_stack(dec.output_upscaling, image)  # (N, C/8, 4E, 4E)
         hyper = dec.output_hypernetworks_mlps[0](mask_token)  # (N, C/8)
         return torch.einsum("nc,nchw->nhw", hyper, upscaled)
