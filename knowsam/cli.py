@@ -246,7 +246,7 @@ def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. po
     if not folder.is_dir():
         raise KnowsamError(f"{folder}: raw dataset folder not found; run `knowsam-bench acquire {dataset}` or pass --raw")
     teacher, weights = pretrained_teacher(arch or params.sam.arch, checkpoint or params.sam.checkpoint,
-                                          params.sam.cache_dir, params.train)
+                                          params.sam.cache_dir, params.train, params.sam.amp_bf16)
     only = [t.strip() for t in sets.split(",") if t.strip()] if sets is not None else None
     result = check(dataset, folder, teacher, tuple(dict.fromkeys(prompt)), limit=limit, test_sets=only)
     result["teacher"] = weights
