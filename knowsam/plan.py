@@ -94,8 +94,8 @@ def profile_steps(params: Params, methods: list[str], steps: int) -> dict:
         r = results[name]
         parts = {p: round(r.part_median(p), 4) for p in step_timing.PARTS if any(p in s for s in r.parts)}
         parts["data"] = round(statistics.median(r.waits), 4)
-        parts["other"] = round(statistics.median(t - w - sum(s.values()) for t, w, s in zip(r.totals, r.waits, r.parts)),
-                               4)
+        rest = [t - w - sum(s.values()) for t, w, s in zip(r.totals, r.waits, r.parts)]
+        parts["other"] = round(statistics.median(rest), 4)
         rows.append({"method": name, "step_s": round(r.median, 4), "vs_reference": round(r.median / reference, 2),
                      "teacher_s": round(r.part_median(*step_timing.TEACHER_PARTS), 4), "parts": parts})
     return {"reference": REFERENCE, "steps": steps, "methods": rows}
