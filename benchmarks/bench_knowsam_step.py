@@ -17,13 +17,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from knowsam import step_timing
 from knowsam.config import SamParams, TrainParams
 from knowsam.data.batch import Batch
 from knowsam.methods import MethodContext, get_method
 from knowsam.methods.registry import method_params
 from knowsam.train import apply_speed_options, batch_layout, keep_freed_memory, step_context
 
-PARTS = ("sam_encoder", "sub_networks", "sam_decoder", "mixing", "update")
+PARTS = tuple(p for p in step_timing.PARTS if p != step_timing.DENSE_PROMPT)  # KnowSAM's own
 
 
 def step_in_context(method, batch: Batch, step: int, train: TrainParams) -> None:
@@ -92,13 +93,12 @@ def main() -> None:
             step_in_context(method, batch, step, train)
         totals, parts = [], {p: [] for p in PARTS}
         for _ in range(a.steps):
-            method.timings = {}
-            start = time.perf_counter()
-            step_in_context(method, batch, step, train)
-            totals.append(time.perf_counter() - start)
+            with step_timing.recording() as timings:
+                start = time.perf_counter()
+                step_in_context(method, batch, step, train)
+                totals.append(time.perf_counter() - start)
             for p in PARTS:
-                parts[p].append(method.timings.get(p, 0.0))
-        method.timings = None
+                parts[p].append(timings.get(p, 0.0))
         flops = ""
         if a.flops:
             with FlopCounterMode(display=False) as counter:

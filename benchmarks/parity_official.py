@@ -386,8 +386,8 @@ def training_step_terms(official: types.SimpleNamespace, x: torch.Tensor) -> lis
     own_sam: dict[str, torch.Tensor] = {}
     sam_logits = ours._sam_logits
 
-    def recording(images: torch.Tensor, fused: torch.Tensor, n_grad: int) -> torch.Tensor:
-        own_sam["logits"] = sam_logits(images, fused, n_grad)
+    def recording(*args: object) -> torch.Tensor:
+        own_sam["logits"] = sam_logits(*args)
         return own_sam["logits"]
 
     ours._sam_logits = recording
@@ -400,7 +400,7 @@ def training_step_terms(official: types.SimpleNamespace, x: torch.Tensor) -> lis
         frames = capture_returns(lambda: trainer.train(x, y, STEP),
                                  {"train": type(trainer).train, "mix_up": type(trainer).mix_up})
     official_sam = frames["train"]["pred_sam"].detach()
-    ours._sam_logits = lambda images, fused, n_grad: official_sam
+    ours._sam_logits = lambda *args: official_sam
     with torch.no_grad():
         shared = ours.losses(batch, STEP)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from knowsam import fileio
-from knowsam.config import SamParams
+from knowsam.config import SamParams, TrainParams
 from knowsam.errors import KnowsamError
 from knowsam.machine import cpu_model
 
@@ -50,6 +50,8 @@ class StepSetting:
     warmup: int
     steps: int
     methods: tuple[str, ...] | None  # None: every registered method
+    train: TrainParams = TrainParams()  # its speed options (amp_bf16, channels_last, compile) apply
+    method_params: dict = field(default_factory=dict)  # per method, as params' method_params
 
 
 @dataclass
@@ -58,10 +60,15 @@ class StepResult:
     totals: list[float]
     waits: list[float]
     build_s: float
+    parts: list[dict[str, float]] = field(default_factory=list)  # per timed step: seconds per part
 
     @property
     def median(self) -> float:
         return statistics.median(self.totals)
+
+    def part_median(self, *names: str) -> float:
+        """Median over the timed steps of the seconds spent in ``names`` together."""
+        return statistics.median(sum(p.get(n, 0.0) for n in names) for p in self.parts)
 
     @property
     def wait_share(self) -> float:
@@ -130,43 +137,49 @@ def stand_in_embeddings(method, data, s: StepSetting) -> np.ndarray | None:
 
 
 def time_steps(name: str, data, split, s: StepSetting, threads: int, deadline: float = float("inf")) -> StepResult:
-    """Median-able step times of method ``name``: ``next_batch`` then ``train_step``, after warm-up."""
+    """Median-able step times of method ``name``: ``next_batch`` then ``train_step`` as training runs them
+    (``s.train``'s speed options applied), after warm-up; each timed step's parts (``knowsam.step_timing``)."""
     import torch
 
-    from knowsam.config import TrainParams
+    from knowsam import step_timing
     from knowsam.data.loader import TrainStream
     from knowsam.methods import MethodContext, get_method
     from knowsam.methods.registry import method_params
+    from knowsam.train import apply_speed_options, batch_layout, step_context
 
     torch.manual_seed(0)
     iterations = 1000
-    train = TrainParams(iterations=iterations, batch_size=s.batch, labeled_batch=s.labeled, threads=threads,
-                        device="cpu")
+    train = replace(s.train, iterations=iterations, batch_size=s.batch, labeled_batch=s.labeled, threads=threads,
+                    device="cpu")
     ctx = MethodContext(in_channels=data.in_channels, num_classes=data.num_classes, image_size=s.size,
                         iterations=iterations, train=train, sam=replace(s.sam, checkpoint="none"),
                         device=torch.device("cpu"), seed=0)
     start = time.perf_counter()
-    method = get_method(name)(ctx, method_params(name, {}))
+    method = get_method(name)(ctx, method_params(name, s.method_params.get(name, {})))
+    apply_speed_options(method, train)
     build_s = time.perf_counter() - start
     stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
                          batch_size=s.batch, labeled_batch=s.labeled, seed=0, device=ctx.device,
                          augmentation=method.augmentation, teacher_embeddings=stand_in_embeddings(method, data, s),
                          unlabeled_pool=method.unlabeled_pool)
     method.train()
-    totals, waits = [], []
+    totals, waits, parts = [], [], []
     # Mid-run iterations: ramps, EMA decay and KnowSAM's mixing are all in their steady state.
     for i in range(s.warmup + s.steps):
-        t0 = time.perf_counter()
-        batch = stream.next_batch()
-        t1 = time.perf_counter()
-        method.train_step(batch, iterations // 2 + i)
-        t2 = time.perf_counter()
+        with step_timing.recording() as timed:
+            t0 = time.perf_counter()
+            batch = batch_layout(stream.next_batch(), train)
+            t1 = time.perf_counter()
+            with step_context(train, ctx.device):
+                method.train_step(batch, iterations // 2 + i)
+            t2 = time.perf_counter()
         if i >= s.warmup:
             totals.append(t2 - t0)
             waits.append(t1 - t0)
+            parts.append(timed)
             if t2 > deadline:  # out of time: keep what was timed (at least one step)
                 break
-    return StepResult(name, totals, waits, build_s)
+    return StepResult(name, totals, waits, build_s, parts)
 
 
 def log(message: str) -> None:

@@ -264,7 +264,7 @@ def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. po
     if not folder.is_dir():
         raise KnowsamError(f"{folder}: raw dataset folder not found; run `knowsam-bench acquire {dataset}` or pass --raw")
     teacher, weights = pretrained_teacher(arch or params.sam.arch, checkpoint or params.sam.checkpoint,
-                                          params.sam.cache_dir, params.train)
+                                          params.sam.cache_dir, params.train, params.sam.amp_bf16)
     only = [t.strip() for t in sets.split(",") if t.strip()] if sets is not None else None
     result = check(dataset, folder, teacher, prompts, limit=limit, test_sets=only)
     result["teacher"] = weights
@@ -335,17 +335,25 @@ def publish(out: Path = typer.Argument(..., help="A new folder, or one publish w
 @app.command()
 def plan(params_file: Path = PARAMS_OPTION,
          steps: int = typer.Option(2, min=1, help="Training steps timed per method (after one warm-up step)."),
-         as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object.")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+         profile: bool = typer.Option(False, "--profile", help="Also break each method's step into its parts, "
+                                      "beside a labeled-only step measured in the same run."),
+         overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE: plan with this param changed, e.g. "
+                                             "data.image_size=128 or 'methods=[knowsam]' (repeatable).")) -> None:
     """Before `dvc repro`: the runs the params expand to, those complete, and the training time on this machine."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from knowsam.plan import duration, make_plan, render
+    from knowsam.plan import duration, make_plan, profile_steps, render, with_overrides
 
-    params = _load_params(params_file)
-    result = make_plan(params, steps=steps)
+    params = with_overrides(_load_params(params_file), overrides)
+    breakdown = profile_steps(params, params.methods, steps) if profile else None
+    measured = {m["method"]: m["step_s"] for m in breakdown["methods"]} if breakdown else None
+    result = make_plan(params, steps=steps, step_seconds=measured)
+    if breakdown:
+        result["breakdown"] = breakdown
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -358,6 +366,32 @@ def plan(params_file: Path = PARAMS_OPTION,
     console.print(table)
     for line in render(result):
         console.print(line, soft_wrap=True, highlight=False)
+    if breakdown:
+        console.print(_profile_table(breakdown, params))
+
+
+def _profile_table(breakdown: dict, params):
+    """One column per method, one row per part of a step (the step, then its parts, in seconds)."""
+    from rich.table import Table
+
+    from knowsam.step_timing import PARTS
+
+    methods = breakdown["methods"]
+    parts = [p for p in (*PARTS, "data", "other") if any(p in m["parts"] for m in methods)]
+    t, s = params.train, params.sam
+    table = Table(title=f"Seconds per step by part: {params.data.image_size} px, batch {t.batch_size} "
+                        f"({t.labeled_batch} labeled), {t.threads or 'default'} threads, SAM {s.arch} "
+                        f"({s.encoder} encoder, prompt grid {s.prompt_grid}, bf16 {str(s.amp_bf16).lower()}); "
+                        f"medians of {breakdown['steps']} step(s)")
+    table.add_column("Part")
+    for m in methods:
+        table.add_column(m["method"], justify="right")
+    table.add_row("step", *(f"{m['step_s']:.3f}" for m in methods))
+    table.add_row(f"x {breakdown['reference']}", *(f"{m['vs_reference']:.2f}" for m in methods))
+    table.add_row("teacher (its parts below)", *(f"{m['teacher_s']:.3f}" for m in methods))
+    for part in parts:
+        table.add_row(part, *(f"{m['parts'][part]:.3f}" if part in m["parts"] else "-" for m in methods))
+    return table
 
 
 @app.command()

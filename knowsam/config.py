@@ -66,6 +66,10 @@ class SamParams:
     embeddings_root: str = "data/embeddings"  # where the embed stage writes <dataset>/ (encoder: cached)
     decoder: str = "adapted"  # adapted: KnowSAM's official decoder (adapters); stock: SAM's own
     load_decoder_mlp: bool = False  # official: the adapted decoder's MLPs never get the checkpoint's weights
+    # The grid the learnable prompt heads see: the embedding average-pooled to at most this many tokens a
+    # side. 16: the official heads' grid (ViT-B at 256 px); full: the embedding's own (LiteMedSAM: 64).
+    prompt_grid: int | str = 16
+    amp_bf16: bool = False  # bfloat16 autocast scoped to the SAM teacher (changes its numbers)
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(value, inner, key)
+        inner = [o for o in options if o is not type(None)]
+        if len(inner) > 1:  # e.g. int | str: any one of the plain types
+            if not any(isinstance(value, o) and isinstance(value, bool) == (o is bool) for o in inner):
+                raise ConfigError(f"params: '{key}' must be {' or '.join(map(_type_name, inner))}, got {value!r}")
+            return value
+        return _coerce(value, inner[0], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"params: '{key}' must be a mapping, got {type(value).__name__}")
@@ -162,6 +170,11 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"params: '{key}' = {value!r} must be {rule}")
 
 
+def _check_prompt_grid(grid: int | str) -> None:
+    if grid != "full" and not (isinstance(grid, int) and grid >= 1):
+        raise ConfigError(f"params: 'sam.prompt_grid' must be a positive integer or 'full', got {grid!r}")
+
+
 def check(params: Params) -> Params:
     """Semantic checks that types alone cannot express (not the registries). Returns ``params`` unchanged."""
     for key, items in (("datasets", params.datasets), ("methods", params.methods),
@@ -186,6 +199,7 @@ def check(params: Params) -> Params:
         raise ConfigError("params: 'sam.encoder' cached needs pretrained weights (sam.checkpoint is none); "
                           "a random encoder is only trained with adapters")
     _check_choice(params.sam.decoder, SAM_DECODERS, "sam.decoder")
+    _check_prompt_grid(params.sam.prompt_grid)
     if d.image_size < 16 or d.image_size % 16:
         raise ConfigError(f"params: 'data.image_size' = {d.image_size} must be a positive multiple of 16 "
                           "(four 2x poolings in the U-Net and SAM's 16-pixel patches)")

@@ -1,26 +1,36 @@
 """``knowsam-bench plan``: what ``dvc repro`` is about to cost, before it starts.
 
 Expands the active params into runs, counts those already complete, and times a few training
-steps of every method on this machine at the params' image size, batch and SAM teacher (on the
-synthetic demo images: a step's time does not depend on pixel content). A run's estimate is its
-iterations times the median step time; validation passes and evaluation come on top. With a
-frozen, cached teacher encoder (``sam.encoder: cached``) the ``embed`` stage comes first: the
-images of each prepared dataset not yet in its cache times the encoder's measured seconds per
-image (eager; ``train.compile`` makes the stage faster).
+steps of every method on this machine at the params' image size, batch, SAM teacher, method
+options and speed options (on the synthetic demo images: a step's time does not depend on pixel
+content). A run's estimate is its iterations times the median step time; validation passes and
+evaluation come on top. With a frozen, cached teacher encoder (``sam.encoder: cached``) the
+``embed`` stage comes first: the images of each prepared dataset not yet in its cache times the
+encoder's measured seconds per image (eager; ``train.compile`` makes the stage faster).
+
+``--profile`` breaks each method's step into its parts (``knowsam.step_timing``) beside a
+labeled-only step measured in the same process; ``--set KEY=VALUE`` plans other settings than
+the params file's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import tempfile
 from pathlib import Path
 
+import yaml
+
+from knowsam import config, step_timing, validation
 from knowsam.config import Params
+from knowsam.errors import ConfigError
 from knowsam.evaluate import is_complete
 from knowsam.report.results import matrix
 
 # Above this much training on one device, a plan says the profile needs a faster machine.
 FEASIBLE_SECONDS = 24 * 3600
+REFERENCE = "labeled-only"  # the step every profiled method is compared with
 
 
 @dataclasses.dataclass
@@ -34,16 +44,61 @@ class MethodPlan:
         return self.step_s * iterations
 
 
-def measure_step_seconds(params: Params, methods: list[str], steps: int) -> dict[str, float]:
-    """Median seconds per training step of each method at the params' settings on this machine."""
+def with_overrides(params: Params, overrides: list[str]) -> Params:
+    """``params`` with each ``KEY=VALUE`` (a dotted key, a YAML value) set, checked as a params file is."""
+    raw = config.to_dict(params)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. train.threads=2")
+        *sections, leaf = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{section}' is not a section of the params")
+        node[leaf] = yaml.safe_load(text)
+    return validation.validate(config.parse(raw))
+
+
+def measure_steps(params: Params, methods: list[str], steps: int):
+    """Each method's timed steps (``knowsam.bench.StepResult``) at the params' settings on this machine."""
     from knowsam.bench import StepSetting, demo_dataset, time_steps
 
     t = params.train
     setting = StepSetting(label="plan", size=params.data.image_size, batch=t.batch_size, labeled=t.labeled_batch,
-                          sam=params.sam, warmup=1, steps=steps, methods=tuple(methods))
+                          sam=params.sam, warmup=1, steps=steps, methods=tuple(methods), train=t,
+                          method_params=params.method_params)
     with tempfile.TemporaryDirectory(prefix="knowsam-plan-") as work:
         data, split = demo_dataset(Path(work), params.data.image_size, n_train=max(4 * t.batch_size, 16))
-        return {m: time_steps(m, data, split, setting, t.threads or 2).median for m in methods}
+        return {m: time_steps(m, data, split, setting, t.threads or 2) for m in methods}
+
+
+def measure_step_seconds(params: Params, methods: list[str], steps: int) -> dict[str, float]:
+    """Median seconds per training step of each method at the params' settings on this machine."""
+    return {m: r.median for m, r in measure_steps(params, methods, steps).items()}
+
+
+def profile_steps(params: Params, methods: list[str], steps: int) -> dict:
+    """Each method's median step and its parts (seconds), beside labeled-only's, measured in one process.
+
+    ``teacher_s``: the SAM teacher's own parts (encoder, prompt heads, decoder forward, backward
+    of L_sam); ``data``: waiting for the batch; ``other``: the rest of the step (losses,
+    bookkeeping, and the forward passes of methods that do not mark them).
+    """
+    names = list(dict.fromkeys([REFERENCE, *methods]))
+    results = measure_steps(params, names, steps)
+    reference = results[REFERENCE].median
+    rows = []
+    for name in names:
+        r = results[name]
+        parts = {p: round(r.part_median(p), 4) for p in step_timing.PARTS if any(p in s for s in r.parts)}
+        parts["data"] = round(statistics.median(r.waits), 4)
+        rest = [t - w - sum(s.values()) for t, w, s in zip(r.totals, r.waits, r.parts)]
+        parts["other"] = round(statistics.median(rest), 4)
+        rows.append({"method": name, "step_s": round(r.median, 4), "vs_reference": round(r.median / reference, 2),
+                     "teacher_s": round(r.part_median(*step_timing.TEACHER_PARTS), 4), "parts": parts})
+    return {"reference": REFERENCE, "steps": steps, "methods": rows}
 
 
 def measure_encoder_seconds(params: Params, images: int = 2) -> float:
@@ -95,11 +150,12 @@ def embed_plan(params: Params, image_seconds: float) -> list[dict]:
 def make_plan(params: Params, runs_root: str | Path = "data/runs", steps: int = 2,
               step_seconds: dict[str, float] | None = None, encoder_seconds: float | None = None) -> dict:
     """Runs, completed runs and time estimates; ``step_seconds`` (per method) and ``encoder_seconds``
-    (per image) replace the measurements when given."""
+    (per image) replace the measurements of what they give."""
     runs = matrix(params)
     done = {run for run in runs if is_complete(params, run, runs_root)}
-    pending_methods = [m for m in params.methods if any(r.method == m and r not in done for r in runs)]
-    measured = step_seconds if step_seconds is not None else measure_step_seconds(params, pending_methods, steps)
+    given = step_seconds or {}
+    unmeasured = [m for m in params.methods if m not in given and any(r.method == m and r not in done for r in runs)]
+    measured = {**(measure_step_seconds(params, unmeasured, steps) if unmeasured else {}), **given}
     per_method = [MethodPlan(m, measured.get(m, 0.0), sum(r.method == m for r in runs),
                              sum(r.method == m and r not in done for r in runs)) for m in params.methods]
     iterations = params.train.iterations

@@ -87,7 +87,7 @@ TRAINING_SOURCES = (
     "knowsam/config.py", "knowsam/data/augment.py", "knowsam/data/batch.py", "knowsam/data/dataset.py",
     "knowsam/data/geometry.py", "knowsam/data/three_point_affine.py",
     "knowsam/data/loader.py", "knowsam/data/splits.py", "knowsam/distributed.py", "knowsam/losses.py",
-    "knowsam/methods", "knowsam/models", "knowsam/runs.py", "knowsam/train.py",
+    "knowsam/methods", "knowsam/models", "knowsam/runs.py", "knowsam/step_timing.py", "knowsam/train.py",
 )
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the package
 

@@ -94,8 +94,13 @@ def check_prompts(prompts: tuple[str, ...]) -> None:
         raise ConfigError(f"--prompt {bad[0]!r}: use one of {', '.join(PROMPTS)}")
 
 
-def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train) -> tuple[torch.nn.Module, str]:
-    """The frozen teacher with its pretrained weights, in eval mode, and a one-line description of them."""
+def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train, bf16: bool = False
+                       ) -> tuple[torch.nn.Module, str]:
+    """The frozen teacher with its pretrained weights, in eval mode, and a one-line description of them.
+
+    ``bf16`` (``sam.amp_bf16``): its prompt encoder and mask decoder run under bfloat16 autocast, as a
+    training step with a cached encoder runs them; the encoder stays float32.
+    """
     from knowsam.machine import pick_device
     from knowsam.models.sam_checkpoint import load_sam_weights, resolve_checkpoint
     from knowsam.models.sam_teacher import SamTeacher
@@ -110,9 +115,9 @@ def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train) -> tup
         torch.set_num_threads(train.threads)
     size = 256  # LiteMedSAM's input; the ViTs run at the paper's size
     # The pretrained model as published: SAM's own decoder with every weight loaded (no adapters).
-    teacher = SamTeacher(arch, size, 1, encoder="cached", decoder="stock")
+    teacher = SamTeacher(arch, size, 1, encoder="cached", decoder="stock", bf16=bf16)
     load_sam_weights(teacher, path)
-    return teacher.to(pick_device(train.device)).eval(), f"{arch} {path.name}"
+    return teacher.to(pick_device(train.device)).eval(), f"{arch} {path.name}" + (", bf16 decoder" if bf16 else "")
 
 
 def teacher_check(dataset: str, raw: Path, teacher, prompts: tuple[str, ...], *, limit: int | None = None,

@@ -220,7 +220,7 @@ def _rewind_live(live, step: int) -> None:
 
 def apply_speed_options(method: Method, t) -> None:
     """``train.channels_last`` / ``train.compile`` on every net of ``method`` (speed, not maths)."""
-    for net in method.nets.values():
+    for net in method.speed_modules():
         if t.channels_last:
             net.to(memory_format=torch.channels_last)
         if t.compile:

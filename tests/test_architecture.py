@@ -16,7 +16,7 @@ PACKAGE = REPO / "knowsam"
 # Bottom to top; a module belongs to the first layer with a matching prefix (docs/architecture.md).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("knowsam", "knowsam.errors", "knowsam.fileio", "knowsam.config", "knowsam.machine",
-                    "knowsam.download", "knowsam.distributed")),
+                    "knowsam.download", "knowsam.distributed", "knowsam.step_timing")),
     ("data and measures", ("knowsam.data", "knowsam.metrics", "knowsam.losses")),
     ("models", ("knowsam.models",)),
     ("methods", ("knowsam.methods",)),

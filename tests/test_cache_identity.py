@@ -19,7 +19,6 @@ import yaml
 from PIL import Image
 
 from knowsam.data.dataset import PreparedDataset
-from knowsam.models import embedding_cache
 from tests.test_catalogue import cli, one_line, params_dict, write_params  # noqa: F401 (cli is a fixture)
 
 N_TRAIN, N_TEST = 6, 2

@@ -24,7 +24,6 @@ import scipy.stats
 import yaml
 
 from knowsam import config, runs
-from knowsam.errors import KnowsamError
 from knowsam.runs import RunId
 from knowsam.summaries import identity, stale_reason
 from tests.conftest import REPO
@@ -134,7 +133,7 @@ def test_leaderboard_allow_stale_shows_them_marked(stale_params_ws, cli):
     assert ucmt_kvasir.startswith(f"{seed_mean(dice, 'ucmt', 'Kvasir'):.2f} ± ") and ucmt_kvasir.endswith("(n=2) †")
     assert not rows["knowsam"][1].endswith("†")
     assert "**" not in ucmt_kvasir  # a stale cell never competes for best
-    assert f"† Shown with --allow-stale: 2 of 4 runs scored under other params or code" in text
+    assert "† Shown with --allow-stale: 2 of 4 runs scored under other params or code" in text
     assert ", ".join(STALE_UCMT) in text
     csv = pd.read_csv(ws / "reports/leaderboard.csv")
     assert set(csv[csv.stale].method) == {"ucmt"} and not csv[csv.method == "knowsam"].stale.any()
@@ -160,7 +159,7 @@ def test_compare_after_a_params_change_refuses_and_allow_stale_marks(stale_param
     code, md, err = cli_out(ws, "compare", "--methods", "ucmt,knowsam", "--format", "md", "--allow-stale")
     assert code == 0, err
     assert "| Kvasir | ucmt † |" in md and "| Kvasir | knowsam |" in md
-    assert f"† scored under other params or code than the params file's" in md
+    assert "† scored under other params or code than the params file's" in md
 
 
 def test_publish_after_a_params_change_refuses_and_allow_stale_marks(stale_params_ws, cli):

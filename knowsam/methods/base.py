@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from knowsam import step_timing
 from knowsam.config import SamParams, TrainParams
 from knowsam.data.batch import Batch
 
@@ -103,12 +104,13 @@ class Method:
         return self.nets[self.reported_net](x).softmax(1)
 
     # --- the optimiser step ---------------------------------------------------------------
-    def update(self, loss: torch.Tensor, *optimizers: str) -> None:
+    def update(self, loss: torch.Tensor, *optimizers: str, backward_part: str = step_timing.STUDENTS_BACKWARD) -> None:
         """Zero the gradients, backward ``loss``, step: for the named optimisers, every one if none is named.
 
         Optimisers step in the order named (else registration order). A method that accepts
         plug-ins names its own, so it never steps a plug-in's. Loss scaling, clipping and
-        accumulation are the hooks below; their defaults change nothing.
+        accumulation are the hooks below; their defaults change nothing. ``backward_part``: the
+        part of a step's time breakdown (``knowsam.step_timing``) the backward pass counts as.
         """
         names = optimizers or tuple(self.optimizers)
         opts = [self.optimizers[n] for n in names]
@@ -116,15 +118,17 @@ class Method:
         if done == 0:
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
-        self.scale_loss(loss).backward()
+        with step_timing.part(backward_part):
+            self.scale_loss(loss).backward()
         done += 1
         if done < self.accumulation_steps:
             self._accumulated[names] = done
             return
         self._accumulated[names] = 0
         self.clip_gradients(opts)
-        for opt in opts:
-            self.step_optimizer(opt)
+        with step_timing.part(step_timing.UPDATES):
+            for opt in opts:
+                self.step_optimizer(opt)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backward (AMP with float16: the GradScaler's scaled loss). Default: unscaled."""
@@ -172,6 +176,10 @@ class Method:
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
                 group["lr"] = group["initial_lr"] * scale
+
+    def speed_modules(self) -> list[nn.Module]:
+        """The modules ``train.channels_last`` and ``train.compile`` apply to: every net (a plug-in adds its own)."""
+        return list(self.nets.values())
 
     def train(self) -> None:
         for net in self.nets.values():

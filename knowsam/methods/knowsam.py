@@ -18,13 +18,11 @@ probabilities of the last class.
 from __future__ import annotations
 
 import math
-import time
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from knowsam import step_timing
 from knowsam.data.batch import Batch
 from knowsam.errors import ConfigError, KnowsamError
 from knowsam.losses import entropy_loss, kd_loss, sigmoid_rampup, soft_dice_loss
@@ -160,21 +158,8 @@ class KnowSam(Method):
         # Mixing runs at iterations after this one (0-based), as the official ``iter_num > 12000``.
         self.mix_after = iterations_of(p.mixed_iterations, ctx.iterations)
         self.ramp_span = iterations_of(p.consistency_ramp_iterations, ctx.iterations)
-        self.timings: dict[str, float] | None = None  # set to {} to accumulate seconds per part of a step
 
     # --- pieces of a step -------------------------------------------------------------------
-    @contextmanager
-    def _timed(self, part: str) -> Iterator[None]:
-        if self.timings is None:
-            yield
-            return
-        sync = torch.cuda.synchronize if self.ctx.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        yield
-        sync()
-        self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
-
     # Outputs are cast to float32: under train.amp_bf16 the nets run in bfloat16, the losses in float32.
     def _students(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """U-Net and V-Net logits (float32)."""
@@ -184,28 +169,19 @@ class KnowSam(Method):
     def _fuse(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.nets["fusion"](u, v).float()
 
-    def _sam_logits(self, x: torch.Tensor, fused: torch.Tensor, n_grad: int, batch: Batch | None = None
-                    ) -> torch.Tensor:
-        """SAM's per-class logits; the encoder's graph covers only the first ``n_grad`` images.
+    def _sam_logits(self, batch: Batch, fused: torch.Tensor) -> torch.Tensor:
+        """SAM's per-class logits of ``batch.x``, with a graph only where L_sam (the labeled rows) needs one.
 
-        The decoder always runs on the whole batch at once, so the prompt heads' BatchNorm sees
-        the same batch statistics, and every output is the same, whatever ``n_grad`` is. Only
-        the gradient differs: through those statistics, L_sam (labeled rows) also reaches the
-        adapters via the unlabeled images, a path that encoding them without a graph drops.
+        The prompt heads always see the whole batch at once, so their BatchNorm sees the same
+        batch statistics and every output is the same whatever the graph covers. The mask
+        decoder couples no rows: the unlabeled rows are decoded without a graph (no output or
+        gradient changes). The encoder (adapters) encodes the unlabeled images without a graph
+        unless ``sam_full_graph``: through the heads' statistics, L_sam also reaches the encoder
+        adapters via the unlabeled images, the official path that this drops.
         """
-        sam = self.nets["sam"]
-        if sam.encoder_mode == "cached":  # a frozen encoder: its embeddings come with the batch
-            with self._timed("sam_decoder"):
-                return teacher_forward(sam, batch, fused.detach()).float()
-        with self._timed("sam_encoder"):
-            emb = sam.encode(x[:n_grad])
-            if n_grad < len(x):
-                with torch.no_grad():
-                    rest = sam.encode(x[n_grad:])
-                emb = torch.cat([emb, rest])
-        with self._timed("sam_decoder"):
-            logits = sam.decode(emb, fused.detach())
-        return logits.float()
+        n_l = batch.n_labeled
+        encoder_rows = len(batch.x) if self.p.sam_full_graph else n_l
+        return teacher_forward(self.nets["sam"], batch, fused.detach(), n_l, encoder_rows)
 
     def _kd(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if self.p.kd_entropy_form == "official-2class":
@@ -253,12 +229,11 @@ class KnowSam(Method):
     def _mixed_stage(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, fused: torch.Tensor, n_l: int,
                      w: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The whole network again on the uncertainty-mixed batch: (each student's loss, logged terms)."""
-        with self._timed("mixing"), torch.no_grad():
+        with torch.no_grad():
             xm, ym = uncertainty_mix(x, y, teacher.argmax(1), fused.detach().softmax(1), n_l, self.p.mix_grid,
                                      self.p.mix_patches)
-        with self._timed("sub_networks"):
-            um, vm = self._students(xm)
-            fm = self._fuse(um, vm)
+        um, vm = self._students(xm)
+        fm = self._fuse(um, vm)
         fused_labels = fm.detach().argmax(1)
         losses, logged = {}, {}
         for name, own, other in (("unet", um, vm), ("vnet", vm, um)):
@@ -276,10 +251,11 @@ class KnowSam(Method):
         """
         x, y, n_l = batch.x, batch.y_l, batch.n_labeled
         w = consistency_weight(step, self.ramp_span, self.p.consistency_weight, self.p.consistency_rampup)
-        with self._timed("sub_networks"):
+        with step_timing.part(step_timing.STUDENTS):
             u, v = self._students(x)
+        with step_timing.part(step_timing.FUSION):
             fused = self._fuse(u, v)
-        sam_logits = self._sam_logits(x, fused, len(x) if self.p.sam_full_graph else n_l, batch)
+        sam_logits = self._sam_logits(batch, fused)
         teacher = sam_logits.detach()
         logged: dict[str, torch.Tensor] = {}
         for name, own, other in (("unet", u, v), ("vnet", v, u)):
@@ -294,7 +270,8 @@ class KnowSam(Method):
         mixed = {f"{n}_mix_{k}": zero for n in STUDENTS for k in ("sup", "ent", "cons", "self")}
         mixed.update({"unet_mix": zero, "vnet_mix": zero, "fusion_mix": zero})
         if self.mixing_at(step) and len(batch.x_u):
-            students_mixed, terms = self._mixed_stage(x, y, teacher, fused, n_l, w)
+            with step_timing.part(step_timing.MIXED_STAGE):
+                students_mixed, terms = self._mixed_stage(x, y, teacher, fused, n_l, w)
             mixed.update(terms)
             mixed.update({f"{n}_mix": loss for n, loss in students_mixed.items()})
         logged.update(mixed)
@@ -312,10 +289,10 @@ class KnowSam(Method):
         # iteration t runs with lr (1 - (t - 1)/T), iteration 0 with lr.
         self.set_lr(max(step - 1, 0), power=1.0)
         terms = self.losses(batch, step)
-        # The two graphs are disjoint (SAM sees the fused logits detached; the networks see SAM's
-        # output detached), so one backward pass over their sum equals the official two separate updates.
-        with self._timed("update"):
-            self.update(terms["sam"] + terms["net"])
+        # The official two updates; the graphs are disjoint (SAM sees the fused logits detached, the
+        # networks see SAM's output detached), so their order does not matter.
+        self.update(terms["sam"], "sam", backward_part=step_timing.TEACHER_BACKWARD)
+        self.update(terms["net"], "nets")
         out = {k: v.detach().item() for k, v in terms.items()}
         out["loss"] = out["sam"] + out["net"]
         return out

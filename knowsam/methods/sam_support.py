@@ -31,8 +31,9 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     """SamTeacher for ``ctx``, loaded (or explicitly random), frozen except adapters/prompt heads, on ctx.device.
 
     Returns the teacher and its provenance: ``sam_arch``, ``sam_weights`` ("random-init" or
-    "<file name> sha256 <first 12 hex>"), ``sam_encoder`` (adapters or cached) and
-    ``sam_load_report`` (one line).
+    "<file name> sha256 <first 12 hex>"), ``sam_encoder`` (adapters or cached), ``sam_options``
+    (the options that change its numbers, in words; "" when none does) and ``sam_load_report``
+    (one line).
     """
     from knowsam.models.sam_checkpoint import load_sam_weights, resolve_checkpoint
     from knowsam.models.sam_teacher import SamTeacher
@@ -42,7 +43,8 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     with torch.random.fork_rng(devices=[]):  # seeded build; the run's global RNG stream is untouched
         torch.manual_seed(ctx.seed)
         teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels,
-                             encoder=s.encoder, decoder=s.decoder, load_decoder_mlp=s.load_decoder_mlp)
+                             encoder=s.encoder, decoder=s.decoder, load_decoder_mlp=s.load_decoder_mlp,
+                             prompt_grid=s.prompt_grid, bf16=s.amp_bf16)
     if path is None:
         weights, report = "random-init", f"random init (seed {ctx.seed}); no checkpoint loaded"
     else:
@@ -50,7 +52,22 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
         weights = f"{path.name} sha256 {_checkpoint_sha256(path, s.arch)[:12]}"
     # The constructor froze SAM; loading copies values only, so requires_grad is unchanged.
     teacher.to(ctx.device)
-    return teacher, {"sam_arch": s.arch, "sam_weights": weights, "sam_encoder": s.encoder, "sam_load_report": report}
+    return teacher, {"sam_arch": s.arch, "sam_weights": weights, "sam_encoder": s.encoder,
+                     "sam_options": options_note(teacher), "sam_load_report": report}
+
+
+def options_note(teacher: SamTeacher) -> str:
+    """The ``sam.`` options that make this teacher compute otherwise than at full precision on its own grid."""
+    from knowsam.models.sam_teacher import embedding_shape
+
+    grid = embedding_shape(teacher.arch, teacher.image_size)[-1]
+    notes = []
+    if teacher.prompt_grid < grid:
+        g = teacher.prompt_grid
+        notes.append(f"prompt heads on the {grid}x{grid} embedding pooled to {g}x{g}")
+    if teacher.bf16:
+        notes.append("bf16 autocast")
+    return ", ".join(notes)
 
 
 def _checkpoint_sha256(path: Path, arch: str) -> str:
@@ -65,23 +82,32 @@ def _checkpoint_sha256(path: Path, arch: str) -> str:
     return info.sha256 if info is not None and path.name == info.filename else sha256_file(path)
 
 
-def teacher_forward(teacher: SamTeacher, batch: Batch, dense_logits: torch.Tensor, rows: slice = slice(None)
-                    ) -> torch.Tensor:
-    """The teacher's per-class logits for ``batch.x[rows]``, in the frame of the augmented view.
+def teacher_forward(teacher: SamTeacher, batch: Batch, dense_logits: torch.Tensor, grad_rows: int | None = None,
+                    encoder_grad_rows: int | None = None) -> torch.Tensor:
+    """The teacher's per-class logits (float32) for ``batch.x``, in the frame of the augmented view.
 
-    ``adapters``: SAM encodes the augmented images. ``cached``: SAM decodes the cached embedding of
-    each un-augmented image; the dense prompt (predicted on the view) is first moved back to the
-    image's own frame, and the logits moved to the view's frame, by the geometry the augmentation
-    recorded. Photometric and cut-out changes of the view are not seen by a cached teacher.
+    ``adapters``: SAM encodes the augmented images, the first ``encoder_grad_rows`` (None: all) with
+    a graph, the rest without. ``cached``: SAM decodes the cached embedding of each un-augmented
+    image; the dense prompt (predicted on the view) is first moved back to the image's own frame,
+    and the logits moved to the view's frame, by the geometry the augmentation recorded.
+    Photometric and cut-out changes of the view are not seen by a cached teacher. ``grad_rows``:
+    the mask decoder keeps a graph for the first that many images only (``SamTeacher.decode``).
     """
     if teacher.encoder_mode == "adapters":
-        return teacher(batch.x[rows], dense_logits)
+        x = batch.x
+        n = len(x) if encoder_grad_rows is None else encoder_grad_rows
+        embeddings = teacher.encode(x[:n])
+        if n < len(x):
+            with torch.no_grad():
+                rest = teacher.encode(x[n:])
+            embeddings = torch.cat([embeddings, rest])  # outside no_grad: the first rows keep their graph
+        return teacher.decode(embeddings, dense_logits, grad_rows)
     if batch.teacher_embeddings is None or batch.geometry is None:
         raise KnowsamError("sam.encoder cached: this batch carries no cached embeddings "
                            "(the training stream reads them from the embed stage's output)")
-    geometry = batch.geometry[rows]
-    embeddings = batch.teacher_embeddings[rows].to(dense_logits.dtype)
-    return geometry.apply(teacher.decode(embeddings, geometry.invert(dense_logits.detach())))
+    embeddings = batch.teacher_embeddings.to(dense_logits.dtype)
+    dense = batch.geometry.invert(dense_logits.detach())
+    return batch.geometry.apply(teacher.decode(embeddings, dense, grad_rows))
 
 
 def sam_optimizer(teacher: SamTeacher, lr: float = 1e-4) -> torch.optim.Adam:

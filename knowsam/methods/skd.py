@@ -5,10 +5,11 @@ Per training step, before the baseline's own step:
 1. dense prompt = the baseline's main student (``X.main_student``) on ``batch.x``, in eval mode
    and without gradients, so the plug-in changes none of X's random draws or BatchNorm statistics;
 2. SAM (adapters + learnable prompts, see ``knowsam.methods.sam_support``) predicts every image
-   of the batch with the pre-update weights, decoding the whole batch at once as ``knowsam``
-   does, so the prompt heads' training-mode BatchNorm sees one batch as in the official code
-   (the image encoder's graph covers the labeled images only, as ``knowsam``'s default);
-   CE + Dice on the labeled part updates SAM's trainable tensors with Adam, lr decaying linearly;
+   of the batch with the pre-update weights, through the same teacher path as ``knowsam``: the
+   prompt heads see the whole batch at once, so their training-mode BatchNorm sees one batch as
+   in the official code, and the image encoder and the mask decoder keep a graph for the
+   labeled images only, the rows L_sam reads (as ``knowsam``'s default); CE + Dice on the
+   labeled part updates SAM's trainable tensors with Adam, lr decaying linearly;
 3. SAM's detached logits over ``batch.x`` are cached, and X's ``train_step`` runs unchanged: each
    time a student calls the ``student_extra_loss`` hook, the plug-in returns
    ``kd_weight * KD_T(student || SAM)`` over all its images.
@@ -24,8 +25,10 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from knowsam import step_timing
 from knowsam.data.batch import Batch
 from knowsam.errors import KnowsamError
 from knowsam.losses import kd_loss, soft_dice_loss
@@ -74,7 +77,8 @@ def with_skd(base: type[Method]) -> type[Method]:
             net = self.nets[base.main_student]
             net.eval()  # no dropout draws, no BatchNorm update: X's own step stays as without SKD
             try:
-                return net(x)
+                with step_timing.part(step_timing.DENSE_PROMPT):
+                    return net(x)
             finally:
                 net.train()
 
@@ -84,17 +88,11 @@ def with_skd(base: type[Method]) -> type[Method]:
                 group["lr"] = linear_decay(self.p.sam_lr, step, self.ctx.iterations)
             n_l = batch.n_labeled
             prompt = self._dense_prompt(batch.x)
-            if self.sam.encoder_mode == "cached":  # a frozen encoder: its embeddings come with the batch
-                logits = teacher_forward(self.sam, batch, prompt)
-            else:
-                embeddings = self.sam.encode(batch.x_l)
-                if len(batch.x_u):
-                    with torch.no_grad():  # L_sam covers the labeled images: no encoder graph for the rest
-                        embeddings = torch.cat([embeddings, self.sam.encode(batch.x_u)])
-                logits = self.sam.decode(embeddings, prompt)
+            # L_sam covers the labeled images: neither the encoder nor the decoder keeps a graph for the rest.
+            logits = teacher_forward(self.sam, batch, prompt, n_l, n_l)
             labeled = logits[:n_l]
             loss = F.cross_entropy(labeled, batch.y_l) + soft_dice_loss(labeled.softmax(1), batch.y_l)
-            self.update(loss, SAM_OPTIMIZER)
+            self.update(loss, SAM_OPTIMIZER, backward_part=step_timing.TEACHER_BACKWARD)
             self._sam_logits = logits.detach()  # computed before the update: one SAM for every image
             return loss.item()
 
@@ -104,6 +102,9 @@ def with_skd(base: type[Method]) -> type[Method]:
             kd = kd_loss(logits, self.align_to_update(student, self._sam_logits), self.p.kd_temperature)
             self._kd_terms.append(kd.item())
             return super().student_extra_loss(student, logits, batch) + self.p.kd_weight * kd
+
+        def speed_modules(self) -> list[nn.Module]:
+            return [*super().speed_modules(), self.sam]
 
         def train(self) -> None:
             super().train()

@@ -15,6 +15,14 @@ Built from ``segment_anything``'s own modules so that a SAM checkpoint loads by 
   (``load_decoder_mlp=True`` loads them);
 * the decoder runs once per class, every (image, class) pair in one batched call.
 
+Cheaper than a literal transcription, with the same outputs and gradients: each image's
+embedding is broadcast over its classes instead of copied K times; the decoder keeps a graph
+only for the rows a loss reads (``decode(..., grad_rows=n)``): it couples no rows, so the rows
+of the other images are decoded without one; SAM's convolution stacks (mask downscaling, output
+upscaling) run on channels-last maps with each ``LayerNorm2d`` as one ``layer_norm`` call. Two
+options change the maths (``sam.prompt_grid``: the grid the prompt heads see; ``sam.amp_bf16``:
+bfloat16 autocast in the teacher), both in docs/knowsam-options.md.
+
 Only the adapters and the prompt heads train; the rest of SAM is frozen. SAM's modules contain
 no dropout or batch norm (only LayerNorm), so train/eval mode does not change the frozen parts.
 
@@ -27,6 +35,7 @@ the prompt heads train.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -36,7 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from knowsam.config import SAM_DECODERS, SAM_ENCODERS
+from knowsam import step_timing
+from knowsam.config import SAM_DECODERS, SAM_ENCODERS, SamParams
 from knowsam.errors import ConfigError
 from knowsam.models import lite_medsam
 from knowsam.models.adapter import Adapter
@@ -72,6 +82,7 @@ def _defer_segment_anything_init() -> None:
 
 _defer_segment_anything_init()
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer  # noqa: E402
+from segment_anything.modeling.common import LayerNorm2d  # noqa: E402
 from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition  # noqa: E402
 
 from knowsam.models.adapted_decoder import AdaptedTwoWayTransformer  # noqa: E402
@@ -271,17 +282,37 @@ class ClassPromptHead(nn.Sequential):
         )
 
 
+def channels_last_stack(stack: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """SAM's convolution stack ``stack`` on ``x`` with the same values, fewer passes over memory.
+
+    Each ``LayerNorm2d`` (written by SAM as mean, subtraction, power, mean, square root, division,
+    scale and shift: a pass over the map each) runs as one ``layer_norm`` over the channels of a
+    channels-last view, and the maps stay channels-last for the convolutions around it.
+    """
+    for layer in stack:
+        if isinstance(layer, LayerNorm2d):
+            x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], layer.weight, layer.bias, layer.eps)
+            x = x.permute(0, 3, 1, 2)
+        else:
+            x = layer(x)
+    return x
+
+
 class SamTeacher(nn.Module):
     """SAM teacher producing per-class logits (B, K, H, W) at ``image_size``.
 
     Input images are in [0, 1], shape (B, in_channels, image_size, image_size); grey images are
     repeated to RGB. ``normalize_pixels=True`` applies SAM's pixel mean/std on the 0-255 scale;
     the official KnowSAM code feeds [0, 1] inputs unnormalised, hence the default False.
+    ``prompt_grid``: the prompt heads see the embedding average-pooled to at most that many
+    tokens a side (``"full"``: its own grid). ``bf16``: bfloat16 autocast around decoding (and
+    encoding, with encoder adapters; a cached encoder's embeddings are the embed stage's).
     """
 
     def __init__(
         self, arch: str, image_size: int, num_classes: int, in_channels: int = 3, normalize_pixels: bool = False,
         encoder: str = "adapters", decoder: str = "adapted", load_decoder_mlp: bool = False,
+        prompt_grid: int | str = SamParams.prompt_grid, bf16: bool = False,
     ):
         super().__init__()
         if in_channels not in (1, 3):
@@ -317,6 +348,9 @@ class SamTeacher(nn.Module):
         )
         dim = self.mask_decoder.transformer_dim
         self.prompt_heads = nn.ModuleList(ClassPromptHead(dim) for _ in range(num_classes))
+        grid = embedding_shape(arch, image_size)[-1]
+        self.prompt_grid = grid if prompt_grid == "full" else min(grid, prompt_grid)
+        self.bf16 = bf16
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()
@@ -347,6 +381,18 @@ class SamTeacher(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def compile(self, *args, **kwargs) -> None:
+        """``train.compile``: compile, in place, what a training step runs (a step never calls ``forward``):
+        the mask decoding and, with encoder adapters, the image encoder. Checkpoint keys stay those
+        of the plain modules. The prompt heads stay eager: compiled, their dropout would draw other
+        masks than eager's from the same seed, and on the prompt grid they are a small part."""
+        if self.encoder_mode == "adapters":
+            self.image_encoder.compile(*args, **kwargs)
+        self._predict_masks = torch.compile(self._predict_masks, *args, **kwargs)
+
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, in_channels, S, S) in [0, 1] -> image embeddings (B, prompt_dim, E, E).
 
@@ -361,28 +407,50 @@ class SamTeacher(nn.Module):
             x = (x * 255.0 - self.pixel_mean) / self.pixel_std
         if self.encoder_size != self.image_size:
             x = F.interpolate(x, size=(self.encoder_size, self.encoder_size), mode="bilinear", align_corners=False)
-        return self.image_encoder(x)
+        # A cached encoder runs only in the embed stage, whose own setting (train.amp_bf16) is part of the cache.
+        bf16 = self._autocast(x.device) if self.encoder_mode == "adapters" else contextlib.nullcontext()
+        with step_timing.part(step_timing.TEACHER_ENCODER), bf16:
+            return self.image_encoder(x)
 
-    def decode(self, embeddings: torch.Tensor, dense_logits: torch.Tensor) -> torch.Tensor:
-        """Per-class SAM logits (B, K, S, S) from image embeddings and dense logit prompts (B, K, h, w).
+    def prompts(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The learnable sparse prompts (B, K, 2, C): each class's head on the embedding pooled to the prompt grid."""
+        with step_timing.part(step_timing.PROMPT_HEADS), self._autocast(embeddings.device):
+            if embeddings.shape[-1] > self.prompt_grid:
+                embeddings = F.adaptive_avg_pool2d(embeddings, self.prompt_grid)
+            return torch.stack([head(embeddings) for head in self.prompt_heads], dim=1)
+
+    def decode(self, embeddings: torch.Tensor, dense_logits: torch.Tensor, grad_rows: int | None = None
+               ) -> torch.Tensor:
+        """Per-class SAM logits (B, K, S, S), float32, from image embeddings and dense logit prompts (B, K, h, w).
 
         ``dense_logits`` is detached here as well: the dense prompt must never pass SAM's loss
-        back into the sub-networks that produced it.
+        back into the sub-networks that produced it. ``grad_rows``: only the first that many
+        images keep a graph through the mask decoder (None: all). The decoder couples no rows
+        (the prompt heads' BatchNorm does, and they always see the whole batch), so this changes
+        no output and no gradient of a loss that reads those rows only.
         """
         b, k = embeddings.shape[0], self.num_classes
         if dense_logits.ndim != 4 or dense_logits.shape[:2] != (b, k):
             raise ValueError(f"dense prompt must be (B={b}, K={k}, h, w), got {tuple(dense_logits.shape)}")
-        sparse = torch.stack([head(embeddings) for head in self.prompt_heads], dim=1)  # (B, K, 2, C)
-        masks = F.interpolate(
-            dense_logits.detach().to(embeddings.dtype),
-            size=self.prompt_encoder.mask_input_size,
-            mode="bilinear",
-            align_corners=False,
-        )
-        dense = self.prompt_encoder.mask_downscaling(masks.reshape(b * k, 1, *masks.shape[-2:]))  # (B*K, C, E, E)
-        low_res = self._predict_masks(embeddings, sparse.flatten(0, 1), dense)  # (B*K, 4E, 4E)
-        low_res = low_res.view(b, k, *low_res.shape[-2:])
-        return F.interpolate(low_res, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        sparse = self.prompts(embeddings)
+        with step_timing.part(step_timing.DECODER), self._autocast(embeddings.device):
+            masks = F.interpolate(
+                dense_logits.detach().to(embeddings.dtype),
+                size=self.prompt_encoder.mask_input_size,
+                mode="bilinear",
+                align_corners=False,
+            )
+            masks = masks.reshape(b * k, 1, *masks.shape[-2:])
+            dense = channels_last_stack(self.prompt_encoder.mask_downscaling, masks)  # (B*K, C, E, E)
+            g = b if grad_rows is None else grad_rows
+            low_res = self._predict_masks(embeddings[:g], sparse[:g].flatten(0, 1), dense[:g * k])
+            if g < b:
+                with torch.no_grad():
+                    rest = self._predict_masks(embeddings[g:], sparse[g:].flatten(0, 1), dense[g * k:])
+                low_res = torch.cat([low_res, rest])
+            low_res = low_res.view(b, k, *low_res.shape[-2:])
+            size = (self.image_size, self.image_size)
+            return F.interpolate(low_res, size=size, mode="bilinear", align_corners=False).float()
 
     def forward(self, x: torch.Tensor, dense_logits: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), dense_logits)
@@ -393,26 +461,32 @@ class SamTeacher(nn.Module):
         ``boxes`` (N, 4) are (x0, y0, x1, y1) in the encoder's input pixels, box n on image
         ``rows[n]`` of ``embeddings``; returns logits (N, S_enc, S_enc) at the encoder's input size.
         """
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.to(embeddings.dtype), masks=None)
-        low_res = self._predict_masks(embeddings[rows], sparse, dense)
-        size = (self.encoder_size, self.encoder_size)
-        return F.interpolate(low_res[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        with self._autocast(embeddings.device):
+            sparse, dense = self.prompt_encoder(points=None, boxes=boxes.to(embeddings.dtype), masks=None)
+            low_res = self._predict_masks(embeddings[rows], sparse, dense)
+            size = (self.encoder_size, self.encoder_size)
+            return F.interpolate(low_res[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].float()
 
     def _predict_masks(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """SAM's single-mask prediction for N = B*K prompts over B images, in one decoder call.
 
         ``MaskDecoder.predict_masks`` repeats the image embedding once per prompt assuming a single
-        image; here image b is repeated K times so that row b*K + k pairs image b with class k.
-        Output is mask token 0, as SAM's ``multimask_output=False``.
+        image; here row b*K + k pairs image b with class k, the embedding broadcast over the K
+        classes as it is added to the dense prompt (no repeated copy), every map channels-last so
+        that the transformer's tokens and the upscaling's input are views, not copies. Output is
+        mask token 0, as SAM's ``multimask_output=False``.
         """
         dec = self.mask_decoder
-        n, c, e = dense.shape[0], embeddings.shape[1], embeddings.shape[-1]
+        n, (b, c, e) = dense.shape[0], embeddings.shape[:3]
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
-        src = embeddings.repeat_interleave(n // embeddings.shape[0], dim=0) + dense
-        pos = self.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
+        # Channels-last maps: the transformer's (N, E*E, C) token views of them are then plain views.
+        cl = torch.channels_last
+        src = (embeddings.contiguous(memory_format=cl).unsqueeze(1) + dense.reshape(b, n // b, c, e, e)).flatten(0, 1)
+        pos = self.prompt_encoder.get_dense_pe().contiguous(memory_format=cl).expand(n, -1, -1, -1)
         hs, src = dec.transformer(src, pos, tokens)
         mask_token = hs[:, 1, :]  # index 0 is the IoU token
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(n, c, e, e))  # (N, C/8, 4E, 4E)
+        image = src.reshape(n, e, e, c).permute(0, 3, 1, 2)  # the tokens as a channels-last map: no copy
+        upscaled = channels_last_stack(dec.output_upscaling, image)  # (N, C/8, 4E, 4E)
         hyper = dec.output_hypernetworks_mlps[0](mask_token)  # (N, C/8)
         return torch.einsum("nc,nchw->nhw", hyper, upscaled)

@@ -172,9 +172,10 @@ def _sam_note(long: pd.DataFrame) -> str:
     if plain.empty:
         return "SAM teacher: no evaluated run uses one."
     encoder = plain.sam_encoder if "sam_encoder" in plain else pd.Series("", index=plain.index)
+    options = plain.sam_options if "sam_options" in plain else pd.Series("", index=plain.index)
     teachers = {}
-    for method, arch, weights, mode in zip(plain.method, plain.sam_arch, plain.sam_weights, encoder):
-        how = ENCODER_NOTES.get(mode, "")
+    for method, arch, weights, mode, option in zip(plain.method, plain.sam_arch, plain.sam_weights, encoder, options):
+        how = ", ".join(note for note in (ENCODER_NOTES.get(mode, ""), option) if note)
         teachers.setdefault(f"`{arch}` {weights}" + (f", {how}" if how else ""), set()).add(method)
     random_init = sorted(set(plain.method[plain.sam_weights == "random-init"]))
     lines = []

@@ -161,7 +161,7 @@ def load_summaries(params: Params, runs: list[RunId], eval_root: str | Path = "d
         common = {"dataset": run.dataset, "method": run.method, "ratio": run.ratio, "seed": run.seed,
                   "stale": reason is not None, "resolution": summary.get("evaluation_resolution", ""),
                   "sam_arch": provenance.get("sam_arch", ""), "sam_weights": provenance.get("sam_weights", ""),
-                  "sam_encoder": provenance.get("sam_encoder", "")}
+                  "sam_encoder": provenance.get("sam_encoder", ""), "sam_options": provenance.get("sam_options", "")}
         outputs = {"": summary["test_sets"], **summary.get("variants", {})}
         for variant, test_sets in outputs.items():
             for test_set, metrics in test_sets.items():
