@@ -173,3 +173,30 @@ def test_score_interrupted(tmp_path, sig, group):
     wait_for(lambda: calls(ws) >= 1, proc, "scoring")
     stop(proc, sig, group)
     assert not (ws / "table.csv").exists() and not list(ws.glob(".table.csv.*"))
+
+
+FAILING_POOLS = """
+import sys
+from knowsam.cli import _stop_on_signals
+from knowsam.data.workers import map_in_workers
+
+def fail_at_once(job):
+    raise ValueError(job)
+
+with _stop_on_signals():
+    for _ in range({rounds}):
+        try:
+            map_in_workers(fail_at_once, list(range(8)), workers=4, chunksize=1)
+        except ValueError:
+            pass
+print("finished")
+"""
+
+
+def test_a_pool_whose_first_job_fails_is_torn_down_every_time():
+    """The pool terminates workers forked microseconds earlier; a SIGTERM that reached a worker
+    before CPython's after-fork reset was dropped and the worker waited on the queue for ever
+    (the command hung; unblocked workers hung within 300 rounds, usually far fewer)."""
+    done = subprocess.run([sys.executable, "-c", FAILING_POOLS.format(rounds=300)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "finished", done.stderr[-2000:]
