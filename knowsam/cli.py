@@ -394,6 +394,112 @@ def _profile_table(breakdown: dict, params):
     return table
 
 
+publication_app = typer.Typer(
+    help="A publication folder whose results accumulate in Git run by run, across machines: its params.yaml "
+         "(the matrix) and runs/ (each evaluated run's results). See docs/publications.md.",
+    no_args_is_help=True)
+app.add_typer(publication_app, name="publication")
+FOLDER_ARGUMENT = typer.Argument(..., help="The publication folder, e.g. reports/published/cpu-ranked.")
+STATE_STYLES = {"done": "green", "missing": "red", "stale": "yellow"}
+
+
+@publication_app.command("status")
+def publication_status(folder: Path = FOLDER_ARGUMENT,
+                       as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """The publication's matrix: each run done, missing or stale (with the reason), and what is left."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from knowsam.plan import duration
+    from knowsam.report.publication import STATES, Publication, recorded_seconds, status
+    from knowsam.report.results import ratio_label
+
+    pub = Publication(folder)
+    params = pub.params()
+    states = status(pub, params)
+    known = recorded_seconds(states)
+    todo = [s.run for s in states if s.state != "done"]
+    estimate = sum(known.get((r.dataset, r.method), 0.0) for r in todo)
+    unknown = sum((r.dataset, r.method) not in known for r in todo)
+    counts = {state: sum(s.state == state for s in states) for state in STATES}
+    if as_json:
+        typer.echo(json.dumps({"folder": str(folder), "runs": [s.to_dict() for s in states], "counts": counts,
+                               "todo_seconds_recorded": round(estimate, 1), "todo_without_record": unknown}))
+        return
+    console = Console()
+    for dataset in params.datasets:
+        for ratio in params.ratios:
+            table = Table(title=f"{folder}: {dataset}, {ratio_label(ratio)} labeled")
+            for header in ("Method", "Done", *(f"seed {s}" for s in params.seeds)):
+                table.add_column(header, justify="left" if header == "Method" else "right")
+            for method in params.methods:
+                row = [s for s in states if (s.run.dataset, s.run.ratio, s.run.method) == (dataset, ratio, method)]
+                table.add_row(method, f"{sum(s.state == 'done' for s in row)}/{len(row)}",
+                              *(f"[{STATE_STYLES[s.state]}]{s.state}[/]" for s in row))
+            console.print(table)
+    for s in states:
+        if s.state == "stale":
+            console.print(f"stale: {s.run.stage_name} ({s.reason})", soft_wrap=True, highlight=False)
+    line = f"{counts['done']} of {len(states)} runs done, {counts['missing']} missing, {counts['stale']} stale"
+    if todo:
+        cost = "no done run of their dataset and method to time them by"
+        if estimate:
+            cost = f"about {duration(estimate)} at the done runs' wall times" + (
+                f", {unknown} of them not counted: no done run of their dataset and method" if unknown else "")
+        line += f"; make them with `knowsam-bench publication run {folder}` ({cost})"
+    console.print(line + ".", soft_wrap=True, highlight=False)
+
+
+@publication_app.command("run")
+def publication_run(folder: Path = FOLDER_ARGUMENT,
+                    jobs: int = typer.Option(1, "--jobs", help="Runs side by side (on a CPU: two 1-thread runs "
+                                             "make more progress than one 2-thread run)."),
+                    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per run (default: "
+                                                          "train.threads for one job, 1 for several)."),
+                    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Start no run that its "
+                                                                "estimate says would end after this many minutes "
+                                                                "from now."),
+                    commit: bool = typer.Option(False, "--commit", help="git commit each run's results alone as "
+                                                "soon as they are stored."),
+                    methods: Optional[str] = typer.Option(None, "--methods", help="Only these methods "
+                                                          "(comma-separated), e.g. the key ones first."),
+                    restart_stale: bool = typer.Option(False, help="Discard a run folder of another configuration "
+                                                       "in data/runs instead of failing that run.")) -> None:
+    """Train and evaluate the publication's missing and stale runs, storing each run's results once evaluated."""
+    from knowsam.plan import duration
+    from knowsam.report.compare import parse_methods
+    from knowsam.run_missing import run_missing
+
+    outcome = run_missing(folder, jobs=jobs, threads=threads, max_minutes=max_minutes, commit=commit,
+                          restart_stale=restart_stale, methods=parse_methods(methods) if methods else None,
+                          echo=typer.echo)
+    if outcome.not_started:
+        typer.echo(f"not started, would end after {max_minutes:g} min: "
+                   + ", ".join(f"{run.stage_name} (about {duration(seconds)})" for run, seconds in outcome.not_started))
+    if outcome.todo:
+        typer.echo(f"stored {len(outcome.stored)} of {len(outcome.todo)} run(s)"
+                   + (" and committed each" if commit else f"; commit {folder}/runs to keep them") + "; then "
+                   f"`knowsam-bench publication build {folder}`")
+    if outcome.failed:
+        raise KnowsamError(f"{len(outcome.failed)} run(s) failed: "
+                           + "; ".join(f"{run.stage_name} ({why})" for run, why in outcome.failed))
+
+
+@publication_app.command("build")
+def publication_build(folder: Path = FOLDER_ARGUMENT,
+                      methods: list[str] = typer.Option(["ucmt,knowsam"], "--compare", help="Methods of one "
+                                                        "comparison, first = baseline (repeatable)."),
+                      allow_stale: bool = ALLOW_STALE_OPTION) -> None:
+    """Build the publication's report/ (leaderboard, figures, comparisons, status README) from its folder alone."""
+    from knowsam.report.compare import parse_methods
+    from knowsam.report.publication import Publication
+    from knowsam.report.publication_build import build
+
+    typer.echo(f"wrote {build(Publication(folder), [parse_methods(m) for m in methods], allow_stale=allow_stale)}")
+
+
 @app.command()
 def bench(quick: bool = typer.Option(False, "--quick", help="Seconds instead of minutes: reduced sizes (for tests)."),
           out: Path = typer.Option(Path("reports/benchmarks.md"), help="Markdown report to write (a new file, or "

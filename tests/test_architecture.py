@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runs", ("knowsam.runs", "knowsam.validation", "knowsam.train", "knowsam.evaluate", "knowsam.describe",
               "knowsam.embed", "knowsam.teacher_check", "knowsam.summaries")),
     ("reports", ("knowsam.report",)),
-    ("entry points", ("knowsam.cli", "knowsam.bench", "knowsam.plan", "knowsam.__main__")),
+    ("entry points", ("knowsam.cli", "knowsam.bench", "knowsam.plan", "knowsam.run_missing", "knowsam.__main__")),
 ]
 
 

@@ -64,13 +64,19 @@ class Comparison:
     methods: list[str]
     rows: list[CompareRow]
     stale_runs: list[str] = dataclasses.field(default_factory=list)  # "<run> (<reason>)", shown by --allow-stale
+    left_out: list[str] = dataclasses.field(default_factory=list)  # "<run> (<reason>)", not in the numbers (incomplete)
 
     def to_dict(self) -> dict:
         return {"metric": "mDice", "unit": "percent", "baseline": self.baseline, "methods": self.methods,
-                "pairing": PAIRING, "rows": [dataclasses.asdict(r) for r in self.rows], "stale_runs": self.stale_runs}
+                "pairing": PAIRING, "rows": [dataclasses.asdict(r) for r in self.rows], "stale_runs": self.stale_runs,
+                "left_out": self.left_out}
 
     def stale_note(self) -> str | None:
         return f"{STALE_MARK} {STALE_NOTE}: {', '.join(self.stale_runs)}." if self.stale_runs else None
+
+    def incomplete_note(self) -> str | None:
+        return (f"Incomplete: {len(self.left_out)} run(s) of the comparison are not in these numbers (the Seeds column "
+                f"shows what each row holds): {', '.join(self.left_out)}." if self.left_out else None)
 
     def groups(self) -> dict[tuple[str, float], list[CompareRow]]:
         out: dict[tuple[str, float], list[CompareRow]] = {}
@@ -133,30 +139,36 @@ def _check_selection(params: Params, methods: list[str], dataset: str | None, ra
 
 def compare(params: Params, methods: list[str], dataset: str | None = None, ratio: float | None = None,
             eval_root: str | Path = "data/eval", *, allow_stale: bool = False,
-            runs_root: str | Path = "data/runs") -> Comparison:
+            runs_root: str | Path | None = "data/runs", incomplete: bool = False) -> Comparison:
     """Compare ``methods`` (the first is the baseline) on every selected dataset x ratio of the params.
 
     Every run of the selection (all seeds) must be evaluated under the current params and code;
     otherwise a KnowsamError (exit 1) names each run with the reason, and the ``dvc repro`` command
     that makes them. ``allow_stale`` compares runs scored under other params or code, marked.
+    ``incomplete`` compares the runs there are instead (a publication still accumulating): each method
+    with the seeds it has, a dataset x ratio only where every method has one; ``left_out`` names the others.
     """
     ratios = _check_selection(params, methods, dataset, ratio)
     datasets = [dataset] if dataset is not None else list(params.datasets)
     runs = [RunId(m, d, r, s) for d in datasets for r in ratios for m in methods for s in params.seeds]
     results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale, per_case=True)
-    if results.left_out:
+    if results.left_out and not incomplete:
         raise KnowsamError(f"runs not evaluated under the current params and code: {repro_hint(results.left_out)}", 1)
     long = results.table[results.table.variant == ""]
     rows: list[CompareRow] = []
     for d in datasets:
         for r in ratios:
-            cases = {m: _case_dice([RunId(m, d, r, s) for s in params.seeds], eval_root, results.summaries)
+            found = {m: [run for s in params.seeds if (run := RunId(m, d, r, s)) in results.summaries]
                      for m in methods}
+            if not all(found.values()):  # a method without any run here: nothing to pair (left_out names it)
+                continue
+            cases = {m: _case_dice(found[m], eval_root, results.summaries) for m in methods}
             here = long[(long.dataset == d) & (long.ratio == r)]
             for test_set in test_set_order(d, here.test_set):
                 rows += _test_set_rows(here[here.test_set == test_set], cases, d, r, test_set, methods)
     return Comparison(baseline=methods[0], methods=list(methods), rows=rows,
-                      stale_runs=[str(item) for item in results.stale])
+                      stale_runs=[str(item) for item in results.stale],
+                      left_out=[str(item) for item in results.left_out])
 
 
 def _test_set_rows(summaries: pd.DataFrame, cases: dict[str, pd.Series], dataset: str, ratio: float,
@@ -204,8 +216,9 @@ def render_markdown(result: Comparison) -> str:
     for (dataset, ratio), rows in result.groups().items():
         lines += [f"### {dataset}, {ratio_label(ratio)} labeled", "", "| " + " | ".join(headers) + " |",
                   "|" + "---|" * len(headers), *("| " + " | ".join(_texts(r)) + " |" for r in rows), ""]
-    if result.stale_note():
-        lines += [result.stale_note(), ""]
+    for note in (result.stale_note(), result.incomplete_note()):
+        if note:
+            lines += [note, ""]
     lines.append(f"Pairing: {PAIRING}. mDice = mean of per-image (per-volume) Dice.")
     return "\n".join(lines) + "\n"
 

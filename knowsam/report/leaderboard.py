@@ -218,7 +218,8 @@ def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]
     return [f"- {n}" for n in notes]
 
 
-def render(params: Params, results: Results, agg: pd.DataFrame, total: int, figure_lines: list[str]) -> str:
+def render(params: Params, results: Results, agg: pd.DataFrame, total: int, figure_lines: list[str],
+           produce: str | None = None) -> str:
     book = reference.load()
     lines = [f"# Leaderboard (profile `{params.profile}`)", ""]
     with_paper = False
@@ -240,7 +241,7 @@ def render(params: Params, results: Results, agg: pd.DataFrame, total: int, figu
     lines += ["## Notes", "", *footnotes(params, results.table, with_paper), "", "## Runs left out", ""]
     if results.left_out:
         lines.append(f"{len(results.left_out)} of {total} runs have no current metrics and are not shown: "
-                     f"{repro_hint(results.left_out)}.")
+                     f"{repro_hint(results.left_out, produce)}.")
     elif not results.stale:
         lines.append(f"None: all {total} runs of the params matrix are evaluated under the current params and code.")
     if results.stale:
@@ -252,16 +253,18 @@ def render(params: Params, results: Results, agg: pd.DataFrame, total: int, figu
 
 def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root: str | Path = "data/eval", *,
                       overlays: bool = True, allow_stale: bool = False,
-                      runs_root: str | Path = "data/runs") -> tuple[Path, Results]:
+                      runs_root: str | Path | None = "data/runs",
+                      produce: str | None = None) -> tuple[Path, Results]:
     """Write ``leaderboard.md``/``.csv`` and ``figures/`` (bar chart, training curves and overlays per
     dataset); returns the .md path and what was shown and left out (``results.load_summaries``).
 
     Figures sit in one folder so the pipeline can declare them as a single output whatever
     the dataset list. ``overlays=False`` leaves out the overlays, which show dataset images.
-    Runs of other params or code are left out (named under "Runs left out"); ``allow_stale``
-    shows them, marked. An existing file of these names is replaced only if the leaderboard wrote
-    it there and it is unchanged since (``out_dir``'s record, ``fileio.claim_files``); anything
-    else is refused first.
+    Runs of other params or code are left out (named under "Runs left out", with ``produce``, the command
+    that makes them: by default their ``dvc repro`` stages); ``allow_stale`` shows them, marked.
+    ``runs_root`` None: results alone (``results.load_summaries``). An existing file of these names is
+    replaced only if the leaderboard wrote it there and it is unchanged since (``out_dir``'s record,
+    ``fileio.claim_files``); anything else is refused first.
     """
     out_dir = Path(out_dir)
     names = ["leaderboard.md", "leaderboard.csv", "figures/leaderboard.png",
@@ -273,9 +276,9 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     runs = matrix(params)
     results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale)
     if results.table.empty:
-        left = f" ({repro_hint(results.left_out)})" if results.left_out else ""
+        left = f" ({repro_hint(results.left_out, produce)})" if results.left_out else ""
         raise KnowsamError(f"{eval_root}: no evaluated run of the params matrix under the current params and "
-                           f"code{left}; run `dvc repro` first")
+                           f"code{left}; run `{produce or 'dvc repro'}` first")
     shown = results.shown
     agg = aggregate(results.table)
     figures.bar_chart(agg, out_dir / "figures/leaderboard.png")
@@ -293,7 +296,7 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
         else:
             figure_lines += [f"{name}: not drawn, {Path(params.data.prepared_root) / dataset} is missing.", ""]
     path = out_dir / "leaderboard.md"
-    fileio.write_text(path, render(params, results, agg, len(runs), figure_lines[:-1]))
+    fileio.write_text(path, render(params, results, agg, len(runs), figure_lines[:-1], produce))
     columns = ["dataset", "method", "variant", "label", "ratio", "test_set", "metric", "unit", "mean", "std", "n",
                "stale", "best", "paper", "diff_vs_paper"]
     fileio.write_text(out_dir / "leaderboard.csv", agg[columns].to_csv(index=False, float_format="%.4f"))

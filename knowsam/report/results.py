@@ -90,15 +90,17 @@ class Results:
         return {run: run in stale for run in self.summaries}
 
 
+MISSING = "missing"  # a run without results where only results are read (``load_summaries`` without run folders)
 STALE_MARK = "†"
 STALE_NOTE = ("scored under other params or code than the params file's (or a training since replaced); "
               "these numbers do not stand for the current params")
 
 
-def repro_hint(left_out: list[LeftOut]) -> str:
-    """Names the runs and why, and the one command that produces them (their groups' evaluate stages)."""
+def repro_hint(left_out: list[LeftOut], produce: str | None = None) -> str:
+    """Names the runs and why, and the one command that produces them: ``produce``, by default their groups'
+    evaluate stages (``dvc repro evaluate@...``)."""
     stages = " ".join(dict.fromkeys(f"evaluate@{item.run.group_stage_name}" for item in left_out))
-    hint = f"{', '.join(map(str, left_out))}; produce them with `dvc repro {stages}`"
+    hint = f"{', '.join(map(str, left_out))}; produce them with `{produce or f'dvc repro {stages}'}`"
     if all(item.scored for item in left_out):
         hint += " (--allow-stale shows them, marked as stale)"
     return hint
@@ -126,7 +128,7 @@ def _why_not_scored(params: Params, run: RunId, runs_root: str | Path, current_h
 
 
 def load_summaries(params: Params, runs: list[RunId], eval_root: str | Path = "data/eval",
-                   runs_root: str | Path = "data/runs", *, allow_stale: bool = False,
+                   runs_root: str | Path | None = "data/runs", *, allow_stale: bool = False,
                    per_case: bool = False) -> Results:
     """The summaries of ``runs`` as a long table (one row per run x variant x test set), and the runs left out.
 
@@ -134,6 +136,8 @@ def load_summaries(params: Params, runs: list[RunId], eval_root: str | Path = "d
     scored other params or code than ``params`` and the code here, or when its run folder now holds
     another training than the one scored (restarted since). ``allow_stale`` shows the runs that have a
     summary anyway, flagged ``stale``. A damaged summary is a KnowsamError naming the file.
+    ``runs_root`` None reads results alone (a publication's ``runs/``): no run folder is consulted, and a
+    run without a summary is ``missing``, so the outcome depends on the results and the code only.
 
     ``variant`` is "" for the method's reported output. Provenance (SAM weights) and the
     evaluation resolution are copied onto every row so footnotes can be built from the table.
@@ -144,12 +148,12 @@ def load_summaries(params: Params, runs: list[RunId], eval_root: str | Path = "d
         summary = read_summary(run, eval_root)
         current = identity(params, run)
         if summary is None or (per_case and not (run.eval_dir(eval_root) / "per_case.csv").is_file()):
-            reason = "not evaluated" if summary is not None else _why_not_scored(
-                params, run, runs_root, current["config_hash"])
+            reason = "not evaluated" if summary is not None else (
+                MISSING if runs_root is None else _why_not_scored(params, run, runs_root, current["config_hash"]))
             out.left_out.append(LeftOut(run, reason, scored=False))
             continue
         reason = stale_reason(summary, current)
-        folder = _run_folder_hash(run, runs_root)
+        folder = None if runs_root is None else _run_folder_hash(run, runs_root)
         if reason is None and folder is not None and folder != current["config_hash"]:
             reason = "retrained since scored"
         if reason is not None:
