@@ -24,8 +24,6 @@ from knowsam.methods import MethodContext, get_method
 from knowsam.methods.registry import method_params
 from knowsam.train import apply_speed_options, batch_layout, keep_freed_memory, step_context
 
-PARTS = tuple(p for p in step_timing.PARTS if p != step_timing.DENSE_PROMPT)  # KnowSAM's own
-
 
 def step_in_context(method, batch: Batch, step: int, train: TrainParams) -> None:
     """One training step as the loop runs it (autocast if train.amp_bf16)."""
@@ -91,20 +89,21 @@ def main() -> None:
         assert method.mixing_at(step) == (phase == "after mixing")
         for _ in range(a.warmup):
             step_in_context(method, batch, step, train)
-        totals, parts = [], {p: [] for p in PARTS}
+        totals, parts = [], {p: [] for p in step_timing.PARTS}
         for _ in range(a.steps):
             with step_timing.recording() as timings:
                 start = time.perf_counter()
                 step_in_context(method, batch, step, train)
                 totals.append(time.perf_counter() - start)
-            for p in PARTS:
+            for p in step_timing.PARTS:
                 parts[p].append(timings.get(p, 0.0))
         flops = ""
         if a.flops:
             with FlopCounterMode(display=False) as counter:
                 step_in_context(method, batch, step, train)
             flops = f"; {counter.get_total_flops() / 1e9:.0f} GFLOP/step"
-        parts["other (losses, bookkeeping)"] = [t - sum(parts[p][i] for p in PARTS) for i, t in enumerate(totals)]
+        parts["other (losses, bookkeeping)"] = [t - sum(parts[p][i] for p in step_timing.PARTS)
+                                                for i, t in enumerate(totals)]
         breakdown = ", ".join(f"{p} {statistics.median(v):.2f}" for p, v in parts.items())
         print(f"{phase}: median {statistics.median(totals):.2f} s/step over {a.steps} "
               f"(min {min(totals):.2f}, max {max(totals):.2f}){flops}; {breakdown}")

@@ -18,15 +18,14 @@ import torch
 STUDENTS = "students"  # KnowSAM's U-Net and V-Net forward on the batch
 FUSION = "fusion"  # KnowSAM's fusion module forward
 MIXED_STAGE = "mixed stage"  # KnowSAM's uncertainty mixing and its second pass of every network
-DENSE_PROMPT = "dense prompt"  # X+skd: X's main student predicting SAM's dense prompt
 TEACHER_ENCODER = "teacher encoder"  # the SAM image encoder (encoder adapters; a cached encoder never runs)
 PROMPT_HEADS = "prompt heads"  # the learnable prompt heads (forward)
 DECODER = "decoder forward"  # dense-prompt embedding, mask decoder and logits (forward)
 TEACHER_BACKWARD = "teacher backward"  # backward of L_sam through the teacher
 STUDENTS_BACKWARD = "students backward"  # every other backward
 UPDATES = "optimiser updates"  # every optimiser step
-PARTS = (STUDENTS, FUSION, MIXED_STAGE, DENSE_PROMPT, TEACHER_ENCODER, PROMPT_HEADS, DECODER, TEACHER_BACKWARD,
-         STUDENTS_BACKWARD, UPDATES)
+PARTS = (STUDENTS, FUSION, MIXED_STAGE, TEACHER_ENCODER, PROMPT_HEADS, DECODER, TEACHER_BACKWARD, STUDENTS_BACKWARD,
+         UPDATES)
 TEACHER_PARTS = (TEACHER_ENCODER, PROMPT_HEADS, DECODER, TEACHER_BACKWARD)
 
 _totals: dict[str, float] | None = None

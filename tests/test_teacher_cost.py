@@ -286,7 +286,7 @@ def test_plan_profile_breaks_steps_into_parts_beside_labeled_only(demo_prepared,
         assert row["vs_reference"] == pytest.approx(row["step_s"] / rows["labeled-only"]["step_s"], abs=0.02)
         assert sum(row["parts"].values()) == pytest.approx(row["step_s"], abs=2e-3)  # the parts make up the step
     assert set(step_timing.TEACHER_PARTS) - {step_timing.TEACHER_ENCODER} <= set(rows["knowsam"]["parts"])
-    assert {step_timing.DENSE_PROMPT, step_timing.TEACHER_BACKWARD} <= set(rows["mt+skd"]["parts"])
+    assert {step_timing.DECODER, step_timing.TEACHER_BACKWARD} <= set(rows["mt+skd"]["parts"])
     assert rows["labeled-only"]["teacher_s"] == 0 and rows["knowsam"]["teacher_s"] > 0
     assert {m["method"]: m["step_s"] for m in plan["methods"]} == {n: rows[n]["step_s"] for n in ("knowsam", "mt+skd")}
 

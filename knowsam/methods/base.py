@@ -58,7 +58,8 @@ class Method:
     uses_unlabeled: ClassVar[bool] = True
     # Plug-in suffixes (e.g. "skd") that may be composed with this method.
     accepts_plugins: ClassVar[tuple[str, ...]] = ()
-    # The student whose prediction a plug-in uses as SAM's dense prompt (methods accepting plug-ins).
+    # The student whose training-forward logits a plug-in uses as SAM's dense prompt (methods accepting
+    # plug-ins); it calls ``student_extra_loss`` before any other student of the iteration.
     main_student: ClassVar[str] = ""
     # Extra test-time outputs scored as separate leaderboard rows, e.g. ("sam",).
     variants: ClassVar[tuple[str, ...]] = ()
@@ -145,18 +146,13 @@ class Method:
     def student_extra_loss(self, student: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor | float:
         """A loss a plug-in adds to student ``student``'s loss; ``logits`` cover ``batch.x`` in order.
 
-        Methods call this once per student network per update, on logits for the whole batch
-        (labeled then unlabeled; possibly a photometric, pixel-aligned view of ``batch.x``).
-        The base method adds nothing.
+        Methods call this once per student network per iteration, on that student's first forward
+        of the iteration: its training forward (train mode, with its graph) over the whole batch,
+        labeled then unlabeled, possibly a photometric, pixel-aligned view of ``batch.x``; the
+        main student (``main_student``) first. A plug-in may use the main student's logits
+        (detached) as an input of its own, e.g. SKD's dense prompt. The base method adds nothing.
         """
         return 0.0
-
-    def align_to_update(self, student: str, per_pixel: torch.Tensor) -> torch.Tensor:
-        """Map per-pixel tensors computed on ``batch.x`` onto the images of the current update.
-
-        Identity, except in methods whose second update sees moved pixels (UCMT's mixing).
-        """
-        return per_pixel
 
     # --- shared machinery -----------------------------------------------------------------
     def add_net(self, name: str, net: nn.Module) -> nn.Module:

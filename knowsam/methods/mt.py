@@ -25,7 +25,7 @@ class MeanTeacher(Method):
     description = ("Mean Teacher: U-Net student + EMA teacher, softmax-MSE consistency on noisy unlabeled "
                    "images (SSL4MIS 2D); the student predicts at test time")
     accepts_plugins = ("skd",)
-    main_student = "student"  # the network a plug-in (SKD) takes its dense prompt from
+    main_student = "student"  # the network whose training logits a plug-in (SKD) takes as dense prompt
     reported_net = "student"
 
     def __init__(self, ctx: MethodContext, params: MeanTeacherParams):

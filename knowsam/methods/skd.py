@@ -1,22 +1,23 @@
 """The SKD plug-in: KnowSAM's SAM teacher and its distillation added to any baseline, as ``X+skd``.
 
-Per training step, before the baseline's own step:
+X's ``train_step`` runs unchanged; the plug-in acts through the ``student_extra_loss`` hook,
+which X calls once per student per iteration with that student's first, training forward
+over ``batch.x`` (``knowsam.methods.base``), its main student (``X.main_student``) first:
 
-1. dense prompt = the baseline's main student (``X.main_student``) on ``batch.x``, in eval mode
-   and without gradients, so the plug-in changes none of X's random draws or BatchNorm statistics;
+1. at the main student's call, its logits, detached, are SAM's dense prompt, as KnowSAM prompts
+   with the fused logits of its training forward, detached (official trainer.py:140, 152): no
+   forward pass of its own;
 2. SAM (adapters + learnable prompts, see ``knowsam.methods.sam_support``) predicts every image
-   of the batch with the pre-update weights, through the same teacher path as ``knowsam``: the
-   prompt heads see the whole batch at once, so their training-mode BatchNorm sees one batch as
-   in the official code, and the image encoder and the mask decoder keep a graph for the
-   labeled images only, the rows L_sam reads (as ``knowsam``'s default); CE + Dice on the
-   labeled part updates SAM's trainable tensors with Adam, lr decaying linearly;
-3. SAM's detached logits over ``batch.x`` are cached, and X's ``train_step`` runs unchanged: each
-   time a student calls the ``student_extra_loss`` hook, the plug-in returns
-   ``kd_weight * KD_T(student || SAM)`` over all its images.
-
-Methods whose update sees moved pixels (UCMT's mixed pass) expose ``align_to_update(student,
-map)``; the cached SAM logits go through it, so the distillation target is mixed with the same
-patches as the method's own pseudo-labels.
+   of the batch, through the same teacher path as ``knowsam``: the prompt heads see the whole
+   batch at once, so their training-mode BatchNorm sees one batch as in the official code, and
+   the image encoder and the mask decoder keep a graph for the labeled images only, the rows
+   L_sam reads (as ``knowsam``'s default); CE + Dice on the labeled part updates SAM's trainable
+   tensors with Adam, lr decaying linearly. The prompt is detached and SAM's logits are
+   detached before they serve as targets: the two graphs are disjoint, as in KnowSAM;
+3. every student's call, the main student's included, is answered with
+   ``kd_weight * KD_T(student || SAM)`` over all its images, SAM's pre-update logits as targets:
+   one KD term per student and iteration, as KnowSAM distils on its un-mixed pass only
+   (trainer.py:174, 179; none in the mixed pass, 116-134).
 """
 
 from __future__ import annotations
@@ -50,57 +51,56 @@ def with_skd(base: type[Method]) -> type[Method]:
         name = f"{base.name}+skd"
         variants = (*base.variants, "sam")  # the teacher's own prediction: a row of its own in every table
         description = (f"{base.description}; + SKD: KnowSAM's SAM teacher (adapters, learnable prompts, "
-                       f"dense prompt from {base.main_student}) distilled into every student")
+                       f"dense prompt: {base.main_student}'s training logits, detached) distilled into every student")
 
         def __init__(self, ctx: MethodContext, params: Any):
             super().__init__(ctx, params)
             self.sam, self.sam_provenance = build_sam_teacher(ctx)
             if ctx.training:
                 self.optimizers[SAM_OPTIMIZER] = sam_optimizer(self.sam, params.sam_lr)
+            self._step: int | None = None  # the iteration under way; None outside train_step
             self._sam_logits: torch.Tensor | None = None  # SAM's view of the current batch.x
-            self._kd_terms: list[float] = []
+            self._kd_terms: dict[str, float] = {}  # per student, this iteration's KD term
+            self._sam_loss = 0.0
             self._frozen_sha256: str | None = None
 
         def train_step(self, batch: Batch, step: int) -> dict[str, float]:
-            sam_loss = self._sam_step(batch, step)
-            self._kd_terms = []
+            self._step, self._sam_logits, self._kd_terms = step, None, {}
             try:
                 terms = super().train_step(batch, step)
             finally:
-                self._sam_logits = None
+                self._step = self._sam_logits = None
             if not self._kd_terms:
                 raise RuntimeError(f"{base.name} never called student_extra_loss: SKD cannot distil into it")
-            return {**terms, "sam": sam_loss, "kd": sum(self._kd_terms) / len(self._kd_terms)}
+            kd = sum(self._kd_terms.values()) / len(self._kd_terms)
+            return {**terms, "sam": self._sam_loss, "kd": kd}
 
-        @torch.no_grad()
-        def _dense_prompt(self, x: torch.Tensor) -> torch.Tensor:
-            net = self.nets[base.main_student]
-            net.eval()  # no dropout draws, no BatchNorm update: X's own step stays as without SKD
-            try:
-                with step_timing.part(step_timing.DENSE_PROMPT):
-                    return net(x)
-            finally:
-                net.train()
-
-        def _sam_step(self, batch: Batch, step: int) -> float:
-            # Set before every SAM update: the base method's set_lr rescales each optimiser after this one.
+        def _sam_step(self, batch: Batch, prompt: torch.Tensor) -> None:
+            """SAM's update on ``batch`` prompted by ``prompt``; keeps its pre-update logits as KD targets."""
+            # Set before every SAM update: the base method's set_lr rescales every optimiser, this one too.
             for group in self.optimizers[SAM_OPTIMIZER].param_groups:
-                group["lr"] = linear_decay(self.p.sam_lr, step, self.ctx.iterations)
+                group["lr"] = linear_decay(self.p.sam_lr, self._step, self.ctx.iterations)
             n_l = batch.n_labeled
-            prompt = self._dense_prompt(batch.x)
             # L_sam covers the labeled images: neither the encoder nor the decoder keeps a graph for the rest.
             logits = teacher_forward(self.sam, batch, prompt, n_l, n_l)
             labeled = logits[:n_l]
             loss = F.cross_entropy(labeled, batch.y_l) + soft_dice_loss(labeled.softmax(1), batch.y_l)
             self.update(loss, SAM_OPTIMIZER, backward_part=step_timing.TEACHER_BACKWARD)
             self._sam_logits = logits.detach()  # computed before the update: one SAM for every image
-            return loss.item()
+            self._sam_loss = loss.item()
 
         def student_extra_loss(self, student: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor | float:
-            if self._sam_logits is None:
+            if self._step is None:
                 raise RuntimeError("student_extra_loss called outside an SKD training step")
-            kd = kd_loss(logits, self.align_to_update(student, self._sam_logits), self.p.kd_temperature)
-            self._kd_terms.append(kd.item())
+            if student in self._kd_terms:
+                raise RuntimeError(f"{base.name} called student_extra_loss twice for {student} in one iteration")
+            if student == base.main_student:
+                self._sam_step(batch, logits.detach())
+            elif self._sam_logits is None:
+                raise RuntimeError(f"{base.name} called student_extra_loss for {student} before its main student "
+                                   f"{base.main_student}: SAM has no dense prompt yet")
+            kd = kd_loss(logits, self._sam_logits, self.p.kd_temperature)
+            self._kd_terms[student] = kd.item()
             return super().student_extra_loss(student, logits, batch) + self.p.kd_weight * kd
 
         def speed_modules(self) -> list[nn.Module]:

@@ -149,29 +149,22 @@ class UCMT(Method):
         if not 1 <= params.umix_topk <= self.grid ** 2:
             raise ConfigError(f"ucmt: umix_topk = {params.umix_topk} must be in [1, {self.grid ** 2}] "
                               f"(a {self.grid}x{self.grid} patch grid at {ctx.image_size} px)")
-        self._umix: Umix | None = None  # set only during the mixed update
         self.selection_loss = "loss_mix" if params.select == "train-loss" else None  # official train.py:356-358
         self.unlabeled_pool = params.unlabeled_pool  # official train.py:71 draws from the whole training set
-
-    def align_to_update(self, student: str, per_pixel: torch.Tensor) -> torch.Tensor:
-        """Move a plug-in's per-pixel map over ``batch.x`` the way this update moved the images.
-
-        The mixed image is built from a photometric view of ``batch.x``, so UMIX moves patches within
-        each image: applying it to a map of the un-augmented batch gives the map of the mixed image
-        (the same for both students). Identity outside the mixed update.
-        """
-        return per_pixel if self._umix is None else self._umix.apply(per_pixel)
 
     def _supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return ce_dice_loss(logits, labels) if self.p.supervised_ce else per_image_dice_loss(logits, labels)
 
     def _update(self, batch: Batch, step: int, x_l: torch.Tensor, y_l: torch.Tensor, views: list[torch.Tensor],
-                teacher_label: torch.Tensor, w: float) -> tuple[list[torch.Tensor], float, dict[str, float]]:
+                teacher_label: torch.Tensor, w: float, with_extra_loss: bool
+                ) -> tuple[list[torch.Tensor], float, dict[str, float]]:
         """One optimisation step of both students, then one EMA update of the teacher.
 
         ``views[i]``: student i's unlabeled images; ``teacher_label``: the teacher's targets for
-        them. Each student's peer target is the other's argmax in this same forward pass. Returns
-        each student's logits over the batch (labeled, then its view), the loss and its terms.
+        them. Each student's peer target is the other's argmax in this same forward pass.
+        ``with_extra_loss``: the students' losses take a plug-in's term (``student_extra_loss``),
+        which needs logits over ``batch.x``: the first update's. Returns each student's logits
+        over the batch (labeled, then its view), the loss and its terms.
         """
         nets = [self.nets[s] for s in STUDENTS]
         # Labeled and unlabeled images in separate passes, as the official does: BatchNorm normalises each apart.
@@ -184,7 +177,8 @@ class UCMT(Method):
             cps = per_image_dice_loss(out_u[i], out_u[1 - i].detach().argmax(1))
             cmt = per_image_dice_loss(out_u[i], teacher_label)
             logits = torch.cat([out_l[i], out_u[i]])
-            loss = loss + sup + w * 0.5 * (cps + cmt) + self.student_extra_loss(name, logits, batch)
+            extra = self.student_extra_loss(name, logits, batch) if with_extra_loss else 0.0
+            loss = loss + sup + w * 0.5 * (cps + cmt) + extra
             terms[f"sup_{name}"], terms[f"cps_{name}"], terms[f"cmt_{name}"] = sup.item(), cps.item(), cmt.item()
         self.update(loss, *STUDENTS)
         ema_update(self.nets["teacher"], [(nets[0], self.p.student1_share), (nets[1], 1.0 - self.p.student1_share)],
@@ -203,18 +197,16 @@ class UCMT(Method):
             teacher_prob = torch.cat([teacher(batch.x_l), teacher(batch.x_u)]).softmax(1)
         teacher_label = teacher_prob[n_l:].argmax(1)
 
+        # A plug-in's term (SKD's distillation) joins the first update only: its logits cover batch.x
+        # (view A1 is photometric, pixel-aligned), so it comes once per student and iteration.
         logits, loss_plain, first = self._update(batch, step, batch.x_l, batch.y_l, [view_a1[n_l:], view_a2],
-                                                 teacher_label, w)
+                                                 teacher_label, w, with_extra_loss=True)
         with torch.no_grad():
             uncertainty = [mean_entropy(out.softmax(1), teacher_prob) for out in logits]
             umix = plan_umix(uncertainty[0], uncertainty[1], self.grid, p.umix_topk)
             mixed = umix.apply(view_a1)
             mixed_labels = umix.apply(torch.cat([batch.y_l, teacher_label]))
-        self._umix = umix
-        try:
-            _, loss_mix, second = self._update(batch, step, mixed[:n_l], mixed_labels[:n_l], [mixed[n_l:]] * 2,
-                                               mixed_labels[n_l:], w)
-        finally:
-            self._umix = None
+        _, loss_mix, second = self._update(batch, step, mixed[:n_l], mixed_labels[:n_l], [mixed[n_l:]] * 2,
+                                           mixed_labels[n_l:], w, with_extra_loss=False)
         return {"loss": loss_plain + loss_mix, "loss_plain": loss_plain, "loss_mix": loss_mix, "w_unsup": w,
                 **first, **{f"{k}_mix": v for k, v in second.items()}}
