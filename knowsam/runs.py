@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from knowsam import __version__
 from knowsam.config import Params, to_dict
 from knowsam.methods.registry import method_params
 
@@ -120,7 +119,7 @@ def run_config(params: Params, run: RunId) -> dict[str, Any]:
         for key in keys:
             cfg[section].pop(key)
     return {
-        "version": __version__, "code": code_fingerprint(),
+        "code": code_fingerprint(),
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "data": cfg["data"], "train": cfg["train"], "sam": cfg["sam"],
         "method_params": dataclasses.asdict(method_params(run.method, params.method_params.get(run.method, {}))),

@@ -81,8 +81,6 @@ def stale_reason(summary: dict, current: dict) -> str | None:
         return "other params or code"
     if scored.get("code") != cfg["code"]:
         return "other code"
-    if scored.get("version") != cfg["version"]:
-        return f"other version ({scored.get('version')})"
     keys = _identity_keys_differing(scored, cfg)
     return "other params" + (f": {', '.join(keys)}" if keys else "")
 

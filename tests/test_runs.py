@@ -35,3 +35,16 @@ def test_fingerprint_follows_training_code_only(tmp_path):
     with open(tmp_path / "knowsam/methods/mt.py", "a") as fh:
         fh.write("\n# a method's code can\n")
     assert runs.code_fingerprint(tmp_path) != base
+
+
+def test_a_version_bump_keeps_every_run_current(monkeypatch):
+    """The code fingerprint already covers what trains; the release number must not retrain everything."""
+    import knowsam
+    from knowsam import validation
+
+    params = validation.load(REPO / "params.yaml")
+    run = runs.RunId(method=params.methods[0], dataset=params.datasets[0], ratio=params.ratios[0], seed=params.seeds[0])
+    before = runs.config_hash(runs.run_config(params, run))
+    monkeypatch.setattr(knowsam, "__version__", "99.0.0")
+    assert runs.config_hash(runs.run_config(params, run)) == before
+    assert "99.0.0" not in repr(runs.run_config(params, run))
