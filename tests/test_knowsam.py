@@ -325,9 +325,29 @@ def test_consistency_all_classes_switch_changes_the_step_only_beyond_two_classes
     assert (official == pytest.approx(fixed, rel=1e-5)) == (k == 2)
 
 
-def test_official_two_class_kd_entropy_is_refused_beyond_two_classes():
-    with pytest.raises(ConfigError, match="only defined for 2 classes"):
-        make(k=4, kd_entropy_form="official-2class")
+def test_official_two_class_kd_entropy_at_four_classes_is_the_official_computation():
+    """At K = 4 ``official-2class`` computes what the official ACDC runs do: KD over rows of 2 values
+    (each pixel's classes (0, 1) and (2, 3) softmaxed apart), entropy over the 4 classes / log 2."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 4, 5, 6, generator=g) * 3, torch.randn(2, 4, 5, 6, generator=g) * 3
+    temp = 10.0
+    pairs_s = s.double().numpy().transpose(0, 2, 3, 1).reshape(-1, 2, 2)  # (pixel, pair, 2)
+    pairs_t = t.double().numpy().transpose(0, 2, 3, 1).reshape(-1, 2, 2)
+    ps, pt = _softmax(pairs_s / temp, axis=2), _softmax(pairs_t / temp, axis=2)
+    kd = (pt * (np.log(pt) - np.log(ps))).sum(2).mean() * temp**2  # batchmean: per row of 2
+    assert kd_two_class_official(s, t, temp).item() == pytest.approx(kd, rel=1e-5)
+    assert kd_loss(s, t, temp).item() != pytest.approx(kd, rel=1e-2)
+    p = _softmax(s.double().numpy())
+    ent = (-(p * np.log(p + 1e-6)).sum(1) / math.log(2)).mean()
+    assert entropy_two_class_official(s).item() == pytest.approx(ent, rel=1e-5)
+    # The method takes the form at K = 4 and uses it: its KD term differs from the K-class one.
+    torch.manual_seed(0)
+    official = make(k=4, kd_entropy_form="official-2class").losses(batch(2, 2, k=4), 0)
+    torch.manual_seed(0)
+    k_class = make(k=4).losses(batch(2, 2, k=4), 0)
+    assert official["unet_kd"].item() != pytest.approx(k_class["unet_kd"].item(), rel=1e-2)
+    assert official["unet_ent"].item() == pytest.approx(k_class["unet_ent"].item() * 2, rel=1e-3)  # log 4 / log 2
+    # At K = 2 the two forms agree (up to the 1e-6 in the official logarithm).
     torch.manual_seed(0)
     a = make(kd_entropy_form="official-2class").losses(batch(2, 2), 0)
     torch.manual_seed(0)

@@ -75,7 +75,12 @@ def consistency_weight(step: int, span: int, weight: float, rampup: int) -> floa
 
 
 def kd_two_class_official(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The official KD: pixels as rows of exactly 2 classes, batch-mean KL x T^2 (K = 2 only)."""
+    """The official KD (utils/losses.py:8-25, trainer.py:174): batch-mean KL x T^2 over rows of 2 values.
+
+    The logits are flattened pixel by pixel and cut into rows of 2 whatever K is (defect 4). At
+    K = 2 a row is a pixel's two classes, the usual KD; at K = 4 (the official ACDC runs) each
+    pixel gives two rows, classes (0, 1) and (2, 3), each softmaxed on its own.
+    """
     s = student.permute(0, 2, 3, 1).reshape(-1, 2)
     t = teacher.detach().permute(0, 2, 3, 1).reshape(-1, 2)
     kl = F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean")
@@ -83,7 +88,7 @@ def kd_two_class_official(student: torch.Tensor, teacher: torch.Tensor, temperat
 
 
 def entropy_two_class_official(logits: torch.Tensor) -> torch.Tensor:
-    """The official entropy: -sum p log(p + 1e-6), normalised by log 2 whatever K is (K = 2 only here)."""
+    """The official entropy (trainer.py:58-63): -sum p log(p + 1e-6) over the K classes, over log 2 whatever K is."""
     p = logits.softmax(1)
     return (-(p * torch.log(p + 1e-6)).sum(1) / math.log(2)).mean()
 
@@ -138,9 +143,6 @@ class KnowSam(Method):
     def __init__(self, ctx: MethodContext, params: KnowSamParams):
         super().__init__(ctx, params)
         p = self.p
-        if p.kd_entropy_form == "official-2class" and ctx.num_classes != 2:
-            raise ConfigError(f"knowsam: kd_entropy_form 'official-2class' is only defined for 2 classes "
-                              f"(this dataset has {ctx.num_classes}); use 'k-class'")
         if ctx.image_size % p.mix_grid:
             raise ConfigError(f"knowsam: image size {ctx.image_size} is not divisible by mix_grid {p.mix_grid}")
         self.validation_empty_score = 0.0 if p.validation_empty_zero else 1.0
