@@ -64,11 +64,12 @@ nothing), so both use the same masks (the networks' logits agree to the last bit
 
 Configurations (``--configs``):
 
-- ``2``: 2 classes, our defaults except ``sam_full_graph: true``: the official SAM graph covers
-  the whole batch, and through the prompt heads' training-mode BatchNorm statistics L_sam reaches
-  the encoder adapters via the unlabeled images too. Our default (false) drops that path: every
-  output is the same, but the encoder adapters' gradients differ from the official ones by up to
-  73% (root mean square; 19-73% over the three iterations, 2 classes, this random-init SAM).
+- ``2``: 2 classes, our defaults, ``sam_full_graph: true`` among them (written out): the official
+  SAM graph covers the whole batch, and through the prompt heads' training-mode BatchNorm
+  statistics L_sam reaches the encoder adapters via the unlabeled images too. The option's other
+  value (false) drops that path: every output is the same, but the encoder adapters' gradients
+  differ from the official ones by up to 73% (root mean square; 19-73% over the three
+  iterations, 2 classes, this random-init SAM).
 - ``4``: 4 classes, the official ACDC setting (``train_semi_SAM_ACDC.py`` runs this trainer at
   ``num_classes`` 4), with ``kd_entropy_form: official-2class``: the official KD over rows of 2
   values (each pixel's classes (0, 1) and (2, 3) apart) and entropy over log 2 (defect 4); and

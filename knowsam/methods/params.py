@@ -174,7 +174,7 @@ class KnowSamParams:
     consistency_all_classes: bool = False  # defect 2 (official: False, last class only)
     kd_entropy_form: str = "k-class"  # defect 4: "official-2class" reproduces the 2-class code
     validation_empty_zero: bool = True  # defect 11 (official: both-empty image scores Dice 0)
-    sam_full_graph: bool = False  # True: SAM's graph over the whole batch (the official gradient, slower)
+    sam_full_graph: bool = True  # official: SAM's graph over the whole batch; False: labeled rows only (cheaper)
 
     def __post_init__(self) -> None:
         _check_choice("knowsam", "kd_entropy_form", self.kd_entropy_form, KD_ENTROPY_FORMS)
