@@ -44,11 +44,17 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="train.amp_bf16")
     ap.add_argument("--channels-last", action="store_true", help="train.channels_last")
-    ap.add_argument("--default-allocator", action="store_true",
-                    help="leave glibc's malloc thresholds as they are (training raises them: keep_freed_memory)")
+    ap.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc thresholds as they are (training raises them: keep_freed_memory)",
+    )
     ap.add_argument("--flops", action="store_true", help="also count one step's FLOPs per phase (load-independent)")
-    ap.add_argument("--full-sam-graph", action="store_true",
-                    help="sam_full_graph=True (SAM's graph over the whole batch, as the official code)")
+    ap.add_argument(
+        "--full-sam-graph",
+        action="store_true",
+        help="sam_full_graph=True (SAM's graph over the whole batch, as the official code)",
+    )
     return ap.parse_args()
 
 
@@ -71,20 +77,34 @@ def main() -> None:
     torch.manual_seed(0)
     iterations = 1000
     train = TrainParams(batch_size=a.batch, labeled_batch=a.labeled, amp_bf16=a.bf16, channels_last=a.channels_last)
-    ctx = MethodContext(in_channels=3, num_classes=a.classes, image_size=a.size, iterations=iterations,
-                        train=train, sam=SamParams(arch=a.arch, checkpoint="none"), device=torch.device(a.device),
-                        seed=0)
+    ctx = MethodContext(
+        in_channels=3,
+        num_classes=a.classes,
+        image_size=a.size,
+        iterations=iterations,
+        train=train,
+        sam=SamParams(arch=a.arch, checkpoint="none"),
+        device=torch.device(a.device),
+        seed=0,
+    )
     method = get_method("knowsam")(ctx, method_params("knowsam", {"sam_full_graph": a.full_sam_graph}))
     apply_speed_options(method, train)
     method.train()
     n_u = a.batch - a.labeled
     dev = ctx.device
-    batch = batch_layout(Batch(torch.rand(a.labeled, 3, a.size, a.size, device=dev),
-                               torch.randint(0, a.classes, (a.labeled, a.size, a.size), device=dev),
-                               torch.rand(n_u, 3, a.size, a.size, device=dev)), train)
-    print(f"KnowSAM step: batch {a.batch} ({a.labeled} labeled), {a.size} px, SAM {a.arch} (random init), "
-          f"{a.classes} classes, {a.threads} threads, device {a.device}, bf16={a.bf16}, "
-          f"channels_last={a.channels_last}, sam_full_graph={a.full_sam_graph}")
+    batch = batch_layout(
+        Batch(
+            torch.rand(a.labeled, 3, a.size, a.size, device=dev),
+            torch.randint(0, a.classes, (a.labeled, a.size, a.size), device=dev),
+            torch.rand(n_u, 3, a.size, a.size, device=dev),
+        ),
+        train,
+    )
+    print(
+        f"KnowSAM step: batch {a.batch} ({a.labeled} labeled), {a.size} px, SAM {a.arch} (random init), "
+        f"{a.classes} classes, {a.threads} threads, device {a.device}, bf16={a.bf16}, "
+        f"channels_last={a.channels_last}, sam_full_graph={a.full_sam_graph}"
+    )
     for phase, step in (("before mixing", 10), ("after mixing", method.mix_after + 10)):
         assert method.mixing_at(step) == (phase == "after mixing")
         for _ in range(a.warmup):
@@ -102,11 +122,14 @@ def main() -> None:
             with FlopCounterMode(display=False) as counter:
                 step_in_context(method, batch, step, train)
             flops = f"; {counter.get_total_flops() / 1e9:.0f} GFLOP/step"
-        parts["other (losses, bookkeeping)"] = [t - sum(parts[p][i] for p in step_timing.PARTS)
-                                                for i, t in enumerate(totals)]
+        parts["other (losses, bookkeeping)"] = [
+            t - sum(parts[p][i] for p in step_timing.PARTS) for i, t in enumerate(totals)
+        ]
         breakdown = ", ".join(f"{p} {statistics.median(v):.2f}" for p, v in parts.items())
-        print(f"{phase}: median {statistics.median(totals):.2f} s/step over {a.steps} "
-              f"(min {min(totals):.2f}, max {max(totals):.2f}){flops}; {breakdown}")
+        print(
+            f"{phase}: median {statistics.median(totals):.2f} s/step over {a.steps} "
+            f"(min {min(totals):.2f}, max {max(totals):.2f}){flops}; {breakdown}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,17 +42,28 @@ def main() -> None:
         raise SystemExit(f"no polyp mirror under {mirror or '(no mirror given)'}: pass --mirror or set KNOWSAM_MIRROR")
     with tempfile.TemporaryDirectory() as tmp:
         raw = acquire("polyp", Path(tmp) / "raw", mirror=mirror, progress=False)
-        print(f"{os.cpu_count()} CPUs, {args.workers} workers, {args.size} px; "
-              f"load average before timing {os.getloadavg()[0]:.2f}")
+        print(
+            f"{os.cpu_count()} CPUs, {args.workers} workers, {args.size} px; "
+            f"load average before timing {os.getloadavg()[0]:.2f}"
+        )
         wall, cpu = time.perf_counter(), cpu_seconds()
-        meta = prepare_frames(raw, Path(tmp) / "prepared", POLYP, image_size=args.size, interpolation="bilinear",
-                              test_sets=[], workers=args.workers)
+        meta = prepare_frames(
+            raw,
+            Path(tmp) / "prepared",
+            POLYP,
+            image_size=args.size,
+            interpolation="bilinear",
+            test_sets=[],
+            workers=args.workers,
+        )
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
         load = os.getloadavg()[0]
     n = meta["train"]
     print(f"prepared {n} training pairs: {wall:.1f} s wall ({1000 * wall / n:.1f} ms per pair), {cpu:.1f} s CPU")
-    print(f"load average after timing {load:.2f}; target <= {TARGET_S:.0f} s wall: "
-          f"{'met' if wall <= TARGET_S else 'NOT met'}")
+    print(
+        f"load average after timing {load:.2f}; target <= {TARGET_S:.0f} s wall: "
+        f"{'met' if wall <= TARGET_S else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -107,8 +107,10 @@ def main() -> None:
     print(f"{f'score_folders, {args.workers} workers':28}{parallel_s:8.2f}{parallel_cpu:8.2f}")
     print(f"{'score_folders, 1 worker':28}{serial_s:8.2f}{serial_cpu:8.2f}")
     print(f"{'medpy per-image loop':28}{medpy_s:8.2f}{medpy_cpu:8.2f}")
-    print(f"medpy / ours, wall: {medpy_s / parallel_s:.1f}x ({args.workers} workers), "
-          f"{medpy_s / serial_s:.1f}x (1 worker)")
+    print(
+        f"medpy / ours, wall: {medpy_s / parallel_s:.1f}x ({args.workers} workers), "
+        f"{medpy_s / serial_s:.1f}x (1 worker)"
+    )
     print(f"medpy / ours, CPU (1 worker): {medpy_cpu / serial_cpu:.1f}x; load average after timing {load:.2f}")
     print(f"largest absolute difference from medpy over all metrics: {difference:.3g}")
     if difference > 1e-9:

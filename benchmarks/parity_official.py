@@ -121,10 +121,10 @@ import sys
 import tempfile
 import types
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -160,8 +160,9 @@ class Config:
 
 CONFIGS = {
     "2": Config("2 classes", 2, {"sam_full_graph": True}),
-    "4": Config("4 classes, kd_entropy_form official-2class", 4,
-                {"sam_full_graph": True, "kd_entropy_form": "official-2class"}),
+    "4": Config(
+        "4 classes, kd_entropy_form official-2class", 4, {"sam_full_graph": True, "kd_entropy_form": "official-2class"}
+    ),
 }
 
 
@@ -185,8 +186,9 @@ class Outcome:
     ok: bool
 
 
-def relative_difference(official: torch.Tensor | None, ours: torch.Tensor | None, scale: float = 0.0,
-                        rms: bool = False) -> float:
+def relative_difference(
+    official: torch.Tensor | None, ours: torch.Tensor | None, scale: float = 0.0, rms: bool = False
+) -> float:
     """The difference relative to the official magnitude (at least ``scale``): largest absolute values, or root
     mean squares (``rms``); absent on both sides: 0, on one side or of another shape: infinite."""
     if official is None or ours is None:
@@ -260,31 +262,52 @@ ModulePairs = list[tuple[str, nn.Module, nn.Module]]  # (group, official module,
 def network_pairs(theirs: nn.Module, unet: nn.Module, vnet: nn.Module, fusion: nn.Module) -> ModulePairs:
     """The official ``KnowSAM`` module's U-Net, V-Net and fusion module against ours."""
     vnet_pairs = {
-        "block_one": vnet.enc[0], "block_one_dw": vnet.downs[0], "block_two": vnet.enc[1],
-        "block_two_dw": vnet.downs[1], "block_three": vnet.enc[2], "block_three_dw": vnet.downs[2],
-        "block_four": vnet.enc[3], "block_four_dw": vnet.downs[3], "block_five": vnet.dec[0],
-        "block_five_up": vnet.ups[0], "block_six": vnet.dec[1], "block_six_up": vnet.ups[1],
-        "block_seven": vnet.dec[2], "block_seven_up": vnet.ups[2], "block_eight": vnet.dec[3],
-        "block_eight_up": vnet.ups[3], "block_nine": vnet.last, "out_conv": vnet.head,
+        "block_one": vnet.enc[0],
+        "block_one_dw": vnet.downs[0],
+        "block_two": vnet.enc[1],
+        "block_two_dw": vnet.downs[1],
+        "block_three": vnet.enc[2],
+        "block_three_dw": vnet.downs[2],
+        "block_four": vnet.enc[3],
+        "block_four_dw": vnet.downs[3],
+        "block_five": vnet.dec[0],
+        "block_five_up": vnet.ups[0],
+        "block_six": vnet.dec[1],
+        "block_six_up": vnet.ups[1],
+        "block_seven": vnet.dec[2],
+        "block_seven_up": vnet.ups[2],
+        "block_eight": vnet.dec[3],
+        "block_eight_up": vnet.ups[3],
+        "block_nine": vnet.last,
+        "out_conv": vnet.head,
     }
-    return [("U-Net", theirs.UNet, unet), *(("V-Net", getattr(theirs.VNet, name), ours)
-                                           for name, ours in vnet_pairs.items()),
-            ("fusion", theirs.Discriminator, fusion)]
+    return [
+        ("U-Net", theirs.UNet, unet),
+        *(("V-Net", getattr(theirs.VNet, name), ours) for name, ours in vnet_pairs.items()),
+        ("fusion", theirs.Discriminator, fusion),
+    ]
 
 
 def sam_pairs(theirs: nn.Module, sam: nn.Module) -> ModulePairs:
     """The official SAM's trained parts (and the decoder MLPs, left at their random init) against ours."""
-    pairs: ModulePairs = [("SAM prompt heads", src, dst)
-                          for src, dst in zip(theirs.super_prompt.box_decoder, sam.prompt_heads, strict=True)]
+    pairs: ModulePairs = [
+        ("SAM prompt heads", src, dst)
+        for src, dst in zip(theirs.super_prompt.box_decoder, sam.prompt_heads, strict=True)
+    ]
     for src, dst in zip(theirs.image_encoder.blocks, sam.image_encoder.blocks, strict=True):
-        pairs += [("SAM encoder adapters", src.Space_Adapter, dst.attn_adapter),
-                  ("SAM encoder adapters", src.MLP_Adapter, dst.mlp_adapter)]
+        pairs += [
+            ("SAM encoder adapters", src.Space_Adapter, dst.attn_adapter),
+            ("SAM encoder adapters", src.MLP_Adapter, dst.mlp_adapter),
+        ]
     official_transformer, transformer = theirs.mask_decoder.transformer, sam.mask_decoder.transformer
     for src, dst in zip(official_transformer.layers, transformer.layers, strict=True):
         # Both sides leave the decoder MLPs at their random init (the official defect 14): the
         # same layers, drawn by two different builds, so the official draw is copied in.
-        pairs += [("SAM decoder adapters", src.Space_Adapter, dst.attn_adapter),
-                  ("SAM decoder adapters", src.MLP_Adapter, dst.mlp_adapter), ("SAM decoder MLPs", src.mlp, dst.mlp)]
+        pairs += [
+            ("SAM decoder adapters", src.Space_Adapter, dst.attn_adapter),
+            ("SAM decoder adapters", src.MLP_Adapter, dst.mlp_adapter),
+            ("SAM decoder MLPs", src.mlp, dst.mlp),
+        ]
     pairs.append(("SAM decoder adapters", official_transformer.Space_Adapter, transformer.attn_adapter))
     return pairs
 
@@ -302,8 +325,7 @@ class TensorPair:
     ours: torch.Tensor
 
 
-def tensor_pairs(pairs: ModulePairs, named: Callable[[nn.Module], Iterable],
-                 names: dict[int, str]) -> list[TensorPair]:
+def tensor_pairs(pairs: ModulePairs, named: Callable[[nn.Module], Iterable], names: dict[int, str]) -> list[TensorPair]:
     """Every tensor of ``named`` (named_parameters / named_buffers) of each pair, by position; ``names``
     gives each of our modules its name (by id)."""
     out = []
@@ -330,8 +352,9 @@ def network_terms(official: types.SimpleNamespace, x: torch.Tensor, classes: int
     vnet = build_model("vnet", in_channels=CHANNELS, num_classes=classes)
     fusion = build_model("fusion", num_classes=classes)
     copy_pairs(network_pairs(theirs, unet, vnet, fusion))
-    if sum(p.numel() for p in theirs.parameters()) != sum(p.numel() for n in (unet, vnet, fusion)
-                                                          for p in n.parameters()):
+    if sum(p.numel() for p in theirs.parameters()) != sum(
+        p.numel() for n in (unet, vnet, fusion) for p in n.parameters()
+    ):
         raise SystemExit("network parameter counts differ")
 
     def ours_forward() -> tuple[torch.Tensor, ...]:
@@ -366,8 +389,10 @@ def prompt_head_terms(official: types.SimpleNamespace, x: torch.Tensor, classes:
         heads.train(mode == "train")
         a = torch.stack(_seeded(lambda: theirs(embedding)[1]), dim=1)
         b = _seeded(lambda: torch.stack([head(embedding) for head in heads], dim=1))
-        terms += [Term("outputs", "modules", f"prompt head, class {c} ({mode} mode)", a[:, c], b[:, c])
-                  for c in range(classes)]
+        terms += [
+            Term("outputs", "modules", f"prompt head, class {c} ({mode} mode)", a[:, c], b[:, c])
+            for c in range(classes)
+        ]
     return terms
 
 
@@ -381,20 +406,33 @@ def adapter_block_terms(official: types.SimpleNamespace, x: torch.Tensor, classe
     terms = []
     for window in (14, 0):
         torch.manual_seed(SEED)
-        theirs = official.adapter_block.AdapterBlock(types.SimpleNamespace(thd=False), dim, heads, norm_layer=norm,
-                                                     window_size=window)
+        theirs = official.adapter_block.AdapterBlock(
+            types.SimpleNamespace(thd=False), dim, heads, norm_layer=norm, window_size=window
+        )
         with torch.no_grad():  # LayerNorm affine values away from 1 and 0, as in a trained SAM
             for ln in (theirs.norm1, theirs.norm2):
                 ln.weight.uniform_(0.5, 1.5)
                 ln.bias.normal_(0, 0.5)
         ours = AdaptedBlock(Block(dim, heads, norm_layer=norm, window_size=window))
-        for src, dst in ((theirs.norm1, ours.norm1), (theirs.attn, ours.attn), (theirs.norm2, ours.norm2),
-                         (theirs.mlp, ours.mlp), (theirs.Space_Adapter, ours.attn_adapter),
-                         (theirs.MLP_Adapter, ours.mlp_adapter)):
+        for src, dst in (
+            (theirs.norm1, ours.norm1),
+            (theirs.attn, ours.attn),
+            (theirs.norm2, ours.norm2),
+            (theirs.mlp, ours.mlp),
+            (theirs.Space_Adapter, ours.attn_adapter),
+            (theirs.MLP_Adapter, ours.mlp_adapter),
+        ):
             copy_in_order(src, dst)
         kind = "windowed, padded" if window else "global"
-        terms.append(Term("outputs", "modules", f"adapted encoder block ({kind})", _seeded(lambda: theirs(tokens)),
-                          _seeded(lambda: ours(tokens))))
+        terms.append(
+            Term(
+                "outputs",
+                "modules",
+                f"adapted encoder block ({kind})",
+                _seeded(lambda theirs=theirs: theirs(tokens)),
+                _seeded(lambda ours=ours: ours(tokens)),
+            )
+        )  # bound now: the terms run after the loop
     return terms
 
 
@@ -455,21 +493,32 @@ def disc_labels(n: int, classes: int) -> torch.Tensor:
 # (label, official frame, official local, our loss key) for every term of one training step.
 BEFORE_MIXING = [
     ("consistency weight w(t)", "train", "consistency_weight", "cons_weight"),
-    *[(f"{net} {what}", "train", f"{official}_{local}", f"{ours}_{key}")
-      for net, official, ours in (("U-Net", "UNet", "unet"), ("V-Net", "VNet", "vnet"))
-      for what, local, key in (("CE+Dice", "sup_loss", "sup"), ("KD", "kd_loss", "kd"),
-                               ("entropy", "enp_loss", "ent"), ("consistency", "cons_loss", "cons"))],
+    *[
+        (f"{net} {what}", "train", f"{official}_{local}", f"{ours}_{key}")
+        for net, official, ours in (("U-Net", "UNet", "unet"), ("V-Net", "VNet", "vnet"))
+        for what, local, key in (
+            ("CE+Dice", "sup_loss", "sup"),
+            ("KD", "kd_loss", "kd"),
+            ("entropy", "enp_loss", "ent"),
+            ("consistency", "cons_loss", "cons"),
+        )
+    ],
     ("L_U", "train", "UNet_loss", "unet"),
     ("L_V", "train", "VNet_loss", "vnet"),
     ("L_F fusion CE+Dice", "train", "fusion_loss", "fusion"),
     ("L_sam", "train", "sam_sup_loss", "sam"),
 ]
 MIXED_STAGE = [
-    *[(f"{net} {what}", "mix_up", f"{official}_{local}", f"{ours}_mix_{key}")
-      for net, official, ours in (("U-Net", "UNet", "unet"), ("V-Net", "VNet", "vnet"))
-      for what, local, key in (("CE+Dice", "sup_mixed_loss", "sup"), ("entropy", "enp_mixed_loss", "ent"),
-                               ("consistency", "cons_mixed_loss", "cons"),
-                               ("CE+Dice on fused argmax (unlabeled rows)", "unsup_mixed_loss", "self"))],
+    *[
+        (f"{net} {what}", "mix_up", f"{official}_{local}", f"{ours}_mix_{key}")
+        for net, official, ours in (("U-Net", "UNet", "unet"), ("V-Net", "VNet", "vnet"))
+        for what, local, key in (
+            ("CE+Dice", "sup_mixed_loss", "sup"),
+            ("entropy", "enp_mixed_loss", "ent"),
+            ("consistency", "cons_mixed_loss", "cons"),
+            ("CE+Dice on fused argmax (unlabeled rows)", "unsup_mixed_loss", "self"),
+        )
+    ],
     ("L_U,mix", "mix_up", "UNet_mixed_loss", "unet_mix"),
     ("L_V,mix", "mix_up", "VNet_mixed_loss", "vnet_mix"),
     ("L_F,mix fusion CE+Dice", "mix_up", "fusion_mixed_loss", "fusion_mix"),
@@ -499,10 +548,24 @@ def _value(v: object) -> torch.Tensor:
 def build_both(official: types.SimpleNamespace, checkpoint: Path, config: Config) -> tuple[nn.Module, KnowSam]:
     """The official trainer and our method, both on the random-init SAM ``checkpoint``."""
     args = types.SimpleNamespace(
-        image_size=SIZE, num_classes=config.classes, in_channels=CHANNELS, model_type="vit_b", mod="sam_adpt",
-        thd=False, multimask=False, point_nums=5, box_nums=1, device="cpu", lr=SAM_LR, UNet_lr=LR,
-        batch_size=BATCH, labeled_bs=LABELED, max_iterations=ITERATIONS, mixed_iterations=MIXED_AFTER,
-        consistency=CONSISTENCY, consistency_rampup=float(RAMPUP),
+        image_size=SIZE,
+        num_classes=config.classes,
+        in_channels=CHANNELS,
+        model_type="vit_b",
+        mod="sam_adpt",
+        thd=False,
+        multimask=False,
+        point_nums=5,
+        box_nums=1,
+        device="cpu",
+        lr=SAM_LR,
+        UNet_lr=LR,
+        batch_size=BATCH,
+        labeled_bs=LABELED,
+        max_iterations=ITERATIONS,
+        mixed_iterations=MIXED_AFTER,
+        consistency=CONSISTENCY,
+        consistency_rampup=float(RAMPUP),
     )
     cwd = os.getcwd()
     os.chdir(checkpoint.parent)
@@ -511,12 +574,23 @@ def build_both(official: types.SimpleNamespace, checkpoint: Path, config: Config
         trainer = official.trainer.Trainer(args)
     finally:
         os.chdir(cwd)
-    ctx = MethodContext(in_channels=CHANNELS, num_classes=config.classes, image_size=SIZE, iterations=ITERATIONS,
-                        train=TrainParams(batch_size=BATCH, labeled_batch=LABELED, lr=LR),
-                        sam=SamParams(arch="vit_b", checkpoint=str(checkpoint)), device=torch.device("cpu"),
-                        seed=SEED)
-    params = KnowSamParams(mixed_iterations=float(MIXED_AFTER), consistency_rampup=RAMPUP, sam_lr=SAM_LR,
-                           consistency_weight=CONSISTENCY * 10, **config.options)
+    ctx = MethodContext(
+        in_channels=CHANNELS,
+        num_classes=config.classes,
+        image_size=SIZE,
+        iterations=ITERATIONS,
+        train=TrainParams(batch_size=BATCH, labeled_batch=LABELED, lr=LR),
+        sam=SamParams(arch="vit_b", checkpoint=str(checkpoint)),
+        device=torch.device("cpu"),
+        seed=SEED,
+    )
+    params = KnowSamParams(
+        mixed_iterations=float(MIXED_AFTER),
+        consistency_rampup=RAMPUP,
+        sam_lr=SAM_LR,
+        consistency_weight=CONSISTENCY * 10,
+        **config.options,
+    )
     return trainer, get_method("knowsam")(ctx, params)
 
 
@@ -538,8 +612,12 @@ def _clone_state(state: dict) -> dict:
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def record_iteration(run: Callable[[], object], optimizers: dict[str, torch.optim.Optimizer],
-                     tensors: list[torch.Tensor], functions: dict[str, Callable]) -> StepRecord:
+def record_iteration(
+    run: Callable[[], object],
+    optimizers: dict[str, torch.optim.Optimizer],
+    tensors: list[torch.Tensor],
+    functions: dict[str, Callable],
+) -> StepRecord:
     """Run one iteration, seeded, keeping what each optimiser sees as it steps and ``tensors`` around it."""
     grads: dict[int, torch.Tensor | None] = {}
     lrs: dict[str, list[float]] = {}
@@ -574,8 +652,12 @@ def _owners(optimizers: dict[str, torch.optim.Optimizer]) -> dict[int, torch.opt
     return {id(p): opt for opt in optimizers.values() for group in opt.param_groups for p in group["params"]}
 
 
-def synchronise(module_pairs: ModulePairs, trainable: list[TensorPair], official: dict[str, torch.optim.Optimizer],
-                ours: dict[str, torch.optim.Optimizer]) -> None:
+def synchronise(
+    module_pairs: ModulePairs,
+    trainable: list[TensorPair],
+    official: dict[str, torch.optim.Optimizer],
+    ours: dict[str, torch.optim.Optimizer],
+) -> None:
     """Give ours the official weights, BatchNorm statistics and optimiser state (momentum, Adam moments).
 
     Every iteration then starts from the same state, so each is compared as one step: without it,
@@ -616,8 +698,9 @@ def replayed_updates(theirs: StepRecord, mine: StepRecord, trainable: list[Tenso
     return expected
 
 
-def given_values(values: torch.Tensor, seen: dict[str, torch.Tensor], module: nn.Module, args: object,
-                 output: torch.Tensor) -> torch.Tensor:
+def given_values(
+    values: torch.Tensor, seen: dict[str, torch.Tensor], module: nn.Module, args: object, output: torch.Tensor
+) -> torch.Tensor:
     """Forward hook: ``module``'s output takes ``values``, its own graph kept; what it computed goes to ``seen``."""
     seen["embedding"] = output.detach().clone()
     return output + (values - output).detach()
@@ -628,8 +711,9 @@ def align(trainer: nn.Module, ours: KnowSam) -> tuple[ModulePairs, list[TensorPa
     pairs = network_pairs(trainer.SGDL, ours.nets["unet"], ours.nets["vnet"], ours.nets["fusion"])
     pairs += sam_pairs(trainer.sam_model, ours.nets["sam"])
     copy_pairs(pairs)
-    names = {id(m): f"{net}.{name}".rstrip(".") for net, module in ours.nets.items()
-             for name, m in module.named_modules()}
+    names = {
+        id(m): f"{net}.{name}".rstrip(".") for net, module in ours.nets.items() for name, m in module.named_modules()
+    }
     params = tensor_pairs(pairs, lambda m: m.named_parameters(), names)
     trainable = [t for t in params if t.official.requires_grad or t.ours.requires_grad]
     return pairs, trainable, tensor_pairs(pairs, lambda m: m.named_buffers(), names)
@@ -638,15 +722,24 @@ def align(trainer: nn.Module, ours: KnowSam) -> tuple[ModulePairs, list[TensorPa
 def unpaired_trainables(trainer: nn.Module, ours: KnowSam, pairs: list[TensorPair]) -> tuple[dict, dict]:
     """Trainable tensors (name -> tensor) of each side that no pair covers."""
     official_ids, our_ids = {id(t.official) for t in pairs}, {id(t.ours) for t in pairs}
-    official = {f"{prefix}.{n}": p for prefix, module in (("SGDL", trainer.SGDL), ("sam_model", trainer.sam_model))
-                for n, p in module.named_parameters() if p.requires_grad and id(p) not in official_ids}
-    mine = {f"{net}.{n}": p for net, module in ours.nets.items() for n, p in module.named_parameters()
-            if p.requires_grad and id(p) not in our_ids}
+    official = {
+        f"{prefix}.{n}": p
+        for prefix, module in (("SGDL", trainer.SGDL), ("sam_model", trainer.sam_model))
+        for n, p in module.named_parameters()
+        if p.requires_grad and id(p) not in official_ids
+    }
+    mine = {
+        f"{net}.{n}": p
+        for net, module in ours.nets.items()
+        for n, p in module.named_parameters()
+        if p.requires_grad and id(p) not in our_ids
+    }
     return official, mine
 
 
-def iteration_terms(t: int, theirs: StepRecord, mine: StepRecord, trainable: list[TensorPair],
-                    buffers: list[TensorPair]) -> list[Term]:
+def iteration_terms(
+    t: int, theirs: StepRecord, mine: StepRecord, trainable: list[TensorPair], buffers: list[TensorPair]
+) -> list[Term]:
     """Every output, loss term, gradient and update of iteration ``t``."""
     group = f"iteration {t}"
     official_frames, our_frames, our_terms = theirs.frames, mine.frames, mine.result
@@ -654,66 +747,126 @@ def iteration_terms(t: int, theirs: StepRecord, mine: StepRecord, trainable: lis
     terms = []
     for label, frame, local, our_frame, our_local in STEP_OUTPUTS + (MIXED_OUTPUTS if mixing else []):
         ours_value = our_frames.get(our_frame, {}).get(our_local)
-        terms.append(Term("outputs", group, label, _value(official_frames[frame][local]),
-                          None if ours_value is None else _value(ours_value)))
+        terms.append(
+            Term(
+                "outputs",
+                group,
+                label,
+                _value(official_frames[frame][local]),
+                None if ours_value is None else _value(ours_value),
+            )
+        )
     for label, frame, local, key in BEFORE_MIXING + (MIXED_STAGE if mixing else []) + [L_NET]:
         terms.append(Term("terms", group, label, _value(official_frames[frame][local]), _value(our_terms[key])))
-    terms.append(Term("terms", group, "mixed stage runs", _value(float(mixing)),
-                      _value(float(our_terms["fusion_mix"] != 0.0))))
+    terms.append(
+        Term("terms", group, "mixed stage runs", _value(float(mixing)), _value(float(our_terms["fusion_mix"] != 0.0)))
+    )
     scales: dict[str, float] = {}  # module group -> the largest root mean square of an official gradient in it
     for p in trainable:
         g = theirs.grads.get(id(p.official))
         if g is not None:
             scales[p.group] = max(scales.get(p.group, 0.0), float(g.double().pow(2).mean().sqrt()))
-    terms += [Term("gradients", f"{group}, gradients, {p.group}", p.name, theirs.grads.get(id(p.official)),
-                   mine.grads.get(id(p.ours)), GRADIENT_FLOOR * scales.get(p.group, 0.0), per_tensor=True)
-              for p in trainable]
+    terms += [
+        Term(
+            "gradients",
+            f"{group}, gradients, {p.group}",
+            p.name,
+            theirs.grads.get(id(p.official)),
+            mine.grads.get(id(p.ours)),
+            GRADIENT_FLOOR * scales.get(p.group, 0.0),
+            per_tensor=True,
+        )
+        for p in trainable
+    ]
     expected = replayed_updates(theirs, mine, trainable)
-    terms += [Term("updates", f"{group}, updates (official rule, our gradient), {p.group}", p.name,
-                   expected[id(p.ours)], mine.after[id(p.ours)] - mine.before[id(p.ours)], per_tensor=True)
-              for p in trainable]
+    terms += [
+        Term(
+            "updates",
+            f"{group}, updates (official rule, our gradient), {p.group}",
+            p.name,
+            expected[id(p.ours)],
+            mine.after[id(p.ours)] - mine.before[id(p.ours)],
+            per_tensor=True,
+        )
+        for p in trainable
+    ]
     for p in buffers:
-        official, ours = (theirs.after[id(p.official)] - theirs.before[id(p.official)],
-                          mine.after[id(p.ours)] - mine.before[id(p.ours)])
-        terms.append(Term("updates", f"{group}, updates, {p.group} BatchNorm statistics", p.name,
-                          official.double(), ours.double(), per_tensor=True))
+        official, ours = (
+            theirs.after[id(p.official)] - theirs.before[id(p.official)],
+            mine.after[id(p.ours)] - mine.before[id(p.ours)],
+        )
+        terms.append(
+            Term(
+                "updates",
+                f"{group}, updates, {p.group} BatchNorm statistics",
+                p.name,
+                official.double(),
+                ours.double(),
+                per_tensor=True,
+            )
+        )
     for label, name in (("SAM (Adam)", "sam"), ("networks (SGD)", "nets")):
         official_lrs, our_lrs = theirs.lrs.get(name, []), mine.lrs.get(name, [])
         for i in range(max(len(official_lrs), len(our_lrs), 1)):
-            terms.append(Term("updates", f"{group}, learning rates", f"{label}, param group {i}",
-                              _value(official_lrs[i]) if i < len(official_lrs) else None,
-                              _value(our_lrs[i]) if i < len(our_lrs) else None))
+            terms.append(
+                Term(
+                    "updates",
+                    f"{group}, learning rates",
+                    f"{label}, param group {i}",
+                    _value(official_lrs[i]) if i < len(official_lrs) else None,
+                    _value(our_lrs[i]) if i < len(our_lrs) else None,
+                )
+            )
     return terms
 
 
-def training_step_terms(official: types.SimpleNamespace, checkpoint: Path, config: Config,
-                        x: torch.Tensor) -> list[Term]:
+def training_step_terms(
+    official: types.SimpleNamespace, checkpoint: Path, config: Config, x: torch.Tensor
+) -> list[Term]:
     """Every output, loss term, gradient and update of the official first iterations against ours."""
     trainer, ours = build_both(official, checkpoint, config)
     ours.train()
     pairs, trainable, buffers = align(trainer, ours)
-    terms = [Term("gradients", "trainable tensors", f"{p.name}: trainable on one side only (official "
-                  f"{p.official.requires_grad}, ours {p.ours.requires_grad})", None, p.ours)
-             for p in trainable if p.official.requires_grad != p.ours.requires_grad]
+    terms = [
+        Term(
+            "gradients",
+            "trainable tensors",
+            f"{p.name}: trainable on one side only (official {p.official.requires_grad}, ours {p.ours.requires_grad})",
+            None,
+            p.ours,
+        )
+        for p in trainable
+        if p.official.requires_grad != p.ours.requires_grad
+    ]
     official_extra, our_extra = unpaired_trainables(trainer, ours, trainable)
     extra = sorted({".".join(n.split(".")[-3:-1]) for n in official_extra})
-    print(f"info: {len(trainable)} trainable tensors paired; official trainable tensors without a counterpart "
-          f"here: {len(official_extra)} ({', '.join(extra) or 'none'}), ours: {len(our_extra)}")
+    print(
+        f"info: {len(trainable)} trainable tensors paired; official trainable tensors without a counterpart "
+        f"here: {len(official_extra)} ({', '.join(extra) or 'none'}), ours: {len(our_extra)}"
+    )
     tracked = [t for p in trainable + buffers for t in (p.official, p.ours)]
     y = disc_labels(BATCH, config.classes)
     batch = Batch(x[:LABELED], y[:LABELED], x[LABELED:])
     official_optimizers = {"sam": trainer.optimizer_sam, "nets": trainer.optimizer_SGDL}
     for t in range(COMPARED):
         synchronise(pairs, trainable, official_optimizers, ours.optimizers)
-        mine = record_iteration(lambda: ours.train_step(batch, t), ours.optimizers, tracked,
-                                {"losses": KnowSam.losses, "mixed": KnowSam._mixed_stage,
-                                 "teacher": teacher_forward})
+        mine = record_iteration(
+            lambda t=t: ours.train_step(batch, t),
+            ours.optimizers,
+            tracked,
+            {"losses": KnowSam.losses, "mixed": KnowSam._mixed_stage, "teacher": teacher_forward},
+        )
         official_embedding: dict[str, torch.Tensor] = {}
         hook = trainer.sam_model.image_encoder.register_forward_hook(
-            partial(given_values, mine.frames["teacher"]["embeddings"].detach(), official_embedding))
+            partial(given_values, mine.frames["teacher"]["embeddings"].detach(), official_embedding)
+        )
         try:
-            theirs = record_iteration(lambda: trainer.train(x, y, t), official_optimizers, tracked,
-                                      {"train": type(trainer).train, "mix_up": type(trainer).mix_up})
+            theirs = record_iteration(
+                lambda t=t: trainer.train(x, y, t),
+                official_optimizers,
+                tracked,
+                {"train": type(trainer).train, "mix_up": type(trainer).mix_up},
+            )
         finally:
             hook.remove()
         theirs.frames["encoder"] = official_embedding
@@ -721,9 +874,16 @@ def training_step_terms(official: types.SimpleNamespace, checkpoint: Path, confi
         # Trained officially but absent here (or the reverse): fine only while the step gives it no gradient.
         for side, tensors, record in (("official", official_extra, theirs), ("ours", our_extra, mine)):
             with_grad = sorted(n for n, p in tensors.items() if record.grads.get(id(p)) is not None)
-            terms.append(Term("gradients", f"iteration {t}", f"trainable tensors only {side} with a gradient "
-                              f"(of {len(tensors)}): {', '.join(with_grad) or 'none'}",
-                              _value(len(with_grad)), _value(0)))
+            terms.append(
+                Term(
+                    "gradients",
+                    f"iteration {t}",
+                    f"trainable tensors only {side} with a gradient "
+                    f"(of {len(tensors)}): {', '.join(with_grad) or 'none'}",
+                    _value(len(with_grad)),
+                    _value(0),
+                )
+            )
     return terms
 
 
@@ -736,17 +896,24 @@ def report(outcomes: list[Outcome]) -> None:
     for o in outcomes:
         if not o.term.per_tensor:
             official = o.term.official
-            size = f"official |{float(official.abs().max()):.4g}|" if official is not None and official.numel() \
+            size = (
+                f"official |{float(official.abs().max()):.4g}|"
+                if official is not None and official.numel()
                 else "official none"
-            print(f"{'ok ' if o.ok else 'BAD'} {o.term.group}: {o.term.name}: {size}, relative difference "
-                  f"{o.difference:.2e}")
+            )
+            print(
+                f"{'ok ' if o.ok else 'BAD'} {o.term.group}: {o.term.name}: {size}, relative difference "
+                f"{o.difference:.2e}"
+            )
         else:
             groups.setdefault(o.term.group, []).append(o)
     for group, members in groups.items():
         bad = [o for o in members if not o.ok]
         worst = max(members, key=lambda o: o.difference if o.difference != float("inf") else -1)
-        print(f"{'ok ' if not bad else 'BAD'} {group}: {len(members) - len(bad)}/{len(members)} tensors, worst "
-              f"relative difference {worst.difference:.2e} ({worst.term.name})")
+        print(
+            f"{'ok ' if not bad else 'BAD'} {group}: {len(members) - len(bad)}/{len(members)} tensors, worst "
+            f"relative difference {worst.difference:.2e} ({worst.term.name})"
+        )
         for o in bad:
             print(f"BAD {group}: {o.term.name}: relative difference {o.difference:.2e}")
 
@@ -761,8 +928,10 @@ def counts(outcomes: list[Outcome]) -> str:
 
 def run_configuration(official: types.SimpleNamespace, checkpoint: Path, config: Config) -> list[Outcome]:
     x = torch.rand(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED))
-    print(f"== {config.name}: batch {BATCH} ({LABELED} labeled + {BATCH - LABELED} unlabeled), {SIZE} px, "
-          f"seed {SEED}, CPU; our options {config.options}")
+    print(
+        f"== {config.name}: batch {BATCH} ({LABELED} labeled + {BATCH - LABELED} unlabeled), {SIZE} px, "
+        f"seed {SEED}, CPU; our options {config.options}"
+    )
     outcomes = [judge(term) for section in SECTIONS for term in section(official, x, config.classes)]
     report(outcomes)
     step = [judge(term) for term in training_step_terms(official, checkpoint, config, x)]
@@ -773,8 +942,13 @@ def run_configuration(official: types.SimpleNamespace, checkpoint: Path, config:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--official", type=Path, required=True, help="checkout of the official KnowSAM code")
-    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
-                    help="configurations to compare (class counts; default: all)")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(CONFIGS),
+        default=list(CONFIGS),
+        help="configurations to compare (class counts; default: all)",
+    )
     args = ap.parse_args(argv)
     root = args.official.resolve()
     if not (root / "Model" / "model.py").is_file():
@@ -793,8 +967,10 @@ def main(argv: list[str] | None = None) -> int:
         for o in outcomes:
             if not o.ok:
                 print(f"FAILED {name}: {o.term.group}: {o.term.name} (relative difference {o.difference:.2e})")
-    print(f"parity: {sum(o.ok for o in everything)}/{len(everything)} ({counts(everything)}) "
-          f"in {len(results)} configuration{'s' if len(results) > 1 else ''}")
+    print(
+        f"parity: {sum(o.ok for o in everything)}/{len(everything)} ({counts(everything)}) "
+        f"in {len(results)} configuration{'s' if len(results) > 1 else ''}"
+    )
     return 0 if all(o.ok for o in everything) else 1
 
 

@@ -107,8 +107,8 @@ def default_mirror() -> Path | None:
 # --- training steps -----------------------------------------------------------------------------
 def demo_dataset(root: Path, size: int, n_train: int):
     """A demo dataset prepared at ``size`` px with a 50% labeled split; returns (data, split)."""
-    from knowsam.data.demo import generate_demo
     from knowsam.data.dataset import PreparedDataset
+    from knowsam.data.demo import generate_demo
     from knowsam.data.frames import prepare_frames
     from knowsam.data.sources import DEMO
     from knowsam.data.splits import read_split, write_split
@@ -149,19 +149,36 @@ def time_steps(name: str, data, split, s: StepSetting, threads: int, deadline: f
 
     torch.manual_seed(0)
     iterations = 1000
-    train = replace(s.train, iterations=iterations, batch_size=s.batch, labeled_batch=s.labeled, threads=threads,
-                    device="cpu")
-    ctx = MethodContext(in_channels=data.in_channels, num_classes=data.num_classes, image_size=s.size,
-                        iterations=iterations, train=train, sam=replace(s.sam, checkpoint="none"),
-                        device=torch.device("cpu"), seed=0)
+    train = replace(
+        s.train, iterations=iterations, batch_size=s.batch, labeled_batch=s.labeled, threads=threads, device="cpu"
+    )
+    ctx = MethodContext(
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        image_size=s.size,
+        iterations=iterations,
+        train=train,
+        sam=replace(s.sam, checkpoint="none"),
+        device=torch.device("cpu"),
+        seed=0,
+    )
     start = time.perf_counter()
     method = get_method(name)(ctx, method_params(name, s.method_params.get(name, {})))
     apply_speed_options(method, train)
     build_s = time.perf_counter() - start
-    stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
-                         batch_size=s.batch, labeled_batch=s.labeled, seed=0, device=ctx.device,
-                         augmentation=method.augmentation, teacher_embeddings=stand_in_embeddings(method, data, s),
-                         unlabeled_pool=method.unlabeled_pool)
+    stream = TrainStream(
+        data,
+        split,
+        label_pool=method.label_pool,
+        uses_unlabeled=method.uses_unlabeled,
+        batch_size=s.batch,
+        labeled_batch=s.labeled,
+        seed=0,
+        device=ctx.device,
+        augmentation=method.augmentation,
+        teacher_embeddings=stand_in_embeddings(method, data, s),
+        unlabeled_pool=method.unlabeled_pool,
+    )
     method.train()
     totals, waits, parts = [], [], []
     # Mid-run iterations: ramps, EMA decay and KnowSAM's mixing are all in their steady state.
@@ -186,8 +203,9 @@ def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def step_section(report: Report, s: StepSetting, work: Path, threads: int, n_train: int,
-                 budget_s: float | None = None) -> list[StepResult]:
+def step_section(
+    report: Report, s: StepSetting, work: Path, threads: int, n_train: int, budget_s: float | None = None
+) -> list[StepResult]:
     """Step times of ``s.methods`` (every registered one if None); with a budget, later methods are
     skipped once the section has used it."""
     from knowsam.methods import method_names
@@ -203,21 +221,33 @@ def step_section(report: Report, s: StepSetting, work: Path, threads: int, n_tra
         results.append(time_steps(name, data, split, s, threads, deadline))
         log(f"{s.label}: {name} {results[-1].median:.3f} s/step")
     steps = sorted({len(r.totals) for r in results})
-    lines = [f"{s.size} px, batch {s.batch} ({s.labeled} labeled; methods without unlabeled data take {s.batch} "
-             f"labeled), SAM `{s.sam.arch}` ({s.sam.encoder} encoder) with random weights, {threads} threads, CPU; {s.warmup} warm-up "
-             f"step(s), then {'/'.join(map(str, steps))} timed step(s) per method (fewer only where the time budget ran out); a step = `TrainStream.next_batch` + "
-             f"`train_step` at a mid-run iteration. Demo images (step time does not depend on content).",
-             "", "| method | median s/step | min | max | data wait (share of step) | build s |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"{s.size} px, batch {s.batch} ({s.labeled} labeled; methods without unlabeled data take {s.batch} "
+        f"labeled), SAM `{s.sam.arch}` ({s.sam.encoder} encoder) with random weights, {threads} threads, CPU; {s.warmup} warm-up "
+        f"step(s), then {'/'.join(map(str, steps))} timed step(s) per method (fewer only where the time budget ran out); a step = `TrainStream.next_batch` + "
+        f"`train_step` at a mid-run iteration. Demo images (step time does not depend on content).",
+        "",
+        "| method | median s/step | min | max | data wait (share of step) | build s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r.method} | {r.median:.3f} | {min(r.totals):.3f} | {max(r.totals):.3f} | "
-                     f"{100 * r.wait_share:.2f}% | {r.build_s:.2f} |")
+        lines.append(
+            f"| {r.method} | {r.median:.3f} | {min(r.totals):.3f} | {max(r.totals):.3f} | "
+            f"{100 * r.wait_share:.2f}% | {r.build_s:.2f} |"
+        )
     if s.methods is not None or out_of_time:
         skipped = [m for m in method_names() if m not in names]
-        lines += ["", f"Measured: {', '.join(r.method for r in results)}. Not measured at this size (too slow "
-                  f"for the command's 10-minute budget on 2 cores): {', '.join(skipped + out_of_time) or 'none'}"
-                  + (f" ({', '.join(out_of_time)}: this section's {budget_s:.0f} s budget was used up)"
-                     if out_of_time else "") + "."]
+        lines += [
+            "",
+            f"Measured: {', '.join(r.method for r in results)}. Not measured at this size (too slow "
+            f"for the command's 10-minute budget on 2 cores): {', '.join(skipped + out_of_time) or 'none'}"
+            + (
+                f" ({', '.join(out_of_time)}: this section's {budget_s:.0f} s budget was used up)"
+                if out_of_time
+                else ""
+            )
+            + ".",
+        ]
     report.add(f"Training step, {s.label}", *lines)
     return results
 
@@ -229,8 +259,16 @@ def data_path_section(report: Report, work: Path, s: StepSetting, results: list[
     from knowsam.data.loader import TrainStream
 
     data, split = demo_dataset(work, s.size, n_train)
-    stream = TrainStream(data, split, label_pool="labeled", uses_unlabeled=True, batch_size=s.batch,
-                         labeled_batch=s.labeled, seed=0, device=torch.device("cpu"))
+    stream = TrainStream(
+        data,
+        split,
+        label_pool="labeled",
+        uses_unlabeled=True,
+        batch_size=s.batch,
+        labeled_batch=s.labeled,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     mapped = isinstance(stream.images, np.memmap) and isinstance(stream.masks, np.memmap)
     x = torch.rand(s.batch, data.in_channels, s.size, s.size)
     y = torch.zeros(s.batch, s.size, s.size, dtype=torch.int64)
@@ -308,23 +346,30 @@ def scoring_section(report: Report, work: Path, mirror: Path | None, n: int, wor
             mb.precision(pred, gt), mb.recall(pred, gt), mb.hd(pred, gt)
 
     rows = []
-    for label, fn in ((f"`score_folders`, {workers} workers", lambda: score_folders(pred_dir, gt_dir, workers=workers)),
-                      ("`score_folders`, 1 worker", lambda: score_folders(pred_dir, gt_dir, workers=1)),
-                      ("plain per-image medpy loop", medpy_loop)):
+    for label, fn in (
+        (f"`score_folders`, {workers} workers", lambda: score_folders(pred_dir, gt_dir, workers=workers)),
+        ("`score_folders`, 1 worker", lambda: score_folders(pred_dir, gt_dir, workers=1)),
+        ("plain per-image medpy loop", medpy_loop),
+    ):
         wall, cpu = time.perf_counter(), cpu_seconds()
         fn()
         rows.append((label, time.perf_counter() - wall, cpu_seconds() - cpu))
     medpy_s = rows[-1][1]
-    lines = [f"{len(gts)} masks: {what}, each scored against a shifted and eroded/dilated copy of itself "
-             "(PNG files; reading included). Metrics: Dice, IoU, HD95, ASD, precision, recall, HD.",
-             "", "| scorer | wall s | images/s | CPU s | medpy wall / this wall |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"{len(gts)} masks: {what}, each scored against a shifted and eroded/dilated copy of itself "
+        "(PNG files; reading included). Metrics: Dice, IoU, HD95, ASD, precision, recall, HD.",
+        "",
+        "| scorer | wall s | images/s | CPU s | medpy wall / this wall |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for label, wall, cpu in rows:
         lines.append(f"| {label} | {wall:.2f} | {len(gts) / wall:.1f} | {cpu:.2f} | {medpy_s / wall:.1f}x |")
     report.add("Scoring throughput", *lines)
 
 
-def preparation_section(report: Report, work: Path, mirror: Path | None, n: int, size: int, workers: int,
-                        n_demo: int) -> None:
+def preparation_section(
+    report: Report, work: Path, mirror: Path | None, n: int, size: int, workers: int, n_demo: int
+) -> None:
     from knowsam.data.frames import prepare_frames
     from knowsam.data.sources import POLYP
 
@@ -344,14 +389,17 @@ def preparation_section(report: Report, work: Path, mirror: Path | None, n: int,
         raw = work / "raw"  # generated by the training section
         what = f"The {n_demo}-image demo training set (no mirror found)"
     wall, cpu = time.perf_counter(), cpu_seconds()
-    meta = prepare_frames(raw, work / "prep-out", POLYP, image_size=size, interpolation="bilinear", test_sets=[],
-                          workers=workers)
+    meta = prepare_frames(
+        raw, work / "prep-out", POLYP, image_size=size, interpolation="bilinear", test_sets=[], workers=workers
+    )
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     count = meta["train"]
-    report.add("Preparation throughput",
-               f"{what}, prepared at {size} px with {workers} worker(s) (read, check, resize, write arrays): "
-               f"{count} pairs in {wall:.2f} s wall = **{count / wall:.1f} images/s** "
-               f"({cpu:.2f} s CPU, {count / cpu:.1f} images per CPU-second).")
+    report.add(
+        "Preparation throughput",
+        f"{what}, prepared at {size} px with {workers} worker(s) (read, check, resize, write arrays): "
+        f"{count} pairs in {wall:.2f} s wall = **{count / wall:.1f} images/s** "
+        f"({cpu:.2f} s CPU, {count / cpu:.1f} images per CPU-second).",
+    )
 
 
 # --- command line and pipeline ----------------------------------------------------------------
@@ -363,9 +411,11 @@ def cli_section(report: Report, runs: int) -> None:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - t0)
-    report.add("Command-line latency",
-               f"`knowsam-bench --help` in a fresh process: median **{statistics.median(times):.2f} s** of {runs} "
-               f"runs (min {min(times):.2f}, max {max(times):.2f}).")
+    report.add(
+        "Command-line latency",
+        f"`knowsam-bench --help` in a fresh process: median **{statistics.median(times):.2f} s** of {runs} "
+        f"runs (min {min(times):.2f}, max {max(times):.2f}).",
+    )
 
 
 TINY_PIPELINE = """profile: demo
@@ -398,8 +448,11 @@ def dvc_section(report: Report, work: Path, runs: int) -> None:
         if (REPO / name).exists():
             shutil.copy2(REPO / name, copy / name)
     (copy / "params.yaml").write_text(TINY_PIPELINE)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+    }
 
     def run(*args: str) -> float:
         t0 = time.perf_counter()
@@ -416,17 +469,26 @@ def dvc_section(report: Report, work: Path, runs: int) -> None:
     except RuntimeError as exc:
         report.add("Pipeline no-op", f"Not measured: {exc}")
         return
-    stages = len([line for line in (copy / "dvc.lock").read_text().splitlines() if line.startswith("  ") and
-                  not line.startswith("   ")])
-    report.add("Pipeline no-op",
-               "Measured on a temporary copy of the package, `stages/` and `dvc.yaml` with a one-run matrix "
-               f"(demo, labeled-only, 32 px, 2 iterations; {stages} stages), not in the working repository "
-               "(whose pipeline state may be incomplete or in use). Cost grows with the number of stages and the "
-               "size of hashed dependencies.",
-               "", "| command | median s | runs |", "|---|---:|---:|",
-               f"| first `dvc repro` (runs every stage) | {first:.2f} | 1 |",
-               f"| `dvc repro`, nothing changed | {statistics.median(noop):.2f} | {runs} |",
-               f"| `dvc status`, nothing changed | {statistics.median(status):.2f} | {runs} |")
+    stages = len(
+        [
+            line
+            for line in (copy / "dvc.lock").read_text().splitlines()
+            if line.startswith("  ") and not line.startswith("   ")
+        ]
+    )
+    report.add(
+        "Pipeline no-op",
+        "Measured on a temporary copy of the package, `stages/` and `dvc.yaml` with a one-run matrix "
+        f"(demo, labeled-only, 32 px, 2 iterations; {stages} stages), not in the working repository "
+        "(whose pipeline state may be incomplete or in use). Cost grows with the number of stages and the "
+        "size of hashed dependencies.",
+        "",
+        "| command | median s | runs |",
+        "|---|---:|---:|",
+        f"| first `dvc repro` (runs every stage) | {first:.2f} | 1 |",
+        f"| `dvc repro`, nothing changed | {statistics.median(noop):.2f} | {runs} |",
+        f"| `dvc status`, nothing changed | {statistics.median(status):.2f} | {runs} |",
+    )
 
 
 def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path | None = None) -> Path:
@@ -443,30 +505,44 @@ def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path 
     started, load_start = time.perf_counter(), load_text()
     mirror = mirror if mirror is not None else default_mirror()
     if quick:
-        cpu = StepSetting("CPU profile (quick: reduced)", 32, 4, 2, SamParams(arch="tiny", checkpoint="none"), 1, 2, None)
+        cpu = StepSetting(
+            "CPU profile (quick: reduced)", 32, 4, 2, SamParams(arch="tiny", checkpoint="none"), 1, 2, None
+        )
         paper = None
         n_train, n_scores, n_prep = 16, 6, 0
     else:
         from knowsam import config, validation
 
         prof = validation.load(config.profile_path("cpu"))
-        cpu = StepSetting("CPU profile", prof.data.image_size, prof.train.batch_size, prof.train.labeled_batch,
-                          prof.sam, 1, 3, None)
-        paper = StepSetting("paper-sized configuration", 256, 8, 4, SamParams(arch="vit_b", checkpoint="none"), 1, 2,
-                            ("fully-supervised", "knowsam", "mt"))
+        cpu = StepSetting(
+            "CPU profile", prof.data.image_size, prof.train.batch_size, prof.train.labeled_batch, prof.sam, 1, 3, None
+        )
+        paper = StepSetting(
+            "paper-sized configuration",
+            256,
+            8,
+            4,
+            SamParams(arch="vit_b", checkpoint="none"),
+            1,
+            2,
+            ("fully-supervised", "knowsam", "mt"),
+        )
         n_train, n_scores, n_prep = 48, 60, 200
     report = Report(quick)
-    report.add("Machine",
-               "| CPU | cores | torch | threads | Python | load average at start (1/5/15 min) |",
-               "|---|---:|---|---:|---|---|",
-               f"| {cpu_model()} | {os.cpu_count()} | {torch.__version__} | {threads} | "
-               f"{platform.python_version()} | {load_start} |")
+    report.add(
+        "Machine",
+        "| CPU | cores | torch | threads | Python | load average at start (1/5/15 min) |",
+        "|---|---:|---|---:|---|---|",
+        f"| {cpu_model()} | {os.cpu_count()} | {torch.__version__} | {threads} | "
+        f"{platform.python_version()} | {load_start} |",
+    )
     with tempfile.TemporaryDirectory(prefix="knowsam-bench-") as tmp:
         work = Path(tmp)
         results = step_section(report, cpu, work, threads, n_train)
         if paper is not None:  # leave about 2.5 minutes of the 10 for the sections after it
-            step_section(report, paper, work, threads, n_train,
-                         budget_s=max(60.0, 420.0 - (time.perf_counter() - started)))
+            step_section(
+                report, paper, work, threads, n_train, budget_s=max(60.0, 420.0 - (time.perf_counter() - started))
+            )
         else:
             report.add("Training step, paper-sized configuration", "Not measured (`--quick`).")
         data_path_section(report, work, cpu, results, n_train)
@@ -481,11 +557,15 @@ def run_bench(out: Path, *, quick: bool = False, threads: int = 2, mirror: Path 
         else:
             dvc_section(report, work, 3)
     total = time.perf_counter() - started
-    head = ["# Benchmarks", "",
-            f"Written by `knowsam-bench bench{' --quick' if quick else ''}` on "
-            f"{_dt.datetime.now().isoformat(timespec='seconds')} in {total:.0f} s. Wall-clock figures are "
-            "inflated when other work shares the machine: compare the load averages "
-            f"(start {load_start}; end {load_text()}).", ""]
+    head = [
+        "# Benchmarks",
+        "",
+        f"Written by `knowsam-bench bench{' --quick' if quick else ''}` on "
+        f"{_dt.datetime.now().isoformat(timespec='seconds')} in {total:.0f} s. Wall-clock figures are "
+        "inflated when other work shares the machine: compare the load averages "
+        f"(start {load_start}; end {load_text()}).",
+        "",
+    ]
     out = Path(out)
     fileio.write_text(out, "\n".join(head + report.sections))
     fileio.record_files(out.parent, [out.name], WRITER)

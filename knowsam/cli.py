@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,8 +26,11 @@ app = typer.Typer(
 _state = {"debug": False}
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Params file (DVC's params.yaml).")
-ALLOW_STALE_OPTION = typer.Option(False, "--allow-stale", help="Also show runs scored under other params or code "
-                                  "(marked †) instead of leaving them out.")
+ALLOW_STALE_OPTION = typer.Option(
+    False,
+    "--allow-stale",
+    help="Also show runs scored under other params or code (marked †) instead of leaving them out.",
+)
 
 
 @app.callback()
@@ -77,22 +79,27 @@ def methods() -> None:
 
 
 @app.command()
-def describe(method: str = typer.Argument(..., help="Method name (see `knowsam-bench methods`)."),
-             dataset: Optional[str] = typer.Option(None, help="Dataset whose classes and channels to use "
-                                                   "(default: the first in params)."),
-             sam_arch: Optional[str] = typer.Option(None, "--sam-arch", help="SAM variant (default: params' sam.arch)."),
-             as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-             params_file: Path = PARAMS_OPTION) -> None:
+def describe(
+    method: str = typer.Argument(..., help="Method name (see `knowsam-bench methods`)."),
+    dataset: str | None = typer.Option(
+        None, help="Dataset whose classes and channels to use (default: the first in params)."
+    ),
+    sam_arch: str | None = typer.Option(None, "--sam-arch", help="SAM variant (default: params' sam.arch)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
     """A method's networks with their parameter counts (total and trainable), without training."""
-    from knowsam.describe import describe as describe_method, render
+    from knowsam.describe import describe as describe_method
+    from knowsam.describe import render
 
     params = _load_params(params_file)
     typer.echo(render(describe_method(params, method, dataset or params.datasets[0], sam_arch), as_json))
 
 
 @app.command()
-def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, paper."),
-            params_file: Path = PARAMS_OPTION) -> None:
+def profile(
+    name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, paper."), params_file: Path = PARAMS_OPTION
+) -> None:
     """Switch params.yaml to a profile (the demo is the default)."""
     from knowsam import config, fileio, validation
 
@@ -102,15 +109,17 @@ def profile(name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, 
         current = params_file.read_bytes()
         if all(current != config.profile_path(p).read_bytes() for p in config.profile_names()):
             backup, new = fileio.keep_copy(params_file, current)
-            typer.echo(f"{params_file}: differs from every profile; "
-                       f"{'kept as' if new else 'already kept as'} {backup}")
+            typer.echo(f"{params_file}: differs from every profile; {'kept as' if new else 'already kept as'} {backup}")
     fileio.write_text(params_file, source.read_text())
     typer.echo(f"{params_file}: now profile '{name}' (from {source.name}); run `dvc repro`")
 
 
 @app.command()
-def acquire(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION,
-            offline: bool = typer.Option(False, help="Use only the mirror, never the network.")) -> None:
+def acquire(
+    dataset: str = typer.Argument(...),
+    params_file: Path = PARAMS_OPTION,
+    offline: bool = typer.Option(False, help="Use only the mirror, never the network."),
+) -> None:
     """Fetch a dataset (mirror, else official download) into data/raw/<dataset>."""
     from knowsam.data.acquire import acquire as do_acquire
 
@@ -130,14 +139,18 @@ def prepare(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTIO
     start = time.perf_counter()
     meta = prepare_dataset(dataset, params.data)
     counts = ", ".join(f"{k} {v}" for k, v in meta["test_sets"].items())
-    typer.echo(f"{dataset}: train {meta['train']}; test {counts} "
-               f"({time.perf_counter() - start:.1f} s at {meta['image_size']} px)")
+    typer.echo(
+        f"{dataset}: train {meta['train']}; test {counts} "
+        f"({time.perf_counter() - start:.1f} s at {meta['image_size']} px)"
+    )
 
 
 @app.command()
-def embed(dataset: str = typer.Argument(...),
-          batch: int = typer.Option(1, help="Images per encoder call (1 was fastest on CPU; more on a GPU)."),
-          params_file: Path = PARAMS_OPTION) -> None:
+def embed(
+    dataset: str = typer.Argument(...),
+    batch: int = typer.Option(1, help="Images per encoder call (1 was fastest on CPU; more on a GPU)."),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
     """Cache the frozen SAM encoder's embeddings of every image of a dataset (sam.encoder: cached)."""
     from rich.progress import Progress
 
@@ -148,20 +161,26 @@ def embed(dataset: str = typer.Argument(...),
         raise KnowsamError(f"--batch {batch} must be >= 1", 2)
     with Progress(transient=True) as bar:
         task = bar.add_task(f"embed {dataset}", total=None)
-        meta = embed_dataset(params, dataset, batch=batch,
-                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+        meta = embed_dataset(
+            params, dataset, batch=batch, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
     if not meta["needed"]:
         typer.echo(f"{dataset}: sam.encoder is {params.sam.encoder}; no embedding cache needed")
         return
     last = meta["last_call"]
-    typer.echo(f"{dataset}: {sum(meta['done'].values())} embeddings ({', '.join(f'{k} {v}' for k, v in meta['done'].items())}); this call {last['images']} images in {last['seconds']} s "
-               f"({last['images_per_second']} images/s)")
+    typer.echo(
+        f"{dataset}: {sum(meta['done'].values())} embeddings ({', '.join(f'{k} {v}' for k, v in meta['done'].items())}); this call {last['images']} images in {last['seconds']} s "
+        f"({last['images_per_second']} images/s)"
+    )
 
 
 @app.command()
-def split(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION,
-          ratio: Optional[float] = typer.Option(None, help="Only this ratio (default: every ratio in params)."),
-          seed: Optional[int] = typer.Option(None, help="Only this seed (default: every seed in params).")) -> None:
+def split(
+    dataset: str = typer.Argument(...),
+    params_file: Path = PARAMS_OPTION,
+    ratio: float | None = typer.Option(None, help="Only this ratio (default: every ratio in params)."),
+    seed: int | None = typer.Option(None, help="Only this seed (default: every seed in params)."),
+) -> None:
     """Write the split files of a dataset (every ratio and seed in params unless one is given)."""
     from knowsam.data.dataset import PreparedDataset
     from knowsam.data.splits import split_path, write_split
@@ -169,21 +188,30 @@ def split(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION,
     params = _load_params(params_file)
     _check_ratio_seed(ratio, seed)
     data = PreparedDataset(Path(params.data.prepared_root) / dataset)
-    for ratio in [ratio] if ratio is not None else params.ratios:
-        for seed in [seed] if seed is not None else params.seeds:
-            out = split_path(params.data.splits_root, dataset, ratio, seed)
-            counts = write_split(data, out, ratio, seed, params.data.val_fraction)["counts"]
-            typer.echo(f"{out}: labeled {counts['labeled']}, unlabeled {counts['unlabeled']}, "
-                       f"validation {counts['validation']}")
+    for r in [ratio] if ratio is not None else params.ratios:
+        for s in [seed] if seed is not None else params.seeds:
+            out = split_path(params.data.splits_root, dataset, r, s)
+            counts = write_split(data, out, r, s, params.data.val_fraction)["counts"]
+            typer.echo(
+                f"{out}: labeled {counts['labeled']}, unlabeled {counts['unlabeled']}, "
+                f"validation {counts['validation']}"
+            )
 
 
 @app.command()
-def train(method: str = typer.Option(..., help="Method name (see `knowsam-bench methods`)."),
-          dataset: str = typer.Option(...), ratio: float = typer.Option(...), seed: int = typer.Option(...),
-          params_file: Path = PARAMS_OPTION,
-          progress: bool = typer.Option(True, help="Show a progress bar."),
-          restart_stale: bool = typer.Option(False, help="Discard a checkpoint of another configuration "
-                                             "(the pipeline does: DVC re-runs a stage when its params changed).")) -> None:
+def train(
+    method: str = typer.Option(..., help="Method name (see `knowsam-bench methods`)."),
+    dataset: str = typer.Option(...),
+    ratio: float = typer.Option(...),
+    seed: int = typer.Option(...),
+    params_file: Path = PARAMS_OPTION,
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    restart_stale: bool = typer.Option(
+        False,
+        help="Discard a checkpoint of another configuration "
+        "(the pipeline does: DVC re-runs a stage when its params changed).",
+    ),
+) -> None:
     """Train one run (what a DVC train stage calls); resumes from its last checkpoint."""
     from knowsam.train import train_run
 
@@ -191,18 +219,27 @@ def train(method: str = typer.Option(..., help="Method name (see `knowsam-bench 
     run = _run_ids(params, method, dataset, ratio, seed)
     summary = train_run(params, run, progress=progress, restart_stale=restart_stale)
     if summary["best_val_dice"] is None:
-        typer.echo(f"{run.stage_name}: {summary['iterations']} iterations; no validation images "
-                   f"(data.val_fraction {params.data.val_fraction:g}), so the final weights are the reported ones")
+        typer.echo(
+            f"{run.stage_name}: {summary['iterations']} iterations; no validation images "
+            f"(data.val_fraction {params.data.val_fraction:g}), so the final weights are the reported ones"
+        )
         return
-    typer.echo(f"{run.stage_name}: {summary['iterations']} iterations, best validation Dice "
-               f"{summary['best_val_dice']:.4f} at {summary['best_step']}")
+    typer.echo(
+        f"{run.stage_name}: {summary['iterations']} iterations, best validation Dice "
+        f"{summary['best_val_dice']:.4f} at {summary['best_step']}"
+    )
 
 
 @app.command()
-def evaluate(dataset: str = typer.Argument(...), ratio: float = typer.Option(...), seed: int = typer.Option(...),
-             methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: every method "
-                                                   "in params, as the evaluate stage does)."),
-             params_file: Path = PARAMS_OPTION) -> None:
+def evaluate(
+    dataset: str = typer.Argument(...),
+    ratio: float = typer.Option(...),
+    seed: int = typer.Option(...),
+    methods: str | None = typer.Option(
+        None, help="Comma-separated methods (default: every method in params, as the evaluate stage does)."
+    ),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
     """Score the trained runs of one (dataset, ratio, seed) group on every test set of the dataset."""
     from knowsam.evaluate import evaluate_group
 
@@ -221,10 +258,14 @@ def evaluate(dataset: str = typer.Argument(...), ratio: float = typer.Option(...
 
 
 @app.command()
-def leaderboard(params_file: Path = PARAMS_OPTION,
-                out: Path = typer.Option(Path("reports"), help="Folder for leaderboard.md/.csv and figures (replaces "
-                                         "only the files the leaderboard wrote there)."),
-                allow_stale: bool = ALLOW_STALE_OPTION) -> None:
+def leaderboard(
+    params_file: Path = PARAMS_OPTION,
+    out: Path = typer.Option(
+        Path("reports"),
+        help="Folder for leaderboard.md/.csv and figures (replaces only the files the leaderboard wrote there).",
+    ),
+    allow_stale: bool = ALLOW_STALE_OPTION,
+) -> None:
     """Build reports/leaderboard.md and .csv from every run of the params matrix evaluated under the current
     params and code."""
     from knowsam.report.leaderboard import write_leaderboard
@@ -240,20 +281,26 @@ def leaderboard(params_file: Path = PARAMS_OPTION,
 
 
 @app.command("teacher-check")
-def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. polyp or acdc."),
-                  prompt: list[str] = typer.Option(["box"], "--prompt", help="box (ground-truth boxes) or none "
-                                                   "(whole-image box); repeat to score both from one encoder pass."),
-                  limit: Optional[int] = typer.Option(None, help="Only the first N cases of each test set."),
-                  sets: Optional[str] = typer.Option(None, help="Comma-separated test sets (default: all)."),
-                  as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
-                  raw: Optional[Path] = typer.Option(None, help="Raw dataset folder (default: data.raw_root/DATASET)."),
-                  arch: Optional[str] = typer.Option(None, help="SAM arch (default: params sam.arch)."),
-                  checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint (default: params sam.checkpoint)."),
-                  params_file: Path = PARAMS_OPTION) -> None:
+def teacher_check(
+    dataset: str = typer.Argument(..., help="Dataset name, e.g. polyp or acdc."),
+    prompt: list[str] = typer.Option(
+        ["box"],
+        "--prompt",
+        help="box (ground-truth boxes) or none (whole-image box); repeat to score both from one encoder pass.",
+    ),
+    limit: int | None = typer.Option(None, help="Only the first N cases of each test set."),
+    sets: str | None = typer.Option(None, help="Comma-separated test sets (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    raw: Path | None = typer.Option(None, help="Raw dataset folder (default: data.raw_root/DATASET)."),
+    arch: str | None = typer.Option(None, help="SAM arch (default: params sam.arch)."),
+    checkpoint: str | None = typer.Option(None, help="SAM checkpoint (default: params sam.checkpoint)."),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
     """Score the pretrained SAM teacher alone on the dataset's test sets, prompted with boxes."""
     import json
 
-    from knowsam.teacher_check import check_prompts, pretrained_teacher, teacher_check as check
+    from knowsam.teacher_check import check_prompts, pretrained_teacher
+    from knowsam.teacher_check import teacher_check as check
 
     params = _load_params(params_file)
     if limit is not None and limit < 1:
@@ -262,9 +309,16 @@ def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. po
     check_prompts(prompts)
     folder = raw if raw is not None else Path(params.data.raw_root) / dataset
     if not folder.is_dir():
-        raise KnowsamError(f"{folder}: raw dataset folder not found; run `knowsam-bench acquire {dataset}` or pass --raw")
-    teacher, weights = pretrained_teacher(arch or params.sam.arch, checkpoint or params.sam.checkpoint,
-                                          params.sam.cache_dir, params.train, params.sam.amp_bf16)
+        raise KnowsamError(
+            f"{folder}: raw dataset folder not found; run `knowsam-bench acquire {dataset}` or pass --raw"
+        )
+    teacher, weights = pretrained_teacher(
+        arch or params.sam.arch,
+        checkpoint or params.sam.checkpoint,
+        params.sam.cache_dir,
+        params.train,
+        params.sam.amp_bf16,
+    )
     only = [t.strip() for t in sets.split(",") if t.strip()] if sets is not None else None
     result = check(dataset, folder, teacher, prompts, limit=limit, test_sets=only)
     result["teacher"] = weights
@@ -276,9 +330,15 @@ def teacher_check(dataset: str = typer.Argument(..., help="Dataset name, e.g. po
         for part, entry in parts.items():
             classes = "".join(f", {c} {_score(v)}" for c, v in entry.get("per_class", {}).items())
             excluded = entry["excluded"]
-            left_out = (f"; {len(excluded)} excluded, an empty ground truth gives no box: "
-                        f"{', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''}" if excluded else "")
-            typer.echo(f"  --prompt {name:<4} {part}: mDice {_score(entry['mDice'])} (n={entry['n']}){classes}{left_out}")
+            left_out = (
+                f"; {len(excluded)} excluded, an empty ground truth gives no box: "
+                f"{', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''}"
+                if excluded
+                else ""
+            )
+            typer.echo(
+                f"  --prompt {name:<4} {part}: mDice {_score(entry['mDice'])} (n={entry['n']}){classes}{left_out}"
+            )
 
 
 def _score(value: float | None) -> str:
@@ -286,18 +346,25 @@ def _score(value: float | None) -> str:
 
 
 @app.command()
-def score(pred_dir: Path = typer.Argument(..., help="Folder of predictions: probability maps or masks."),
-          gt_dir: Path = typer.Argument(..., help="Folder of ground-truth masks, matched by file stem."),
-          threshold: float = typer.Option(0.5, help="A probability map's foreground: probability > threshold."),
-          pred_encoding: str = typer.Option("auto", "--pred-encoding",
-                                            help="auto | labels (read as masks, like ground truth) | probability "
-                                                 "(grey level / full scale) | colormap:<name> (matplotlib's). "
-                                                 "auto refuses what it cannot tell apart."),
-          as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
-          out: Optional[Path] = typer.Option(None, help="Write the per-image CSV here (a new file, or one "
-                                             "score wrote; not inside the folders it reads)."),
-          resize: bool = typer.Option(False, "--resize", help="Resize predictions of another size to their "
-                                      "mask's (refused otherwise).")) -> None:
+def score(
+    pred_dir: Path = typer.Argument(..., help="Folder of predictions: probability maps or masks."),
+    gt_dir: Path = typer.Argument(..., help="Folder of ground-truth masks, matched by file stem."),
+    threshold: float = typer.Option(0.5, help="A probability map's foreground: probability > threshold."),
+    pred_encoding: str = typer.Option(
+        "auto",
+        "--pred-encoding",
+        help="auto | labels (read as masks, like ground truth) | probability "
+        "(grey level / full scale) | colormap:<name> (matplotlib's). "
+        "auto refuses what it cannot tell apart.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    out: Path | None = typer.Option(
+        None, help="Write the per-image CSV here (a new file, or one score wrote; not inside the folders it reads)."
+    ),
+    resize: bool = typer.Option(
+        False, "--resize", help="Resize predictions of another size to their mask's (refused otherwise)."
+    ),
+) -> None:
     """Score any folder of predictions against ground-truth masks at the masks' resolution."""
     from knowsam.report.score import score_command
 
@@ -305,11 +372,14 @@ def score(pred_dir: Path = typer.Argument(..., help="Folder of predictions: prob
 
 
 @app.command()
-def compare(methods: list[str] = typer.Option(..., "--methods", help="Comma-separated methods, e.g. ucmt,knowsam."),
-            dataset: Optional[str] = typer.Option(None, help="Only this dataset."),
-            ratio: Optional[float] = typer.Option(None, help="Only this labeled ratio."),
-            fmt: str = typer.Option("table", "--format", help="table | md | json"),
-            allow_stale: bool = ALLOW_STALE_OPTION, params_file: Path = PARAMS_OPTION) -> None:
+def compare(
+    methods: list[str] = typer.Option(..., "--methods", help="Comma-separated methods, e.g. ucmt,knowsam."),
+    dataset: str | None = typer.Option(None, help="Only this dataset."),
+    ratio: float | None = typer.Option(None, help="Only this labeled ratio."),
+    fmt: str = typer.Option("table", "--format", help="table | md | json"),
+    allow_stale: bool = ALLOW_STALE_OPTION,
+    params_file: Path = PARAMS_OPTION,
+) -> None:
     """Compare methods: mean ± std over seeds, difference, paired Wilcoxon p-value, paper number."""
     from knowsam.report.compare import compare_command
 
@@ -317,29 +387,42 @@ def compare(methods: list[str] = typer.Option(..., "--methods", help="Comma-sepa
 
 
 @app.command()
-def publish(out: Path = typer.Argument(..., help="A new folder, or one publish wrote before (it is replaced), "
-                                         "e.g. reports/published/cpu."),
-            methods: str = typer.Option("ucmt,knowsam", "--compare", help="Methods for the comparison (first = baseline)."),
-            wall_seconds: Optional[float] = typer.Option(None, help="Wall time of the pipeline run, in seconds."),
-            command: str = typer.Option("dvc repro", help="The command that produced the runs."),
-            allow_stale: bool = ALLOW_STALE_OPTION, params_file: Path = PARAMS_OPTION) -> None:
+def publish(
+    out: Path = typer.Argument(
+        ..., help="A new folder, or one publish wrote before (it is replaced), e.g. reports/published/cpu."
+    ),
+    methods: str = typer.Option("ucmt,knowsam", "--compare", help="Methods for the comparison (first = baseline)."),
+    wall_seconds: float | None = typer.Option(None, help="Wall time of the pipeline run, in seconds."),
+    command: str = typer.Option("dvc repro", help="The command that produced the runs."),
+    allow_stale: bool = ALLOW_STALE_OPTION,
+    params_file: Path = PARAMS_OPTION,
+) -> None:
     """Freeze the evaluated runs into a folder for Git: leaderboard, figures, comparison, params, versions."""
     from knowsam.report.compare import parse_methods
     from knowsam.report.publish import publish as publish_results
 
-    path = publish_results(params_file, out, parse_methods(methods), wall_seconds=wall_seconds, command=command,
-                           allow_stale=allow_stale)
+    path = publish_results(
+        params_file, out, parse_methods(methods), wall_seconds=wall_seconds, command=command, allow_stale=allow_stale
+    )
     typer.echo(f"wrote {path}")
 
 
 @app.command()
-def plan(params_file: Path = PARAMS_OPTION,
-         steps: int = typer.Option(2, min=1, help="Training steps timed per method (after one warm-up step)."),
-         as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
-         profile: bool = typer.Option(False, "--profile", help="Also break each method's step into its parts, "
-                                      "beside a labeled-only step measured in the same run."),
-         overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE: plan with this param changed, e.g. "
-                                             "data.image_size=128 or 'methods=[knowsam]' (repeatable).")) -> None:
+def plan(
+    params_file: Path = PARAMS_OPTION,
+    steps: int = typer.Option(2, min=1, help="Training steps timed per method (after one warm-up step)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+    profile: bool = typer.Option(
+        False,
+        "--profile",
+        help="Also break each method's step into its parts, beside a labeled-only step measured in the same run.",
+    ),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        help="KEY=VALUE: plan with this param changed, e.g. data.image_size=128 or 'methods=[knowsam]' (repeatable).",
+    ),
+) -> None:
     """Before `dvc repro`: the runs the params expand to, those complete, and the training time on this machine."""
     import json
 
@@ -379,10 +462,12 @@ def _profile_table(breakdown: dict, params):
     methods = breakdown["methods"]
     parts = [p for p in (*PARTS, "data", "other") if any(p in m["parts"] for m in methods)]
     t, s = params.train, params.sam
-    table = Table(title=f"Seconds per step by part: {params.data.image_size} px, batch {t.batch_size} "
-                        f"({t.labeled_batch} labeled), {t.threads or 'default'} threads, SAM {s.arch} "
-                        f"({s.encoder} encoder, prompt grid {s.prompt_grid}, bf16 {str(s.amp_bf16).lower()}); "
-                        f"medians of {breakdown['steps']} step(s)")
+    table = Table(
+        title=f"Seconds per step by part: {params.data.image_size} px, batch {t.batch_size} "
+        f"({t.labeled_batch} labeled), {t.threads or 'default'} threads, SAM {s.arch} "
+        f"({s.encoder} encoder, prompt grid {s.prompt_grid}, bf16 {str(s.amp_bf16).lower()}); "
+        f"medians of {breakdown['steps']} step(s)"
+    )
     table.add_column("Part")
     for m in methods:
         table.add_column(m["method"], justify="right")
@@ -396,16 +481,18 @@ def _profile_table(breakdown: dict, params):
 
 publication_app = typer.Typer(
     help="A publication folder whose results accumulate in Git run by run, across machines: its params.yaml "
-         "(the matrix) and runs/ (each evaluated run's results). See docs/publications.md.",
-    no_args_is_help=True)
+    "(the matrix) and runs/ (each evaluated run's results). See docs/publications.md.",
+    no_args_is_help=True,
+)
 app.add_typer(publication_app, name="publication")
 FOLDER_ARGUMENT = typer.Argument(..., help="The publication folder, e.g. reports/published/cpu-ranked.")
 STATE_STYLES = {"done": "green", "missing": "red", "stale": "yellow"}
 
 
 @publication_app.command("status")
-def publication_status(folder: Path = FOLDER_ARGUMENT,
-                       as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+def publication_status(
+    folder: Path = FOLDER_ARGUMENT, as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")
+) -> None:
     """The publication's matrix: each run done, missing or stale (with the reason), and what is left."""
     import json
 
@@ -425,8 +512,17 @@ def publication_status(folder: Path = FOLDER_ARGUMENT,
     unknown = sum((r.dataset, r.method) not in known for r in todo)
     counts = {state: sum(s.state == state for s in states) for state in STATES}
     if as_json:
-        typer.echo(json.dumps({"folder": str(folder), "runs": [s.to_dict() for s in states], "counts": counts,
-                               "todo_seconds_recorded": round(estimate, 1), "todo_without_record": unknown}))
+        typer.echo(
+            json.dumps(
+                {
+                    "folder": str(folder),
+                    "runs": [s.to_dict() for s in states],
+                    "counts": counts,
+                    "todo_seconds_recorded": round(estimate, 1),
+                    "todo_without_record": unknown,
+                }
+            )
+        )
         return
     console = Console()
     for dataset in params.datasets:
@@ -436,8 +532,11 @@ def publication_status(folder: Path = FOLDER_ARGUMENT,
                 table.add_column(header, justify="left" if header == "Method" else "right")
             for method in params.methods:
                 row = [s for s in states if (s.run.dataset, s.run.ratio, s.run.method) == (dataset, ratio, method)]
-                table.add_row(method, f"{sum(s.state == 'done' for s in row)}/{len(row)}",
-                              *(f"[{STATE_STYLES[s.state]}]{s.state}[/]" for s in row))
+                table.add_row(
+                    method,
+                    f"{sum(s.state == 'done' for s in row)}/{len(row)}",
+                    *(f"[{STATE_STYLES[s.state]}]{s.state}[/]" for s in row),
+                )
             console.print(table)
     for s in states:
         if s.state == "stale":
@@ -447,51 +546,76 @@ def publication_status(folder: Path = FOLDER_ARGUMENT,
         cost = "no done run of their dataset and method to time them by"
         if estimate:
             cost = f"about {duration(estimate)} at the done runs' wall times" + (
-                f", {unknown} of them not counted: no done run of their dataset and method" if unknown else "")
+                f", {unknown} of them not counted: no done run of their dataset and method" if unknown else ""
+            )
         line += f"; make them with `knowsam-bench publication run {folder}` ({cost})"
     console.print(line + ".", soft_wrap=True, highlight=False)
 
 
 @publication_app.command("run")
-def publication_run(folder: Path = FOLDER_ARGUMENT,
-                    jobs: int = typer.Option(1, "--jobs", help="Runs side by side (on a CPU: two 1-thread runs "
-                                             "make more progress than one 2-thread run)."),
-                    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per run (default: "
-                                                          "train.threads for one job, 1 for several)."),
-                    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Start no run that its "
-                                                                "estimate says would end after this many minutes "
-                                                                "from now."),
-                    commit: bool = typer.Option(False, "--commit", help="git commit each run's results alone as "
-                                                "soon as they are stored."),
-                    methods: Optional[str] = typer.Option(None, "--methods", help="Only these methods "
-                                                          "(comma-separated), e.g. the key ones first."),
-                    restart_stale: bool = typer.Option(False, help="Discard a run folder of another configuration "
-                                                       "in data/runs instead of failing that run.")) -> None:
+def publication_run(
+    folder: Path = FOLDER_ARGUMENT,
+    jobs: int = typer.Option(
+        1, "--jobs", help="Runs side by side (on a CPU: two 1-thread runs make more progress than one 2-thread run)."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch threads per run (default: train.threads for one job, 1 for several)."
+    ),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="Start no run that its estimate says would end after this many minutes from now."
+    ),
+    commit: bool = typer.Option(
+        False, "--commit", help="git commit each run's results alone as soon as they are stored."
+    ),
+    methods: str | None = typer.Option(
+        None, "--methods", help="Only these methods (comma-separated), e.g. the key ones first."
+    ),
+    restart_stale: bool = typer.Option(
+        False, help="Discard a run folder of another configuration in data/runs instead of failing that run."
+    ),
+) -> None:
     """Train and evaluate the publication's missing and stale runs, storing each run's results once evaluated."""
     from knowsam.plan import duration
     from knowsam.report.compare import parse_methods
     from knowsam.run_missing import run_missing
 
-    outcome = run_missing(folder, jobs=jobs, threads=threads, max_minutes=max_minutes, commit=commit,
-                          restart_stale=restart_stale, methods=parse_methods(methods) if methods else None,
-                          echo=typer.echo)
+    outcome = run_missing(
+        folder,
+        jobs=jobs,
+        threads=threads,
+        max_minutes=max_minutes,
+        commit=commit,
+        restart_stale=restart_stale,
+        methods=parse_methods(methods) if methods else None,
+        echo=typer.echo,
+    )
     if outcome.not_started:
-        typer.echo(f"not started, would end after {max_minutes:g} min: "
-                   + ", ".join(f"{run.stage_name} (about {duration(seconds)})" for run, seconds in outcome.not_started))
+        typer.echo(
+            f"not started, would end after {max_minutes:g} min: "
+            + ", ".join(f"{run.stage_name} (about {duration(seconds)})" for run, seconds in outcome.not_started)
+        )
     if outcome.todo:
-        typer.echo(f"stored {len(outcome.stored)} of {len(outcome.todo)} run(s)"
-                   + (" and committed each" if commit else f"; commit {folder}/runs to keep them") + "; then "
-                   f"`knowsam-bench publication build {folder}`")
+        typer.echo(
+            f"stored {len(outcome.stored)} of {len(outcome.todo)} run(s)"
+            + (" and committed each" if commit else f"; commit {folder}/runs to keep them")
+            + "; then "
+            f"`knowsam-bench publication build {folder}`"
+        )
     if outcome.failed:
-        raise KnowsamError(f"{len(outcome.failed)} run(s) failed: "
-                           + "; ".join(f"{run.stage_name} ({why})" for run, why in outcome.failed))
+        raise KnowsamError(
+            f"{len(outcome.failed)} run(s) failed: "
+            + "; ".join(f"{run.stage_name} ({why})" for run, why in outcome.failed)
+        )
 
 
 @publication_app.command("build")
-def publication_build(folder: Path = FOLDER_ARGUMENT,
-                      methods: list[str] = typer.Option(["ucmt,knowsam"], "--compare", help="Methods of one "
-                                                        "comparison, first = baseline (repeatable)."),
-                      allow_stale: bool = ALLOW_STALE_OPTION) -> None:
+def publication_build(
+    folder: Path = FOLDER_ARGUMENT,
+    methods: list[str] = typer.Option(
+        ["ucmt,knowsam"], "--compare", help="Methods of one comparison, first = baseline (repeatable)."
+    ),
+    allow_stale: bool = ALLOW_STALE_OPTION,
+) -> None:
     """Build the publication's report/ (leaderboard, figures, comparisons, status README) from its folder alone."""
     from knowsam.report.compare import parse_methods
     from knowsam.report.publication import Publication
@@ -501,11 +625,14 @@ def publication_build(folder: Path = FOLDER_ARGUMENT,
 
 
 @app.command()
-def bench(quick: bool = typer.Option(False, "--quick", help="Seconds instead of minutes: reduced sizes (for tests)."),
-          out: Path = typer.Option(Path("reports/benchmarks.md"), help="Markdown report to write (a new file, or "
-                                   "one bench wrote)."),
-          threads: int = typer.Option(2, help="torch threads for the training steps."),
-          mirror: Optional[Path] = typer.Option(None, help="Offline data mirror (default: $KNOWSAM_MIRROR).")) -> None:
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="Seconds instead of minutes: reduced sizes (for tests)."),
+    out: Path = typer.Option(
+        Path("reports/benchmarks.md"), help="Markdown report to write (a new file, or one bench wrote)."
+    ),
+    threads: int = typer.Option(2, help="torch threads for the training steps."),
+    mirror: Path | None = typer.Option(None, help="Offline data mirror (default: $KNOWSAM_MIRROR)."),
+) -> None:
     """Measure step times, data-wait share, scoring/preparation throughput, CLI and pipeline overheads."""
     from knowsam.bench import run_bench
 

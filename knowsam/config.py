@@ -177,8 +177,12 @@ def _check_prompt_grid(grid: int | str) -> None:
 
 def check(params: Params) -> Params:
     """Semantic checks that types alone cannot express (not the registries). Returns ``params`` unchanged."""
-    for key, items in (("datasets", params.datasets), ("methods", params.methods),
-                       ("ratios", params.ratios), ("seeds", params.seeds)):
+    for key, items in (
+        ("datasets", params.datasets),
+        ("methods", params.methods),
+        ("ratios", params.ratios),
+        ("seeds", params.seeds),
+    ):
         if not items:
             raise ConfigError(f"params: '{key}' is empty; list at least one")
         if len(set(items)) != len(items):
@@ -196,20 +200,26 @@ def check(params: Params) -> Params:
     _check_choice(params.sam.arch, SAM_ARCHS, "sam.arch")
     _check_choice(params.sam.encoder, SAM_ENCODERS, "sam.encoder")
     if params.sam.encoder == "cached" and params.sam.checkpoint == "none":
-        raise ConfigError("params: 'sam.encoder' cached needs pretrained weights (sam.checkpoint is none); "
-                          "a random encoder is only trained with adapters")
+        raise ConfigError(
+            "params: 'sam.encoder' cached needs pretrained weights (sam.checkpoint is none); "
+            "a random encoder is only trained with adapters"
+        )
     _check_choice(params.sam.decoder, SAM_DECODERS, "sam.decoder")
     _check_prompt_grid(params.sam.prompt_grid)
     if d.image_size < 16 or d.image_size % 16:
-        raise ConfigError(f"params: 'data.image_size' = {d.image_size} must be a positive multiple of 16 "
-                          "(four 2x poolings in the U-Net and SAM's 16-pixel patches)")
+        raise ConfigError(
+            f"params: 'data.image_size' = {d.image_size} must be a positive multiple of 16 "
+            "(four 2x poolings in the U-Net and SAM's 16-pixel patches)"
+        )
     if not 0.0 <= d.val_fraction < 0.5:
         raise ConfigError(f"params: 'data.val_fraction' = {d.val_fraction} must be in [0, 0.5)")
     for key in ("iterations", "batch_size", "eval_every", "checkpoint_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"params: 'train.{key}' must be >= 1, got {getattr(t, key)}")
     if not 1 <= t.labeled_batch <= t.batch_size:
-        raise ConfigError(f"params: 'train.labeled_batch' = {t.labeled_batch} must be in [1, train.batch_size = {t.batch_size}]")
+        raise ConfigError(
+            f"params: 'train.labeled_batch' = {t.labeled_batch} must be in [1, train.batch_size = {t.batch_size}]"
+        )
     if t.lr <= 0:
         raise ConfigError(f"params: 'train.lr' must be > 0, got {t.lr}")
     # torch's SGD refuses a negative momentum or weight decay; momentum 1 never forgets a gradient.
@@ -226,8 +236,10 @@ def parse(raw: Any, source: str = "params") -> Params:
     ratios = raw.get("ratios")
     for i, ratio in enumerate(ratios if isinstance(ratios, list) else []):  # a scalar fails the type check
         if isinstance(ratio, int) and not isinstance(ratio, bool) and ratio == 1:  # other ints fail the range check
-            raise ConfigError(f"params: 'ratios[{i}]' = {ratio}: write it as {ratio}.0 (DVC names each stage's "
-                              "files by the number as written, the harness by its value as a float)")
+            raise ConfigError(
+                f"params: 'ratios[{i}]' = {ratio}: write it as {ratio}.0 (DVC names each stage's "
+                "files by the number as written, the harness by its value as a float)"
+            )
     return build(Params, raw)
 
 
@@ -248,8 +260,9 @@ def load_yaml(path: str | Path) -> Any:
         return YAML(typ="safe").load(text)
     except DuplicateKeyError:
         key, line, first = _duplicate_key(YAML(typ="safe").compose(text))
-        raise ConfigError(f"{path}: duplicate key '{key}' at line {line} (first at line {first}); "
-                          "keep one (DVC refuses the file too)") from None
+        raise ConfigError(
+            f"{path}: duplicate key '{key}' at line {line} (first at line {first}); keep one (DVC refuses the file too)"
+        ) from None
     except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -265,7 +278,7 @@ def _duplicate_key(node: Any, prefix: str = "") -> tuple[str, int, int] | None:
 
     if isinstance(node, MappingNode):
         seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
+        for key_node, _value in node.value:
             line = key_node.start_mark.line + 1
             if key_node.value in seen:
                 return f"{prefix}{key_node.value}", line, seen[key_node.value]

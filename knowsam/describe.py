@@ -58,14 +58,29 @@ def describe(params: Params, method: str, dataset: str, sam_arch: str | None = N
     spec = get_dataset(dataset)
     sam = dataclasses.replace(params.sam, checkpoint="none", arch=sam_arch or params.sam.arch)
     cls = get_method(method)
-    ctx = MethodContext(in_channels=spec.in_channels, num_classes=spec.num_classes, image_size=params.data.image_size,
-                        iterations=params.train.iterations, train=params.train, sam=sam, device=torch.device("cpu"),
-                        training=False)
+    ctx = MethodContext(
+        in_channels=spec.in_channels,
+        num_classes=spec.num_classes,
+        image_size=params.data.image_size,
+        iterations=params.train.iterations,
+        train=params.train,
+        sam=sam,
+        device=torch.device("cpu"),
+        training=False,
+    )
     built = cls(ctx, method_params(method, params.method_params.get(method, {})))
     modules = module_counts(built.nets)
     total = _count([p for net in built.nets.values() for p in net.parameters()])
-    return {"method": method, "dataset": dataset, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
-            "image_size": params.data.image_size, "sam_arch": sam.arch, "modules": modules, "total": total}
+    return {
+        "method": method,
+        "dataset": dataset,
+        "num_classes": spec.num_classes,
+        "in_channels": spec.in_channels,
+        "image_size": params.data.image_size,
+        "sam_arch": sam.arch,
+        "modules": modules,
+        "total": total,
+    }
 
 
 def render(info: dict, as_json: bool) -> str:
@@ -73,8 +88,10 @@ def render(info: dict, as_json: bool) -> str:
         return json.dumps(info)
     rows = [*info["modules"].items(), ("total", info["total"])]
     width = max(len(name) for name, _ in rows)
-    lines = [f"{info['method']} at {info['dataset']}: {info['num_classes']} classes, {info['in_channels']} channels, "
-             f"{info['image_size']} px, sam.arch {info['sam_arch']} (SAM weights not loaded: counts only)",
-             f"{'module':<{width}}  {'params':>13}  {'trainable':>13}"]
+    lines = [
+        f"{info['method']} at {info['dataset']}: {info['num_classes']} classes, {info['in_channels']} channels, "
+        f"{info['image_size']} px, sam.arch {info['sam_arch']} (SAM weights not loaded: counts only)",
+        f"{'module':<{width}}  {'params':>13}  {'trainable':>13}",
+    ]
     lines += [f"{name:<{width}}  {c['params']:>13,}  {c['trainable']:>13,}" for name, c in rows]
     return "\n".join(lines)

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -71,7 +72,10 @@ class Context:
         if not self.enabled:
             return batch_size, labeled_batch
         w = self.world
-        parts = {"train.labeled_batch": labeled_batch, "unlabeled (batch_size - labeled_batch)": batch_size - labeled_batch}
+        parts = {
+            "train.labeled_batch": labeled_batch,
+            "unlabeled (batch_size - labeled_batch)": batch_size - labeled_batch,
+        }
         if not uses_unlabeled:
             parts = {"train.batch_size": batch_size}
         for name, n in parts.items():
@@ -97,14 +101,15 @@ class Context:
         params = _unique(p for group in opt.param_groups for p in group["params"])
         for ps in _by_kind(params).values():
             flags = torch.tensor([p.grad is not None for p in ps], dtype=ps[0].dtype, device=ps[0].device)
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
-                             + [flags])
+            flat = torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps] + [flags]
+            )
             tdist.all_reduce(flat)
             flat.div_(self.world)
             offset = 0
-            has = (flat[-len(ps):] > 0).tolist()
+            has = (flat[-len(ps) :] > 0).tolist()
             for p, present in zip(ps, has):
-                chunk = flat[offset:offset + p.numel()].view(p.shape)
+                chunk = flat[offset : offset + p.numel()].view(p.shape)
                 offset += p.numel()
                 if not present:
                     continue
@@ -141,8 +146,10 @@ class Context:
             return state
         ranks = state.get("ranks")
         if ranks is None or len(ranks) != self.world:
-            raise KnowsamError(f"checkpoint was written by {len(ranks) if ranks else 1} process(es); "
-                               f"resume it with the same number, not {self.world}")
+            raise KnowsamError(
+                f"checkpoint was written by {len(ranks) if ranks else 1} process(es); "
+                f"resume it with the same number, not {self.world}"
+            )
         return ranks[self.rank]
 
     def barrier(self) -> None:
@@ -193,10 +200,16 @@ def _unique(items: Iterable) -> list:
 
 def _found(method: Any, kind: type) -> list:
     """Every ``kind`` instance a method holds: in ``nets``/``optimizers`` or as attributes (plug-ins)."""
-    values = [*getattr(method, "nets", {}).values(), *getattr(method, "optimizers", {}).values(),
-              *vars(method).values()]
-    flat = [v for value in values for v in (value.values() if isinstance(value, dict) else
-                                            value if isinstance(value, (list, tuple)) else [value])]
+    values = [
+        *getattr(method, "nets", {}).values(),
+        *getattr(method, "optimizers", {}).values(),
+        *vars(method).values(),
+    ]
+    flat = [
+        v
+        for value in values
+        for v in (value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value])
+    ]
     return _unique(v for v in flat if isinstance(v, kind))
 
 
@@ -215,5 +228,5 @@ def _broadcast(tensors: list[torch.Tensor]) -> None:
         tdist.broadcast(flat, src=0)
         offset = 0
         for t in ts:
-            t.copy_(flat[offset:offset + t.numel()].view(t.shape))
+            t.copy_(flat[offset : offset + t.numel()].view(t.shape))
             offset += t.numel()

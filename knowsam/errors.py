@@ -49,8 +49,10 @@ def environment_failure(exc: BaseException) -> str | None:
         text = str(e)
         if type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text:
             first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-            return (f"out of memory ({first[:160]}); lower train.batch_size or data.image_size, "
-                    "or free memory and rerun (a resumable run continues from its last checkpoint)")
+            return (
+                f"out of memory ({first[:160]}); lower train.batch_size or data.image_size, "
+                "or free memory and rerun (a resumable run continues from its last checkpoint)"
+            )
     return None
 
 

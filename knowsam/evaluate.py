@@ -30,14 +30,20 @@ from knowsam.summaries import identity, read_summary, stale_reason
 
 
 @torch.no_grad()
-def predict_probs(method, images: np.ndarray, device: torch.device, batch: int = 16,
-                  variant: str | None = None, embeddings: np.ndarray | None = None) -> torch.Tensor:
+def predict_probs(
+    method,
+    images: np.ndarray,
+    device: torch.device,
+    batch: int = 16,
+    variant: str | None = None,
+    embeddings: np.ndarray | None = None,
+) -> torch.Tensor:
     """``method.predict`` over ``images`` in batches; ``embeddings``: the teacher's cached embeddings of them."""
     method.eval()
     out = []
     for start in range(0, len(images), batch):
-        x = torch.from_numpy(to_float(np.asarray(images[start:start + batch]))).to(device)
-        emb = None if embeddings is None else torch.from_numpy(np.array(embeddings[start:start + batch])).to(device)
+        x = torch.from_numpy(to_float(np.asarray(images[start : start + batch]))).to(device)
+        emb = None if embeddings is None else torch.from_numpy(np.array(embeddings[start : start + batch])).to(device)
         out.append(method.predict(x, variant, emb).float().cpu())
     return torch.cat(out)
 
@@ -54,11 +60,13 @@ def _score_part(data: PreparedDataset, part: str, probs: torch.Tensor, resolutio
         gt = gt_all[case]
         if gt.ndim == 2:
             pred = pred[0]
-        spacing = (float(first.spacing_z), float(first.spacing_y), float(first.spacing_x))[-gt.ndim:]
+        spacing = (float(first.spacing_z), float(first.spacing_y), float(first.spacing_x))[-gt.ndim :]
         if resolution == "training":
             gt = resize_labels(gt, data.image_size)
-            spacing = tuple(spacing[:-2]) + (spacing[-2] * shape[0] / data.image_size,
-                                             spacing[-1] * shape[1] / data.image_size)
+            spacing = tuple(spacing[:-2]) + (
+                spacing[-2] * shape[0] / data.image_size,
+                spacing[-1] * shape[1] / data.image_size,
+            )
         row = {"test_set": part, "case": case, **case_metrics(pred, gt, data.num_classes, spacing)}
         yield row, f"{part}/{case}", pred
 
@@ -73,13 +81,26 @@ def case_prediction(probs: torch.Tensor, shape: tuple[int, int], resolution: str
 def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
     """Ground truth to training size for the (non-default) training-resolution evaluation."""
     t = torch.from_numpy(labels.reshape((-1,) + labels.shape[-2:]).astype(np.float32))[:, None]
-    return F.interpolate(t, size=(size, size), mode="nearest")[:, 0].to(torch.uint8).numpy().reshape(
-        labels.shape[:-2] + (size, size))
+    return (
+        F.interpolate(t, size=(size, size), mode="nearest")[:, 0]
+        .to(torch.uint8)
+        .numpy()
+        .reshape(labels.shape[:-2] + (size, size))
+    )
 
 
-def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, methods: list[str] | None = None, *,
-                   runs_root: str | Path = "data/runs", eval_root: str | Path = "data/eval",
-                   metrics_root: str | Path = "reports/metrics", on_result=None) -> dict[str, dict]:
+def evaluate_group(
+    params: Params,
+    dataset: str,
+    ratio: float,
+    seed: int,
+    methods: list[str] | None = None,
+    *,
+    runs_root: str | Path = "data/runs",
+    eval_root: str | Path = "data/eval",
+    metrics_root: str | Path = "reports/metrics",
+    on_result=None,
+) -> dict[str, dict]:
     """Score the runs of one (dataset, ratio, seed) group; return their summaries by method.
 
     ``methods`` defaults to every method in params (what the evaluate stage does). Each run's full
@@ -88,16 +109,19 @@ def evaluate_group(params: Params, dataset: str, ratio: float, seed: int, method
     the others. Every run's weights, training config and training curves are checked before any scoring starts;
     ``on_result(method, summary)`` is called as each run finishes.
     """
-    runs = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed)
-            for m in (params.methods if methods is None else methods)]
+    runs = [
+        RunId(method=m, dataset=dataset, ratio=ratio, seed=seed)
+        for m in (params.methods if methods is None else methods)
+    ]
     weights = {run: _trained_weights(params, run, runs_root) for run in runs}
     histories = {run: training_history(run, runs_root) for run in runs}
     device = pick_device(params.train.device)
     data = PreparedDataset(Path(params.data.prepared_root) / dataset)
     summaries = {}
     for run in runs:
-        summaries[run.method] = evaluate_run(params, run, data, device, weights[run], histories[run],
-                                             eval_root=eval_root)
+        summaries[run.method] = evaluate_run(
+            params, run, data, device, weights[run], histories[run], eval_root=eval_root
+        )
         if on_result is not None:
             on_result(run.method, summaries[run.method])
     group = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed) for m in params.methods]
@@ -121,15 +145,25 @@ def headline_metrics(params: Params, group: list[RunId], eval_root: str | Path =
         if reason is not None:
             left_out[run.method] = reason
             continue
-        outputs = {run.method: summary["test_sets"],
-                   **{f"{run.method} [{v}]": parts for v, parts in summary["variants"].items()}}
+        outputs = {
+            run.method: summary["test_sets"],
+            **{f"{run.method} [{v}]": parts for v, parts in summary["variants"].items()},
+        }
         for name, parts in outputs.items():
             out[name] = {part: {k: m[k] for k in HEADLINE if k in m} for part, m in parts.items()}
     return {**out, "left_out": left_out} if left_out else out
 
 
-def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torch.device, weights_path: Path,
-                 history: pd.DataFrame | None, *, eval_root: str | Path = "data/eval") -> dict:
+def evaluate_run(
+    params: Params,
+    run: RunId,
+    data: PreparedDataset,
+    device: torch.device,
+    weights_path: Path,
+    history: pd.DataFrame | None,
+    *,
+    eval_root: str | Path = "data/eval",
+) -> dict:
     """Score one run from its checked ``best.pt``; write ``per_case.csv``, ``predictions.npz``,
     ``curves.csv`` (``history``, see training_history) and ``summary.json`` (last); return the summary."""
     method = build_method(params, run, data, device, training=False)
@@ -137,17 +171,25 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
         saved = torch.load(weights_path, map_location=device, weights_only=True)
         method.load_eval_state_dict(saved["weights"])
     except Exception as exc:  # truncated/corrupt files and foreign state dicts raise many different types
-        raise KnowsamError(f"{weights_path}: unreadable or not this method's weights ({type(exc).__name__}); "
-                           f"re-run the train stage for {run.stage_name}") from None
+        raise KnowsamError(
+            f"{weights_path}: unreadable or not this method's weights ({type(exc).__name__}); "
+            f"re-run the train stage for {run.stage_name}"
+        ) from None
     resolution = params.eval.resolution
     # A frozen, cached teacher encoder: its variant decodes the embed stage's embeddings of each test image.
-    cache = embedding_cache.open_for_teacher(params.sam.embeddings_root, run.dataset, data, method.provenance(),
-                                             params.train.amp_bf16)
+    cache = embedding_cache.open_for_teacher(
+        params.sam.embeddings_root, run.dataset, data, method.provenance(), params.train.amp_bf16
+    )
     rows, predictions = [], {}
     for variant in (None, *method.variants):
         for part in data.eval_parts:
-            probs = predict_probs(method, data.images(part), device, variant=variant,
-                                  embeddings=None if cache is None or variant is None else cache[part])
+            probs = predict_probs(
+                method,
+                data.images(part),
+                device,
+                variant=variant,
+                embeddings=None if cache is None or variant is None else cache[part],
+            )
             for row, key, pred in _score_part(data, part, probs, resolution):
                 rows.append({"variant": variant or "", **row})
                 if variant is None:
@@ -155,8 +197,13 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
     per_case = pd.DataFrame(rows)
     main = per_case[per_case.variant == ""]
     parts = {p: summarize(main[main.test_set == p].drop(columns=["variant"])) for p in data.eval_parts}
-    variants = {v: {p: summarize(per_case[(per_case.variant == v) & (per_case.test_set == p)].drop(columns=["variant"]))
-                    for p in data.eval_parts} for v in method.variants}
+    variants = {
+        v: {
+            p: summarize(per_case[(per_case.variant == v) & (per_case.test_set == p)].drop(columns=["variant"]))
+            for p in data.eval_parts
+        }
+        for v in method.variants
+    }
     out_dir = run.eval_dir(eval_root)
     fileio.write_text(out_dir / "per_case.csv", per_case.to_csv(index=False, float_format="%.6f"))
     with fileio.atomic_path(out_dir / "predictions.npz") as tmp:
@@ -166,16 +213,18 @@ def evaluate_run(params: Params, run: RunId, data: PreparedDataset, device: torc
         run.curves_file(eval_root).unlink(missing_ok=True)  # never leave an earlier training's curves
     else:
         fileio.write_text(run.curves_file(eval_root), history.to_csv(index=False))
-    summary = _rounded({
-        "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
-        "best_step": int(saved["step"]),
-        "iterations": params.train.iterations,  # checked finished before scoring (see _trained_weights)
-        "evaluation_resolution": resolution,
-        "empty_mask_policy": EMPTY_MASK_POLICY,
-        "provenance": method.provenance(),
-        "test_sets": parts,
-        "variants": variants,
-    })
+    summary = _rounded(
+        {
+            "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
+            "best_step": int(saved["step"]),
+            "iterations": params.train.iterations,  # checked finished before scoring (see _trained_weights)
+            "evaluation_resolution": resolution,
+            "empty_mask_policy": EMPTY_MASK_POLICY,
+            "provenance": method.provenance(),
+            "test_sets": parts,
+            "variants": variants,
+        }
+    )
     # The identity of the weights scored (kept unrounded): tables count this summary only while it is the
     # current params' and code's, and while the run folder holds the same training.
     summary.update(identity(params, run))
@@ -192,7 +241,8 @@ def training_history(run: RunId, runs_root: str | Path) -> pd.DataFrame | None:
     """
     metrics = run.live_dir(runs_root) / "plots" / "metrics"
     files = sorted(metrics.glob("train/*.tsv"), key=lambda f: (f.stem != "loss", f.stem)) + sorted(
-        metrics.glob("val/*.tsv"))
+        metrics.glob("val/*.tsv")
+    )
     if not files:
         return None
     columns = []
@@ -201,8 +251,9 @@ def training_history(run: RunId, runs_root: str | Path) -> pd.DataFrame | None:
             logged = pd.read_csv(path, sep="\t", dtype=float)
             series = pd.Series(logged[path.stem].to_numpy(), index=logged["step"].astype(int).to_numpy() + 1)
         except (OSError, ValueError, KeyError):
-            raise KnowsamError(f"{path}: unreadable training curves; re-run the train stage for "
-                               f"{run.stage_name}") from None
+            raise KnowsamError(
+                f"{path}: unreadable training curves; re-run the train stage for {run.stage_name}"
+            ) from None
         if path.parent.name == "val":
             columns.append(series.rename(f"val_{path.stem}"))
         else:
@@ -219,9 +270,11 @@ def _trained_weights(params: Params, run: RunId, runs_root: str | Path) -> Path:
     _check_trained_config(params, run, weights_path.parent)
     step = trained_step(weights_path.parent)
     if step < params.train.iterations:  # best.pt of a stopped run would score as a finished one
-        raise KnowsamError(f"{run.train_dir(runs_root)}: training stopped at step {step} of "
-                           f"{params.train.iterations} (unfinished); re-run the train stage for {run.stage_name} "
-                           "to finish it")
+        raise KnowsamError(
+            f"{run.train_dir(runs_root)}: training stopped at step {step} of "
+            f"{params.train.iterations} (unfinished); re-run the train stage for {run.stage_name} "
+            "to finish it"
+        )
     return weights_path
 
 
@@ -256,13 +309,17 @@ def _check_trained_config(params: Params, run: RunId, run_dir: Path) -> None:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:  # nothing says what the weights were trained with: never score them
         what = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable, {type(exc).__name__}"
-        raise KnowsamError(f"{path}: run configuration {what}, so {run_dir / 'best.pt'} cannot be matched to the "
-                           f"params; re-run the train stage for {run.stage_name}") from None
+        raise KnowsamError(
+            f"{path}: run configuration {what}, so {run_dir / 'best.pt'} cannot be matched to the "
+            f"params; re-run the train stage for {run.stage_name}"
+        ) from None
     trained.pop("config_hash", None)
     trained.pop("distributed", None)  # how it was trained (processes), not what
     if not isinstance(trained.get("train"), dict) or config_hash(trained) != config_hash(run_config(params, run)):
-        raise KnowsamError(f"{run_dir / 'best.pt'}: trained with other parameters, code or version "
-                           f"(see {path}); re-run the train stage for {run.stage_name}")
+        raise KnowsamError(
+            f"{run_dir / 'best.pt'}: trained with other parameters, code or version "
+            f"(see {path}); re-run the train stage for {run.stage_name}"
+        )
 
 
 def _rounded(obj):

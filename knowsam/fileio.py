@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from knowsam.errors import KnowsamError, is_disk_full
 
@@ -44,8 +45,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, Exception) and _out_of_space(exc, target.parent):
             free_mb = shutil.disk_usage(target.parent).free // 2**20
-            raise KnowsamError(f"{target}: no space left on device ({free_mb} MB free in {target.parent}); "
-                               "free some space and rerun") from exc
+            raise KnowsamError(
+                f"{target}: no space left on device ({free_mb} MB free in {target.parent}); free some space and rerun"
+            ) from exc
         raise
 
 
@@ -161,8 +163,9 @@ def _check_inputs(target: Path, inputs: Iterable[str | os.PathLike], writer: str
             raise KnowsamError(f"{target}: holds {item}, which {writer} reads; give a new folder")
 
 
-def claim_files(folder: str | os.PathLike, names: Iterable[str], writer: str,
-                inputs: Iterable[str | os.PathLike] = ()) -> None:
+def claim_files(
+    folder: str | os.PathLike, names: Iterable[str], writer: str, inputs: Iterable[str | os.PathLike] = ()
+) -> None:
     """Refuse, before anything is written, to write ``names`` (paths relative to ``folder``) unless each
     is new or was written there by ``writer`` and is unchanged since; and any that is, or lies inside,
     one of ``inputs``."""

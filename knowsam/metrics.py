@@ -24,7 +24,7 @@ value under ``EMPTY_MASK_POLICY``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

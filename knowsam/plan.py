@@ -66,9 +66,18 @@ def measure_steps(params: Params, methods: list[str], steps: int):
     from knowsam.bench import StepSetting, demo_dataset, time_steps
 
     t = params.train
-    setting = StepSetting(label="plan", size=params.data.image_size, batch=t.batch_size, labeled=t.labeled_batch,
-                          sam=params.sam, warmup=1, steps=steps, methods=tuple(methods), train=t,
-                          method_params=params.method_params)
+    setting = StepSetting(
+        label="plan",
+        size=params.data.image_size,
+        batch=t.batch_size,
+        labeled=t.labeled_batch,
+        sam=params.sam,
+        warmup=1,
+        steps=steps,
+        methods=tuple(methods),
+        train=t,
+        method_params=params.method_params,
+    )
     with tempfile.TemporaryDirectory(prefix="knowsam-plan-") as work:
         data, split = demo_dataset(Path(work), params.data.image_size, n_train=max(4 * t.batch_size, 16))
         return {m: time_steps(m, data, split, setting, t.threads or 2) for m in methods}
@@ -96,8 +105,15 @@ def profile_steps(params: Params, methods: list[str], steps: int) -> dict:
         parts["data"] = round(statistics.median(r.waits), 4)
         rest = [t - w - sum(s.values()) for t, w, s in zip(r.totals, r.waits, r.parts)]
         parts["other"] = round(statistics.median(rest), 4)
-        rows.append({"method": name, "step_s": round(r.median, 4), "vs_reference": round(r.median / reference, 2),
-                     "teacher_s": round(r.part_median(*step_timing.TEACHER_PARTS), 4), "parts": parts})
+        rows.append(
+            {
+                "method": name,
+                "step_s": round(r.median, 4),
+                "vs_reference": round(r.median / reference, 2),
+                "teacher_s": round(r.part_median(*step_timing.TEACHER_PARTS), 4),
+                "parts": parts,
+            }
+        )
     return {"reference": REFERENCE, "steps": steps, "methods": rows}
 
 
@@ -142,13 +158,19 @@ def embed_plan(params: Params, image_seconds: float) -> list[dict]:
         total = sum(len(data.index(part)) for part in embedding_cache.parts(data))
         done = embedding_cache.rows_done(Path(params.sam.embeddings_root) / dataset, data, params.sam.arch)
         pending = total - sum(done.values())
-        rows.append({"dataset": dataset, "images": total, "pending": pending,
-                     "seconds": round(pending * image_seconds, 1)})
+        rows.append(
+            {"dataset": dataset, "images": total, "pending": pending, "seconds": round(pending * image_seconds, 1)}
+        )
     return rows
 
 
-def make_plan(params: Params, runs_root: str | Path = "data/runs", steps: int = 2,
-              step_seconds: dict[str, float] | None = None, encoder_seconds: float | None = None) -> dict:
+def make_plan(
+    params: Params,
+    runs_root: str | Path = "data/runs",
+    steps: int = 2,
+    step_seconds: dict[str, float] | None = None,
+    encoder_seconds: float | None = None,
+) -> dict:
     """Runs, completed runs and time estimates; ``step_seconds`` (per method) and ``encoder_seconds``
     (per image) replace the measurements of what they give."""
     runs = matrix(params)
@@ -156,8 +178,15 @@ def make_plan(params: Params, runs_root: str | Path = "data/runs", steps: int = 
     given = step_seconds or {}
     unmeasured = [m for m in params.methods if m not in given and any(r.method == m and r not in done for r in runs)]
     measured = {**(measure_step_seconds(params, unmeasured, steps) if unmeasured else {}), **given}
-    per_method = [MethodPlan(m, measured.get(m, 0.0), sum(r.method == m for r in runs),
-                             sum(r.method == m and r not in done for r in runs)) for m in params.methods]
+    per_method = [
+        MethodPlan(
+            m,
+            measured.get(m, 0.0),
+            sum(r.method == m for r in runs),
+            sum(r.method == m and r not in done for r in runs),
+        )
+        for m in params.methods
+    ]
     iterations = params.train.iterations
     total_s = sum(p.pending * p.run_s(iterations) for p in per_method)
     embed = None
@@ -166,10 +195,22 @@ def make_plan(params: Params, runs_root: str | Path = "data/runs", steps: int = 
         embed = {"image_s": round(image_s, 3), "datasets": embed_plan(params, image_s)}
     embed_s = sum(d["seconds"] or 0.0 for d in embed["datasets"]) if embed else 0.0
     return {
-        "profile": params.profile, "device": params.train.device, "iterations": iterations,
-        "runs": len(runs), "done": len(done), "pending": len(runs) - len(done),
-        "methods": [{"method": p.method, "step_s": round(p.step_s, 4), "run_s": round(p.run_s(iterations), 1),
-                     "runs": p.runs, "pending": p.pending} for p in per_method],
+        "profile": params.profile,
+        "device": params.train.device,
+        "iterations": iterations,
+        "runs": len(runs),
+        "done": len(done),
+        "pending": len(runs) - len(done),
+        "methods": [
+            {
+                "method": p.method,
+                "step_s": round(p.step_s, 4),
+                "run_s": round(p.run_s(iterations), 1),
+                "runs": p.runs,
+                "pending": p.pending,
+            }
+            for p in per_method
+        ],
         "pending_train_s": round(total_s, 1),
         "embed": embed,
         "pending_embed_s": round(embed_s, 1),
@@ -192,17 +233,26 @@ def render(plan: dict) -> list[str]:
     lines = []
     if plan.get("embed"):
         e = plan["embed"]
-        parts = [f"{d['dataset']} {d['pending']} of {d['images']} images, about {duration(d['seconds'])}"
-                 if d["images"] is not None else f"{d['dataset']} not prepared yet (counted once it is)"
-                 for d in e["datasets"]]
+        parts = [
+            f"{d['dataset']} {d['pending']} of {d['images']} images, about {duration(d['seconds'])}"
+            if d["images"] is not None
+            else f"{d['dataset']} not prepared yet (counted once it is)"
+            for d in e["datasets"]
+        ]
         unknown = any(d["images"] is None for d in e["datasets"])
         total = f"{'the prepared ones' if unknown else 'in all'} about {duration(plan['pending_embed_s'])}"
-        lines.append(f"embed stage (frozen teacher encoder, {e['image_s']:.2f} s an image here): "
-                     f"{'; '.join(parts)}; {total}, before training.")
-    lines.append(f"{plan['runs']} runs in profile '{plan['profile']}': {plan['done']} complete, {plan['pending']} to "
-                 f"train; training them one after another takes about {duration(plan['pending_train_s'])} "
-                 "(validation and evaluation come on top).")
+        lines.append(
+            f"embed stage (frozen teacher encoder, {e['image_s']:.2f} s an image here): "
+            f"{'; '.join(parts)}; {total}, before training."
+        )
+    lines.append(
+        f"{plan['runs']} runs in profile '{plan['profile']}': {plan['done']} complete, {plan['pending']} to "
+        f"train; training them one after another takes about {duration(plan['pending_train_s'])} "
+        "(validation and evaluation come on top)."
+    )
     if not plan["feasible"]:
-        lines.append(f"This is more than {duration(FEASIBLE_SECONDS)} of computing on this machine "
-                     f"(train.device: {plan['device']}): run this profile on a GPU (see docs/scaling.md).")
+        lines.append(
+            f"This is more than {duration(FEASIBLE_SECONDS)} of computing on this machine "
+            f"(train.device: {plan['device']}): run this profile on a GPU (see docs/scaling.md)."
+        )
     return lines

@@ -37,8 +37,7 @@ import yaml
 from knowsam import config
 from knowsam.config import Params, ratio_text
 from knowsam.errors import KnowsamError
-from knowsam.report.publication import (Publication, RunState, recorded_seconds, remove_leftovers, status,
-                                        store_run)
+from knowsam.report.publication import Publication, RunState, recorded_seconds, remove_leftovers, status, store_run
 from knowsam.report.publish import machine_facts, package_versions
 from knowsam.runs import RunId
 from knowsam.summaries import identity
@@ -77,9 +76,17 @@ class Outcome:
     not_started: list[tuple[RunId, float]] = field(default_factory=list)  # with the estimate, seconds
 
 
-def run_missing(folder: str | Path, *, jobs: int = 1, threads: int | None = None, max_minutes: float | None = None,
-                commit: bool = False, restart_stale: bool = False, methods: list[str] | None = None,
-                echo: Callable[[str], None] = print) -> Outcome:
+def run_missing(
+    folder: str | Path,
+    *,
+    jobs: int = 1,
+    threads: int | None = None,
+    max_minutes: float | None = None,
+    commit: bool = False,
+    restart_stale: bool = False,
+    methods: list[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> Outcome:
     """Make the publication's missing and stale runs (of ``methods``, default all); see the module docstring."""
     started = time.monotonic()
     pub = Publication(Path(folder))
@@ -87,9 +94,11 @@ def run_missing(folder: str | Path, *, jobs: int = 1, threads: int | None = None
     unknown = [m for m in methods or [] if m not in params.methods]
     if unknown:
         raise KnowsamError(f"method {unknown[0]!r} is not in {pub.params_file} ({', '.join(params.methods)})", 2)
-    for ok, rule in ((jobs >= 1, f"--jobs {jobs} must be >= 1"),
-                     (threads is None or threads >= 0, f"--threads {threads} must be >= 0 (0: torch's default)"),
-                     (max_minutes is None or max_minutes >= 0, f"--max-minutes {max_minutes} must be >= 0")):
+    for ok, rule in (
+        (jobs >= 1, f"--jobs {jobs} must be >= 1"),
+        (threads is None or threads >= 0, f"--threads {threads} must be >= 0 (0: torch's default)"),
+        (max_minutes is None or max_minutes >= 0, f"--max-minutes {max_minutes} must be >= 0"),
+    ):
         if not ok:
             raise KnowsamError(rule, 2)
     repo = git_root(pub.folder) if commit else None
@@ -99,30 +108,47 @@ def run_missing(folder: str | Path, *, jobs: int = 1, threads: int | None = None
         for path in remove_leftovers(pub):
             echo(f"removed {path} (left by a store that was stopped)")
         states = status(pub, params)
-        outcome = Outcome(todo=in_order(params, [s.run for s in states if s.state != "done"
-                                                 and (methods is None or s.run.method in methods)]))
+        outcome = Outcome(
+            todo=in_order(
+                params, [s.run for s in states if s.state != "done" and (methods is None or s.run.method in methods)]
+            )
+        )
         if not outcome.todo:
             echo(f"{pub.folder}: no run to make ({sum(s.state == 'done' for s in states)} of {len(states)} done)")
             return outcome
-        echo(f"{pub.folder}: {len(outcome.todo)} run(s) to make, {jobs} side by side with {threads or 'default'} "
-             f"thread(s) each")
+        echo(
+            f"{pub.folder}: {len(outcome.todo)} run(s) to make, {jobs} side by side with {threads or 'default'} "
+            f"thread(s) each"
+        )
         get_data_ready(params, outcome.todo, echo)
         estimate = estimates(sitting, states, outcome.todo, echo) if max_minutes is not None else {}
         deadline = None if max_minutes is None else started + max_minutes * 60
         with tempfile.TemporaryDirectory(prefix="knowsam-sitting-") as work:
             params_file = Path(work) / "params.yaml"
             params_file.write_text(yaml.safe_dump(config.to_dict(sitting), sort_keys=False))
-            record = {"side_by_side": jobs, "threads": threads, "machine": machine_facts(),
-                      "packages": package_versions()}
+            record = {
+                "side_by_side": jobs,
+                "threads": threads,
+                "machine": machine_facts(),
+                "packages": package_versions(),
+            }
             Sitting(pub, params, params_file, Path(work), jobs, restart_stale, repo, record, echo).make(
-                outcome, estimate, deadline)
+                outcome, estimate, deadline
+            )
     return outcome
 
 
 def in_order(params: Params, runs: list[RunId]) -> list[RunId]:
     """Dataset, ratio, seed, then method, each in params order: a sitting completes whole seeds first."""
-    return sorted(runs, key=lambda r: (params.datasets.index(r.dataset), params.ratios.index(r.ratio),
-                                       params.seeds.index(r.seed), params.methods.index(r.method)))
+    return sorted(
+        runs,
+        key=lambda r: (
+            params.datasets.index(r.dataset),
+            params.ratios.index(r.ratio),
+            params.seeds.index(r.seed),
+            params.methods.index(r.method),
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -135,8 +161,9 @@ def hold(pub: Publication):
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
-            raise KnowsamError(f"{pub.folder}: another `publication run` is making its runs; wait for it to end "
-                               "or stop it first") from None
+            raise KnowsamError(
+                f"{pub.folder}: another `publication run` is making its runs; wait for it to end or stop it first"
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -171,12 +198,14 @@ def get_data_ready(params: Params, todo: list[RunId], echo: Callable[[str], None
         data = PreparedDataset(Path(params.data.prepared_root) / dataset)
         for ratio, seed in dict.fromkeys((r.ratio, r.seed) for r in todo if r.dataset == dataset):
             # Written every time (deterministic and cheap): a split of another data.val_fraction is never used.
-            write_split(data, split_path(params.data.splits_root, dataset, ratio, seed), ratio, seed,
-                        params.data.val_fraction)
+            write_split(
+                data, split_path(params.data.splits_root, dataset, ratio, seed), ratio, seed, params.data.val_fraction
+            )
 
 
-def estimates(params: Params, states: list[RunState], todo: list[RunId],
-              echo: Callable[[str], None]) -> dict[RunId, float]:
+def estimates(
+    params: Params, states: list[RunState], todo: list[RunId], echo: Callable[[str], None]
+) -> dict[RunId, float]:
     """Each run's expected wall seconds: stored runs' median for its dataset and method, else measured steps."""
     known = recorded_seconds(states)
     unknown = [m for m in params.methods if any(r.method == m and (r.dataset, m) not in known for r in todo)]
@@ -209,8 +238,9 @@ def git_root(folder: Path) -> Path:
         raise KnowsamError(f"{folder}: not inside a Git working tree; --commit commits each run there", 2)
     ident = subprocess.run(["git", "-C", str(folder), "var", "GIT_COMMITTER_IDENT"], capture_output=True, text=True)
     if ident.returncode != 0:
-        raise KnowsamError(f"{folder}: Git has no committer identity here (set user.name and user.email) for "
-                           "--commit", 2)
+        raise KnowsamError(
+            f"{folder}: Git has no committer identity here (set user.name and user.email) for --commit", 2
+        )
     return Path(found.stdout.strip())
 
 
@@ -245,16 +275,31 @@ class Sitting:
     def commands(self, run: RunId) -> list[tuple[str, list[str]]]:
         cli = [sys.executable, "-m", "knowsam"]
         where = ["--ratio", ratio_text(run.ratio), "--seed", str(run.seed), "--params", str(self.params_file)]
-        return [("train", [*cli, "train", "--method", run.method, "--dataset", run.dataset, *where, "--no-progress",
-                           *(["--restart-stale"] if self.restart_stale else [])]),
-                ("evaluate", [*cli, "evaluate", run.dataset, *where, "--methods", run.method])]
+        return [
+            (
+                "train",
+                [
+                    *cli,
+                    "train",
+                    "--method",
+                    run.method,
+                    "--dataset",
+                    run.dataset,
+                    *where,
+                    "--no-progress",
+                    *(["--restart-stale"] if self.restart_stale else []),
+                ],
+            ),
+            ("evaluate", [*cli, "evaluate", run.dataset, *where, "--methods", run.method]),
+        ]
 
     def start(self, job: Job) -> None:
         threads = self.record["threads"]  # 0: torch's default, left to the environment
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         with open(job.log, "wb") as log:
-            job.proc = subprocess.Popen(job.commands[job.phase][1], stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env)
+            job.proc = subprocess.Popen(
+                job.commands[job.phase][1], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
         job.started = time.monotonic()
 
     def make(self, outcome: Outcome, estimate: dict[RunId, float], deadline: float | None) -> None:
@@ -290,8 +335,12 @@ class Sitting:
             job.phase += 1
             self.start(job)
             return True
-        record = {**self.record, "wall_seconds": job.seconds, "resumed_at_step": job.resumed_at_step,
-                  "finished_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        record = {
+            **self.record,
+            "wall_seconds": job.seconds,
+            "resumed_at_step": job.resumed_at_step,
+            "finished_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
         try:
             path = store_run(self.pub, self.params, job.run, record)
             if self.repo is not None:
@@ -302,8 +351,10 @@ class Sitting:
             return False
         outcome.stored.append(job.run)
         minutes = sum(job.seconds.values()) / 60
-        self.echo(f"{job.run.stage_name}: stored in {path} ({minutes:.1f} min)"
-                  + (", committed" if self.repo is not None else ""))
+        self.echo(
+            f"{job.run.stage_name}: stored in {path} ({minutes:.1f} min)"
+            + (", committed" if self.repo is not None else "")
+        )
         return False
 
 

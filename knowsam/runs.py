@@ -83,15 +83,29 @@ class RunId:
 # writing, device choice, dataset registry): tests/test_runs.py checks the two lists agree.
 # Reports are not here: re-scoring never needs retraining.
 TRAINING_SOURCES = (
-    "knowsam/config.py", "knowsam/data/augment.py", "knowsam/data/batch.py", "knowsam/data/dataset.py",
-    "knowsam/data/geometry.py", "knowsam/data/three_point_affine.py",
-    "knowsam/data/loader.py", "knowsam/data/splits.py", "knowsam/distributed.py", "knowsam/losses.py",
-    "knowsam/methods", "knowsam/models", "knowsam/runs.py", "knowsam/step_timing.py", "knowsam/train.py",
+    "knowsam/config.py",
+    "knowsam/data/augment.py",
+    "knowsam/data/batch.py",
+    "knowsam/data/dataset.py",
+    "knowsam/data/geometry.py",
+    "knowsam/data/three_point_affine.py",
+    "knowsam/data/loader.py",
+    "knowsam/data/splits.py",
+    "knowsam/distributed.py",
+    "knowsam/losses.py",
+    "knowsam/methods",
+    "knowsam/models",
+    "knowsam/runs.py",
+    "knowsam/step_timing.py",
+    "knowsam/train.py",
 )
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the package
 
 # Where things are kept, not what is computed: moving data or a cache keeps every trained run valid.
-LOCATION_KEYS = {"data": ("raw_root", "prepared_root", "splits_root", "mirror"), "sam": ("cache_dir", "embeddings_root")}
+LOCATION_KEYS = {
+    "data": ("raw_root", "prepared_root", "splits_root", "mirror"),
+    "sam": ("cache_dir", "embeddings_root"),
+}
 
 
 def code_fingerprint(root: Path | None = None) -> str:
@@ -121,7 +135,9 @@ def run_config(params: Params, run: RunId) -> dict[str, Any]:
     return {
         "code": code_fingerprint(),
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
-        "data": cfg["data"], "train": cfg["train"], "sam": cfg["sam"],
+        "data": cfg["data"],
+        "train": cfg["train"],
+        "sam": cfg["sam"],
         "method_params": dataclasses.asdict(method_params(run.method, params.method_params.get(run.method, {}))),
     }
 
@@ -137,12 +153,21 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_method(params: Params, run: RunId, data: PreparedDataset, device: torch.device, *,
-                 training: bool = True) -> Method:
+def build_method(
+    params: Params, run: RunId, data: PreparedDataset, device: torch.device, *, training: bool = True
+) -> Method:
     # Imported here: reports name runs through this module and never load torch.
     from knowsam.methods import MethodContext, get_method
 
-    ctx = MethodContext(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size,
-                        iterations=params.train.iterations, train=params.train, sam=params.sam, device=device,
-                        seed=run.seed, training=training)
+    ctx = MethodContext(
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        image_size=data.image_size,
+        iterations=params.train.iterations,
+        train=params.train,
+        sam=params.sam,
+        device=device,
+        seed=run.seed,
+        training=training,
+    )
     return get_method(run.method)(ctx, method_params(run.method, params.method_params.get(run.method, {})))

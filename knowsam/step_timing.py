@@ -9,8 +9,8 @@ parts inside it, so the parts of a step add up to at most the step. ``knowsam-be
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -24,8 +24,17 @@ DECODER = "decoder forward"  # dense-prompt embedding, mask decoder and logits (
 TEACHER_BACKWARD = "teacher backward"  # backward of L_sam through the teacher
 STUDENTS_BACKWARD = "students backward"  # every other backward
 UPDATES = "optimiser updates"  # every optimiser step
-PARTS = (STUDENTS, FUSION, MIXED_STAGE, TEACHER_ENCODER, PROMPT_HEADS, DECODER, TEACHER_BACKWARD, STUDENTS_BACKWARD,
-         UPDATES)
+PARTS = (
+    STUDENTS,
+    FUSION,
+    MIXED_STAGE,
+    TEACHER_ENCODER,
+    PROMPT_HEADS,
+    DECODER,
+    TEACHER_BACKWARD,
+    STUDENTS_BACKWARD,
+    UPDATES,
+)
 TEACHER_PARTS = (TEACHER_ENCODER, PROMPT_HEADS, DECODER, TEACHER_BACKWARD)
 
 _totals: dict[str, float] | None = None

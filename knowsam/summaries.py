@@ -54,18 +54,23 @@ def read_summary(run: RunId, eval_root: str | Path = "data/eval") -> dict | None
     try:
         summary = json.loads(text, parse_constant=_refuse_non_finite)
     except _NonFinite as exc:
-        raise KnowsamError(f"{path}: holds {exc} where every metric is finite (see the empty-mask policy); "
-                           f"{redo}") from None
+        raise KnowsamError(
+            f"{path}: holds {exc} where every metric is finite (see the empty-mask policy); {redo}"
+        ) from None
     except ValueError:
         what = "empty" if not text.strip() else "truncated or not JSON"
         raise KnowsamError(f"{path}: unreadable evaluation summary ({what}); {redo}") from None
     variants = summary.get("variants", {}) if isinstance(summary, dict) else None
     outputs = [summary.get("test_sets"), *variants.values()] if isinstance(variants, dict) else [None]
     for parts in outputs:
-        if not isinstance(parts, dict) or not parts or not all(
-                isinstance(m, dict) and all(k in m for k in REQUIRED_METRICS) for m in parts.values()):
-            raise KnowsamError(f"{path}: not an evaluation summary (no test sets with {', '.join(REQUIRED_METRICS)}); "
-                               f"{redo}")
+        if (
+            not isinstance(parts, dict)
+            or not parts
+            or not all(isinstance(m, dict) and all(k in m for k in REQUIRED_METRICS) for m in parts.values())
+        ):
+            raise KnowsamError(
+                f"{path}: not an evaluation summary (no test sets with {', '.join(REQUIRED_METRICS)}); {redo}"
+            )
     return summary
 
 

@@ -44,7 +44,14 @@ class Case:
 
 
 def frame_cases(raw: Path, spec, size: int, limit: int | None, test_sets: list[str] | None) -> Iterator[Case]:
-    from knowsam.data.frames import find_pairs, ordered_test_sets, read_image, read_mask, resize_binary_mask, resize_image
+    from knowsam.data.frames import (
+        find_pairs,
+        ordered_test_sets,
+        read_image,
+        read_mask,
+        resize_binary_mask,
+        resize_image,
+    )
 
     for test_set in ordered_test_sets(spec, raw):
         folder = raw / "TestDataset" / test_set
@@ -64,10 +71,16 @@ def acdc_cases(raw: Path, spec, size: int, limit: int | None, test_sets: list[st
     for name in read_list(raw / "test.list")[:limit]:
         job = Job(read_h5_pair, raw / "data" / f"{name}.h5", None, name, 0, True, size, "bilinear", spec.num_classes)
         image, label, _ = read_h5_pair(job)
-        images = F.interpolate(torch.from_numpy(image)[:, None], size=(size, size), mode="bilinear",
-                               align_corners=False).clamp(0, 1).expand(-1, 3, -1, -1)
-        labels = F.interpolate(torch.from_numpy(label.astype(np.float32))[:, None], size=(size, size),
-                               mode="nearest")[:, 0].numpy().astype(np.uint8)
+        images = (
+            F.interpolate(torch.from_numpy(image)[:, None], size=(size, size), mode="bilinear", align_corners=False)
+            .clamp(0, 1)
+            .expand(-1, 3, -1, -1)
+        )
+        labels = (
+            F.interpolate(torch.from_numpy(label.astype(np.float32))[:, None], size=(size, size), mode="nearest")[:, 0]
+            .numpy()
+            .astype(np.uint8)
+        )
         yield Case(ACDC_TEST_PART, name, images.contiguous(), labels)
 
 
@@ -84,8 +97,12 @@ def prompts_for(labels: np.ndarray, num_classes: int, prompt: str) -> list[tuple
     size = labels.shape[-1]
     if prompt == "none":
         return [(d, 0, [0.0, 0.0, size - 1.0, size - 1.0]) for d in range(len(labels))]
-    return [(d, c, tight_box(labels[d] == c)) for d in range(len(labels)) for c in range(1, num_classes)
-            if (labels[d] == c).any()]
+    return [
+        (d, c, tight_box(labels[d] == c))
+        for d in range(len(labels))
+        for c in range(1, num_classes)
+        if (labels[d] == c).any()
+    ]
 
 
 def check_prompts(prompts: tuple[str, ...]) -> None:
@@ -94,8 +111,9 @@ def check_prompts(prompts: tuple[str, ...]) -> None:
         raise ConfigError(f"--prompt {bad[0]!r}: use one of {', '.join(PROMPTS)}")
 
 
-def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train, bf16: bool = False
-                       ) -> tuple[torch.nn.Module, str]:
+def pretrained_teacher(
+    arch: str, checkpoint: str, cache_dir: str, train, bf16: bool = False
+) -> tuple[torch.nn.Module, str]:
     """The frozen teacher with its pretrained weights, in eval mode, and a one-line description of them.
 
     ``bf16`` (``sam.amp_bf16``): its prompt encoder and mask decoder run under bfloat16 autocast, as a
@@ -108,8 +126,11 @@ def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train, bf16: 
     if arch not in SAM_ARCHS:  # before the checkpoint, which is looked up by arch
         raise ConfigError(f"--arch {arch!r} is not a SAM arch; known: {', '.join(SAM_ARCHS)}")
     if checkpoint == "none":
-        raise KnowsamError("teacher-check scores pretrained weights and sam.checkpoint is none: "
-                           "pass --arch lite_medsam --checkpoint bundled (or set them in params)", 2)
+        raise KnowsamError(
+            "teacher-check scores pretrained weights and sam.checkpoint is none: "
+            "pass --arch lite_medsam --checkpoint bundled (or set them in params)",
+            2,
+        )
     path = resolve_checkpoint(checkpoint, arch, Path(cache_dir).expanduser())
     if train.threads:
         torch.set_num_threads(train.threads)
@@ -120,8 +141,17 @@ def pretrained_teacher(arch: str, checkpoint: str, cache_dir: str, train, bf16: 
     return teacher.to(pick_device(train.device)).eval(), f"{arch} {path.name}" + (", bf16 decoder" if bf16 else "")
 
 
-def teacher_check(dataset: str, raw: Path, teacher, prompts: tuple[str, ...], *, limit: int | None = None,
-                  test_sets: list[str] | None = None, batch: int = 4, progress=None) -> dict:
+def teacher_check(
+    dataset: str,
+    raw: Path,
+    teacher,
+    prompts: tuple[str, ...],
+    *,
+    limit: int | None = None,
+    test_sets: list[str] | None = None,
+    batch: int = 4,
+    progress=None,
+) -> dict:
     """{"prompt": {test set: {"n", "mDice", ["per_class"], "excluded"}}, "seconds", "images"} for the
     pretrained ``teacher``; ``n`` counts the cases scored, ``excluded`` names those left out (see the module)."""
     spec = get_dataset(dataset)
@@ -134,8 +164,9 @@ def teacher_check(dataset: str, raw: Path, teacher, prompts: tuple[str, ...], *,
     device = next(teacher.parameters()).device
     for case in CASE_READERS[spec.reader](raw, spec, teacher.encoder_size, limit, test_sets):
         with torch.no_grad():
-            emb = torch.cat([teacher.encode(case.images[i:i + batch].to(device))
-                             for i in range(0, len(case.images), batch)])
+            emb = torch.cat(
+                [teacher.encode(case.images[i : i + batch].to(device)) for i in range(0, len(case.images), batch)]
+            )
             for prompt in prompts:
                 found = prompts_for(case.labels, k, prompt)
                 pred = np.zeros((k, *case.labels.shape), dtype=bool)
@@ -145,18 +176,25 @@ def teacher_check(dataset: str, raw: Path, teacher, prompts: tuple[str, ...], *,
                     masks = (teacher.decode_boxes(emb, boxes, rows) > 0).cpu().numpy()
                     for (d, c, _), m in zip(found, masks):
                         pred[c, d] |= m
-                per_class = [None if prompt == "box" and not (case.labels == c).any()  # no box to give
-                             else binary_metrics(pred[0 if prompt == "none" else c], case.labels == c)["dice"]
-                             for c in range(1, k)]
+                per_class = [
+                    None
+                    if prompt == "box" and not (case.labels == c).any()  # no box to give
+                    else binary_metrics(pred[0 if prompt == "none" else c], case.labels == c)["dice"]
+                    for c in range(1, k)
+                ]
                 scores[prompt].setdefault(case.test_set, []).append((case.name, per_class))
         images += len(case.images)
         if progress is not None:
             progress(case)
     if not images:
-        raise KnowsamError(f"{raw}: no test images found for {dataset}"
-                           + (f" in test sets {', '.join(test_sets)}" if test_sets else ""))
-    out = {prompt: {part: _summary(rows, spec.class_names) for part, rows in parts.items()}
-           for prompt, parts in scores.items()}
+        raise KnowsamError(
+            f"{raw}: no test images found for {dataset}"
+            + (f" in test sets {', '.join(test_sets)}" if test_sets else "")
+        )
+    out = {
+        prompt: {part: _summary(rows, spec.class_names) for part, rows in parts.items()}
+        for prompt, parts in scores.items()
+    }
     return {"dataset": dataset, "scores": out, "images": images, "seconds": time.perf_counter() - started}
 
 
@@ -164,13 +202,17 @@ def _summary(rows: list[tuple[str, list[float | None]]], class_names: tuple[str,
     """n, mDice (None when no case could be scored), per-class means (several classes) and excluded cases."""
     scores = np.array([[np.nan if v is None else v for v in per_class] for _, per_class in rows], dtype=float)
     scored = ~np.isnan(scores)
-    class_means = [float(scores[scored[:, j], j].mean()) if scored[:, j].any() else None
-                   for j in range(scores.shape[1])]
+    class_means = [
+        float(scores[scored[:, j], j].mean()) if scored[:, j].any() else None for j in range(scores.shape[1])
+    ]
     present = [m for m in class_means if m is not None]
     entry: dict = {"n": int(scored.any(axis=1).sum()), "mDice": float(np.mean(present)) if present else None}
     if len(class_names) > 2:
         entry["per_class"] = dict(zip(class_names[1:], class_means))
     several = scores.shape[1] > 1
-    entry["excluded"] = [f"{name}/{class_names[j + 1]}" if several else name
-                         for (name, _), row in zip(rows, scored) for j in np.flatnonzero(~row)]
+    entry["excluded"] = [
+        f"{name}/{class_names[j + 1]}" if several else name
+        for (name, _), row in zip(rows, scored)
+        for j in np.flatnonzero(~row)
+    ]
     return entry

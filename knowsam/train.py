@@ -57,7 +57,8 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, _KEEP_FREED_BYTES)) and bool(
-        libc.mallopt(m_trim_threshold, _KEEP_FREED_BYTES))
+        libc.mallopt(m_trim_threshold, _KEEP_FREED_BYTES)
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -66,24 +67,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validation_arrays(data: PreparedDataset, split: dict, teacher_cache: dict[str, np.ndarray] | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+def validation_arrays(
+    data: PreparedDataset, split: dict, teacher_cache: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """Validation images, masks at training size and the cached teacher embeddings of the images
     (None without a cache): held-out training cases, or the dataset's own val part."""
     if data.meta.get("has_val"):
-        return (data.images("val"), np.load(data.root / "val_masks.npy", mmap_mode="r"),
-                None if teacher_cache is None else teacher_cache["val"])
+        return (
+            data.images("val"),
+            np.load(data.root / "val_masks.npy", mmap_mode="r"),
+            None if teacher_cache is None else teacher_cache["val"],
+        )
     if not split["validation"]:
         return None
     index = data.index("train")
     rows = np.flatnonzero(index["case"].isin(set(split["validation"])).to_numpy())
-    return (data.images("train")[rows], data.masks()[rows],
-            None if teacher_cache is None else teacher_cache["train"][rows])
+    return (
+        data.images("train")[rows],
+        data.masks()[rows],
+        None if teacher_cache is None else teacher_cache["train"][rows],
+    )
 
 
 @torch.no_grad()
-def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, embeddings: np.ndarray | None,
-                    device: torch.device, variant: str | None = None, batch: int = 16) -> float:
+def validation_dice(
+    method: Method,
+    images: np.ndarray,
+    masks: np.ndarray,
+    embeddings: np.ndarray | None,
+    device: torch.device,
+    variant: str | None = None,
+    batch: int = 16,
+) -> float:
     """Mean over images and foreground classes of Dice at training size (both empty: the method's rule, 1 by default).
 
     ``variant`` scores one of the method's extra outputs (the SAM teacher's own prediction) instead
@@ -92,16 +107,19 @@ def validation_dice(method: Method, images: np.ndarray, masks: np.ndarray, embed
     method.eval()
     scores = []
     for start in range(0, len(images), batch):
-        x = torch.from_numpy(to_float(np.asarray(images[start:start + batch]))).to(device)
-        emb = None if embeddings is None else torch.from_numpy(np.array(embeddings[start:start + batch])).to(device)
+        x = torch.from_numpy(to_float(np.asarray(images[start : start + batch]))).to(device)
+        emb = None if embeddings is None else torch.from_numpy(np.array(embeddings[start : start + batch])).to(device)
         pred = method.predict(x, variant, emb).argmax(1).cpu()
-        gt = torch.from_numpy(np.asarray(masks[start:start + batch]).astype(np.int64))
+        gt = torch.from_numpy(np.asarray(masks[start : start + batch]).astype(np.int64))
         for c in range(1, method.ctx.num_classes):
             p, g = pred == c, gt == c
             inter = (p & g).sum((1, 2)).double()
             total = (p.sum((1, 2)) + g.sum((1, 2))).double()
-            scores.append(torch.where(total > 0, 2 * inter / total.clamp(min=1),
-                                      torch.full_like(total, method.validation_empty_score)))
+            scores.append(
+                torch.where(
+                    total > 0, 2 * inter / total.clamp(min=1), torch.full_like(total, method.validation_empty_score)
+                )
+            )
     method.train()
     return float(torch.cat(scores).mean())
 
@@ -141,8 +159,10 @@ def _load_checkpoint(run_dir: Path, expected_hash: str, restart_stale: bool = Fa
             if not isinstance(state, dict):  # a readable torch file of something else (a bare tensor, a list)
                 raise TypeError(f"holds a {type(state).__name__}, not a training checkpoint")
         except Exception as exc:  # truncated/corrupt files raise many different types
-            err.print(f"[yellow]warning[/]: {path}: unreadable checkpoint ({type(exc).__name__}); trying an older one",
-                      soft_wrap=True)  # one line, never wrapped at the terminal width
+            err.print(
+                f"[yellow]warning[/]: {path}: unreadable checkpoint ({type(exc).__name__}); trying an older one",
+                soft_wrap=True,
+            )  # one line, never wrapped at the terminal width
             continue
         if state.get("version") != CHECKPOINT_VERSION or state.get("config_hash") != expected_hash:
             if restart_stale:
@@ -155,8 +175,10 @@ def _load_checkpoint(run_dir: Path, expected_hash: str, restart_stale: bool = Fa
                     else:
                         entry.unlink(missing_ok=True)
                 return None
-            raise KnowsamError(f"{path}: checkpoint from a different configuration or version; "
-                               f"delete {run_dir} to start this run afresh")
+            raise KnowsamError(
+                f"{path}: checkpoint from a different configuration or version; "
+                f"delete {run_dir} to start this run afresh"
+            )
         return state
     return None
 
@@ -177,8 +199,9 @@ def run_lock(run_dir: Path):
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise KnowsamError(f"{run_dir}: already being trained by process {holder}; wait for it or stop it "
-                               "first") from None
+            raise KnowsamError(
+                f"{run_dir}: already being trained by process {holder}; wait for it or stop it first"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -189,8 +212,11 @@ def run_lock(run_dir: Path):
 def _rng_state() -> dict:
     """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -212,8 +238,11 @@ def _rewind_live(live, step: int) -> None:
         if not lines:
             continue
         col = lines[0].rstrip("\r\n").split("\t").index("step")
-        kept = [line for line in lines[1:] if line.endswith("\n") and line.split("\t")[col].isdigit()
-                and int(line.split("\t")[col]) < step]
+        kept = [
+            line
+            for line in lines[1:]
+            if line.endswith("\n") and line.split("\t")[col].isdigit() and int(line.split("\t")[col]) < step
+        ]
         fileio.write_text(tsv, "".join(lines[:1] + kept))
     live.step = step
 
@@ -240,12 +269,21 @@ def batch_layout(batch, t):
         return batch
     import dataclasses
 
-    return dataclasses.replace(batch, x_l=batch.x_l.contiguous(memory_format=torch.channels_last),
-                               x_u=batch.x_u.contiguous(memory_format=torch.channels_last))
+    return dataclasses.replace(
+        batch,
+        x_l=batch.x_l.contiguous(memory_format=torch.channels_last),
+        x_u=batch.x_u.contiguous(memory_format=torch.channels_last),
+    )
 
 
-def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs", progress: bool = True,
-              restart_stale: bool = False) -> dict:
+def train_run(
+    params: Params,
+    run: RunId,
+    *,
+    runs_root: str | Path = "data/runs",
+    progress: bool = True,
+    restart_stale: bool = False,
+) -> dict:
     """Train one (method, dataset, ratio, seed) run to completion, resuming if possible.
 
     Under ``torchrun`` the run is data-parallel over the launched processes (``knowsam.distributed``).
@@ -273,13 +311,22 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
     if dist.rank:  # same initial weights on every rank (seeded above); own dropout draws from here on
         seed_everything(dist.stream_seed(run.seed))
     batch_size, labeled_batch = dist.shard(params.train.batch_size, params.train.labeled_batch, method.uses_unlabeled)
-    cache = embedding_cache.open_for_teacher(params.sam.embeddings_root, run.dataset, data, method.provenance(),
-                                             params.train.amp_bf16)
-    stream = TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=method.uses_unlabeled,
-                         batch_size=batch_size, labeled_batch=labeled_batch,
-                         seed=dist.stream_seed(run.seed), device=device, augmentation=method.augmentation,
-                         teacher_embeddings=None if cache is None else cache["train"],
-                         unlabeled_pool=method.unlabeled_pool)
+    cache = embedding_cache.open_for_teacher(
+        params.sam.embeddings_root, run.dataset, data, method.provenance(), params.train.amp_bf16
+    )
+    stream = TrainStream(
+        data,
+        split,
+        label_pool=method.label_pool,
+        uses_unlabeled=method.uses_unlabeled,
+        batch_size=batch_size,
+        labeled_batch=labeled_batch,
+        seed=dist.stream_seed(run.seed),
+        device=device,
+        augmentation=method.augmentation,
+        teacher_embeddings=None if cache is None else cache["train"],
+        unlabeled_pool=method.unlabeled_pool,
+    )
     # One process per run folder; under torchrun rank 0 holds it for the whole group.
     # SIGINT and SIGTERM raise in the main thread (knowsam.cli.main) and unwind through the atomic writes:
     # no temporary file is left and the next run resumes from the last checkpoint.
@@ -305,8 +352,11 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
 
         from dvclive import Live
 
-        live = (Live(str(run.live_dir(runs_root)), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
-                if dist.is_main else distributed.NullLive())
+        live = (
+            Live(str(run.live_dir(runs_root)), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
+            if dist.is_main
+            else distributed.NullLive()
+        )
         if state is not None and dist.is_main:
             _rewind_live(live, step)
         method.train()
@@ -320,8 +370,10 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                 losses = dist.average(losses)
                 for term, value in losses.items():
                     if not math.isfinite(value):
-                        raise KnowsamError(f"{run.method} on {run.dataset}: loss term '{term}' is {value} at iteration "
-                                           f"{step}; stopped, last good checkpoint kept in {run_dir}")
+                        raise KnowsamError(
+                            f"{run.method} on {run.dataset}: loss term '{term}' is {value} at iteration "
+                            f"{step}; stopped, last good checkpoint kept in {run_dir}"
+                        )
                 step += 1
                 if method.selection_loss:
                     window = [window[0] + losses[method.selection_loss], window[1] + 1]
@@ -350,25 +402,36 @@ def train_run(params: Params, run: RunId, *, runs_root: str | Path = "data/runs"
                 if step % t.checkpoint_every == 0 or step == t.iterations:
                     ranks = dist.gather({"stream": stream.state_dict(), "rng": _rng_state()})
                     if dist.is_main:
-                        _save_checkpoint(run_dir, {
-                            "version": CHECKPOINT_VERSION, "config_hash": chash, "step": step,
-                            "method": method.state_dict(), **ranks[0], "best": best, "last_record": record,
-                            "selection_window": window,
-                            **({"ranks": ranks} if dist.enabled else {}),
-                        })
+                        _save_checkpoint(
+                            run_dir,
+                            {
+                                "version": CHECKPOINT_VERSION,
+                                "config_hash": chash,
+                                "step": step,
+                                "method": method.state_dict(),
+                                **ranks[0],
+                                "best": best,
+                                "last_record": record,
+                                "selection_window": window,
+                                **({"ranks": ranks} if dist.enabled else {}),
+                            },
+                        )
         live.end()
         if best["step"] < 0:  # nothing selected (no validation images): the final weights are the reported ones
             best = {"dice": None, "step": step}
             if dist.is_main:
                 _save_weights(run_dir / "best.pt", method, step)
         best = dist.gather(best)[0]  # rank 0 validated
-        summary = {"iterations": step, "best_step": best["step"], "best_val_dice": best["dice"],
-                   "final_losses": record,
-                   "seconds_this_session": round(time.perf_counter() - started, 2)}
+        summary = {
+            "iterations": step,
+            "best_step": best["step"],
+            "best_val_dice": best["dice"],
+            "final_losses": record,
+            "seconds_this_session": round(time.perf_counter() - started, 2),
+        }
         if dist.is_main:
             fileio.write_json(run_dir / "train_log.json", {"summary": summary})
         return summary
-
 
 
 def _save_weights(path: Path, method: Method, step: int) -> None:
@@ -387,9 +450,14 @@ class _progress:
             return lambda losses: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[losses]}"),
-                            TimeRemainingColumn())
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[losses]}"),
+            TimeRemainingColumn(),
+        )
         self.bar.start()
         task = self.bar.add_task(self.run.stage_name, total=self.total, completed=self.completed, losses="", rate="")
         start, done = time.perf_counter(), [0]

@@ -47,12 +47,16 @@ def run(command: str) -> None:
     package = Path(spec.origin).resolve().parent if spec is not None and spec.origin else None
     if package is not None and package != REPOSITORY / "knowsam":
         _rerun_in_repository_venv()
-        sys.exit(f"error: {Path(sys.argv[0])} runs in {REPOSITORY} but {sys.executable} imports knowsam from "
-                 f"{package}; install this checkout into its environment (`pip install -e .` from {REPOSITORY})")
+        sys.exit(
+            f"error: {Path(sys.argv[0])} runs in {REPOSITORY} but {sys.executable} imports knowsam from "
+            f"{package}; install this checkout into its environment (`pip install -e .` from {REPOSITORY})"
+        )
     try:
         from knowsam.cli import main
     except ModuleNotFoundError as exc:
         _rerun_in_repository_venv()
-        sys.exit(f"error: {sys.executable} cannot import {exc.name!r}: activate the environment knowsam-bench "
-                 "is installed in (e.g. `. .venv/bin/activate`) before `dvc repro`")
+        sys.exit(
+            f"error: {sys.executable} cannot import {exc.name!r}: activate the environment knowsam-bench "
+            "is installed in (e.g. `. .venv/bin/activate`) before `dvc repro`"
+        )
     sys.exit(main([command, *sys.argv[1:]]))

@@ -70,8 +70,15 @@ def demo_prepared(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("ws")
     generate_demo(root / "data/raw/demo", seed=0, n_train=48, test_sets={"Demo-Kvasir": 6, "Demo-Colon": 6})
-    prepare_frames(root / "data/raw/demo", root / "data/prepared/demo", DEMO, image_size=32, interpolation="bilinear",
-                   test_sets=["Demo-Kvasir", "Demo-Colon"], workers=1)
+    prepare_frames(
+        root / "data/raw/demo",
+        root / "data/prepared/demo",
+        DEMO,
+        image_size=32,
+        interpolation="bilinear",
+        test_sets=["Demo-Kvasir", "Demo-Colon"],
+        workers=1,
+    )
     return root
 
 
@@ -81,9 +88,23 @@ def small_params(root: Path, **train_overrides) -> config.Params:
 
     raw = yaml.safe_load((REPO / "knowsam/profiles/demo.yaml").read_text())
     params = config.parse(raw)
-    data = dataclasses.replace(params.data, raw_root=str(root / "data/raw"), prepared_root=str(root / "data/prepared"),
-                               splits_root=str(root / "data/splits"), image_size=32)
-    train = dataclasses.replace(params.train, **{"iterations": 6, "batch_size": 4, "labeled_batch": 2,
-                                                 "eval_every": 3, "checkpoint_every": 3, "threads": 1,
-                                                 **train_overrides})
+    data = dataclasses.replace(
+        params.data,
+        raw_root=str(root / "data/raw"),
+        prepared_root=str(root / "data/prepared"),
+        splits_root=str(root / "data/splits"),
+        image_size=32,
+    )
+    train = dataclasses.replace(
+        params.train,
+        **{
+            "iterations": 6,
+            "batch_size": 4,
+            "labeled_batch": 2,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+            "threads": 1,
+            **train_overrides,
+        },
+    )
     return dataclasses.replace(params, data=data, train=train)

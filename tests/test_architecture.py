@@ -15,13 +15,35 @@ PACKAGE = REPO / "knowsam"
 
 # Bottom to top; a module belongs to the first layer with a matching prefix (docs/architecture.md).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("knowsam", "knowsam.errors", "knowsam.fileio", "knowsam.config", "knowsam.machine",
-                    "knowsam.download", "knowsam.distributed", "knowsam.step_timing")),
+    (
+        "foundation",
+        (
+            "knowsam",
+            "knowsam.errors",
+            "knowsam.fileio",
+            "knowsam.config",
+            "knowsam.machine",
+            "knowsam.download",
+            "knowsam.distributed",
+            "knowsam.step_timing",
+        ),
+    ),
     ("data and measures", ("knowsam.data", "knowsam.metrics", "knowsam.losses")),
     ("models", ("knowsam.models",)),
     ("methods", ("knowsam.methods",)),
-    ("runs", ("knowsam.runs", "knowsam.validation", "knowsam.train", "knowsam.evaluate", "knowsam.describe",
-              "knowsam.embed", "knowsam.teacher_check", "knowsam.summaries")),
+    (
+        "runs",
+        (
+            "knowsam.runs",
+            "knowsam.validation",
+            "knowsam.train",
+            "knowsam.evaluate",
+            "knowsam.describe",
+            "knowsam.embed",
+            "knowsam.teacher_check",
+            "knowsam.summaries",
+        ),
+    ),
     ("reports", ("knowsam.report",)),
     ("entry points", ("knowsam.cli", "knowsam.bench", "knowsam.plan", "knowsam.run_missing", "knowsam.__main__")),
 ]
@@ -48,7 +70,7 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
                 targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names}
         graph[name] = {t for t in targets if t in mods and t != name}
@@ -68,8 +90,12 @@ def layer_of(module: str) -> int:
 
 
 def test_every_import_goes_to_the_same_layer_or_below():
-    upward = [f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
-              for a, targets in import_graph().items() for b in sorted(targets) if layer_of(b) > layer_of(a)]
+    upward = [
+        f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
+        for a, targets in import_graph().items()
+        for b in sorted(targets)
+        if layer_of(b) > layer_of(a)
+    ]
     assert not upward, "imports running up the layers:\n" + "\n".join(upward)
 
 
@@ -82,7 +108,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()

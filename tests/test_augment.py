@@ -28,7 +28,9 @@ def test_labeled_rows_get_weak_and_unlabeled_rows_strong_augmentation():
     n = 64
     grey = torch.full((n, 3, SIZE, SIZE), 0.5)
     aug = WeakStrongAugment(SIZE)
-    x_l, y_l, x_u = aug(grey, torch.zeros(n, SIZE, SIZE, dtype=torch.int64), grey.clone(), torch.Generator().manual_seed(0))
+    x_l, y_l, x_u = aug(
+        grey, torch.zeros(n, SIZE, SIZE, dtype=torch.int64), grey.clone(), torch.Generator().manual_seed(0)
+    )
     assert x_l.shape == x_u.shape == grey.shape and y_l.shape == (n, SIZE, SIZE) and y_l.dtype == torch.int64
     weak_holes, strong_holes = _zero_pixels(x_l), _zero_pixels(x_u)
     assert weak_holes.max() <= 8 * 3 * 3  # at most 8 holes of 64 // 20 = 3 px
@@ -66,14 +68,15 @@ def test_same_generator_state_same_batch(n_u: int):
 
 
 def test_train_stream_weak_strong_option(demo_prepared):
-    from knowsam.data.loader import TrainStream
     from knowsam.data.dataset import PreparedDataset
+    from knowsam.data.loader import TrainStream
 
     data = PreparedDataset(demo_prepared / "data/prepared/demo")
     cases = sorted(data.index("train")["case"].unique())
     split = {"labeled": cases[:4], "unlabeled": cases[4:], "validation": []}
-    kwargs = dict(label_pool="labeled", uses_unlabeled=True, batch_size=6, labeled_batch=3, seed=0,
-                  device=torch.device("cpu"))
+    kwargs = dict(
+        label_pool="labeled", uses_unlabeled=True, batch_size=6, labeled_batch=3, seed=0, device=torch.device("cpu")
+    )
     stream = TrainStream(data, split, augmentation="weak-strong", **kwargs)
     batch = stream.next_batch()
     assert batch.x_l.shape == batch.x_u.shape == (3, data.in_channels, 32, 32)

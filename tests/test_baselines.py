@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from knowsam.config import SamParams, TrainParams
-from knowsam.losses import ce_dice_loss, soft_dice_loss
 from knowsam.data.batch import Batch
+from knowsam.losses import ce_dice_loss, soft_dice_loss
 from knowsam.methods import Method, MethodContext, get_method, method_names
 from knowsam.methods import ucmt as ucmt_module
 from knowsam.methods.registry import method_params
@@ -20,14 +20,22 @@ from knowsam.methods.ucmt import patch_grid, per_image_dice_loss, plan_umix
 from tests.conftest import polyp_images
 
 
-def make_method(name: str, *, size: int = 32, iterations: int = 20, lr: float = 0.01, seed: int = 0,
-                labeled: int = 2, **params) -> Method:
+def make_method(
+    name: str, *, size: int = 32, iterations: int = 20, lr: float = 0.01, seed: int = 0, labeled: int = 2, **params
+) -> Method:
     """A method on 3-channel 2-class images, batches of ``labeled`` + ``labeled`` unlabeled, random tiny SAM."""
     torch.manual_seed(seed)
     cls = get_method(name)
-    ctx = MethodContext(in_channels=3, num_classes=2, image_size=size, iterations=iterations,
-                        train=TrainParams(iterations=iterations, batch_size=2 * labeled, labeled_batch=labeled, lr=lr),
-                        sam=SamParams(arch="tiny", checkpoint="none"), device=torch.device("cpu"), seed=seed)
+    ctx = MethodContext(
+        in_channels=3,
+        num_classes=2,
+        image_size=size,
+        iterations=iterations,
+        train=TrainParams(iterations=iterations, batch_size=2 * labeled, labeled_batch=labeled, lr=lr),
+        sam=SamParams(arch="tiny", checkpoint="none"),
+        device=torch.device("cpu"),
+        seed=seed,
+    )
     method = cls(ctx, method_params(name, params))
     method.train()
     return method
@@ -120,8 +128,10 @@ def test_ucmt_unlabeled_weight_is_alpha_over_two_per_term_ramped_over_a_fifth_of
     torch.manual_seed(3)
     terms = m.train_step(random_batch(), 50)
     for suffix in ("", "_mix"):
-        expected = sum(terms[f"sup_{s}{suffix}"] + 0.05 * (terms[f"cps_{s}{suffix}"] + terms[f"cmt_{s}{suffix}"])
-                       for s in ("student1", "student2"))
+        expected = sum(
+            terms[f"sup_{s}{suffix}"] + 0.05 * (terms[f"cps_{s}{suffix}"] + terms[f"cmt_{s}{suffix}"])
+            for s in ("student1", "student2")
+        )
         assert terms[f"loss_{'plain' if not suffix else 'mix'}"] == pytest.approx(expected, rel=1e-6)
 
 
@@ -143,8 +153,12 @@ def test_cps_targets_are_the_peers_detached_argmax(labeled_rows):
     """net2's gradient is exactly that of sup2 + w * CE(net2, argmax net1): nothing reaches net2
     through net1's pseudo-label loss, and the target is the peer's hard prediction, on every image
     (CPS paper) or on the unlabeled ones only (SSL4MIS)."""
-    m = make_method("cps", cps_weight=1.0, rampup_fraction=0.0,  # full weight from step 0
-                    pseudo_supervise_labeled=labeled_rows)
+    m = make_method(
+        "cps",
+        cps_weight=1.0,
+        rampup_fraction=0.0,  # full weight from step 0
+        pseudo_supervise_labeled=labeled_rows,
+    )
     batch = random_batch()
     weights = {k: {n: v.clone() for n, v in net.state_dict().items()} for k, net in m.nets.items()}
     torch.manual_seed(7)
@@ -201,8 +215,8 @@ def loop_mix(base: torch.Tensor, donor: torch.Tensor, dest: torch.Tensor, src: t
     for b in range(len(base)):
         for d, s in zip(dest[b].tolist(), src[b].tolist()):
             (dr, dc), (sr, sc) = divmod(d, grid), divmod(s, grid)
-            patch = donor[b, ..., sr * p:(sr + 1) * p, sc * p:(sc + 1) * p]
-            out[b, ..., dr * p:(dr + 1) * p, dc * p:(dc + 1) * p] = patch
+            patch = donor[b, ..., sr * p : (sr + 1) * p, sc * p : (sc + 1) * p]
+            out[b, ..., dr * p : (dr + 1) * p, dc * p : (dc + 1) * p] = patch
     return out
 
 
@@ -307,8 +321,6 @@ def test_state_dict_round_trip_resumes_exactly(name):
     for k in a.nets:
         for (n, va), vb in zip(a.nets[k].state_dict().items(), b.nets[k].state_dict().values()):
             assert torch.equal(va, vb), f"{k}.{n}"
-
-
 
 
 def eval_loss(method: Method, x: torch.Tensor, y: torch.Tensor) -> float:

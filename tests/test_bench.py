@@ -14,15 +14,22 @@ from knowsam.errors import ConfigError
 from knowsam.methods import method_names
 from tests.conftest import REPO
 
-SECTIONS = ("## Machine", "## Training step, CPU profile", "## Training step, paper-sized configuration",
-            "## Data path", "## Scoring throughput", "## Preparation throughput", "## Command-line latency",
-            "## Pipeline no-op")
+SECTIONS = (
+    "## Machine",
+    "## Training step, CPU profile",
+    "## Training step, paper-sized configuration",
+    "## Data path",
+    "## Scoring throughput",
+    "## Preparation throughput",
+    "## Command-line latency",
+    "## Pipeline no-op",
+)
 
 
 def _section(text: str, title: str) -> str:
     start = text.index(title)
     end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+    return text[start : end if end != -1 else None]
 
 
 def _row_numbers(row: str) -> list[float]:
@@ -44,8 +51,11 @@ def test_report_has_every_section(quick_report):
 
 def test_every_registered_method_has_a_positive_step_time(quick_report):
     table = _section(quick_report, "## Training step, CPU profile")
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")
-            and not line.startswith("| method")}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| method")
+    }
     assert set(rows) == set(method_names())
     for name, row in rows.items():
         numbers = _row_numbers(row)
@@ -56,8 +66,11 @@ def test_measured_figures_are_positive(quick_report):
     data = _section(quick_report, "## Data path")
     assert "memory-mapped: yes" in data
     # The verdict follows the measured share (whether the target is met is the benchmark's figure, not a test's).
-    share = re.search(r"data-wait share of a training step at the CPU profile: ([\d.]+)% \([^)]+\); "
-                      r"target < 5%: (met|NOT met)", data)
+    share = re.search(
+        r"data-wait share of a training step at the CPU profile: ([\d.]+)% \([^)]+\); "
+        r"target < 5%: (met|NOT met)",
+        data,
+    )
     assert share and float(share.group(1)) > 0 and (share.group(2) == "met") == (float(share.group(1)) < 5)
     scoring = _section(quick_report, "## Scoring throughput")
     rows = [line for line in scoring.splitlines() if line.startswith("| ") and "wall s" not in line]
@@ -86,8 +99,7 @@ def test_speed_options_are_typed_and_listed_by_every_profile():
 def test_channels_last_and_bf16_run_and_channels_last_keeps_the_resume_hash(demo_prepared, tmp_path):
     from knowsam.data.dataset import PreparedDataset
     from knowsam.data.splits import split_path, write_split
-    from knowsam.runs import RunId
-    from knowsam.runs import config_hash, run_config
+    from knowsam.runs import RunId, config_hash, run_config
     from knowsam.train import train_run
     from tests.conftest import small_params
 

@@ -78,8 +78,16 @@ def fresh_encoder_pass(ws: Path, part: str) -> torch.Tensor:
 
     params = validation.load(ws / "params.yaml")
     data = PreparedDataset(ws / "data/prepared/demo")
-    ctx = MethodContext(in_channels=3, num_classes=2, image_size=data.image_size, iterations=1, train=params.train,
-                        sam=params.sam, device=torch.device("cpu"), training=False)
+    ctx = MethodContext(
+        in_channels=3,
+        num_classes=2,
+        image_size=data.image_size,
+        iterations=1,
+        train=params.train,
+        sam=params.sam,
+        device=torch.device("cpu"),
+        training=False,
+    )
     teacher, _ = build_sam_teacher(ctx)
     with torch.no_grad():
         return teacher.eval().encode(torch.from_numpy(to_float(np.asarray(data.images(part)))))
@@ -101,10 +109,12 @@ def test_changed_training_image_is_encoded_again(ws, cli, capsys, monkeypatch):
     pixels = np.asarray(Image.open(frame).convert("RGB"))
     Image.fromarray(255 - pixels).save(frame)  # same name, same size, other pixels
     run(cli, ws, capsys, "prepare", "demo")
-    one_line(*cli(ws, "train", "--method", "knowsam", "--dataset", "demo", "--ratio", "0.1", "--seed", "0",
-                  "--no-progress"), 1,
-             r"data/embeddings/demo: embedding cache was made for other prepared images; run `knowsam-bench embed "
-             r"demo`")
+    one_line(
+        *cli(ws, "train", "--method", "knowsam", "--dataset", "demo", "--ratio", "0.1", "--seed", "0", "--no-progress"),
+        1,
+        r"data/embeddings/demo: embedding cache was made for other prepared images; run `knowsam-bench embed "
+        r"demo`",
+    )
     assert embedded_this_call(run(cli, ws, capsys, "embed", "demo")) == N_TRAIN + N_TEST
     after = cached(ws, "train")
     assert not np.array_equal(after[2], before[2])  # the changed frame has a new embedding
@@ -124,8 +134,9 @@ def test_changed_interpolation_is_encoded_again(ws, cli, capsys, monkeypatch):
     assert embedded_this_call(run(cli, ws, capsys, "embed", "demo")) == N_TRAIN + N_TEST
     after = cached(ws, "Demo-Kvasir")
     assert not np.array_equal(after, before)
-    torch.testing.assert_close(torch.from_numpy(after).float(), fresh_encoder_pass(ws, "Demo-Kvasir"),
-                               rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        torch.from_numpy(after).float(), fresh_encoder_pass(ws, "Demo-Kvasir"), rtol=2e-3, atol=2e-3
+    )
 
 
 @pytest.mark.parametrize("keep", [0, 100, "half"], ids=["emptied", "header-only", "half"])

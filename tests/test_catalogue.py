@@ -35,6 +35,7 @@ RUN_DIR = Path("data/runs/demo/ratio-0.1_seed-0/labeled-only")
 
 # --- helpers ----------------------------------------------------------------------------------
 
+
 def params_dict(prepared_root: str = "data/prepared", **sections) -> dict:
     raw = yaml.safe_load((REPO / "knowsam/profiles/demo.yaml").read_text())
     raw["methods"] = ["labeled-only", "knowsam"]
@@ -172,6 +173,7 @@ def own_prepared(ws: Path, demo_prepared: Path) -> Path:
 
 # --- raw data (prepare) -------------------------------------------------------------------------
 
+
 def test_corrupt_image(raw_ws, cli):
     train_images(raw_ws)[2].write_bytes(b"this is not an image at all" * 10)
     one_line(*cli(raw_ws, "prepare", "demo"), 1, r"TrainDataset/images/\S+: unreadable image \(")
@@ -188,14 +190,18 @@ def test_truncated_image(raw_ws, cli):
 def test_mask_size_differs_from_image(raw_ws, cli):
     mask = mask_of(train_images(raw_ws)[1])
     Image.open(mask).resize((17, 13)).save(mask)
-    one_line(*cli(raw_ws, "prepare", "demo"), 1, rf"masks/{re.escape(mask.name)}: mask size 17x13 differs from its image's")
+    one_line(
+        *cli(raw_ws, "prepare", "demo"), 1, rf"masks/{re.escape(mask.name)}: mask size 17x13 differs from its image's"
+    )
     assert_nothing_prepared(raw_ws)
 
 
 def test_missing_mask(raw_ws, cli):
     image = train_images(raw_ws)[3]
     mask_of(image).unlink()
-    one_line(*cli(raw_ws, "prepare", "demo"), 1, rf"{re.escape(image.name)}: no mask named {image.stem} or p{image.stem}")
+    one_line(
+        *cli(raw_ws, "prepare", "demo"), 1, rf"{re.escape(image.name)}: no mask named {image.stem} or p{image.stem}"
+    )
     assert_nothing_prepared(raw_ws)
 
 
@@ -230,7 +236,11 @@ def test_file_name_not_utf8(raw_ws, cli):
     bad = os.fsdecode(b"frame-\xff\xfe" + image.suffix.encode())
     os.rename(image, image.with_name(bad))
     os.rename(mask_of(image), mask_of(image).with_name(bad))
-    line = one_line(*cli(raw_ws, "prepare", "demo"), 1, r"TrainDataset/images: file name b'frame-\\xff\\xfe\.\w+' is not valid UTF-8")
+    line = one_line(
+        *cli(raw_ws, "prepare", "demo"),
+        1,
+        r"TrainDataset/images: file name b'frame-\\xff\\xfe\.\w+' is not valid UTF-8",
+    )
     assert "\\udc" not in line
     assert_nothing_prepared(raw_ws)
 
@@ -256,16 +266,22 @@ def test_duplicate_frame_stems(raw_ws, cli):
     image = train_images(raw_ws)[0]
     twin = image.with_suffix(".jpeg")
     shutil.copy(image, twin)
-    one_line(*cli(raw_ws, "prepare", "demo"), 1,
-             rf"TrainDataset/images: {twin.name} and {image.name} share the stem '{image.stem}'; keep one of them")
+    one_line(
+        *cli(raw_ws, "prepare", "demo"),
+        1,
+        rf"TrainDataset/images: {twin.name} and {image.name} share the stem '{image.stem}'; keep one of them",
+    )
     assert_nothing_prepared(raw_ws)
 
 
 def test_file_in_no_image_format(raw_ws, cli):
     masks = mask_of(train_images(raw_ws)[0]).parent
     (masks / "notes.txt").write_text("annotator's notes")
-    one_line(*cli(raw_ws, "prepare", "demo"), 1,
-             r"TrainDataset/masks: 1 file\(s\) in no image format this version reads: notes.txt; convert or remove them")
+    one_line(
+        *cli(raw_ws, "prepare", "demo"),
+        1,
+        r"TrainDataset/masks: 1 file\(s\) in no image format this version reads: notes.txt; convert or remove them",
+    )
     assert_nothing_prepared(raw_ws)
 
 
@@ -275,17 +291,23 @@ def test_masks_that_mostly_decode_empty(raw_ws, cli):
         mask = mask_of(image)
         grey = np.asarray(Image.open(mask).convert("L"))
         Image.fromarray((grey > 127).astype(np.uint8) * 60).save(mask)
-    one_line(*cli(raw_ws, "prepare", "demo"), 1,
-             r"TrainDataset/masks: [4-6] of 6 masks decode empty \(e.g. \S+.png: mode L, values 0(, 60)?\); "
-             r"a misread mask encoding\? See 'Mask encodings' in docs/datasets.md")
+    one_line(
+        *cli(raw_ws, "prepare", "demo"),
+        1,
+        r"TrainDataset/masks: [4-6] of 6 masks decode empty \(e.g. \S+.png: mode L, values 0(, 60)?\); "
+        r"a misread mask encoding\? See 'Mask encodings' in docs/datasets.md",
+    )
     assert_nothing_prepared(raw_ws)
 
 
 def test_frame_above_the_decompression_bomb_limit(raw_ws, cli, monkeypatch):
     width, height = Image.open(train_images(raw_ws)[0]).size
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", width * height // 3)  # every frame is over twice the limit
-    one_line(*cli(raw_ws, "prepare", "demo"), 1,
-             r"TrainDataset/images/\S+.jpg: unreadable image \(DecompressionBombError: Image size \(\d+ pixels\) exceeds")
+    one_line(
+        *cli(raw_ws, "prepare", "demo"),
+        1,
+        r"TrainDataset/images/\S+.jpg: unreadable image \(DecompressionBombError: Image size \(\d+ pixels\) exceeds",
+    )
     assert_nothing_prepared(raw_ws)
 
 
@@ -314,7 +336,11 @@ def test_h5_image_that_is_a_group(tmp_path, cli):
     with h5py.File(path, "w") as h5:
         h5.create_group("image").create_dataset("slice", data=image)
         h5.create_dataset("label", data=label)
-    one_line(*cli(ws, "prepare", "acdc"), 1, r"patient001_frame01_slice_2.h5: 'image' in this h5 file is a group, not an array")
+    one_line(
+        *cli(ws, "prepare", "acdc"),
+        1,
+        r"patient001_frame01_slice_2.h5: 'image' in this h5 file is a group, not an array",
+    )
     assert not (ws / "data/prepared").exists()
 
 
@@ -324,8 +350,11 @@ def test_h5_training_slice_that_is_not_2d(tmp_path, cli):
     ws = _acdc_ws(tmp_path)
     path, image, label = _h5_slice(ws)
     _h5(path, np.stack([image, image], axis=-1), np.stack([label, label], axis=-1))
-    one_line(*cli(ws, "prepare", "acdc"), 1,
-             r"patient001_frame01_slice_2.h5: expected a 2D training slice, got image shape \(40, 36, 2\)")
+    one_line(
+        *cli(ws, "prepare", "acdc"),
+        1,
+        r"patient001_frame01_slice_2.h5: expected a 2D training slice, got image shape \(40, 36, 2\)",
+    )
     assert not (ws / "data/prepared").exists()
 
 
@@ -377,14 +406,21 @@ PARAMS_CASES = {
     "ratio above 1": (dict(ratios=[0.1, 1.5]), r"'ratios\[1\]' = 1.5 must be in \(0, 1\]"),
     "empty seed list": (dict(seeds=[]), r"'seeds' is empty; list at least one"),
     "seed beyond numpy's range": (dict(seeds=[0, 2**32]), r"'seeds\[1\]' = 4294967296 must be in \[0, 2\*\*32\)"),
-    "image size SAM cannot patch": (dict(data={"image_size": 40}), r"'data.image_size' = 40 must be a positive multiple of 16"),
-    "labeled batch larger than batch": (dict(train={"batch_size": 4, "labeled_batch": 6}),
-                                        r"'train.labeled_batch' = 6 must be in \[1, train.batch_size = 4\]"),
+    "image size SAM cannot patch": (
+        dict(data={"image_size": 40}),
+        r"'data.image_size' = 40 must be a positive multiple of 16",
+    ),
+    "labeled batch larger than batch": (
+        dict(train={"batch_size": 4, "labeled_batch": 6}),
+        r"'train.labeled_batch' = 6 must be in \[1, train.batch_size = 4\]",
+    ),
     "wrong type": (dict(train={"iterations": "ten"}), r"'train.iterations' must be int, got 'ten'"),
     "bool for int": (dict(train={"iterations": True}), r"'train.iterations' must be int, got True"),
     "unknown key": (dict(train={"iteratons": 5}), r"unknown key 'train.iteratons'"),
-    "unknown method option": (dict(method_params={"knowsam": {"no_such_option": 1}}),
-                              r"unknown key 'method_params.knowsam.no_such_option'"),
+    "unknown method option": (
+        dict(method_params={"knowsam": {"no_such_option": 1}}),
+        r"unknown key 'method_params.knowsam.no_such_option'",
+    ),
 }
 
 
@@ -397,11 +433,15 @@ def test_bad_params(tmp_path, cli, case):
     assert not (ws / "data").exists()
 
 
-@pytest.mark.parametrize("text, pattern", [
-    ("datasets: [demo\nmethods: x\n", r"params.yaml: not valid YAML \("),
-    ("- a\n- list\n", r"params.yaml: expected a mapping at the top level"),
-    (b"\xff\xfe binary".decode("latin-1"), r"params.yaml: not valid YAML"),
-], ids=["not-yaml", "not-a-mapping", "not-utf8"])
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("datasets: [demo\nmethods: x\n", r"params.yaml: not valid YAML \("),
+        ("- a\n- list\n", r"params.yaml: expected a mapping at the top level"),
+        (b"\xff\xfe binary".decode("latin-1"), r"params.yaml: not valid YAML"),
+    ],
+    ids=["not-yaml", "not-a-mapping", "not-utf8"],
+)
 def test_params_file_not_yaml(tmp_path, cli, text, pattern):
     ws = tmp_path / "ws"
     ws.mkdir()
@@ -426,14 +466,22 @@ def test_method_not_in_params(train_ws, cli):
 
 
 def test_dataset_not_in_params(train_ws, cli):
-    one_line(*cli(train_ws, "train", "--method", "labeled-only", "--dataset", "acdc", *RUN[4:]), 2,
-             r"dataset 'acdc' is not in params 'datasets'")
+    one_line(
+        *cli(train_ws, "train", "--method", "labeled-only", "--dataset", "acdc", *RUN[4:]),
+        2,
+        r"dataset 'acdc' is not in params 'datasets'",
+    )
 
 
-@pytest.mark.parametrize("flag, value, pattern", [("--ratio", "0", r"--ratio 0 must be in \(0, 1\]"),
-                                                  ("--ratio", "1.5", r"--ratio 1.5 must be in \(0, 1\]"),
-                                                  ("--seed", "-1", r"--seed -1 must be in \[0, 2\*\*32\)"),
-                                                  ("--seed", str(2**32), r"--seed 4294967296 must be in \[0, 2\*\*32\)")])
+@pytest.mark.parametrize(
+    "flag, value, pattern",
+    [
+        ("--ratio", "0", r"--ratio 0 must be in \(0, 1\]"),
+        ("--ratio", "1.5", r"--ratio 1.5 must be in \(0, 1\]"),
+        ("--seed", "-1", r"--seed -1 must be in \[0, 2\*\*32\)"),
+        ("--seed", str(2**32), r"--seed 4294967296 must be in \[0, 2\*\*32\)"),
+    ],
+)
 def test_split_command_ratio_and_seed(train_ws, cli, flag, value, pattern):
     before = tree(train_ws / "data/splits")
     one_line(*cli(train_ws, "split", "demo", flag, value), 2, pattern)
@@ -441,6 +489,7 @@ def test_split_command_ratio_and_seed(train_ws, cli, flag, value, pattern):
 
 
 # --- splits, prepared data, runs ----------------------------------------------------------------
+
 
 def _split_file(ws: Path) -> Path:
     return ws / "data/splits/demo/ratio-0.1_seed-0.json"
@@ -456,8 +505,11 @@ def test_split_names_unknown_images(train_ws, cli):
     split["labeled"].append("no-such-frame")
     path.write_text(json.dumps(split))
     _fresh_run(train_ws)
-    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-             r"ratio-0.1_seed-0.json: 'labeled' names 1 case\(s\) not in the prepared training set, e.g. 'no-such-frame'")
+    one_line(
+        *cli(train_ws, "train", *RUN, "--no-progress"),
+        1,
+        r"ratio-0.1_seed-0.json: 'labeled' names 1 case\(s\) not in the prepared training set, e.g. 'no-such-frame'",
+    )
     assert not (train_ws / "data/runs").exists()
 
 
@@ -478,8 +530,11 @@ def test_split_labels_a_test_case(train_ws, demo_prepared, cli):
     split["labeled"].append(test_case)
     path.write_text(json.dumps(split))
     _fresh_run(train_ws)
-    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-             rf"'labeled' names case '{re.escape(test_case)}' of test set 'Demo-Colon'; training and test cases must not overlap")
+    one_line(
+        *cli(train_ws, "train", *RUN, "--no-progress"),
+        1,
+        rf"'labeled' names case '{re.escape(test_case)}' of test set 'Demo-Colon'; training and test cases must not overlap",
+    )
     assert not (train_ws / "data/runs").exists()
 
 
@@ -498,8 +553,11 @@ def test_split_case_duplicated_in_a_test_set(train_ws, demo_prepared, cli):
     images[0] = np.load(prepared / "train_images.npy")[row]
     np.save(prepared / "Demo-Kvasir_images.npy", images)
     _fresh_run(train_ws)
-    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-             rf"'labeled' names case '{re.escape(labeled)}' of test set 'Demo-Kvasir'")
+    one_line(
+        *cli(train_ws, "train", *RUN, "--no-progress"),
+        1,
+        rf"'labeled' names case '{re.escape(labeled)}' of test set 'Demo-Kvasir'",
+    )
     assert not (train_ws / "data/runs").exists()
 
 
@@ -509,8 +567,11 @@ def test_prepared_dataset_of_an_older_format(train_ws, demo_prepared, cli):
     meta["format_version"] = 0
     (prepared / "meta.json").write_text(json.dumps(meta))
     _fresh_run(train_ws)
-    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-             r"meta.json: prepared with format version 0, this version reads 1; re-run the prepare stage")
+    one_line(
+        *cli(train_ws, "train", *RUN, "--no-progress"),
+        1,
+        r"meta.json: prepared with format version 0, this version reads 1; re-run the prepare stage",
+    )
     assert not (train_ws / "data/runs").exists()
 
 
@@ -518,8 +579,11 @@ def test_prepared_dataset_missing_an_array(train_ws, demo_prepared, cli):
     prepared = own_prepared(train_ws, demo_prepared)
     (prepared / "train_masks.npy").unlink()
     _fresh_run(train_ws)
-    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-             r"train_masks.npy: missing or unreadable \(FileNotFoundError\); re-run the prepare stage")
+    one_line(
+        *cli(train_ws, "train", *RUN, "--no-progress"),
+        1,
+        r"train_masks.npy: missing or unreadable \(FileNotFoundError\); re-run the prepare stage",
+    )
     assert not (train_ws / "data/runs").exists()
 
 
@@ -535,8 +599,11 @@ def test_run_folder_of_another_configuration(train_ws, cli):
     raw["train"]["lr"] = 0.02
     write_params(train_ws, raw)
     before = tree(train_ws / RUN_DIR)
-    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-             r"checkpoint.pt: checkpoint from a different configuration or version; delete \S+ratio-0.1_seed-0/labeled-only ")
+    one_line(
+        *cli(train_ws, "train", *RUN, "--no-progress"),
+        1,
+        r"checkpoint.pt: checkpoint from a different configuration or version; delete \S+ratio-0.1_seed-0/labeled-only ",
+    )
     assert tree(train_ws / RUN_DIR) == before
 
 
@@ -546,13 +613,21 @@ def test_run_folder_of_another_version(train_ws, cli):
     state["version"] = 0
     torch.save(state, ckpt)
     before = tree(train_ws / RUN_DIR)
-    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1, r"checkpoint.pt: checkpoint from a different configuration or version")
+    one_line(
+        *cli(train_ws, "train", *RUN, "--no-progress"),
+        1,
+        r"checkpoint.pt: checkpoint from a different configuration or version",
+    )
     assert tree(train_ws / RUN_DIR) == before
 
 
 def test_evaluate_before_train(train_ws, cli):
     _fresh_run(train_ws)
-    one_line(*cli(train_ws, "evaluate", *EVAL), 1, r"best.pt: trained weights not found; run the train stage for labeled-only-demo-0.1-0")
+    one_line(
+        *cli(train_ws, "evaluate", *EVAL),
+        1,
+        r"best.pt: trained weights not found; run the train stage for labeled-only-demo-0.1-0",
+    )
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
 
@@ -560,8 +635,11 @@ def test_evaluate_weights_of_other_parameters(train_ws, cli):
     raw = yaml.safe_load((train_ws / "params.yaml").read_text())
     raw["train"]["iterations"] = 3
     write_params(train_ws, raw)
-    one_line(*cli(train_ws, "evaluate", *EVAL), 1,
-             r"best.pt: trained with other parameters, code or version \(see \S+config.json\); re-run the train stage")
+    one_line(
+        *cli(train_ws, "evaluate", *EVAL),
+        1,
+        r"best.pt: trained with other parameters, code or version \(see \S+config.json\); re-run the train stage",
+    )
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
 
@@ -575,19 +653,26 @@ def test_evaluate_corrupt_weights(train_ws, cli):
 def test_evaluate_corrupt_training_curves(train_ws, cli):
     curve = train_ws / RUN_DIR / "live/plots/metrics/train/loss.tsv"
     curve.write_text(curve.read_text()[:3])  # cut short
-    one_line(*cli(train_ws, "evaluate", *EVAL), 1,
-             r"loss.tsv: unreadable training curves; re-run the train stage for labeled-only-demo-0.1-0")
+    one_line(
+        *cli(train_ws, "evaluate", *EVAL),
+        1,
+        r"loss.tsv: unreadable training curves; re-run the train stage for labeled-only-demo-0.1-0",
+    )
     assert not (train_ws / "reports").exists() and not (train_ws / "data/eval").exists()
 
 
 # --- SAM checkpoints ----------------------------------------------------------------------------
 
+
 def test_missing_sam_checkpoint(train_ws, cli):
     raw = yaml.safe_load((train_ws / "params.yaml").read_text())
     raw["sam"]["checkpoint"] = str(train_ws / "weights/sam_tiny.pth")
     write_params(train_ws, raw)
-    one_line(*cli(train_ws, "train", "--method", "knowsam", *RUN[2:], "--no-progress"), 1,
-             r"SAM checkpoint \S+/weights/sam_tiny.pth not found")
+    one_line(
+        *cli(train_ws, "train", "--method", "knowsam", *RUN[2:], "--no-progress"),
+        1,
+        r"SAM checkpoint \S+/weights/sam_tiny.pth not found",
+    )
     assert not (train_ws / "data/runs/demo/knowsam").exists()
 
 
@@ -596,8 +681,10 @@ def test_sam_checkpoint_with_wrong_checksum(tmp_path):
 
     fake = tmp_path / "sam_vit_b_01ec64.pth"  # the official file name, other bytes
     fake.write_bytes(b"not the real weights")
-    library_error(lambda: resolve_checkpoint(str(fake), "vit_b", tmp_path / "cache"),
-                  r"SAM checkpoint \S+sam_vit_b_01ec64.pth has sha256 [0-9a-f]{64}, expected [0-9a-f]{64} \(corrupt or wrong file")
+    library_error(
+        lambda: resolve_checkpoint(str(fake), "vit_b", tmp_path / "cache"),
+        r"SAM checkpoint \S+sam_vit_b_01ec64.pth has sha256 [0-9a-f]{64}, expected [0-9a-f]{64} \(corrupt or wrong file",
+    )
     cache = tmp_path / "cache"
     cache.mkdir()
     shutil.copy(fake, cache / fake.name)  # a damaged file in the download cache is caught too
@@ -609,11 +696,15 @@ def test_official_checkpoint_for_another_arch(tmp_path):
 
     fake = tmp_path / "sam_vit_b_01ec64.pth"
     fake.write_bytes(b"x")
-    library_error(lambda: resolve_checkpoint(str(fake), "tiny", tmp_path), r"is the official vit_b file but arch is tiny",
-                  status=2)
+    library_error(
+        lambda: resolve_checkpoint(str(fake), "tiny", tmp_path),
+        r"is the official vit_b file but arch is tiny",
+        status=2,
+    )
 
 
 # --- archives -----------------------------------------------------------------------------------
+
 
 def _tar_with(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
     with tarfile.open(path, "w:gz") as tf:
@@ -630,8 +721,10 @@ def test_archive_with_traversal_entry(tmp_path):
     evil = tarfile.TarInfo("TrainDataset/../../evil.txt")
     evil.size = 4
     archive = _tar_with(tmp_path / "data.tar.gz", evil, b"evil")
-    library_error(lambda: safe_extract(archive, tmp_path / "out"),
-                  r"cannot extract \S+data.tar.gz: member 'TrainDataset/../../evil.txt' has a '..' component")
+    library_error(
+        lambda: safe_extract(archive, tmp_path / "out"),
+        r"cannot extract \S+data.tar.gz: member 'TrainDataset/../../evil.txt' has a '..' component",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.tar.gz"]
 
 
@@ -641,8 +734,10 @@ def test_archive_with_link(tmp_path):
     link = tarfile.TarInfo("TrainDataset/link")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     archive = _tar_with(tmp_path / "data.tar.gz", link)
-    library_error(lambda: safe_extract(archive, tmp_path / "out"),
-                  r"member 'TrainDataset/link' is a link to '/etc/passwd' \(links are not extracted\)")
+    library_error(
+        lambda: safe_extract(archive, tmp_path / "out"),
+        r"member 'TrainDataset/link' is a link to '/etc/passwd' \(links are not extracted\)",
+    )
     zipped = tmp_path / "data.zip"
     with zipfile.ZipFile(zipped, "w") as zf:
         info = zipfile.ZipInfo("a/link")
@@ -654,14 +749,18 @@ def test_archive_with_link(tmp_path):
 
 # --- score --------------------------------------------------------------------------------------
 
+
 def test_score_predictions_with_wrong_names(tmp_path, cli):
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     for folder, stems in ((pred, ["a", "b"]), (gt, ["x", "y"])):
         folder.mkdir()
         for stem in stems:
             Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{stem}.png")
-    one_line(*cli(tmp_path, "score", str(pred), str(gt), "--out", "scores.csv"), 1,
-             r"no prediction in \S+pred shares a file stem with a mask in \S+gt \(e.g. 'a' vs 'x'\)")
+    one_line(
+        *cli(tmp_path, "score", str(pred), str(gt), "--out", "scores.csv"),
+        1,
+        r"no prediction in \S+pred shares a file stem with a mask in \S+gt \(e.g. 'a' vs 'x'\)",
+    )
     assert not (tmp_path / "scores.csv").exists()
 
 
@@ -680,25 +779,34 @@ def _score_folders(tmp_path: Path, pred_values=None) -> tuple[Path, Path]:
 def test_score_prediction_of_another_size(tmp_path, cli):
     pred, gt = _score_folders(tmp_path)
     Image.fromarray(np.asarray(Image.open(pred / "b.png")).T.copy()).save(pred / "b.png")
-    one_line(*cli(tmp_path, "score", str(pred), str(gt), "--out", "scores.csv"), 1,
-             r"pred/b.png: prediction size 20x30 differs from its mask's 30x20; 1 of 2 prediction\(s\) differ in size "
-             r"from their masks \(pass --resize to resize them\)$")
+    one_line(
+        *cli(tmp_path, "score", str(pred), str(gt), "--out", "scores.csv"),
+        1,
+        r"pred/b.png: prediction size 20x30 differs from its mask's 30x20; 1 of 2 prediction\(s\) differ in size "
+        r"from their masks \(pass --resize to resize them\)$",
+    )
     assert not (tmp_path / "scores.csv").exists()
 
 
 def test_score_out_names_a_folder(tmp_path, cli):
     pred, gt = _score_folders(tmp_path)
     (tmp_path / "report").mkdir()
-    one_line(*cli(tmp_path, "score", str(pred), str(gt), "--out", "report"), 1,
-             r"^error: report: --out names a folder; give the path of the per-image CSV file to write")
+    one_line(
+        *cli(tmp_path, "score", str(pred), str(gt), "--out", "report"),
+        1,
+        r"^error: report: --out names a folder; give the path of the per-image CSV file to write",
+    )
     assert list((tmp_path / "report").iterdir()) == []
 
 
 def test_score_out_unwritable(tmp_path, cli):
     pred, gt = _score_folders(tmp_path)
     (tmp_path / "notes").write_text("a file where --out expects a folder")
-    one_line(*cli(tmp_path, "score", str(pred), str(gt), "--out", "notes/scores.csv"), 1,
-             r"^error: notes/scores.csv: cannot write the per-image CSV \((FileExists|NotADirectory)Error: ")
+    one_line(
+        *cli(tmp_path, "score", str(pred), str(gt), "--out", "notes/scores.csv"),
+        1,
+        r"^error: notes/scores.csv: cannot write the per-image CSV \((FileExists|NotADirectory)Error: ",
+    )
     assert (tmp_path / "notes").read_text() == "a file where --out expects a folder"
 
 
@@ -707,14 +815,20 @@ def test_score_truth_that_decodes_empty(tmp_path, cli):
     pred, gt = _score_folders(tmp_path, pred_values=lambda mask: np.zeros_like(mask))
     for path in gt.iterdir():
         Image.fromarray(np.asarray(Image.open(path)) // 255 * 60).save(path)
-    one_line(*cli(tmp_path, "score", str(pred), str(gt)), 1,
-             r"gt: 2 of 2 masks decode empty \(e.g. a.png: mode L, values 0, 60\); a misread mask encoding\?")
+    one_line(
+        *cli(tmp_path, "score", str(pred), str(gt)),
+        1,
+        r"gt: 2 of 2 masks decode empty \(e.g. a.png: mode L, values 0, 60\); a misread mask encoding\?",
+    )
 
 
 def test_score_missing_prediction_folder(tmp_path, cli):
     (tmp_path / "gt").mkdir()
-    one_line(*cli(tmp_path, "score", str(tmp_path / "nope"), str(tmp_path / "gt")), 1,
-             r"prediction folder \S+nope does not exist or is not a folder")
+    one_line(
+        *cli(tmp_path, "score", str(tmp_path / "nope"), str(tmp_path / "gt")),
+        1,
+        r"prediction folder \S+nope does not exist or is not a folder",
+    )
 
 
 def test_profile_keeps_an_edited_params_file(tmp_path, cli, capsys):
@@ -730,6 +844,7 @@ def test_profile_keeps_an_edited_params_file(tmp_path, cli, capsys):
 
 
 # --- labeled ratio 1.0 ------------------------------------------------------------------------
+
 
 def test_ratio_written_as_an_integer(tmp_path, cli):
     write_params(tmp_path, params_dict(ratios=[1]))
@@ -760,12 +875,18 @@ def test_semi_supervised_method_at_ratio_one(train_ws, demo_prepared, cli):
     write_params(train_ws, raw)
     code, _ = cli(train_ws, "split", "demo")
     assert code == 0 and (train_ws / "data/splits/demo/ratio-1.0_seed-0.json").is_file()
-    one_line(*cli(train_ws, "train", "--method", "mt", "--dataset", "demo", "--ratio", "1.0", "--seed", "0",
-                  "--no-progress"), 1, r"labeled ratio 1 leaves no unlabeled image for a semi-supervised method")
+    one_line(
+        *cli(
+            train_ws, "train", "--method", "mt", "--dataset", "demo", "--ratio", "1.0", "--seed", "0", "--no-progress"
+        ),
+        1,
+        r"labeled ratio 1 leaves no unlabeled image for a semi-supervised method",
+    )
     assert not (train_ws / "data/runs/demo/ratio-1.0_seed-0/mt").exists()
 
 
 # --- the machine: disk full, out of memory ----------------------------------------------------
+
 
 def test_disk_full_while_saving_a_checkpoint(train_ws, cli, monkeypatch):
     """torch's own short-write error (what a full disk gives it) becomes one line; nothing half-written."""
@@ -775,9 +896,12 @@ def test_disk_full_while_saving_a_checkpoint(train_ws, cli, monkeypatch):
     monkeypatch.setattr(torch, "save", lambda obj, _path: save(obj, "/dev/full"))  # every write fails as on a full disk
     monkeypatch.setattr(knowsam.fileio.shutil, "disk_usage", lambda _p: SimpleNamespace(free=2**20))  # 1 MB left
     _fresh_run(train_ws)
-    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-             r"labeled-only/(best|checkpoint).pt: no space left on device \(1 MB free in \S+labeled-only\); "
-             r"free some space and rerun")
+    one_line(
+        *cli(train_ws, "train", *RUN, "--no-progress"),
+        1,
+        r"labeled-only/(best|checkpoint).pt: no space left on device \(1 MB free in \S+labeled-only\); "
+        r"free some space and rerun",
+    )
     assert not list((train_ws / RUN_DIR).rglob("*.tmp")) and not list((train_ws / RUN_DIR).glob("*.pt"))
 
 
@@ -790,8 +914,10 @@ def test_disk_full_while_writing_a_file(tmp_path, cli, monkeypatch):
             full.write(data)
 
     monkeypatch.setattr(Path, "write_bytes", write_to_full_device)
-    message = library_error(lambda: kio.write_text(tmp_path / "out.json", "{}"),
-                            r"out.json: no space left on device \(\d+ MB free in \S+\); free some space and rerun")
+    message = library_error(
+        lambda: kio.write_text(tmp_path / "out.json", "{}"),
+        r"out.json: no space left on device \(\d+ MB free in \S+\); free some space and rerun",
+    )
     assert str(tmp_path) in message and not list(tmp_path.iterdir())
 
 
@@ -803,20 +929,28 @@ def test_out_of_memory_is_one_line(train_ws, cli, monkeypatch):
 
     monkeypatch.setattr(LabeledOnly, "train_step", allocate_too_much)
     _fresh_run(train_ws)
-    one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-             r"out of memory \(.*can't allocate memory.*\); lower train.batch_size or data.image_size")
+    one_line(
+        *cli(train_ws, "train", *RUN, "--no-progress"),
+        1,
+        r"out of memory \(.*can't allocate memory.*\); lower train.batch_size or data.image_size",
+    )
 
 
 # --- the catalogue document ---------------------------------------------------------------------
 
+
 def test_catalogue_document_lists_every_case():
     text = (REPO / "docs/errors.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Input")
-            and not set(line) <= set("|- ")]
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| Input") and not set(line) <= set("|- ")
+    ]
     assert len(rows) >= 25
 
 
 # --- run identity, completion and ownership --------------------------------------------------------
+
 
 def test_evaluate_an_unfinished_run(train_ws, cli):
     raw = yaml.safe_load((train_ws / "params.yaml").read_text())
@@ -829,9 +963,12 @@ def test_evaluate_an_unfinished_run(train_ws, cli):
     config.pop("config_hash")
     config["config_hash"] = config_hash(config)
     (train_ws / RUN_DIR / "config.json").write_text(json.dumps(config))
-    one_line(*cli(train_ws, "evaluate", *EVAL), 1,
-             r"ratio-0.1_seed-0/labeled-only: training stopped at step 2 of 4 \(unfinished\); re-run the train stage "
-             r"for labeled-only-demo-0.1-0")
+    one_line(
+        *cli(train_ws, "evaluate", *EVAL),
+        1,
+        r"ratio-0.1_seed-0/labeled-only: training stopped at step 2 of 4 \(unfinished\); re-run the train stage "
+        r"for labeled-only-demo-0.1-0",
+    )
     assert not (train_ws / "data/eval").exists()
 
 
@@ -856,14 +993,25 @@ def test_second_trainer_on_a_run_folder(train_ws, cli):
     import subprocess
     import sys
 
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-                               "os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'%d' % os.getpid(), 0); "
-                               "print(flush=True); time.sleep(60)", str(train_ws / RUN_DIR / ".train.lock")],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+            "os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'%d' % os.getpid(), 0); "
+            "print(flush=True); time.sleep(60)",
+            str(train_ws / RUN_DIR / ".train.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         holder.stdout.readline()
-        one_line(*cli(train_ws, "train", *RUN, "--no-progress"), 1,
-                 rf"labeled-only: already being trained by process {holder.pid}; wait for it or stop it first")
+        one_line(
+            *cli(train_ws, "train", *RUN, "--no-progress"),
+            1,
+            rf"labeled-only: already being trained by process {holder.pid}; wait for it or stop it first",
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -890,8 +1038,9 @@ def test_changed_training_code_retrains_from_scratch(train_ws, cli, monkeypatch)
 
     steps = []
     original = LabeledOnly.train_step
-    monkeypatch.setattr(LabeledOnly, "train_step", lambda self, batch, step: steps.append(step) or original(
-        self, batch, step))
+    monkeypatch.setattr(
+        LabeledOnly, "train_step", lambda self, batch, step: steps.append(step) or original(self, batch, step)
+    )
     code, err = cli(train_ws, "train", *RUN, "--no-progress", "--restart-stale")
     assert code == 0 and steps == [], err  # same code: the finished run is kept
     edited = train_ws / "src"  # the package with one method edited

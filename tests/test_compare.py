@@ -59,7 +59,11 @@ def test_means_differences_and_wilcoxon(workspace) -> None:
     result = compare(params, ["ucmt", "knowsam"], eval_root=root / "data/eval")
     rows = {(r.test_set, r.method): r for r in result.rows}
     assert [(r.test_set, r.method) for r in result.rows] == [
-        ("Kvasir", "ucmt"), ("Kvasir", "knowsam"), ("CVC-ClinicDB", "ucmt"), ("CVC-ClinicDB", "knowsam")]
+        ("Kvasir", "ucmt"),
+        ("Kvasir", "knowsam"),
+        ("CVC-ClinicDB", "ucmt"),
+        ("CVC-ClinicDB", "knowsam"),
+    ]
     for test_set, n in N_CASES.items():
         base_mean, base_std = seed_mean(dice, "ucmt", test_set)
         mean, std = seed_mean(dice, "knowsam", test_set)
@@ -101,17 +105,21 @@ def test_missing_runs_name_stages_and_command(workspace) -> None:
     runs = ", ".join(f"cps-polyp-0.1-{s} (not trained)" for s in SEEDS)
     stages = " ".join(f"evaluate@polyp-0.1-{s}" for s in SEEDS)
     assert err.value.exit_code == 1
-    assert str(err.value) == (f"runs not evaluated under the current params and code: {runs}; "
-                              f"produce them with `dvc repro {stages}`")
+    assert str(err.value) == (
+        f"runs not evaluated under the current params and code: {runs}; produce them with `dvc repro {stages}`"
+    )
 
 
-@pytest.mark.parametrize("methods, dataset, ratio, message", [
-    (["ucmt"], None, None, "two or more"),
-    (["ucmt", "ucmt"], None, None, "two or more"),
-    (["ucmt", "unet"], None, None, "'unet' is not in params 'methods'"),
-    (["ucmt", "mt"], "acdc", None, "'acdc' is not in params 'datasets'"),
-    (["ucmt", "mt"], None, 0.3, "ratio 0.3 is not in params 'ratios'"),
-])
+@pytest.mark.parametrize(
+    "methods, dataset, ratio, message",
+    [
+        (["ucmt"], None, None, "two or more"),
+        (["ucmt", "ucmt"], None, None, "two or more"),
+        (["ucmt", "unet"], None, None, "'unet' is not in params 'methods'"),
+        (["ucmt", "mt"], "acdc", None, "'acdc' is not in params 'datasets'"),
+        (["ucmt", "mt"], None, 0.3, "ratio 0.3 is not in params 'ratios'"),
+    ],
+)
 def test_bad_selection_is_usage_error(workspace, methods, dataset, ratio, message) -> None:
     _, params, _ = workspace
     with pytest.raises(KnowsamError, match=message) as err:
@@ -138,7 +146,12 @@ def test_json_format(in_workspace, capsys) -> None:
     assert "averaged over its seeds" in out["pairing"]
     knowsam = out["rows"][1]
     assert (knowsam["dataset"], knowsam["ratio"], knowsam["test_set"], knowsam["method"], knowsam["n_seeds"]) == (
-        "polyp", 0.1, "Kvasir", "knowsam", 3)
+        "polyp",
+        0.1,
+        "Kvasir",
+        "knowsam",
+        3,
+    )
     assert knowsam["mean"] == pytest.approx(seed_mean(dice, "knowsam", "Kvasir")[0])
     assert out["rows"][0]["p_value"] is None and out["rows"][0]["std"] > 0
 
@@ -150,8 +163,15 @@ def test_markdown_format(in_workspace, capsys) -> None:
     assert lines[0] == "### polyp, 10% labeled"
     table = [line for line in lines if line.startswith("|")]
     cells = [[c.strip() for c in line.strip()[1:-1].split("|")] for line in table]
-    assert cells[0] == ["Test set", "Method", "mDice % (mean ± std over seeds)", "Seeds", "Δ vs ucmt (pp)",
-                        "Wilcoxon p (cases)", "Paper"]
+    assert cells[0] == [
+        "Test set",
+        "Method",
+        "mDice % (mean ± std over seeds)",
+        "Seeds",
+        "Δ vs ucmt (pp)",
+        "Wilcoxon p (cases)",
+        "Paper",
+    ]
     assert all(len(row) == 7 for row in cells)
     mean, std = seed_mean(dice, "ucmt", "Kvasir")
     assert cells[2] == ["Kvasir", "ucmt", f"{mean:.2f} ± {std:.2f}", "3", "-", "-", "-"]
@@ -185,11 +205,21 @@ def test_publish_freezes_leaderboard_comparison_params_and_versions(workspace, t
     params_file.write_text(yaml.safe_dump(config.to_dict(params)))
     out = tmp_path / "published/cpu"
     (out.parent).mkdir()
-    publish(params_file, out, ["ucmt", "knowsam"], wall_seconds=3725.4, command="dvc repro",
-            eval_root=root / "data/eval")
+    publish(
+        params_file, out, ["ucmt", "knowsam"], wall_seconds=3725.4, command="dvc repro", eval_root=root / "data/eval"
+    )
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert names == [".knowsam-output", "README.md", "compare.json", "compare.md", "figures/leaderboard.png",
-                     "leaderboard.csv", "leaderboard.md", "params.yaml", "versions.json"]
+    assert names == [
+        ".knowsam-output",
+        "README.md",
+        "compare.json",
+        "compare.md",
+        "figures/leaderboard.png",
+        "leaderboard.csv",
+        "leaderboard.md",
+        "params.yaml",
+        "versions.json",
+    ]
     # The record vouches for every other file, so that a later publish may replace exactly these.
     record = json.loads((out / ".knowsam-output").read_text())["files"]
     assert sorted(record) == names[1:]

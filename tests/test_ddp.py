@@ -43,13 +43,15 @@ def _grad_sum(opt: torch.optim.Optimizer) -> float:
 def _state_sum(method) -> list[float]:
     from knowsam.distributed import _found
 
-    return [float(sum(t.double().sum() for t in (*m.parameters(), *m.buffers())))
-            for m in _found(method, torch.nn.Module)]
+    return [
+        float(sum(t.double().sum() for t in (*m.parameters(), *m.buffers()))) for m in _found(method, torch.nn.Module)
+    ]
 
 
 def _worker(rank: int, root: str, out: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import torch.distributed as tdist
 
@@ -68,8 +70,15 @@ def _worker(rank: int, root: str, out: str, port: int) -> None:
         step = method.train_step
 
         def train_step(batch, i):
-            records.append({"step": i, "state_before": _state_sum(method), "batch": float(batch.x.double().sum()),
-                            "local": [], "averaged": []})
+            records.append(
+                {
+                    "step": i,
+                    "state_before": _state_sum(method),
+                    "batch": float(batch.x.double().sum()),
+                    "local": [],
+                    "averaged": [],
+                }
+            )
             return step(batch, i)
 
         method.train_step = train_step
@@ -77,8 +86,9 @@ def _worker(rank: int, root: str, out: str, port: int) -> None:
         return method
 
     train.build_method = recording_build
-    params = small_params(Path(root), iterations=4, batch_size=4, labeled_batch=2, eval_every=2,
-                          checkpoint_every=2, threads=1)
+    params = small_params(
+        Path(root), iterations=4, batch_size=4, labeled_batch=2, eval_every=2, checkpoint_every=2, threads=1
+    )
     result = {}
     for name in ("fully-supervised", "mt"):
         records.clear()
@@ -115,8 +125,9 @@ def two_rank_runs(demo_prepared, tmp_path_factory):
 
 
 def _launch(root: str, out: Path) -> None:
-    ctx = mp.start_processes(_worker, args=(root, str(out), _free_port()), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(root, str(out), _free_port()), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:

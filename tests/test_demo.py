@@ -76,9 +76,10 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(demo_root, tmp_p
     generate_demo(tmp_path / "other", seed=1, n_train=2, test_sets={"Demo-Kvasir": 1})
     other = tree_bytes(tmp_path / "other")
     assert other["TrainDataset/images/train_0000.jpg"] != first["TrainDataset/images/train_0000.jpg"]
-    assert other["TestDataset/Demo-Kvasir/images/demo-kvasir_0000.jpg"] != first[
-        "TestDataset/Demo-Kvasir/images/demo-kvasir_0000.jpg"
-    ]
+    assert (
+        other["TestDataset/Demo-Kvasir/images/demo-kvasir_0000.jpg"]
+        != first["TestDataset/Demo-Kvasir/images/demo-kvasir_0000.jpg"]
+    )
 
 
 def test_images_do_not_depend_on_how_many_are_requested(demo_root, tmp_path):

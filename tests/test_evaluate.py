@@ -35,15 +35,24 @@ def trained(demo_prepared, tmp_path_factory):
 
 
 def _evaluate(params, runs, out, methods=None):
-    return evaluate_group(params, "demo", 0.1, 0, methods, runs_root=runs, eval_root=out / "eval",
-                          metrics_root=out / "metrics")
+    return evaluate_group(
+        params, "demo", 0.1, 0, methods, runs_root=runs, eval_root=out / "eval", metrics_root=out / "metrics"
+    )
 
 
 def test_summaries_per_run_and_headline_metrics_per_group(trained, tmp_path):
     params, runs = trained
     seen = []
-    summaries = evaluate_group(params, "demo", 0.1, 0, runs_root=runs, eval_root=tmp_path / "eval",
-                               metrics_root=tmp_path / "metrics", on_result=lambda m, s: seen.append(m))
+    summaries = evaluate_group(
+        params,
+        "demo",
+        0.1,
+        0,
+        runs_root=runs,
+        eval_root=tmp_path / "eval",
+        metrics_root=tmp_path / "metrics",
+        on_result=lambda m, s: seen.append(m),
+    )
     assert seen == METHODS
     headline = json.loads((tmp_path / "metrics/demo/ratio-0.1_seed-0.json").read_text())
     assert sorted(headline) == sorted(METHODS)
@@ -86,8 +95,11 @@ def test_evaluating_some_methods_keeps_the_others(trained, tmp_path):
 def test_a_missing_run_stops_the_group_before_any_scoring(trained, tmp_path):
     params, runs = trained
     with_mt = dataclasses.replace(params, methods=[*METHODS, "mt"])
-    with pytest.raises(KnowsamError, match=r"ratio-0.1_seed-0/mt/best.pt: trained weights not found; "
-                                           r"run the train stage for mt-demo-0.1-0"):
+    with pytest.raises(
+        KnowsamError,
+        match=r"ratio-0.1_seed-0/mt/best.pt: trained weights not found; "
+        r"run the train stage for mt-demo-0.1-0",
+    ):
         _evaluate(with_mt, runs, tmp_path)
     assert not (tmp_path / "eval").exists() and not (tmp_path / "metrics").exists()
 
@@ -102,4 +114,3 @@ def test_a_run_without_curves_gets_none(trained, tmp_path):
     _evaluate(params, copy, tmp_path)
     assert not stale.exists()
     assert RunId("fully-supervised", "demo", 0.1, 0).curves_file(tmp_path / "eval").is_file()
-

@@ -27,13 +27,27 @@ import knowsam.data.dataset
 import knowsam.models.embedding_cache
 from knowsam.data.demo import generate_demo
 from tests.test_catalogue import (  # noqa: F401 (cli, raw_ws, small_raw, train_ws, train_ws_base are fixtures)
-    EVAL, RUN, RUN_DIR, assert_nothing_prepared, cli, mask_of, one_line, params_dict, raw_ws, small_raw, train_images,
-    train_ws, train_ws_base, write_params)
+    EVAL,
+    RUN,
+    RUN_DIR,
+    assert_nothing_prepared,
+    cli,
+    mask_of,
+    one_line,
+    params_dict,
+    raw_ws,
+    small_raw,
+    train_images,
+    train_ws,
+    train_ws_base,
+    write_params,
+)
 
 REAL_OPEN = open
 
 
 # --- a broken symbolic link among the raw frames --------------------------------------------------
+
 
 @pytest.mark.parametrize("where", ["train image", "test image", "train mask"])
 def test_broken_symlink_among_raw_frames(raw_ws, cli, where):
@@ -46,17 +60,22 @@ def test_broken_symlink_among_raw_frames(raw_ws, cli, where):
         victim = train_images(raw_ws)[1]
     victim.unlink()
     victim.symlink_to(raw_ws / "moved-away.png")
-    one_line(*cli(raw_ws, "prepare", "demo"), 1,
-             rf"{victim.name}: broken symbolic link \(to '\S+moved-away.png', which does not exist\); "
-             "restore its target or remove the link")
+    one_line(
+        *cli(raw_ws, "prepare", "demo"),
+        1,
+        rf"{victim.name}: broken symbolic link \(to '\S+moved-away.png', which does not exist\); "
+        "restore its target or remove the link",
+    )
     assert_nothing_prepared(raw_ws)
 
 
 # --- disk full during prepare -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [32, 64, 128])
 def test_prepare_on_a_full_disk(raw_ws, cli, monkeypatch, size):
     """Every array is written to /dev/full, whose writes fail with the kernel's real ENOSPC."""
+
     def full_device(file, mode="r", *args, **kwargs):
         return REAL_OPEN("/dev/full" if "w" in mode else file, mode, *args, **kwargs)
 
@@ -64,8 +83,11 @@ def test_prepare_on_a_full_disk(raw_ws, cli, monkeypatch, size):
     raw = params_dict()
     raw["data"]["image_size"] = size
     write_params(raw_ws, raw)
-    one_line(*cli(raw_ws, "prepare", "demo"), 1,
-             r"train_images.npy: no space left on device \(\d+ MB free in \S+\); free some space and rerun")
+    one_line(
+        *cli(raw_ws, "prepare", "demo"),
+        1,
+        r"train_images.npy: no space left on device \(\d+ MB free in \S+\); free some space and rerun",
+    )
     assert_nothing_prepared(raw_ws)
 
 
@@ -124,6 +146,7 @@ class FileOnDisk:
 
 def on_disk(monkeypatch, disk: Disk) -> None:
     """Every file ``prepare`` writes (arrays, compressed masks, tables, JSON) goes through ``disk``."""
+
     def open_on_disk(file, mode="r", *args, **kwargs):
         fh = REAL_OPEN(file, mode, *args, **kwargs)
         return FileOnDisk(fh, disk) if "w" in mode else fh
@@ -149,12 +172,17 @@ def test_prepare_runs_out_of_space_at_any_point(raw_ws, cli, monkeypatch):
     shutil.rmtree(raw_ws / "reports")
     for free in (0, 100, 5000, total // 3, total // 2, total - 10):
         on_disk(monkeypatch, Disk(free))
-        one_line(*cli(raw_ws, "prepare", "demo"), 1, r": no space left on device \(\d+ MB free in \S+\); "
-                                                     "free some space and rerun")
+        one_line(
+            *cli(raw_ws, "prepare", "demo"),
+            1,
+            r": no space left on device \(\d+ MB free in \S+\); "
+            "free some space and rerun",
+        )
         assert_nothing_prepared(raw_ws)
 
 
 # --- disk full during embed -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_sam_file(tmp_path_factory) -> Path:
@@ -182,8 +210,11 @@ def cache_files(ws: Path) -> list[Path]:
 
 def test_embed_checks_free_space_before_writing(embed_ws, cli, monkeypatch):
     monkeypatch.setattr(knowsam.models.embedding_cache.shutil, "disk_usage", lambda _p: SimpleNamespace(free=1000))
-    one_line(*cli(embed_ws, "embed", "demo"), 1,
-             r"data/embeddings/demo: the embedding cache needs 1 MB, 0 MB free on its disk; free some space")
+    one_line(
+        *cli(embed_ws, "embed", "demo"),
+        1,
+        r"data/embeddings/demo: the embedding cache needs 1 MB, 0 MB free on its disk; free some space",
+    )
     assert cache_files(embed_ws) == []
 
 
@@ -192,9 +223,12 @@ def test_embed_allocation_on_a_full_disk(embed_ws, cli, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
-    one_line(*cli(embed_ws, "embed", "demo"), 1,
-             r"data/embeddings/demo/train_embeddings.npy: no space left on device \(\d+ MB free in "
-             r"data/embeddings/demo\); free some space and rerun")
+    one_line(
+        *cli(embed_ws, "embed", "demo"),
+        1,
+        r"data/embeddings/demo/train_embeddings.npy: no space left on device \(\d+ MB free in "
+        r"data/embeddings/demo\); free some space and rerun",
+    )
 
 
 def test_embed_writing_rows_on_a_full_disk(embed_ws, cli, monkeypatch):
@@ -203,8 +237,11 @@ def test_embed_writing_rows_on_a_full_disk(embed_ws, cli, monkeypatch):
         return FileOnDisk(fh, Disk(0)) if mode == "r+b" else fh
 
     monkeypatch.setattr(knowsam.models.embedding_cache, "open", open_full, raising=False)
-    one_line(*cli(embed_ws, "embed", "demo"), 1,
-             r"train_embeddings.npy: no space left on device \(\d+ MB free in \S+\); free some space and rerun")
+    one_line(
+        *cli(embed_ws, "embed", "demo"),
+        1,
+        r"train_embeddings.npy: no space left on device \(\d+ MB free in \S+\); free some space and rerun",
+    )
     monkeypatch.undo()
     code, err = cli(embed_ws, "embed", "demo")  # space again: the same command completes the cache
     assert code == 0, err
@@ -222,6 +259,7 @@ def test_embed_cache_files_are_allocated_not_sparse(embed_ws, cli):
 
 # --- garbage where a torch checkpoint belongs -------------------------------------------------------
 
+
 def garbage_pickle(path: Path) -> Path:
     """A real pickle that ``torch.load(weights_only=True)`` refuses with its several-line advice."""
     torch.save(argparse.Namespace(x=1), path)
@@ -238,15 +276,21 @@ def test_garbage_sam_checkpoint_in_train(train_ws, cli, kind):
     raw = yaml.safe_load((train_ws / "params.yaml").read_text())
     raw["sam"]["checkpoint"] = str(path)
     write_params(train_ws, raw)
-    one_line(*cli(train_ws, "train", "--method", "knowsam", *RUN[2:], "--no-progress"), 1,
-             r"^error: SAM checkpoint \S+weights.pth: not a torch checkpoint or unreadable \(UnpicklingError\)$")
+    one_line(
+        *cli(train_ws, "train", "--method", "knowsam", *RUN[2:], "--no-progress"),
+        1,
+        r"^error: SAM checkpoint \S+weights.pth: not a torch checkpoint or unreadable \(UnpicklingError\)$",
+    )
     assert not (train_ws / "data/runs/demo/ratio-0.1_seed-0/knowsam").exists()
 
 
 def test_garbage_sam_checkpoint_in_teacher_check(raw_ws, cli):
     path = garbage_pickle(raw_ws / "weights.pth")
-    one_line(*cli(raw_ws, "teacher-check", "demo", "--arch", "tiny", "--checkpoint", str(path)), 1,
-             r"^error: SAM checkpoint \S+weights.pth: not a torch checkpoint or unreadable \(UnpicklingError\)$")
+    one_line(
+        *cli(raw_ws, "teacher-check", "demo", "--arch", "tiny", "--checkpoint", str(path)),
+        1,
+        r"^error: SAM checkpoint \S+weights.pth: not a torch checkpoint or unreadable \(UnpicklingError\)$",
+    )
 
 
 @pytest.mark.parametrize("garbage", ["pickle", "tensor"])
@@ -263,8 +307,9 @@ def test_garbage_run_checkpoint_on_resume(train_ws, cli, capsys, garbage):
     assert code == 0, err
     lines = err.strip().splitlines()
     kind = "UnpicklingError" if garbage == "pickle" else "TypeError"
-    assert lines == [f"warning: {run.relative_to(train_ws)}/checkpoint.pt: unreadable checkpoint ({kind}); "
-                     "trying an older one"], err
+    assert lines == [
+        f"warning: {run.relative_to(train_ws)}/checkpoint.pt: unreadable checkpoint ({kind}); trying an older one"
+    ], err
     resumed = json.loads((run / "train_log.json").read_text())["summary"]
     for key in ("iterations", "best_step", "best_val_dice", "final_losses"):
         assert resumed[key] == finished[key], key
@@ -272,21 +317,31 @@ def test_garbage_run_checkpoint_on_resume(train_ws, cli, capsys, garbage):
 
 def test_garbage_best_weights_in_evaluate(train_ws, cli):
     garbage_pickle(train_ws / RUN_DIR / "best.pt")
-    one_line(*cli(train_ws, "evaluate", *EVAL), 1,
-             r"best.pt: unreadable or not this method's weights \(UnpicklingError\); re-run the train stage")
+    one_line(
+        *cli(train_ws, "evaluate", *EVAL),
+        1,
+        r"best.pt: unreadable or not this method's weights \(UnpicklingError\); re-run the train stage",
+    )
 
 
 # --- teacher-check ------------------------------------------------------------------------------------
 
+
 def test_teacher_check_unknown_arch_is_named_before_the_checkpoint(raw_ws, cli):
     """params say sam.checkpoint none, which alone would be refused: the arch is the first thing wrong."""
-    one_line(*cli(raw_ws, "teacher-check", "demo", "--arch", "vit_q"), 2,
-             r"^error: --arch 'vit_q' is not a SAM arch; known: vit_b, vit_l, vit_h, tiny, lite_medsam$")
+    one_line(
+        *cli(raw_ws, "teacher-check", "demo", "--arch", "vit_q"),
+        2,
+        r"^error: --arch 'vit_q' is not a SAM arch; known: vit_b, vit_l, vit_h, tiny, lite_medsam$",
+    )
 
 
 def test_teacher_check_unknown_prompt_is_named_before_any_weights(raw_ws, cli):
-    one_line(*cli(raw_ws, "teacher-check", "demo", "--prompt", "boxes"), 2,
-             r"^error: --prompt 'boxes': use one of box, none$")
+    one_line(
+        *cli(raw_ws, "teacher-check", "demo", "--prompt", "boxes"),
+        2,
+        r"^error: --prompt 'boxes': use one of box, none$",
+    )
 
 
 @pytest.fixture
@@ -314,15 +369,31 @@ def teacher_check_json(capsys, raw: Path, sam: Path) -> dict:
     from knowsam.cli import main
 
     capsys.readouterr()
-    code = main(["teacher-check", "demo", "--raw", str(raw), "--arch", "tiny", "--checkpoint", str(sam),
-                 "--prompt", "box", "--prompt", "none", "--json"])
+    code = main(
+        [
+            "teacher-check",
+            "demo",
+            "--raw",
+            str(raw),
+            "--arch",
+            "tiny",
+            "--checkpoint",
+            str(sam),
+            "--prompt",
+            "box",
+            "--prompt",
+            "none",
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out)["scores"]
 
 
-def test_teacher_check_box_prompt_leaves_out_an_empty_ground_truth(tmp_path, capsys, monkeypatch, empty_truth_raw,
-                                                                    tiny_sam_file):
+def test_teacher_check_box_prompt_leaves_out_an_empty_ground_truth(
+    tmp_path, capsys, monkeypatch, empty_truth_raw, tiny_sam_file
+):
     from knowsam.data.frames import read_image, resize_image
     from knowsam.metrics import binary_metrics
     from knowsam.teacher_check import pretrained_teacher
@@ -345,19 +416,41 @@ def test_teacher_check_box_prompt_leaves_out_an_empty_ground_truth(tmp_path, cap
     for image in empty:
         pixels = torch.from_numpy(resize_image(read_image(image), 256, "bilinear"))[None].float() / 255
         with torch.no_grad():
-            predicted = (teacher.decode_boxes(teacher.encode(pixels), torch.tensor([[0.0, 0.0, 255.0, 255.0]]),
-                                              torch.tensor([0])) > 0).numpy()[0]
+            predicted = (
+                teacher.decode_boxes(
+                    teacher.encode(pixels), torch.tensor([[0.0, 0.0, 255.0, 255.0]]), torch.tensor([0])
+                )
+                > 0
+            ).numpy()[0]
         empty_dice.append(binary_metrics(predicted, np.zeros((256, 256), bool))["dice"])
         assert empty_dice[-1] == (0.0 if predicted.any() else 1.0)
     assert none["n"] == n_all and none["excluded"] == []
-    assert none["mDice"] == pytest.approx((reference["none"]["Demo-Kvasir"]["mDice"] * n_scored + sum(empty_dice))
-                                          / n_all)
+    assert none["mDice"] == pytest.approx(
+        (reference["none"]["Demo-Kvasir"]["mDice"] * n_scored + sum(empty_dice)) / n_all
+    )
 
     capsys.readouterr()
     from knowsam.cli import main
 
-    assert main(["teacher-check", "demo", "--raw", str(with_empty), "--arch", "tiny", "--checkpoint",
-                 str(tiny_sam_file), "--prompt", "box"]) == 0
+    assert (
+        main(
+            [
+                "teacher-check",
+                "demo",
+                "--raw",
+                str(with_empty),
+                "--arch",
+                "tiny",
+                "--checkpoint",
+                str(tiny_sam_file),
+                "--prompt",
+                "box",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert (f"--prompt box  Demo-Kvasir: mDice {box['mDice']:.4f} (n={n_scored}); {len(empty)} excluded, an empty "
-            f"ground truth gives no box: {', '.join(image.stem for image in empty)}") in out, out
+    assert (
+        f"--prompt box  Demo-Kvasir: mDice {box['mDice']:.4f} (n={n_scored}); {len(empty)} excluded, an empty "
+        f"ground truth gives no box: {', '.join(image.stem for image in empty)}"
+    ) in out, out

@@ -35,11 +35,26 @@ from tests.conftest import polyp_images
 NET_NAMES = ("unet", "vnet", "fusion")
 
 
-def make(k: int = 2, size: int = 32, iterations: int = 100, seed: int = 0, checkpoint: str = "none",
-         lr: float = 0.01, channels: int = 3, **params) -> KnowSam:
-    ctx = MethodContext(in_channels=channels, num_classes=k, image_size=size, iterations=iterations,
-                        train=TrainParams(lr=lr), sam=SamParams(arch="tiny", checkpoint=checkpoint),
-                        device=torch.device("cpu"), seed=seed)
+def make(
+    k: int = 2,
+    size: int = 32,
+    iterations: int = 100,
+    seed: int = 0,
+    checkpoint: str = "none",
+    lr: float = 0.01,
+    channels: int = 3,
+    **params,
+) -> KnowSam:
+    ctx = MethodContext(
+        in_channels=channels,
+        num_classes=k,
+        image_size=size,
+        iterations=iterations,
+        train=TrainParams(lr=lr),
+        sam=SamParams(arch="tiny", checkpoint=checkpoint),
+        device=torch.device("cpu"),
+        seed=seed,
+    )
     method = get_method("knowsam")(ctx, KnowSamParams(**params))
     method.train()
     return method
@@ -73,8 +88,10 @@ def test_gradients_reach_exactly_the_trainable_parts():
     assert all(has_grad(g) for g in sam_grads.values()), [n for n, g in sam_grads.items() if not has_grad(g)]
     for name in NET_NAMES:
         net_grads = grads(terms["net"], m.nets[name])
-        assert all(has_grad(g) for g in net_grads.values()), (name, [n for n, g in net_grads.items()
-                                                                      if not has_grad(g)])
+        assert all(has_grad(g) for g in net_grads.values()), (
+            name,
+            [n for n, g in net_grads.items() if not has_grad(g)],
+        )
         assert not any(has_grad(g) for g in grads(terms["sam"], m.nets[name]).values())  # dense prompt detached
     assert not any(has_grad(g) for g in grads(terms["net"], sam).values())  # KD target detached
 
@@ -190,8 +207,10 @@ def test_net_loss_is_the_documented_combination():
     torch.manual_seed(0)
     terms = {k: v.item() for k, v in m.losses(batch(2, 2), 1).items()}
     w = consistency_weight(1, 10, 1.0, 200)
-    students = [terms[f"{n}_sup"] + terms[f"{n}_kd"] + 0.9 * terms[f"{n}_ent"] + w * terms[f"{n}_cons"]
-                for n in ("unet", "vnet")]
+    students = [
+        terms[f"{n}_sup"] + terms[f"{n}_kd"] + 0.9 * terms[f"{n}_ent"] + w * terms[f"{n}_cons"]
+        for n in ("unet", "vnet")
+    ]
     assert [terms["unet"], terms["vnet"]] == pytest.approx(students, rel=1e-6)
     mixed_keys = [k for k in terms if "_mix" in k]
     # Step 1 is not after round(0.24 * 10) = 2: no mixing, every mixed term logged as 0.
@@ -240,18 +259,25 @@ def test_each_mixed_stage_loss_is_its_terms_composed():
     pu, pv = um.double().softmax(1), vm.double().softmax(1)
     expected = {}
     for name, own in (("unet", um), ("vnet", vm)):
-        expected.update({f"{name}_mix_sup": _ce_dice(own, ym), f"{name}_mix_ent": _entropy_2(own),
-                         f"{name}_mix_self": _ce_dice(own[2:], fused_labels[2:]),
-                         # defect 1: the V-Net's term is the U-Net's scored against it, both detached
-                         f"{name}_mix_cons": _bce_last(pu, pv)})
-        expected[f"{name}_mix"] = (expected[f"{name}_mix_sup"] + 0.9 * expected[f"{name}_mix_ent"]
-                                   + w * (expected[f"{name}_mix_cons"] + expected[f"{name}_mix_self"]))
+        expected.update(
+            {
+                f"{name}_mix_sup": _ce_dice(own, ym),
+                f"{name}_mix_ent": _entropy_2(own),
+                f"{name}_mix_self": _ce_dice(own[2:], fused_labels[2:]),
+                # defect 1: the V-Net's term is the U-Net's scored against it, both detached
+                f"{name}_mix_cons": _bce_last(pu, pv),
+            }
+        )
+        expected[f"{name}_mix"] = (
+            expected[f"{name}_mix_sup"]
+            + 0.9 * expected[f"{name}_mix_ent"]
+            + w * (expected[f"{name}_mix_cons"] + expected[f"{name}_mix_self"])
+        )
     expected["fusion_mix"] = _ce_dice(fm, ym)
     for key, value in expected.items():
         assert terms[key].item() == pytest.approx(value.item(), rel=1e-4), key
     students = terms["unet"] + terms["unet_mix"] + terms["vnet"] + terms["vnet_mix"]
-    assert terms["net"].item() == pytest.approx((students / 2 + terms["fusion"] + terms["fusion_mix"]).item(),
-                                                rel=1e-6)
+    assert terms["net"].item() == pytest.approx((students / 2 + terms["fusion"] + terms["fusion_mix"]).item(), rel=1e-6)
     assert terms["unet_mix_self"].item() > 0 and terms["fusion_mix"].item() > 0
     # The mixed stage re-runs the fusion module, and its loss reaches all three networks.
     mixed = terms["unet_mix"] + terms["vnet_mix"] + terms["fusion_mix"]
@@ -455,8 +481,13 @@ def test_both_rates_decay_linearly_one_step_late_as_officially(step: int, scale:
 
 
 def test_provenance_random_init_and_checkpoint(tmp_path):
-    assert make().provenance() == {"sam_arch": "tiny", "sam_weights": "random-init", "sam_encoder": "adapters",
-                                   "sam_options": "", "sam_load_report": "random init (seed 0); no checkpoint loaded"}
+    assert make().provenance() == {
+        "sam_arch": "tiny",
+        "sam_weights": "random-init",
+        "sam_encoder": "adapters",
+        "sam_options": "",
+        "sam_load_report": "random init (seed 0); no checkpoint loaded",
+    }
     torch.manual_seed(1)  # other weights than the teacher's own seeded initialisation
     path = tmp_path / "tiny_sam.pth"
     torch.save(Sam(*build_sam_parts("tiny", 1024, use_rel_pos=True)).state_dict(), path)
@@ -466,10 +497,14 @@ def test_provenance_random_init_and_checkpoint(tmp_path):
     # Every SAM tensor loaded (pos_embed resized) but the 4 x 2 rel-pos tables and the 8 decoder-MLP
     # tensors (kept at init, as officially), skipped; only added ones missing.
     n_sam = len(m.nets["sam"].state_dict()) - len(trained_state(m.nets["sam"])) - 8
-    assert prov["sam_load_report"] == (f"SAM weights: {n_sam} loaded (1 resized), 16 skipped, 0 unexpected, "
-                                       f"{len(trained_state(m.nets['sam']))} missing (adapters/prompt heads)")
-    torch.testing.assert_close(m.nets["sam"].mask_decoder.iou_token.weight,
-                               torch.load(path, weights_only=True)["mask_decoder.iou_token.weight"])
+    assert prov["sam_load_report"] == (
+        f"SAM weights: {n_sam} loaded (1 resized), 16 skipped, 0 unexpected, "
+        f"{len(trained_state(m.nets['sam']))} missing (adapters/prompt heads)"
+    )
+    torch.testing.assert_close(
+        m.nets["sam"].mask_decoder.iou_token.weight,
+        torch.load(path, weights_only=True)["mask_decoder.iou_token.weight"],
+    )
     with pytest.raises(KnowsamError, match="not found"):
         make(checkpoint=str(tmp_path / "absent.pth"))
 

@@ -19,8 +19,7 @@ import pytest
 from knowsam import config, fileio
 from knowsam.data.dataset import FORMAT_VERSION, PreparedDataset
 from knowsam.metrics import EMPTY_MASK_POLICY, summarize
-from knowsam.report import reference
-from knowsam.report import figures
+from knowsam.report import figures, reference
 from knowsam.report.figures import mean_curve, overlay_cases
 from knowsam.report.leaderboard import write_leaderboard
 from knowsam.report.results import load_per_case
@@ -34,17 +33,35 @@ REPO = Path(__file__).resolve().parents[1]
 POLYP_BASE = {"labeled-only": 0.60, "ucmt": 0.70, "knowsam": 0.80, "fully-supervised": 0.90}
 
 
-def case_rows(test_set: str, dice: list[float], variant: str = "", hd95: list[float] | None = None,
-              asd: list[float] | None = None) -> list[dict]:
+def case_rows(
+    test_set: str, dice: list[float], variant: str = "", hd95: list[float] | None = None, asd: list[float] | None = None
+) -> list[dict]:
     """Per-case rows as evaluate writes them (the metric columns the tables read)."""
     hd95 = hd95 or [20.0 * (1.0 - d) for d in dice]
     asd = asd or [h / 2.0 for h in hd95]
-    return [{"variant": variant, "test_set": test_set, "case": f"{test_set.lower()}_{i:03d}", "dice": d,
-             "iou": 0.8 * d, "hd95": hd95[i], "asd": asd[i]} for i, d in enumerate(dice)]
+    return [
+        {
+            "variant": variant,
+            "test_set": test_set,
+            "case": f"{test_set.lower()}_{i:03d}",
+            "dice": d,
+            "iou": 0.8 * d,
+            "hd95": hd95[i],
+            "asd": asd[i],
+        }
+        for i, d in enumerate(dice)
+    ]
 
 
-def write_run(root: Path, run: RunId, rows: list[dict], provenance: dict | None = None,
-              resolution: str = "original", *, params: config.Params) -> None:
+def write_run(
+    root: Path,
+    run: RunId,
+    rows: list[dict],
+    provenance: dict | None = None,
+    resolution: str = "original",
+    *,
+    params: config.Params,
+) -> None:
     """per_case.csv and summary.json under root/data/eval, like evaluate writes them (scored under ``params``
     and this code)."""
     table = pd.DataFrame(rows)
@@ -54,27 +71,44 @@ def write_run(root: Path, run: RunId, rows: list[dict], provenance: dict | None 
         return {t: summarize(g) for t, g in part.groupby("test_set", sort=True)}
 
     variants = sorted(set(table.variant) - {""})
-    fileio.write_json(run.eval_dir(root / "data/eval") / "summary.json", {
-        "run": dataclasses.asdict(run), "best_step": 1, "evaluation_resolution": resolution,
-        "empty_mask_policy": EMPTY_MASK_POLICY, "provenance": provenance or {},
-        "test_sets": summaries(table[table.variant == ""]),
-        "variants": {v: summaries(table[table.variant == v]) for v in variants},
-        **identity(params, run),
-    })
+    fileio.write_json(
+        run.eval_dir(root / "data/eval") / "summary.json",
+        {
+            "run": dataclasses.asdict(run),
+            "best_step": 1,
+            "evaluation_resolution": resolution,
+            "empty_mask_policy": EMPTY_MASK_POLICY,
+            "provenance": provenance or {},
+            "test_sets": summaries(table[table.variant == ""]),
+            "variants": {v: summaries(table[table.variant == v]) for v in variants},
+            **identity(params, run),
+        },
+    )
 
 
 def make_params(root: Path, dataset: str, methods: list[str], ratios: list[float], seeds: list[int]) -> config.Params:
     return config.Params(
-        profile="unit", datasets=[dataset], methods=methods, ratios=ratios, seeds=seeds,
+        profile="unit",
+        datasets=[dataset],
+        methods=methods,
+        ratios=ratios,
+        seeds=seeds,
         data=config.DataParams(prepared_root=str(root / "data/prepared"), image_size=64),
-        train=config.TrainParams(iterations=300), eval=config.EvalParams(overlay_images=3))
+        train=config.TrainParams(iterations=300),
+        eval=config.EvalParams(overlay_images=3),
+    )
 
 
 def curves_table(level: float, seed: int) -> pd.DataFrame:
     """300 iterations like evaluate copies them: loss every iteration, validation Dice every 100."""
     steps = np.arange(1, 301)
-    return pd.DataFrame({"step": steps, "loss": 1.0 / steps + 0.1 * seed,
-                         "val_dice": np.where(steps % 100 == 0, level * steps / 300 + 0.02 * seed, np.nan)})
+    return pd.DataFrame(
+        {
+            "step": steps,
+            "loss": 1.0 / steps + 0.1 * seed,
+            "val_dice": np.where(steps % 100 == 0, level * steps / 300 + 0.02 * seed, np.nan),
+        }
+    )
 
 
 def polyp_dice(method: str, seed: int, test_set: str, offset: float = 0.0) -> list[float]:
@@ -86,14 +120,33 @@ def write_prepared_polyp(root: Path) -> None:
     """A minimal prepared polyp folder (16 px images, odd-sized original masks) for the overlay grid."""
     out = root / "data/prepared/polyp"
     out.mkdir(parents=True)
-    fileio.write_json(out / "meta.json", {"format_version": FORMAT_VERSION, "dataset": "polyp", "num_classes": 2,
-                                      "in_channels": 3, "image_size": 16, "test_sets": POLYP_SETS})
+    fileio.write_json(
+        out / "meta.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "dataset": "polyp",
+            "num_classes": 2,
+            "in_channels": 3,
+            "image_size": 16,
+            "test_sets": POLYP_SETS,
+        },
+    )
     rng = np.random.default_rng(0)
     for test_set, n in POLYP_SETS.items():
         np.save(out / f"{test_set}_images.npy", rng.integers(0, 256, (n, 3, 16, 16), dtype=np.uint8))
         cases = [f"{test_set.lower()}_{i:03d}" for i in range(n)]
-        pd.DataFrame({"name": cases, "case": cases, "slice": 0, "orig_h": 20, "orig_w": 24, "spacing_z": 1.0,
-                      "spacing_y": 1.0, "spacing_x": 1.0}).to_csv(out / f"{test_set}_index.csv", index=False)
+        pd.DataFrame(
+            {
+                "name": cases,
+                "case": cases,
+                "slice": 0,
+                "orig_h": 20,
+                "orig_w": 24,
+                "spacing_z": 1.0,
+                "spacing_y": 1.0,
+                "spacing_x": 1.0,
+            }
+        ).to_csv(out / f"{test_set}_index.csv", index=False)
         masks = {c: (rng.random((20, 24)) > 0.5).astype(np.uint8) for c in cases}
         np.savez(out / f"{test_set}_gt.npz", **masks)
 
@@ -119,10 +172,15 @@ def polyp_workspace(tmp_path_factory) -> tuple[Path, config.Params, str]:
             run = RunId(method, "polyp", 0.1, seed)
             write_run(root, run, rows, provenance, params=params)
             if (method, seed) != ("knowsam", 1):
-                fileio.write_text(run.curves_file(root / "data/eval"), curves_table(POLYP_BASE[method], seed).to_csv(index=False))
+                fileio.write_text(
+                    run.curves_file(root / "data/eval"), curves_table(POLYP_BASE[method], seed).to_csv(index=False)
+                )
             if seed == 0 and method != "ucmt":
-                preds = {f"{t}/{r['case']}": np.eye(20, 24, dtype=np.uint8) for t in POLYP_SETS
-                         for r in case_rows(t, polyp_dice(method, 0, t))}
+                preds = {
+                    f"{t}/{r['case']}": np.eye(20, 24, dtype=np.uint8)
+                    for t in POLYP_SETS
+                    for r in case_rows(t, polyp_dice(method, 0, t))
+                }
                 np.savez(run.eval_dir(root / "data/eval") / "predictions.npz", **preds)
     write_prepared_polyp(root)
     return root, params, build(root, params)
@@ -130,10 +188,10 @@ def polyp_workspace(tmp_path_factory) -> tuple[Path, config.Params, str]:
 
 def section_table(text: str, heading: str, first_header: str = "| Method") -> list[list[str]]:
     """Cells of the first Markdown table after ``heading`` whose header starts with ``first_header``."""
-    lines = text[text.index(heading):].splitlines()
+    lines = text[text.index(heading) :].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(first_header))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("| "):
             break
         rows.append([c.strip() for c in line.strip()[1:-1].split("|")])
@@ -152,15 +210,32 @@ def test_polyp_table_cells(polyp_workspace) -> None:
     # Kvasir: mean offset 0.015 over 4 cases, seeds +0 / +0.02 -> mean base + 0.025, std sqrt(2) x 1 pp.
     # CVC-ClinicDB: offset 0.01 - 0.05; IoU = 0.8 x Dice so its std is 0.8 x 1.41.
     assert rows == [
-        ["labeled-only", "10%", "62.50 ± 1.41 (n=2)", "50.00 ± 1.13 (n=2)", "57.00 ± 1.41 (n=2)",
-         "45.60 ± 1.13 (n=2)"],
+        ["labeled-only", "10%", "62.50 ± 1.41 (n=2)", "50.00 ± 1.13 (n=2)", "57.00 ± 1.41 (n=2)", "45.60 ± 1.13 (n=2)"],
         ["ucmt", "10%", "71.50 (n=1)", "57.20 (n=1)", "66.00 (n=1)", "52.80 (n=1)"],
-        ["knowsam", "10%", "**82.50 ± 1.41** (n=2)", "**66.00 ± 1.13** (n=2)", "**77.00 ± 1.41** (n=2)",
-         "**61.60 ± 1.13** (n=2)"],
-        ["knowsam [SAM output]", "10%", "77.50 ± 1.41 (n=2)", "62.00 ± 1.13 (n=2)", "72.00 ± 1.41 (n=2)",
-         "57.60 ± 1.13 (n=2)"],
-        ["fully-supervised", "100%", "92.50 ± 1.41 (n=2)", "74.00 ± 1.13 (n=2)", "87.00 ± 1.41 (n=2)",
-         "69.60 ± 1.13 (n=2)"],
+        [
+            "knowsam",
+            "10%",
+            "**82.50 ± 1.41** (n=2)",
+            "**66.00 ± 1.13** (n=2)",
+            "**77.00 ± 1.41** (n=2)",
+            "**61.60 ± 1.13** (n=2)",
+        ],
+        [
+            "knowsam [SAM output]",
+            "10%",
+            "77.50 ± 1.41 (n=2)",
+            "62.00 ± 1.13 (n=2)",
+            "72.00 ± 1.41 (n=2)",
+            "57.60 ± 1.13 (n=2)",
+        ],
+        [
+            "fully-supervised",
+            "100%",
+            "92.50 ± 1.41 (n=2)",
+            "74.00 ± 1.13 (n=2)",
+            "87.00 ± 1.41 (n=2)",
+            "69.60 ± 1.13 (n=2)",
+        ],
     ]
 
 
@@ -168,17 +243,31 @@ def test_reference_rows_and_difference(polyp_workspace) -> None:
     _, _, text = polyp_workspace
     header, *rows = section_table(text, "Reported by the paper (polyp)")
     assert header == ["Method", "Labeled", "Test set", "Metric", "Paper", "Ours", "Ours − paper"]
-    assert rows[0] == ["knowsam (paper)", "10%", "Kvasir", "mDice (listed as Dice)", "86.64", "82.50 ± 1.41 (n=2)",
-                       "-4.14"]
-    assert rows[1] == ["knowsam (paper)", "10%", "CVC-ClinicDB", "mDice (listed as Dice)", "82.54",
-                       "77.00 ± 1.41 (n=2)", "-5.54"]
+    assert rows[0] == [
+        "knowsam (paper)",
+        "10%",
+        "Kvasir",
+        "mDice (listed as Dice)",
+        "86.64",
+        "82.50 ± 1.41 (n=2)",
+        "-4.14",
+    ]
+    assert rows[1] == [
+        "knowsam (paper)",
+        "10%",
+        "CVC-ClinicDB",
+        "mDice (listed as Dice)",
+        "82.54",
+        "77.00 ± 1.41 (n=2)",
+        "-5.54",
+    ]
     assert rows[2] == ["knowsam (paper)", "10%", "CVC-ColonDB", "mDice (listed as mDice)", "68.21", "-", "-"]
     assert len(rows) == 5
 
 
 def test_footnotes_and_missing_runs(polyp_workspace) -> None:
     _, _, text = polyp_workspace
-    notes = text[text.index("## Notes"):]
+    notes = text[text.index("## Notes") :]
     assert "Profile `unit`: images resized to 64x64 px for the networks, 300 training iterations, seeds 0, 1." in notes
     assert "**SAM teacher: random initialisation, no pretrained SAM weights** in runs of knowsam" in notes
     assert f"- {EMPTY_MASK_POLICY}" in notes
@@ -187,8 +276,10 @@ def test_footnotes_and_missing_runs(polyp_workspace) -> None:
     assert "same U-Net backbone, input size, iteration budget and batch composition" in notes
     assert "DeepLabv3+" in notes
     assert "fully-supervised (the upper bound" in notes
-    assert ("1 of 8 runs have no current metrics and are not shown: ucmt-polyp-0.1-1 (not trained); produce them "
-            "with `dvc repro evaluate@polyp-0.1-1`.") in text
+    assert (
+        "1 of 8 runs have no current metrics and are not shown: ucmt-polyp-0.1-1 (not trained); produce them "
+        "with `dvc repro evaluate@polyp-0.1-1`."
+    ) in text
 
 
 def test_csv_matches_table(polyp_workspace) -> None:
@@ -215,7 +306,6 @@ def test_figures_written_and_deterministic(polyp_workspace) -> None:
         assert f"]({name})" in text
     cases = overlay_cases(PreparedDataset(root / "data/prepared/polyp"), 3)
     assert cases == [("Kvasir", "kvasir_000"), ("CVC-ClinicDB", "cvc-clinicdb_000"), ("Kvasir", "kvasir_001")]
-
 
 
 def test_leaderboard_without_overlays_draws_no_dataset_images(polyp_workspace) -> None:
@@ -251,8 +341,13 @@ def test_training_curves_draw_the_teacher_dotted_in_its_method_colour(tmp_path: 
             table.to_csv(path, index=False)
     drawn = {}
     monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig))
-    figures.training_curves(params, "polyp", tmp_path / "curves.png", tmp_path / "eval",
-                            {RunId(m, "polyp", 0.1, s): False for m in ("ucmt", "knowsam") for s in (0, 1)})
+    figures.training_curves(
+        params,
+        "polyp",
+        tmp_path / "curves.png",
+        tmp_path / "eval",
+        {RunId(m, "polyp", 0.1, s): False for m in ("ucmt", "knowsam") for s in (0, 1)},
+    )
     lines = {line.get_label(): line for line in drawn["fig"].axes[0].get_lines()}
     assert list(lines) == ["ucmt (n=2)", "knowsam (n=2)", "knowsam [SAM output]"]
     teacher, knowsam = lines["knowsam [SAM output]"], lines["knowsam (n=2)"]
@@ -263,10 +358,12 @@ def test_training_curves_draw_the_teacher_dotted_in_its_method_colour(tmp_path: 
 def test_leaderboard_does_not_import_torch(polyp_workspace) -> None:
     # The leaderboard stage and `compare` only read tables: importing torch would add seconds to each.
     root, _, text = polyp_workspace
-    code = ("import sys; from pathlib import Path; from tests.test_leaderboard import POLYP_BASE, make_params; "
-            "from knowsam.report.leaderboard import write_leaderboard; root = Path(sys.argv[1]); "
-            "write_leaderboard(make_params(root, 'polyp', list(POLYP_BASE), [0.1], [0, 1]), root / 'reports-again', "
-            "root / 'data/eval', runs_root=root / 'data/runs'); print('torch' in sys.modules)")
+    code = (
+        "import sys; from pathlib import Path; from tests.test_leaderboard import POLYP_BASE, make_params; "
+        "from knowsam.report.leaderboard import write_leaderboard; root = Path(sys.argv[1]); "
+        "write_leaderboard(make_params(root, 'polyp', list(POLYP_BASE), [0.1], [0, 1]), root / 'reports-again', "
+        "root / 'data/eval', runs_root=root / 'data/runs'); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
     assert (root / "reports-again/leaderboard.md").read_text() == text
@@ -280,26 +377,61 @@ def test_volume_table_and_reference(tmp_path: Path) -> None:
     for method in base:
         for ratio, bonus in ((0.05, 0.0), (0.1, 0.05)):
             dice = [base[method] + bonus + 0.01 * i for i in range(3)]
-            write_run(tmp_path, RunId(method, "promise12", ratio, 0),
-                      case_rows("test", dice, hd95=[hd95[method] - bonus * 10] * 3, asd=[asd[method]] * 3),
-                      {"sam_arch": "vit_b", "sam_weights": "sam_vit_b.pth sha256 0123456789ab", "sam_encoder": "cached"}
-                      if method == "knowsam" else None, params=params)
+            write_run(
+                tmp_path,
+                RunId(method, "promise12", ratio, 0),
+                case_rows("test", dice, hd95=[hd95[method] - bonus * 10] * 3, asd=[asd[method]] * 3),
+                {"sam_arch": "vit_b", "sam_weights": "sam_vit_b.pth sha256 0123456789ab", "sam_encoder": "cached"}
+                if method == "knowsam"
+                else None,
+                params=params,
+            )
     text = build(tmp_path, params)
     header, *rows = section_table(text, "### test")
     assert header == ["Method", "5% Dice", "5% IoU", "5% HD95", "5% ASD", "10% Dice", "10% IoU", "10% HD95", "10% ASD"]
     assert rows == [
-        ["mt", "71.00 (n=1)", "56.80 (n=1)", "**5.00** (n=1)", "2.00 (n=1)",
-         "76.00 (n=1)", "60.80 (n=1)", "**4.50** (n=1)", "2.00 (n=1)"],
-        ["knowsam", "**79.00** (n=1)", "**63.20** (n=1)", "6.00 (n=1)", "**1.50** (n=1)",
-         "**84.00** (n=1)", "**67.20** (n=1)", "5.50 (n=1)", "**1.50** (n=1)"],
-        ["fully-supervised", "91.00 (n=1)", "72.80 (n=1)", "3.00 (n=1)", "1.00 (n=1)",
-         "96.00 (n=1)", "76.80 (n=1)", "2.50 (n=1)", "1.00 (n=1)"],
+        [
+            "mt",
+            "71.00 (n=1)",
+            "56.80 (n=1)",
+            "**5.00** (n=1)",
+            "2.00 (n=1)",
+            "76.00 (n=1)",
+            "60.80 (n=1)",
+            "**4.50** (n=1)",
+            "2.00 (n=1)",
+        ],
+        [
+            "knowsam",
+            "**79.00** (n=1)",
+            "**63.20** (n=1)",
+            "6.00 (n=1)",
+            "**1.50** (n=1)",
+            "**84.00** (n=1)",
+            "**67.20** (n=1)",
+            "5.50 (n=1)",
+            "**1.50** (n=1)",
+        ],
+        [
+            "fully-supervised",
+            "91.00 (n=1)",
+            "72.80 (n=1)",
+            "3.00 (n=1)",
+            "1.00 (n=1)",
+            "96.00 (n=1)",
+            "76.80 (n=1)",
+            "2.50 (n=1)",
+            "1.00 (n=1)",
+        ],
     ]
     _, *refs = section_table(text, "Reported by the paper (promise12)")
-    assert refs == [["knowsam (paper)", "5%", "test", "mDice (listed as Dice)", "78.49", "79.00 (n=1)", "+0.51"],
-                    ["knowsam (paper)", "10%", "test", "mDice (listed as Dice)", "82.93", "84.00 (n=1)", "+1.07"]]
-    assert ("SAM teacher weights: `vit_b` sam_vit_b.pth sha256 0123456789ab, frozen encoder, embeddings cached "
-            "(knowsam).") in text
+    assert refs == [
+        ["knowsam (paper)", "5%", "test", "mDice (listed as Dice)", "78.49", "79.00 (n=1)", "+0.51"],
+        ["knowsam (paper)", "10%", "test", "mDice (listed as Dice)", "82.93", "84.00 (n=1)", "+1.07"],
+    ]
+    assert (
+        "SAM teacher weights: `vit_b` sam_vit_b.pth sha256 0123456789ab, frozen encoder, embeddings cached (knowsam)."
+    ) in text
     assert "None: all 6 runs of the params matrix are evaluated under the current params and code." in text
     assert f"figures/overlays_promise12.png: not drawn, {tmp_path / 'data/prepared/promise12'} is missing." in text
     assert "figures/curves_promise12.png: not drawn, no evaluated run of promise12 has training curves." in text

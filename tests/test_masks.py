@@ -98,8 +98,12 @@ def test_empty_share_limit(tmp_path: Path):
     opener = Image.open
     assert check_empty_share(tmp_path, paths, [False] * 4, opener) == []
     assert check_empty_share(tmp_path, paths, [True, True, False, False], opener) == [
-        f"{tmp_path}: 2 of 4 masks decode empty (e.g. 0.png: mode L, values 0)"]  # at the limit: reported
+        f"{tmp_path}: 2 of 4 masks decode empty (e.g. 0.png: mode L, values 0)"
+    ]  # at the limit: reported
     assert EMPTY_SHARE_LIMIT == 0.5
-    with pytest.raises(KnowsamError, match=r": 3 of 4 masks decode empty \(e.g. 0.png: mode L, values 0\); "
-                                           r"a misread mask encoding\?"):
+    with pytest.raises(
+        KnowsamError,
+        match=r": 3 of 4 masks decode empty \(e.g. 0.png: mode L, values 0\); "
+        r"a misread mask encoding\?",
+    ):
         check_empty_share(tmp_path, paths, [True, True, True, False], opener)

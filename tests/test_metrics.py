@@ -16,7 +16,6 @@ from knowsam.errors import ConfigError, KnowsamError
 from knowsam.metrics import BINARY_METRICS, EMPTY_MASK_POLICY, binary_metrics, case_metrics, summarize
 from tests.conftest import mirror_root
 
-
 MEDPY = {
     "dice": lambda p, g, s: mb.dc(p, g),
     "iou": lambda p, g, s: mb.jc(p, g),
@@ -99,8 +98,15 @@ def test_parallel_lines_with_spacing_hand_computed() -> None:
 def test_both_empty_is_perfect() -> None:
     m = binary_metrics(np.zeros((5, 7)), np.zeros((5, 7)))
     assert m == {
-        "dice": 1.0, "iou": 1.0, "hd95": 0.0, "asd": 0.0, "assd": 0.0, "hd": 0.0,
-        "hd_x095_paper": 0.0, "precision": 1.0, "recall": 1.0,
+        "dice": 1.0,
+        "iou": 1.0,
+        "hd95": 0.0,
+        "asd": 0.0,
+        "assd": 0.0,
+        "hd": 0.0,
+        "hd_x095_paper": 0.0,
+        "precision": 1.0,
+        "recall": 1.0,
     }
 
 
@@ -130,8 +136,9 @@ def test_one_empty_mask_scores_worst(missing: str, shape, spacing, diagonal: flo
 def test_policy_text_states_what_the_metrics_compute() -> None:
     """Every value the policy text (printed in leaderboards and summaries) promises is what is computed."""
     both = re.search(r"both empty, ((?:\w+ = )+)(\d) and all distances are (\d)", EMPTY_MASK_POLICY)
-    one = re.search(r"exactly one is empty[^,]*, ((?:\w+ = )+)(\d) and every distance equals the image diagonal",
-                    EMPTY_MASK_POLICY)
+    one = re.search(
+        r"exactly one is empty[^,]*, ((?:\w+ = )+)(\d) and every distance equals the image diagonal", EMPTY_MASK_POLICY
+    )
     assert both and one, EMPTY_MASK_POLICY
     shape, spacing = (30, 40), (2.0, 1.0)
     empty, full = np.zeros(shape, bool), np.zeros(shape, bool)

@@ -33,6 +33,7 @@ UCMT = RunId("ucmt", "demo", 0.1, 0)
 
 # --- UCMT: the official model selection --------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ucmt_workspace(demo_prepared):
     params = small_params(demo_prepared)
@@ -59,7 +60,7 @@ def test_ucmt_train_loss_selection_keeps_the_lowest_window_mean_of_the_mixed_upd
     summary = _train_ucmt(ucmt_workspace, tmp_path / "loss", "train-loss")
     loss_mix = _logged(tmp_path / "loss", "train", "loss_mix")
     assert loss_mix.index.tolist() == list(range(1, 9))
-    means = {end: loss_mix.loc[end - 1:end].mean() for end in (2, 4, 6, 8)}
+    means = {end: loss_mix.loc[end - 1 : end].mean() for end in (2, 4, 6, 8)}
     lowest = min(means.values())
     expected = max(end for end, m in means.items() if m == lowest)
     assert summary["best_step"] == expected
@@ -87,8 +88,10 @@ def test_ucmt_train_loss_selection_resumes_its_window(ucmt_workspace, tmp_path):
     (run_dir / "checkpoint.pt").unlink()  # stopped before the step-8 checkpoint: resume from step 5
     resumed = _train_ucmt(ucmt_workspace, tmp_path / "resumed", "train-loss", checkpoint_every=5)
     assert resumed["best_step"] == full["best_step"]
-    last = [torch.load(UCMT.train_dir(root) / "checkpoint.pt", weights_only=True)["best"]
-            for root in (tmp_path / "full", tmp_path / "resumed")]
+    last = [
+        torch.load(UCMT.train_dir(root) / "checkpoint.pt", weights_only=True)["best"]
+        for root in (tmp_path / "full", tmp_path / "resumed")
+    ]
     assert last[0] == last[1]  # the same window means: the same scores
     a = torch.load(UCMT.train_dir(tmp_path / "full") / "best.pt", weights_only=True)["weights"]["teacher"]
     b = torch.load(run_dir / "best.pt", weights_only=True)["weights"]["teacher"]
@@ -96,6 +99,7 @@ def test_ucmt_train_loss_selection_resumes_its_window(ucmt_workspace, tmp_path):
 
 
 # --- UCMT: the unlabeled pool --------------------------------------------------------------------
+
 
 def test_ucmt_unlabeled_rows_come_from_every_training_image_unless_told_otherwise(ucmt_workspace, monkeypatch):
     """Official train.py:71: the unlabeled loader iterates the whole training set, labeled images included."""
@@ -106,14 +110,24 @@ def test_ucmt_unlabeled_rows_come_from_every_training_image_unless_told_otherwis
     data = PreparedDataset(ucmt_workspace / "data/prepared/demo")
     split = read_split(split_path(params.data.splits_root, "demo", 0.1, 0), data)
     index = data.index("train")
-    rows = {name: set(np.flatnonzero(index["case"].isin(set(split[name])).to_numpy()))
-            for name in ("labeled", "unlabeled", "validation")}
+    rows = {
+        name: set(np.flatnonzero(index["case"].isin(set(split[name])).to_numpy()))
+        for name in ("labeled", "unlabeled", "validation")
+    }
     for pool, expected in (("all", rows["labeled"] | rows["unlabeled"]), ("unlabeled", rows["unlabeled"])):
         run_params = dataclasses.replace(params, method_params={"ucmt": {"unlabeled_pool": pool}})
         method = build_method(run_params, UCMT, data, torch.device("cpu"))
-        stream = loader.TrainStream(data, split, label_pool=method.label_pool, uses_unlabeled=True, batch_size=4,
-                                    labeled_batch=2, seed=0, device=torch.device("cpu"),
-                                    unlabeled_pool=method.unlabeled_pool)
+        stream = loader.TrainStream(
+            data,
+            split,
+            label_pool=method.label_pool,
+            uses_unlabeled=True,
+            batch_size=4,
+            labeled_batch=2,
+            seed=0,
+            device=torch.device("cpu"),
+            unlabeled_pool=method.unlabeled_pool,
+        )
         drawn = set(stream.unlabeled.take(len(expected)).tolist())  # one epoch: every row once
         assert drawn == expected and not drawn & rows["validation"]
         assert set(stream.labeled.take(len(rows["labeled"])).tolist()) == rows["labeled"]
@@ -131,6 +145,7 @@ def test_ucmt_unlabeled_rows_come_from_every_training_image_unless_told_otherwis
 
 
 # --- KnowSAM: the strong random affine ---------------------------------------------------------
+
 
 def _affines(n: int, size: int, alpha: float, seed: int = 0) -> np.ndarray:
     """``n`` matrices (n, 3, 3) drawn by the transform, as albumentations applies it."""
@@ -167,8 +182,8 @@ def test_three_point_affine_moves_image_content_by_its_matrix():
     image = np.zeros((size, size), np.float32)
     mask = np.zeros((size, size), np.uint8)
     for x, y in anchor_points(size, size).astype(int):
-        image[y - 2:y + 3, x - 2:x + 3] = 1.0
-        mask[y - 2:y + 3, x - 2:x + 3] = 1
+        image[y - 2 : y + 3, x - 2 : x + 3] = 1.0
+        mask[y - 2 : y + 3, x - 2 : x + 3] = 1
     pipeline = A.Compose([ThreePointAffine(alpha_affine=50, border_mode=_REFLECT)], save_applied_params=True)
     for seed in range(5):
         pipeline.set_random_seed(seed)
@@ -179,8 +194,8 @@ def test_three_point_affine_moves_image_content_by_its_matrix():
             if not (8 <= tx <= size - 9 and 8 <= ty <= size - 9):  # moved out of the image
                 continue
             x0, y0 = int(round(tx)), int(round(ty))
-            window = out["image"][y0 - 6:y0 + 7, x0 - 6:x0 + 7]
-            ys, xs = np.mgrid[y0 - 6:y0 + 7, x0 - 6:x0 + 7]
+            window = out["image"][y0 - 6 : y0 + 7, x0 - 6 : x0 + 7]
+            ys, xs = np.mgrid[y0 - 6 : y0 + 7, x0 - 6 : x0 + 7]
             centre = (np.sum(xs * window) / window.sum(), np.sum(ys * window) / window.sum())
             assert centre == pytest.approx((tx, ty), abs=0.3)
             assert out["mask"][y0, x0] == 1
@@ -191,8 +206,9 @@ def test_strong_pipeline_draws_the_affine_on_a_quarter_of_the_unlabeled_images()
     """Official transforms.py:56-59: OneOf(grid distortion, elastic with alpha_affine 50), p 0.5."""
     aug = WeakStrongAugment(64)
     aug.strong.set_random_seed(0)
-    names = [[n for n, _ in aug.strong(image=np.zeros((64, 64, 3), np.float32))["applied_transforms"]]
-             for _ in range(1000)]
+    names = [
+        [n for n, _ in aug.strong(image=np.zeros((64, 64, 3), np.float32))["applied_transforms"]] for _ in range(1000)
+    ]
     affine = np.array(["ThreePointAffine" in n for n in names])
     assert 0.21 < affine.mean() < 0.29
     assert all(n[n.index("ThreePointAffine") + 1] == "ElasticTransform" for n in names if "ThreePointAffine" in n)
@@ -209,22 +225,34 @@ def test_teacher_maps_follow_the_strong_affine_both_ways(seed: int):
     size = 128
     ys, xs = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
     x0 = torch.from_numpy(np.stack([xs, ys, np.full_like(xs, size // 2)]).astype(np.float32))[None]
-    shift_scale_rotate = A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.95, 1.05), rotate=(-10, 10),
-                                  border_mode=_REFLECT, p=1.0)
-    elastic = A.Sequential([ThreePointAffine(alpha_affine=25, border_mode=_REFLECT),
-                            A.ElasticTransform(alpha=1, sigma=50, border_mode=_REFLECT, p=1.0)], p=1.0)
+    shift_scale_rotate = A.Affine(
+        translate_percent=(-0.0625, 0.0625), scale=(0.95, 1.05), rotate=(-10, 10), border_mode=_REFLECT, p=1.0
+    )
+    elastic = A.Sequential(
+        [
+            ThreePointAffine(alpha_affine=25, border_mode=_REFLECT),
+            A.ElasticTransform(alpha=1, sigma=50, border_mode=_REFLECT, p=1.0),
+        ],
+        p=1.0,
+    )
     pipeline = A.Compose([A.HorizontalFlip(p=1.0), shift_scale_rotate, elastic], save_applied_params=True)
     pipeline.set_random_seed(seed)
     out = pipeline(image=x0[0].permute(1, 2, 0).numpy())
     view = torch.from_numpy(out["image"]).permute(2, 0, 1)[None]
     hflip, vflip, warp, unwarp = warp_from_albumentations(out["applied_transforms"], size)
-    geometry = ViewGeometry(torch.tensor([hflip]), torch.tensor([vflip]), torch.zeros(1, dtype=torch.int64),
-                            torch.from_numpy(warp)[None], torch.from_numpy(unwarp)[None])
+    geometry = ViewGeometry(
+        torch.tensor([hflip]),
+        torch.tensor([vflip]),
+        torch.zeros(1, dtype=torch.int64),
+        torch.from_numpy(warp)[None],
+        torch.from_numpy(unwarp)[None],
+    )
     assert (geometry.apply(x0) - view).abs().mean() < 0.01
 
     # Pixels of the (flipped) image that stay 2 px inside the image through both affine steps.
-    first, second = (np.asarray(p["matrix"]) for n, p in out["applied_transforms"]
-                     if n in ("Affine", "ThreePointAffine"))
+    first, second = (
+        np.asarray(p["matrix"]) for n, p in out["applied_transforms"] if n in ("Affine", "ThreePointAffine")
+    )
     points = np.stack([xs, ys, np.ones_like(xs)], -1).astype(np.float64)
     stages = (points, points @ first.T, points @ (second @ first).T)
     shown = np.logical_and.reduce([((s[..., :2] > 2) & (s[..., :2] < size - 3)).all(-1) for s in stages])
@@ -234,6 +262,7 @@ def test_teacher_maps_follow_the_strong_affine_both_ways(seed: int):
 
 
 # --- KnowSAM: schedules in iterations or fractions -----------------------------------------------
+
 
 def test_iterations_are_fractions_up_to_one_and_absolute_above():
     assert [iterations_of(v, 1000) for v in (0.0, 0.24, 1.0, 1.5e3, 12000.0)] == [0, 240, 1000, 1500, 12000]
@@ -268,18 +297,35 @@ def test_paper_profile_mixes_and_ramps_at_the_official_iterations_whatever_the_r
 
 # --- bad values ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, key, value, message", [
-    ("ucmt", "select", "best", "ucmt: select must be one of val-dice, train-loss, got 'best'"),
-    ("ucmt+skd", "unlabeled_pool", "labeled", "ucmt: unlabeled_pool must be one of unlabeled, all, got 'labeled'"),
-    ("knowsam", "mixed_iterations", 12000.5, "knowsam: mixed_iterations must be a fraction of train.iterations in "
-                                             "[0, 1] or a whole number of iterations above 1, got 12000.5"),
-    ("knowsam", "mixed_iterations", -1, "knowsam: mixed_iterations must be a fraction"),
-    ("knowsam", "consistency_ramp_iterations", 2.5, "knowsam: consistency_ramp_iterations must be a fraction"),
-    ("knowsam", "consistency_ramp_iterations", math.inf,
-     "params: 'method_params.knowsam.consistency_ramp_iterations' must be a finite number, got inf"),
-    ("knowsam", "consistency_ramp_iterations", math.nan,
-     "params: 'method_params.knowsam.consistency_ramp_iterations' must be a finite number, got nan"),
-])
+
+@pytest.mark.parametrize(
+    "method, key, value, message",
+    [
+        ("ucmt", "select", "best", "ucmt: select must be one of val-dice, train-loss, got 'best'"),
+        ("ucmt+skd", "unlabeled_pool", "labeled", "ucmt: unlabeled_pool must be one of unlabeled, all, got 'labeled'"),
+        (
+            "knowsam",
+            "mixed_iterations",
+            12000.5,
+            "knowsam: mixed_iterations must be a fraction of train.iterations in "
+            "[0, 1] or a whole number of iterations above 1, got 12000.5",
+        ),
+        ("knowsam", "mixed_iterations", -1, "knowsam: mixed_iterations must be a fraction"),
+        ("knowsam", "consistency_ramp_iterations", 2.5, "knowsam: consistency_ramp_iterations must be a fraction"),
+        (
+            "knowsam",
+            "consistency_ramp_iterations",
+            math.inf,
+            "params: 'method_params.knowsam.consistency_ramp_iterations' must be a finite number, got inf",
+        ),
+        (
+            "knowsam",
+            "consistency_ramp_iterations",
+            math.nan,
+            "params: 'method_params.knowsam.consistency_ramp_iterations' must be a finite number, got nan",
+        ),
+    ],
+)
 def test_bad_option_values_are_refused_naming_the_key(method, key, value, message):
     with pytest.raises(ConfigError) as err:
         method_params(method, {key: value})

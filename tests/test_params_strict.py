@@ -42,17 +42,24 @@ CASES = {
     "negative weight decay": (dict(train={"weight_decay": -0.1}), r"params: 'train.weight_decay' = -0.1 must be >= 0"),
     "negative overlay count": (dict(eval={"overlay_images": -1}), r"params: 'eval.overlay_images' = -1 must be >= 0"),
     "infinite lr": (dict(train={"lr": float("inf")}), r"params: 'train.lr' must be a finite number, got inf"),
-    "nan loss weight": (dict(method_params={"knowsam": {"entropy_weight": float("nan")}}),
-                        r"params: 'method_params.knowsam.entropy_weight' must be a finite number, got nan"),
+    "nan loss weight": (
+        dict(method_params={"knowsam": {"entropy_weight": float("nan")}}),
+        r"params: 'method_params.knowsam.entropy_weight' must be a finite number, got nan",
+    ),
     "unknown SAM arch": (dict(sam={"arch": "vit_q"}), r"params: 'sam.arch' must be one of vit_b, .*, got 'vit_q'"),
-    "EMA decay above 1": (dict(method_params={"mt": {"ema_decay": 1.5}}), r"mt: ema_decay must be in \[0, 1\], got 1.5"),
+    "EMA decay above 1": (
+        dict(method_params={"mt": {"ema_decay": 1.5}}),
+        r"mt: ema_decay must be in \[0, 1\], got 1.5",
+    ),
     "negative noise": (dict(method_params={"mt": {"noise_std": -0.1}}), r"mt: noise_std must be >= 0, got -0.1"),
     "negative CPS weight": (dict(method_params={"cps": {"cps_weight": -1}}), r"cps: cps_weight must be >= 0"),
     "UCMT share above 1": (dict(method_params={"ucmt": {"student1_share": 2}}), r"ucmt: student1_share must be in"),
     "UCMT patch of 0 px": (dict(method_params={"ucmt": {"umix_min_patch": 0}}), r"ucmt: umix_min_patch must be > 0"),
     "negative KD weight": (dict(method_params={"mt+skd": {"kd_weight": -1}}), r"skd: kd_weight must be >= 0"),
-    "plug-in keeps its base's checks": (dict(method_params={"ucmt+skd": {"ema_decay": -0.5}}),
-                                        r"ucmt: ema_decay must be in \[0, 1\]"),
+    "plug-in keeps its base's checks": (
+        dict(method_params={"ucmt+skd": {"ema_decay": -0.5}}),
+        r"ucmt: ema_decay must be in \[0, 1\]",
+    ),
 }
 
 
@@ -69,10 +76,10 @@ def numeric_fields() -> list[tuple[str, type, str, dict]]:
         found += [(section, cls, f.name, {section: {}}) for f in dataclasses.fields(cls)]
     for name in method_names():
         cls = params_class(name)
-        found += [(f"method_params.{name}", cls, f.name, {"method_params": {name: {}}})
-                  for f in dataclasses.fields(cls)]
-    return [(key, cls, name, raw) for key, cls, name, raw in found
-            if typing.get_type_hints(cls)[name] in (int, float)]
+        found += [
+            (f"method_params.{name}", cls, f.name, {"method_params": {name: {}}}) for f in dataclasses.fields(cls)
+        ]
+    return [(key, cls, name, raw) for key, cls, name, raw in found if typing.get_type_hints(cls)[name] in (int, float)]
 
 
 def test_every_numeric_parameter_refuses_a_negative_value():
@@ -81,7 +88,7 @@ def test_every_numeric_parameter_refuses_a_negative_value():
     fields = numeric_fields()
     assert len(fields) > 40  # the walk found the schema's fields
     accepted = []
-    for key, _cls, name, sections in fields:
+    for key, _cls, name, _sections in fields:
         raw = params_dict()
         if key.startswith("method_params."):
             raw["method_params"] = {key.split(".", 1)[1]: {name: -1}}
@@ -104,6 +111,7 @@ def test_sam_arch_list_is_the_teacher_registry():
 
 # --- the file: YAML 1.2 as DVC reads it ---------------------------------------------------------
 
+
 def test_floats_in_exponent_form_are_read_as_dvc_reads_them(tmp_path):
     from dvc.utils.serialize import parse_yaml
 
@@ -123,18 +131,27 @@ def test_yaml_1_1_only_forms_are_not_numbers_or_booleans(tmp_path, cli):
     refused(tmp_path, cli, text, r"^error: params: 'train.amp_bf16' must be bool, got 'yes'$")
 
 
-@pytest.mark.parametrize("text, key, row", [
-    (PARAMS_TEXT.replace("  lr: 0.03\n", "  lr: 0.03\n  lr: 0.01\n"), "train.lr", "  lr: "),
-    (PARAMS_TEXT + "train:\n  lr: 0.1\n", "train", "train:"),
-    (PARAMS_TEXT + "seeds: [1]\n", "seeds", "seeds:"),
-], ids=["nested key", "whole section", "top-level list"])
+@pytest.mark.parametrize(
+    "text, key, row",
+    [
+        (PARAMS_TEXT.replace("  lr: 0.03\n", "  lr: 0.03\n  lr: 0.01\n"), "train.lr", "  lr: "),
+        (PARAMS_TEXT + "train:\n  lr: 0.1\n", "train", "train:"),
+        (PARAMS_TEXT + "seeds: [1]\n", "seeds", "seeds:"),
+    ],
+    ids=["nested key", "whole section", "top-level list"],
+)
 def test_duplicate_keys_are_refused_like_dvc(tmp_path, cli, text, key, row):
     """A hand-run command would otherwise take the last value, and a repeated section would drop the first."""
     from dvc.utils.serialize import YAMLFileCorruptedError, parse_yaml
 
     first_line, dup_line = [i + 1 for i, line in enumerate(text.splitlines()) if line.startswith(row)][:2]
-    refused(tmp_path, cli, text, rf"^error: \S*params.yaml: duplicate key '{key}' at line {dup_line} "
-                                 rf"\(first at line {first_line}\); keep one")
+    refused(
+        tmp_path,
+        cli,
+        text,
+        rf"^error: \S*params.yaml: duplicate key '{key}' at line {dup_line} "
+        rf"\(first at line {first_line}\); keep one",
+    )
     with pytest.raises(YAMLFileCorruptedError):  # DVC refuses the same file
         parse_yaml(text, "params.yaml")
 
@@ -144,6 +161,7 @@ def test_yaml_syntax_error_names_its_line(tmp_path, cli):
 
 
 # --- no validation images: a stated rule, not "best validation Dice nan" --------------------------
+
 
 def test_val_fraction_zero_reports_the_final_weights(tmp_path, monkeypatch, capsys, demo_prepared):
     import torch
@@ -157,12 +175,13 @@ def test_val_fraction_zero_reports_the_final_weights(tmp_path, monkeypatch, caps
     split = json.loads((ws / "data/splits/demo/ratio-0.1_seed-0.json").read_text())
     assert split["validation"] == []
     capsys.readouterr()
-    code = main(["train", "--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0",
-                 "--no-progress"])
+    code = main(
+        ["train", "--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0", "--no-progress"]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "nan" not in out
-    assert ("no validation images (data.val_fraction 0), so the final weights are the reported ones" in out), out
+    assert "no validation images (data.val_fraction 0), so the final weights are the reported ones" in out, out
     run = ws / "data/runs/demo/ratio-0.1_seed-0/labeled-only"
     summary = json.loads((run / "train_log.json").read_text())["summary"]
     assert summary["best_val_dice"] is None and summary["best_step"] == summary["iterations"] == 2

@@ -23,7 +23,7 @@ OFFICIAL = os.environ.get("KNOWSAM_OFFICIAL", "")
 pytestmark = pytest.mark.skipif(
     not (OFFICIAL and Path(OFFICIAL, "Model", "model.py").is_file()),
     reason="KNOWSAM_OFFICIAL does not name a checkout of the official KnowSAM code "
-           "(git clone https://github.com/taozh2017/KnowSAM; see docs/contributing.md)",
+    "(git clone https://github.com/taozh2017/KnowSAM; see docs/contributing.md)",
 )
 SCRIPT = REPO / "benchmarks" / "parity_official.py"
 # Runs the script's main() after ``fault`` (Python source) has changed our side.
@@ -49,16 +49,19 @@ def wrong_momentum(self, name, params):
     self.optimizers[name].param_groups[0]["momentum"] = 0.8
 base.Method.sgd = wrong_momentum
 """
-LAST_LINE = re.compile(r"parity: (\d+)/(\d+) \(outputs (\d+)/(\d+), terms (\d+)/(\d+), gradients (\d+)/(\d+), "
-                       r"updates (\d+)/(\d+)\) in (\d+) configurations?")
+LAST_LINE = re.compile(
+    r"parity: (\d+)/(\d+) \(outputs (\d+)/(\d+), terms (\d+)/(\d+), gradients (\d+)/(\d+), "
+    r"updates (\d+)/(\d+)\) in (\d+) configurations?"
+)
 
 
 def run_parity(fault: str, *configs: str) -> subprocess.CompletedProcess:
     code = DRIVER.format(script=str(SCRIPT), fault=fault)
     args = ["--official", OFFICIAL, *(["--configs", *configs] if configs else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1800)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
 
 
 def last_counts(out: str) -> list[int]:
@@ -94,12 +97,16 @@ def test_a_detached_fusion_input_fails_the_u_net_gradients_only(with_faults: str
     groups = _failed_groups(with_faults)
     gradient_failures = {g for g in groups if ", gradients, " in g}
     assert gradient_failures == {f"iteration {t}, gradients, U-Net" for t in range(3)}
-    assert re.search(r"^FAILED 2 classes: iteration 0, gradients, U-Net: unet\.\S+ \(relative difference",
-                     with_faults, re.M)
+    assert re.search(
+        r"^FAILED 2 classes: iteration 0, gradients, U-Net: unet\.\S+ \(relative difference", with_faults, re.M
+    )
 
 
 def test_a_wrong_momentum_fails_the_network_updates_after_the_first_step(with_faults: str):
     groups = _failed_groups(with_faults)
     update_failures = {g for g in groups if ", updates" in g}
-    assert update_failures == {f"iteration {t}, updates (official rule, our gradient), {net}"
-                               for t in (1, 2) for net in ("U-Net", "V-Net", "fusion")}
+    assert update_failures == {
+        f"iteration {t}, updates (official rule, our gradient), {net}"
+        for t in (1, 2)
+        for net in ("U-Net", "V-Net", "fusion")
+    }

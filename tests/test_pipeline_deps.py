@@ -38,8 +38,13 @@ runpy.run_path(script, run_name="__main__")
 
 def _run_traced(workspace: Path, script: str, args: list[str], out: Path) -> set[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", TRACER, str(out), str(REPO), str(REPO / script), *args],
-                          cwd=workspace, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRACER, str(out), str(REPO), str(REPO / script), *args],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
     return set(json.loads(out.read_text()))
 
@@ -68,8 +73,10 @@ def executed(tmp_path_factory) -> dict[str, set[str]]:
         "embed": [[dataset], [dataset, "--params", "params-cached.yaml"]],
         "split": [[dataset, "--ratio", ratio, "--seed", seed]],
         # The train stage is one template for every method: its deps must cover the union.
-        "train": [["--method", m, "--dataset", dataset, "--ratio", ratio, "--seed", seed, "--restart-stale"]
-                  for m in params["methods"]],
+        "train": [
+            ["--method", m, "--dataset", dataset, "--ratio", ratio, "--seed", seed, "--restart-stale"]
+            for m in params["methods"]
+        ],
         "evaluate": [[dataset, "--ratio", ratio, "--seed", seed]],
         "leaderboard": [[]],
     }
@@ -85,8 +92,10 @@ def executed(tmp_path_factory) -> dict[str, set[str]]:
 def _code_deps() -> dict[str, list[str]]:
     """Stage name -> its deps inside the package or stages/ (dvc.yaml's foreach/matrix bodies included)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    return {name: [d for d in body.get("do", body).get("deps", []) if d.startswith(("knowsam", "stages/"))]
-            for name, body in stages.items()}
+    return {
+        name: [d for d in body.get("do", body).get("deps", []) if d.startswith(("knowsam", "stages/"))]
+        for name, body in stages.items()
+    }
 
 
 def uncovered(files: set[str], deps: list[str]) -> list[str]:
@@ -115,8 +124,15 @@ def test_removing_any_code_dep_is_detected(executed):
 
 def test_training_and_evaluation_code_is_where_the_issue_found_it(executed):
     """The modules whose edits once left results marked up to date are now measured as executed."""
-    for f in ("knowsam/losses.py", "knowsam/data/augment.py", "knowsam/data/loader.py", "knowsam/config.py",
-              "knowsam/runs.py", "knowsam/distributed.py", "knowsam/models/unet.py"):
+    for f in (
+        "knowsam/losses.py",
+        "knowsam/data/augment.py",
+        "knowsam/data/loader.py",
+        "knowsam/config.py",
+        "knowsam/runs.py",
+        "knowsam/distributed.py",
+        "knowsam/models/unet.py",
+    ):
         assert f in executed["train"], f
     for f in ("knowsam/metrics.py", "knowsam/evaluate.py"):
         assert f in executed["evaluate"], f

@@ -64,12 +64,18 @@ def test_a_cached_teacher_encoder_adds_the_embed_stage_and_times_steps_without_t
     from knowsam.embed import embed
 
     params = dataclasses.replace(small_params(demo_prepared), methods=["knowsam"], ratios=[0.1], seeds=[0])
-    params = dataclasses.replace(params, sam=dataclasses.replace(
-        params.sam, arch="tiny", checkpoint="none", encoder="cached", embeddings_root=str(tmp_path / "emb")))
+    params = dataclasses.replace(
+        params,
+        sam=dataclasses.replace(
+            params.sam, arch="tiny", checkpoint="none", encoder="cached", embeddings_root=str(tmp_path / "emb")
+        ),
+    )
     images = 48 + 6 + 6  # the demo's train, Demo-Kvasir and Demo-Colon parts
     plan = make_plan(params, tmp_path / "runs", step_seconds={"knowsam": 1.0}, encoder_seconds=0.5)
-    assert plan["embed"] == {"image_s": 0.5, "datasets": [
-        {"dataset": "demo", "images": images, "pending": images, "seconds": images * 0.5}]}
+    assert plan["embed"] == {
+        "image_s": 0.5,
+        "datasets": [{"dataset": "demo", "images": images, "pending": images, "seconds": images * 0.5}],
+    }
     assert plan["pending_embed_s"] == images * 0.5 and plan["pending_train_s"] == params.train.iterations
     assert any(f"demo {images} of {images} images" in line and "in all about" in line for line in render(plan))
     unprepared = dataclasses.replace(params, data=dataclasses.replace(params.data, prepared_root=str(tmp_path / "no")))

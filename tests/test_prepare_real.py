@@ -23,8 +23,8 @@ from knowsam.data.dataset import PreparedDataset
 from knowsam.data.frames import find_pairs, prepare_frames, read_image, read_mask, resize_image
 from knowsam.data.prepare import prepare_dataset
 from knowsam.data.sources import ACDC, POLYP, PROMISE12
-from knowsam.data.volumes import PROMISE12_PARTITION, prepare_acdc, prepare_promise12
 from knowsam.data.splits import make_split
+from knowsam.data.volumes import PROMISE12_PARTITION, prepare_acdc, prepare_promise12
 from knowsam.errors import KnowsamError
 from knowsam.evaluate import _score_part
 from knowsam.train import validation_arrays
@@ -46,7 +46,7 @@ def _acdc_volume(seed: int, shape: tuple[int, int, int], classes: tuple[int, ...
     label = np.zeros(shape, np.uint8)
     bands = np.array_split(np.arange(w // 4, 3 * w // 4), len(classes))
     for c, cols in zip(classes, bands):
-        label[:, h // 4:3 * h // 4, cols] = c
+        label[:, h // 4 : 3 * h // 4, cols] = c
     return image, label
 
 
@@ -136,7 +136,7 @@ def test_acdc_validation_split_and_evaluation_contract(acdc):
     val_images, val_masks, _ = validation_arrays(data, split)
     assert len(val_images) == len(val_masks) == 5
     probs = torch.nn.functional.one_hot(torch.from_numpy(np.array(val_masks)).long(), 4).permute(0, 3, 1, 2).float()
-    (row, key, pred), = list(_score_part(data, "val", probs, "original"))
+    ((row, key, pred),) = list(_score_part(data, "val", probs, "original"))
     assert key == "val/patient003_frame01" and pred.shape == volumes["patient003_frame01"][1].shape
     assert row["dice"] > 0.9  # only the 44x40 -> 32 -> 44x40 round trip separates them
 
@@ -192,13 +192,19 @@ def _break(root: Path, what: str) -> Path:
     return culprit
 
 
-@pytest.mark.parametrize("what,message", [
-    ("label value", "label values [7] outside 0..3"), ("shape", "differs from image shape"),
-    ("nan", "NaN/inf voxel"), ("range", "expected the SSL4MIS normalisation"),
-    ("garbage", "unreadable h5 file"), ("missing", "file not found"),
-    ("group", "'image' in this h5 file is a group, not an array"),
-    ("two channels", "expected a 2D training slice, got image shape (40, 36, 2)"),
-])
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("label value", "label values [7] outside 0..3"),
+        ("shape", "differs from image shape"),
+        ("nan", "NaN/inf voxel"),
+        ("range", "expected the SSL4MIS normalisation"),
+        ("garbage", "unreadable h5 file"),
+        ("missing", "file not found"),
+        ("group", "'image' in this h5 file is a group, not an array"),
+        ("two channels", "expected a 2D training slice, got image shape (40, 36, 2)"),
+    ],
+)
 def test_acdc_bad_files_are_named_in_one_line(tmp_path, what, message):
     write_acdc(tmp_path / "raw")
     culprit = _break(tmp_path / "raw", what)
@@ -265,8 +271,15 @@ def write_promise12(root: Path, numbers) -> dict[str, tuple[np.ndarray, np.ndarr
 def promise12(tmp_path_factory) -> tuple[PreparedDataset, dict]:
     root = tmp_path_factory.mktemp("promise12")
     cases = write_promise12(root / "raw", range(5))
-    prepare_promise12(root / "raw", root / "out", PROMISE12, image_size=SIZE, interpolation="bilinear", workers=1,
-                      partition=SMALL_PARTITION)
+    prepare_promise12(
+        root / "raw",
+        root / "out",
+        PROMISE12,
+        image_size=SIZE,
+        interpolation="bilinear",
+        workers=1,
+        partition=SMALL_PARTITION,
+    )
     return PreparedDataset(root / "out"), cases
 
 
@@ -371,8 +384,15 @@ def test_etis_names_and_grey_tagged_tiffs_prepare(tmp_path):
     _pair_folder(raw / "TrainDataset", {"a": _rgb(1), "b": _rgb(2)}, {"a": "a", "b": "b"})
     frames = {"1": _rgb(3), "2": _rgb(4), "10": _rgb(5)}
     _pair_folder(raw / "TestDataset/ETIS-LaribPolypDB", frames, {"1": "p1", "2": "p2", "10": "p10"})
-    meta = prepare_frames(raw, tmp_path / "out", POLYP, image_size=SIZE, interpolation="bilinear",
-                          test_sets=["ETIS-LaribPolypDB"], workers=1)
+    meta = prepare_frames(
+        raw,
+        tmp_path / "out",
+        POLYP,
+        image_size=SIZE,
+        interpolation="bilinear",
+        test_sets=["ETIS-LaribPolypDB"],
+        workers=1,
+    )
     assert meta["test_sets"] == {"ETIS-LaribPolypDB": 3}
     data = PreparedDataset(tmp_path / "out")
     assert data.index("ETIS-LaribPolypDB")["name"].tolist() == ["1", "2", "10"]
@@ -422,13 +442,17 @@ def test_meta_takes_classes_and_case_rule_from_the_spec(tmp_path):
     raw = tmp_path / "raw"
     _pair_folder(raw / "TrainDataset", {"a": _rgb(1), "b": _rgb(2)}, {"a": "a", "b": "b"})
     spec = dataclasses.replace(POLYP, name="lesion", class_names=("background", "lesion"))
-    meta = prepare_frames(raw, tmp_path / "out", spec, image_size=SIZE, interpolation="bilinear", test_sets=[],
-                          workers=1)
+    meta = prepare_frames(
+        raw, tmp_path / "out", spec, image_size=SIZE, interpolation="bilinear", test_sets=[], workers=1
+    )
     assert (meta["dataset"], meta["kind"], meta["in_channels"]) == ("lesion", "2d", 3)
     assert meta["class_names"] == ["background", "lesion"]
     grey = dataclasses.replace(spec, in_channels=1)
-    with pytest.raises(KnowsamError, match=r"^dataset 'lesion': the frames reader reads 2D RGB frames with binary "
-                                           r"masks, not kind 2d with 1 channel\(s\) and 2 classes$"):
+    with pytest.raises(
+        KnowsamError,
+        match=r"^dataset 'lesion': the frames reader reads 2D RGB frames with binary "
+        r"masks, not kind 2d with 1 channel\(s\) and 2 classes$",
+    ):
         prepare_frames(raw, tmp_path / "grey", grey, image_size=SIZE, interpolation="bilinear", test_sets=[])
 
 

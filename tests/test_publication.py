@@ -52,8 +52,14 @@ def save(pub: Publication, params: config.Params) -> None:
     pub.params_file.write_text(yaml.safe_dump(config.to_dict(params)))
 
 
-RECORD = {"wall_seconds": {"train": 720.0, "evaluate": 36.0}, "resumed_at_step": 0, "side_by_side": 2, "threads": 1,
-          "machine": {"cpu": "test cpu"}, "packages": {"torch": "2.0"}}
+RECORD = {
+    "wall_seconds": {"train": 720.0, "evaluate": 36.0},
+    "resumed_at_step": 0,
+    "side_by_side": 2,
+    "threads": 1,
+    "machine": {"cpu": "test cpu"},
+    "packages": {"torch": "2.0"},
+}
 
 
 @pytest.fixture
@@ -74,14 +80,20 @@ def states(pub: Publication, params: config.Params) -> dict[str, tuple[str, str 
 
 def test_status_names_done_missing_and_stale_runs_with_the_reason(fabricated):
     ws, pub, params = fabricated
-    assert states(pub, params) == {"ucmt-polyp-0.1-0": ("done", None), "ucmt-polyp-0.1-1": ("done", None),
-                                   "knowsam-polyp-0.1-0": ("done", None), "knowsam-polyp-0.1-1": ("missing", "missing")}
+    assert states(pub, params) == {
+        "ucmt-polyp-0.1-0": ("done", None),
+        "ucmt-polyp-0.1-1": ("done", None),
+        "knowsam-polyp-0.1-0": ("done", None),
+        "knowsam-polyp-0.1-1": ("missing", "missing"),
+    }
     faster = dataclasses.replace(params, train=dataclasses.replace(params.train, lr=0.02, threads=1))
     save(pub, faster)  # the matrix's params changed: every stored run is of other params; threads is speed only
-    assert states(pub, pub.params()) == {"ucmt-polyp-0.1-0": ("stale", "other params: train.lr"),
-                                         "ucmt-polyp-0.1-1": ("stale", "other params: train.lr"),
-                                         "knowsam-polyp-0.1-0": ("stale", "other params: train.lr"),
-                                         "knowsam-polyp-0.1-1": ("missing", "missing")}
+    assert states(pub, pub.params()) == {
+        "ucmt-polyp-0.1-0": ("stale", "other params: train.lr"),
+        "ucmt-polyp-0.1-1": ("stale", "other params: train.lr"),
+        "knowsam-polyp-0.1-0": ("stale", "other params: train.lr"),
+        "knowsam-polyp-0.1-1": ("missing", "missing"),
+    }
 
 
 def test_stored_run_holds_the_evaluation_files_and_the_record(fabricated):
@@ -100,8 +112,11 @@ def test_store_refuses_results_of_other_params(fabricated):
     ws, pub, params = fabricated
     other = dataclasses.replace(params, train=dataclasses.replace(params.train, iterations=400))
     run = write_eval(ws, other, "knowsam", 1)
-    with pytest.raises(KnowsamError, match=r"summary\.json: stale for .*pub/params\.yaml \(other params: "
-                                           r"train\.iterations\); train and evaluate knowsam-polyp-0\.1-1 again$"):
+    with pytest.raises(
+        KnowsamError,
+        match=r"summary\.json: stale for .*pub/params\.yaml \(other params: "
+        r"train\.iterations\); train and evaluate knowsam-polyp-0\.1-1 again$",
+    ):
         store_run(pub, params, run, RECORD, ws / "data/eval", ws / "data/runs")
     assert not run.eval_dir(pub.runs_root).exists()
 
@@ -161,8 +176,9 @@ def test_compare_of_an_incomplete_publication_uses_the_runs_there_are(fabricated
     assert (ucmt.n_seeds, knowsam.n_seeds) == (2, 1)
     assert ucmt.mean == pytest.approx(64.0) and ucmt.std == pytest.approx(np.std([62.5, 65.5], ddof=1))
     assert knowsam.mean == pytest.approx(72.5) and knowsam.std is None and knowsam.diff == pytest.approx(8.5)
-    paired = scipy.stats.wilcoxon(np.array(dice("knowsam", 0, "Kvasir")),
-                                  np.mean([dice("ucmt", s, "Kvasir") for s in (0, 1)], axis=0)).pvalue
+    paired = scipy.stats.wilcoxon(
+        np.array(dice("knowsam", 0, "Kvasir")), np.mean([dice("ucmt", s, "Kvasir") for s in (0, 1)], axis=0)
+    ).pvalue
     assert knowsam.p_value == pytest.approx(paired)
 
 
@@ -172,17 +188,23 @@ def test_build_of_an_incomplete_publication_marks_it(fabricated, monkeypatch):
     pub = Publication(Path("pub"))
     build(pub, [["ucmt", "knowsam"]])
     readme = (pub.report_dir / "README.md").read_text()
-    assert "3 of 4 runs done, 1 missing, 0 stale. **Incomplete**: continue with `knowsam-bench publication run pub`" \
+    assert (
+        "3 of 4 runs done, 1 missing, 0 stale. **Incomplete**: continue with `knowsam-bench publication run pub`"
         in readme
+    )
     assert "| polyp | 10% | knowsam | 1/2 | done | missing |" in readme
     assert "| polyp | 3 of 3 done | 0.60 h | 0.03 h | 0.63 h |" in readme  # 3 x 720 s and 3 x 36 s
     assert "| torch | 2.0 (3) |" in readme
     board = (pub.report_dir / "leaderboard.md").read_text()
-    assert ("1 of 4 runs have no current metrics and are not shown: knowsam-polyp-0.1-1 (missing); produce them with "
-            "`knowsam-bench publication run pub`.") in board
+    assert (
+        "1 of 4 runs have no current metrics and are not shown: knowsam-polyp-0.1-1 (missing); produce them with "
+        "`knowsam-bench publication run pub`."
+    ) in board
     assert "| knowsam | 10% | **72.50** (n=1) |" in board  # Kvasir: 0.70 + 0.01 x (0..5), seed 0 alone
-    assert "Incomplete: 1 run(s) of the comparison are not in these numbers" in (
-        pub.report_dir / "compare-ucmt-vs-knowsam.md").read_text()
+    assert (
+        "Incomplete: 1 run(s) of the comparison are not in these numbers"
+        in (pub.report_dir / "compare-ucmt-vs-knowsam.md").read_text()
+    )
 
 
 # --- the demo, trained for real --------------------------------------------------------------------
@@ -245,9 +267,15 @@ def test_a_sitting_prepares_trains_evaluates_and_stores_each_run(accumulated):
     assert "demo: preparing at 32 px" in said and not outcome.failed and not outcome.not_started
     for run in outcome.stored:
         folder = run.eval_dir(ws / "pub/runs")
-        assert sorted(p.name for p in folder.iterdir()) == [".knowsam-output", "config.json", "curves.csv",
-                                                            "per_case.csv", "run.json", "summary.json",
-                                                            "train_log.json"]  # no weights, no predictions
+        assert sorted(p.name for p in folder.iterdir()) == [
+            ".knowsam-output",
+            "config.json",
+            "curves.csv",
+            "per_case.csv",
+            "run.json",
+            "summary.json",
+            "train_log.json",
+        ]  # no weights, no predictions
         for name in ("summary.json", "per_case.csv", "curves.csv"):
             assert (folder / name).read_bytes() == (run.eval_dir(ws / "data/eval") / name).read_bytes()
         assert (folder / "config.json").read_bytes() == (run.train_dir(ws / "data/runs") / "config.json").read_bytes()
@@ -268,13 +296,25 @@ def test_the_next_sitting_makes_only_the_missing_runs_and_commits_each_alone(acc
     now = tree(ws / "pub/runs")
     assert {k: v for k, v in now.items() if "labeled-only" in k} == after_first  # done runs untouched
     log = git(ws, "log", "--format=%s", "-3").splitlines()
-    assert log == ["pub: results of fully-supervised-demo-0.1-1", "pub: results of fully-supervised-demo-0.1-0",
-                   "publication params"]
+    assert log == [
+        "pub: results of fully-supervised-demo-0.1-1",
+        "pub: results of fully-supervised-demo-0.1-0",
+        "publication params",
+    ]
     for commit, run in (("HEAD", "ratio-0.1_seed-1"), ("HEAD~1", "ratio-0.1_seed-0")):
         files = git(ws, "show", "--name-only", "--format=", commit).split()
-        assert sorted(files) == sorted(f"pub/runs/demo/{run}/fully-supervised/{name}" for name in (
-            ".knowsam-output", "config.json", "curves.csv", "per_case.csv", "run.json", "summary.json",
-            "train_log.json"))
+        assert sorted(files) == sorted(
+            f"pub/runs/demo/{run}/fully-supervised/{name}"
+            for name in (
+                ".knowsam-output",
+                "config.json",
+                "curves.csv",
+                "per_case.csv",
+                "run.json",
+                "summary.json",
+                "train_log.json",
+            )
+        )
     assert "unrelated.txt" in git(ws, "diff", "--cached", "--name-only").split()  # still staged, not committed
     again, said = sitting(ws, monkeypatch, jobs=2)
     assert again.todo == [] and said == ["pub: no run to make (4 of 4 done)"]
@@ -287,9 +327,16 @@ def test_a_fresh_copy_without_data_rebuilds_the_report_byte_for_byte(accumulated
     monkeypatch.chdir(ws)
     assert main(["publication", "build", "pub", "--compare", "labeled-only,fully-supervised"]) == 0
     report = tree(ws / "pub/report")
-    assert {"README.md", "leaderboard.md", "leaderboard.csv", "figures/leaderboard.png", "figures/curves_demo.png",
-            "compare-labeled-only-vs-fully-supervised.md", "compare-labeled-only-vs-fully-supervised.json",
-            ".knowsam-output"} == set(report)
+    assert {
+        "README.md",
+        "leaderboard.md",
+        "leaderboard.csv",
+        "figures/leaderboard.png",
+        "figures/curves_demo.png",
+        "compare-labeled-only-vs-fully-supervised.md",
+        "compare-labeled-only-vs-fully-supervised.json",
+        ".knowsam-output",
+    } == set(report)
     assert "4 of 4 runs done, 0 missing, 0 stale: complete." in report["README.md"].decode()
     clone = tmp_path / "clone"
     shutil.copytree(ws, clone, ignore=shutil.ignore_patterns("data", "report"))
@@ -311,13 +358,16 @@ def test_status_after_a_params_change_shows_stale_runs_with_the_reason(accumulat
     result = json.loads(capsys.readouterr().out)
     assert result["counts"] == {"done": 0, "missing": 0, "stale": 4}
     assert {r["run"]: r["reason"] for r in result["runs"]} == {
-        f"{m}-demo-0.1-{s}": "other params: train.lr" for m in METHODS for s in SEEDS}
+        f"{m}-demo-0.1-{s}": "other params: train.lr" for m in METHODS for s in SEEDS
+    }
     assert main(["publication", "status", "pub"]) == 0
     out = capsys.readouterr().out
     assert "stale: fully-supervised-demo-0.1-1 (other params: train.lr)" in out
     # Stale runs' times are of other params, which may cost otherwise: only done runs time the rest.
-    assert ("0 of 4 runs done, 0 missing, 4 stale; make them with `knowsam-bench publication run pub` (no done run "
-            "of their dataset and method to time them by).") in out
+    assert (
+        "0 of 4 runs done, 0 missing, 4 stale; make them with `knowsam-bench publication run pub` (no done run "
+        "of their dataset and method to time them by)."
+    ) in out
 
 
 def test_max_minutes_starts_no_run_its_stored_times_say_would_not_finish(accumulated, tmp_path, monkeypatch, capsys):
@@ -330,36 +380,53 @@ def test_max_minutes_starts_no_run_its_stored_times_say_would_not_finish(accumul
     monkeypatch.chdir(ws)
     capsys.readouterr()
     assert main(["publication", "status", "pub"]) == 0
-    assert re.search(r"4 of 6 runs done, 2 missing, 0 stale; make them with `knowsam-bench publication run pub` "
-                     r"\(about \d+ s at the done runs' wall times\)\.", capsys.readouterr().out)
+    assert re.search(
+        r"4 of 6 runs done, 2 missing, 0 stale; make them with `knowsam-bench publication run pub` "
+        r"\(about \d+ s at the done runs' wall times\)\.",
+        capsys.readouterr().out,
+    )
     outcome, said = sitting(ws, monkeypatch, max_minutes=min(recorded.values()) / 60 / 2)
     assert run_names(outcome.todo) == ["labeled-only-demo-0.1-2", "fully-supervised-demo-0.1-2"]
     assert outcome.stored == [] and not any(line.endswith("started") for line in said)
     assert [(r.stage_name, s) for r, s in outcome.not_started] == [
-        (r.stage_name, recorded[r.dataset, r.method]) for r in outcome.todo]
+        (r.stage_name, recorded[r.dataset, r.method]) for r in outcome.todo
+    ]
 
 
 # --- one line for what is refused ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", [["status"], ["run"], ["build", "--compare", "ucmt,knowsam"]])
 def test_a_folder_without_params_is_refused(tmp_path, cli, command):
     (tmp_path / "pub").mkdir()
-    one_line(*cli(tmp_path, "publication", command[0], "pub", *command[1:]), 1,
-             r"^error: pub/params\.yaml: not found; a publication folder starts with its params file, e\.g\. "
-             r"`knowsam-bench profile cpu --params pub/params\.yaml`$")
+    one_line(
+        *cli(tmp_path, "publication", command[0], "pub", *command[1:]),
+        1,
+        r"^error: pub/params\.yaml: not found; a publication folder starts with its params file, e\.g\. "
+        r"`knowsam-bench profile cpu --params pub/params\.yaml`$",
+    )
 
 
 def test_run_refuses_an_unknown_method_a_commit_outside_git_and_a_second_sitting(fabricated, cli):
     from knowsam.run_missing import hold
 
     ws, pub, params = fabricated
-    one_line(*cli(ws, "publication", "run", "pub", "--methods", "mt"), 2,
-             r"^error: method 'mt' is not in pub/params\.yaml \(ucmt, knowsam\)$")
-    one_line(*cli(ws, "publication", "run", "pub", "--commit"), 2,
-             r"^error: pub: not inside a Git working tree; --commit commits each run there$")
+    one_line(
+        *cli(ws, "publication", "run", "pub", "--methods", "mt"),
+        2,
+        r"^error: method 'mt' is not in pub/params\.yaml \(ucmt, knowsam\)$",
+    )
+    one_line(
+        *cli(ws, "publication", "run", "pub", "--commit"),
+        2,
+        r"^error: pub: not inside a Git working tree; --commit commits each run there$",
+    )
     with hold(pub):  # a sitting at work on it
-        one_line(*cli(ws, "publication", "run", "pub"), 1,
-                 r"^error: pub: another `publication run` is making its runs; wait for it to end or stop it first$")
+        one_line(
+            *cli(ws, "publication", "run", "pub"),
+            1,
+            r"^error: pub: another `publication run` is making its runs; wait for it to end or stop it first$",
+        )
     assert states(pub, params)["knowsam-polyp-0.1-1"] == ("missing", "missing")
 
 
@@ -369,8 +436,11 @@ def test_failed_runs_are_named_and_the_others_go_on(accumulated, tmp_path, cli):
     (ws / "pub/params.yaml").write_text(yaml.safe_dump(demo_params(lr=0.05), sort_keys=False))
     before = tree(ws / "pub/runs")
     # data/runs holds the trainings of the old lr: without --restart-stale each train child refuses its folder.
-    line = one_line(*cli(ws, "publication", "run", "pub", "--methods", "labeled-only", "--jobs", "2"), 1,
-                    r"^error: 2 run\(s\) failed: labeled-only-demo-0\.1-0 \(train: data/runs/demo/ratio-0\.1_seed-0/"
-                    r"labeled-only/checkpoint\.pt: checkpoint from a different configuration or version; delete ")
+    line = one_line(
+        *cli(ws, "publication", "run", "pub", "--methods", "labeled-only", "--jobs", "2"),
+        1,
+        r"^error: 2 run\(s\) failed: labeled-only-demo-0\.1-0 \(train: data/runs/demo/ratio-0\.1_seed-0/"
+        r"labeled-only/checkpoint\.pt: checkpoint from a different configuration or version; delete ",
+    )
     assert "labeled-only-demo-0.1-1 (train: data/runs/demo/ratio-0.1_seed-1/labeled-only/checkpoint.pt" in line
     assert tree(ws / "pub/runs") == before  # the stale results stay until new ones replace them

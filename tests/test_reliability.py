@@ -51,10 +51,23 @@ sys.exit(main(sys.argv[1:]))
 def write_params(demo_root: Path, ws: Path, **train) -> Path:
     """A params.yaml in ``ws`` reading the shared prepared demo data; splits and runs stay in ``ws``."""
     raw = yaml.safe_load((REPO / "knowsam/profiles/demo.yaml").read_text())
-    raw["data"].update(raw_root=str(demo_root / "data/raw"), prepared_root=str(demo_root / "data/prepared"),
-                       splits_root=str(ws / "data/splits"), image_size=32)
-    raw["train"].update({"iterations": 30, "batch_size": 4, "labeled_batch": 2, "eval_every": 2,
-                         "checkpoint_every": 6, "threads": 1, **train})
+    raw["data"].update(
+        raw_root=str(demo_root / "data/raw"),
+        prepared_root=str(demo_root / "data/prepared"),
+        splits_root=str(ws / "data/splits"),
+        image_size=32,
+    )
+    raw["train"].update(
+        {
+            "iterations": 30,
+            "batch_size": 4,
+            "labeled_batch": 2,
+            "eval_every": 2,
+            "checkpoint_every": 6,
+            "threads": 1,
+            **train,
+        }
+    )
     ws.mkdir(parents=True, exist_ok=True)
     path = ws / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -70,8 +83,14 @@ def _env(**extra) -> dict:
 
 
 def start(ws: Path, args: list[str], pause: float = 0.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=ws, env=_env(KS_PAUSE=str(pause)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *args],
+        cwd=ws,
+        env=_env(KS_PAUSE=str(pause)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -195,8 +214,10 @@ def test_sigkill_at_three_points_resumes_to_the_uninterrupted_result(demo_prepar
     # dvclive curves: rows logged after the resumed checkpoint were dropped on restart, so every
     # step appears once and the files equal the uninterrupted run's byte for byte.
     assert tree_bytes(run_dir / "live") == tree_bytes(ref_dir / "live")
-    loss_steps = [int(line.split("\t")[0]) for line in (run_dir / "live/plots/metrics/train/loss.tsv")
-                  .read_text().splitlines()[1:]]
+    loss_steps = [
+        int(line.split("\t")[0])
+        for line in (run_dir / "live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+    ]
     assert loss_steps == list(range(30))
     assert not list(run_dir.glob(".*.tmp")), "temporary files of the killed writes were not cleaned up"
 
@@ -251,6 +272,7 @@ def test_nonfinite_loss_stops_with_method_iteration_and_term(demo_prepared, tmp_
 
 # --- safe loading ---------------------------------------------------------------------------
 
+
 def _unsafe_calls(source: str, filename: str) -> list[str]:
     """Loader calls that could execute code from a file: every torch.load must say weights_only=True."""
     problems = []
@@ -261,7 +283,7 @@ def _unsafe_calls(source: str, filename: str) -> list[str]:
         kwargs = {k.arg: k.value for k in node.keywords}
         where = f"{filename}:{node.lineno}: {func}"
 
-        def const(name):
+        def const(name, kwargs=kwargs):
             value = kwargs.get(name)
             return value.value if isinstance(value, ast.Constant) else ("<dynamic>" if value is not None else None)
 
@@ -272,12 +294,17 @@ def _unsafe_calls(source: str, filename: str) -> list[str]:
             problems.append(f"{where} (use yaml.safe_load)")
         elif func.split(".")[-1] == "YAML" and const("typ") != "safe":  # ruamel.yaml: only its safe loader
             problems.append(f"{where} (use YAML(typ='safe'))")
-        elif func.split(".")[0] in ("pickle", "cPickle", "dill", "joblib", "marshal", "shelve") and \
-                func.split(".")[-1] in ("load", "loads", "Unpickler", "open"):
+        elif func.split(".")[0] in ("pickle", "cPickle", "dill", "joblib", "marshal", "shelve") and func.split(".")[
+            -1
+        ] in ("load", "loads", "Unpickler", "open"):
             problems.append(where)
         elif func.split(".")[-1] in ("read_pickle", "jit.load") or func.endswith("jit.load"):
             problems.append(where)
-        elif func.split(".")[-1] == "load" and func.split(".")[0] in ("np", "numpy") and const("allow_pickle") not in (None, False):
+        elif (
+            func.split(".")[-1] == "load"
+            and func.split(".")[0] in ("np", "numpy")
+            and const("allow_pickle") not in (None, False)
+        ):
             problems.append(f"{where} with allow_pickle")
         elif func in ("eval", "exec"):
             problems.append(where)
@@ -292,16 +319,21 @@ def test_only_safe_loaders_in_the_package():
 
 
 def test_safe_loader_check_catches_unsafe_code():
-    bad = ("import torch, yaml, pickle, numpy as np\n"
-           "torch.load(p)\ntorch.load(p, weights_only=False)\nyaml.load(s)\nyaml.unsafe_load(s)\n"
-           "pickle.loads(b)\nnp.load(p, allow_pickle=True)\nYAML(typ='unsafe').load(s)\nYAML().load(s)\n")
+    bad = (
+        "import torch, yaml, pickle, numpy as np\n"
+        "torch.load(p)\ntorch.load(p, weights_only=False)\nyaml.load(s)\nyaml.unsafe_load(s)\n"
+        "pickle.loads(b)\nnp.load(p, allow_pickle=True)\nYAML(typ='unsafe').load(s)\nYAML().load(s)\n"
+    )
     assert len(_unsafe_calls(bad, "bad.py")) == 8
-    good = ("torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(s)\nnp.load(p, mmap_mode='r')\n"
-            "YAML(typ='safe').load(s)\n")
+    good = (
+        "torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(s)\nnp.load(p, mmap_mode='r')\n"
+        "YAML(typ='safe').load(s)\n"
+    )
     assert _unsafe_calls(good, "good.py") == []
 
 
 # --- determinism ------------------------------------------------------------------------------
+
 
 def _npz(path: Path) -> dict:
     import numpy as np
@@ -318,19 +350,37 @@ def test_train_and_evaluate_twice_give_identical_files(demo_prepared, tmp_path):
         ws = tmp_path / name
         params = write_params(demo_prepared, ws, iterations=12, eval_every=4, checkpoint_every=6)
         train = ["train", *RUN, "--params", str(params), "--no-progress"]
-        evaluate = ["evaluate", "demo", "--ratio", "0.1", "--seed", "0", "--methods", "labeled-only",
-                    "--params", str(params)]
+        evaluate = [
+            "evaluate",
+            "demo",
+            "--ratio",
+            "0.1",
+            "--seed",
+            "0",
+            "--methods",
+            "labeled-only",
+            "--params",
+            str(params),
+        ]
         code = f"import sys; from knowsam.cli import main; sys.exit(main({train!r}) or main({evaluate!r}))"
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ws, env=_env(PYTHONHASHSEED=hashseed),
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ws,
+            env=_env(PYTHONHASHSEED=hashseed),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr
-        outputs.append({
-            "metrics": (ws / "reports/metrics/demo/ratio-0.1_seed-0.json").read_bytes(),
-            "summary": (ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/summary.json").read_bytes(),
-            "per_case": (ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/per_case.csv").read_bytes(),
-            "predictions": _npz(ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/predictions.npz"),
-            "live": tree_bytes(ws / RUN_DIR / "live"),
-        })
+        outputs.append(
+            {
+                "metrics": (ws / "reports/metrics/demo/ratio-0.1_seed-0.json").read_bytes(),
+                "summary": (ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/summary.json").read_bytes(),
+                "per_case": (ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/per_case.csv").read_bytes(),
+                "predictions": _npz(ws / "data/eval/demo/ratio-0.1_seed-0/labeled-only/predictions.npz"),
+                "live": tree_bytes(ws / RUN_DIR / "live"),
+            }
+        )
     a, b = outputs
     for key in a:
         if key == "predictions":  # a zip archive stamps its members with the time: compare contents
@@ -340,4 +390,5 @@ def test_train_and_evaluate_twice_give_identical_files(demo_prepared, tmp_path):
     summary = json.loads(a["summary"])
     assert all(math.isfinite(v["mDice"]) for v in summary["test_sets"].values())
     assert json.loads(a["metrics"])["labeled-only"] == {
-        part: {k: v[k] for k in ("mDice", "mIoU", "HD95", "ASD")} for part, v in summary["test_sets"].items()}
+        part: {k: v[k] for k in ("mDice", "mIoU", "HD95", "ASD")} for part, v in summary["test_sets"].items()
+    }

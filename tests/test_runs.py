@@ -12,9 +12,17 @@ from tests.conftest import REPO
 # The train stage's code deps that only start a run (script, command line, params validation, errors,
 # file writing, device choice, dataset registry, downloads): editing them cannot change a trained run.
 TRAIN_ENTRY_DEPS = {
-    "stages/train.py", "stages/_entry.py", "knowsam/__init__.py", "knowsam/cli.py", "knowsam/errors.py",
-    "knowsam/fileio.py", "knowsam/validation.py", "knowsam/data/__init__.py", "knowsam/data/sources.py",
-    "knowsam/download.py", "knowsam/machine.py",
+    "stages/train.py",
+    "stages/_entry.py",
+    "knowsam/__init__.py",
+    "knowsam/cli.py",
+    "knowsam/errors.py",
+    "knowsam/fileio.py",
+    "knowsam/validation.py",
+    "knowsam/data/__init__.py",
+    "knowsam/data/sources.py",
+    "knowsam/download.py",
+    "knowsam/machine.py",
 }
 
 

@@ -38,6 +38,7 @@ def files_below(folder: Path) -> list[str]:
 
 # --- publish ------------------------------------------------------------------------------------
 
+
 def test_publish_refuses_a_folder_it_did_not_write(ws, cli):
     out = ws / "reports/published/cpu"
     out.mkdir(parents=True)
@@ -45,9 +46,12 @@ def test_publish_refuses_a_folder_it_did_not_write(ws, cli):
     (out / "figures").mkdir()
     (out / "figures/plot.png").write_bytes(b"\x89PNG not ours")
     before = tree(ws)
-    one_line(*cli(ws, "publish", "reports/published/cpu", *PUBLISH), 1,
-             r"^error: reports/published/cpu: holds analysis.md, not written by knowsam-bench publish; give a new "
-             r"folder, or move that away first$")
+    one_line(
+        *cli(ws, "publish", "reports/published/cpu", *PUBLISH),
+        1,
+        r"^error: reports/published/cpu: holds analysis.md, not written by knowsam-bench publish; give a new "
+        r"folder, or move that away first$",
+    )
     assert tree(ws) == before
 
 
@@ -71,28 +75,40 @@ def test_publish_refuses_its_publication_once_a_file_was_edited_or_added(ws, cli
     with open(out / "README.md", "a") as fh:
         fh.write("A note by hand.\n")
     before = tree(ws)
-    one_line(*cli(ws, "publish", "reports/published/cpu", *PUBLISH), 1,
-             r"^error: reports/published/cpu: holds README.md, changed since knowsam-bench publish wrote it; ")
+    one_line(
+        *cli(ws, "publish", "reports/published/cpu", *PUBLISH),
+        1,
+        r"^error: reports/published/cpu: holds README.md, changed since knowsam-bench publish wrote it; ",
+    )
     assert tree(ws) == before
-    (out / "README.md").write_bytes(before["reports/published/cpu/README.md"][:-len(b"A note by hand.\n")])
+    (out / "README.md").write_bytes(before["reports/published/cpu/README.md"][: -len(b"A note by hand.\n")])
     (out / "analysis.md").write_text("the reading of these numbers")
     before = tree(ws)
-    one_line(*cli(ws, "publish", "reports/published/cpu", *PUBLISH), 1,
-             r"^error: reports/published/cpu: holds analysis.md, not written by knowsam-bench publish; ")
+    one_line(
+        *cli(ws, "publish", "reports/published/cpu", *PUBLISH),
+        1,
+        r"^error: reports/published/cpu: holds analysis.md, not written by knowsam-bench publish; ",
+    )
     assert tree(ws) == before
 
 
-@pytest.mark.parametrize("target, pattern", [
-    (".", r"^error: \.: is the workspace \S+/ws; give a new folder$"),
-    ("<workspace>", r"^error: \S+/ws: is the workspace \S+/ws; give a new folder$"),
-    ("..", r"^error: \.\.: holds the workspace \S+/ws; give a new folder$"),
-    ("data", r"^error: data: holds data/eval, which knowsam-bench publish reads; give a new folder$"),
-    ("data/eval/polyp", r"^error: data/eval/polyp: lies inside data/eval, which knowsam-bench publish reads; "),
-    ("reports", r"^error: reports: holds leaderboard.md, not written by knowsam-bench publish; "),
-    ("reports/leaderboard.md", r"^error: reports/leaderboard.md: a file, not a folder; knowsam-bench publish "
-                               r"writes a folder of its own$"),
-    ("repo", r"^error: repo: holds a Git repository \(.git\); give a new folder$"),
-])
+@pytest.mark.parametrize(
+    "target, pattern",
+    [
+        (".", r"^error: \.: is the workspace \S+/ws; give a new folder$"),
+        ("<workspace>", r"^error: \S+/ws: is the workspace \S+/ws; give a new folder$"),
+        ("..", r"^error: \.\.: holds the workspace \S+/ws; give a new folder$"),
+        ("data", r"^error: data: holds data/eval, which knowsam-bench publish reads; give a new folder$"),
+        ("data/eval/polyp", r"^error: data/eval/polyp: lies inside data/eval, which knowsam-bench publish reads; "),
+        ("reports", r"^error: reports: holds leaderboard.md, not written by knowsam-bench publish; "),
+        (
+            "reports/leaderboard.md",
+            r"^error: reports/leaderboard.md: a file, not a folder; knowsam-bench publish "
+            r"writes a folder of its own$",
+        ),
+        ("repo", r"^error: repo: holds a Git repository \(.git\); give a new folder$"),
+    ],
+)
 def test_publish_refuses_the_workspace_its_inputs_a_file_and_a_repository(ws, cli, target, pattern):
     (ws / "reports/metrics/polyp").mkdir(parents=True)
     (ws / "reports/metrics/polyp/ratio-0.1_seed-0.json").write_text("{}\n")
@@ -134,6 +150,7 @@ def test_a_failed_replacement_leaves_the_previous_publication(tmp_path, monkeypa
 
 # --- leaderboard --out, bench --out ----------------------------------------------------------------
 
+
 def test_leaderboard_replaces_only_what_it_wrote(ws, cli):
     assert cli(ws, "leaderboard")[0] == 0
     record = json.loads((ws / "reports/.knowsam-output").read_text())["files"]
@@ -142,20 +159,35 @@ def test_leaderboard_replaces_only_what_it_wrote(ws, cli):
     assert cli(ws, "leaderboard")[0] == 0  # its own files, unchanged since: replaced
     (ws / "reports/leaderboard.md").write_text("# Leaderboard, annotated by hand\n")
     before = tree(ws)
-    one_line(*cli(ws, "leaderboard"), 1,
-             r"^error: reports/leaderboard.md: changed since knowsam-bench leaderboard wrote it; move it away or "
-             r"write elsewhere$")
+    one_line(
+        *cli(ws, "leaderboard"),
+        1,
+        r"^error: reports/leaderboard.md: changed since knowsam-bench leaderboard wrote it; move it away or "
+        r"write elsewhere$",
+    )
     assert tree(ws) == before
 
 
-@pytest.mark.parametrize("target, pattern", [
-    (".", r"^error: \.: is the workspace \S+; give a new folder$"),
-    ("data", r"^error: data: holds data/eval, which knowsam-bench leaderboard reads; give a new folder$"),
-    ("params.yaml", r"^error: params.yaml: a file, not a folder; knowsam-bench leaderboard writes a folder of its own$"),
-    ("mine", r"^error: mine/leaderboard.md: not written by knowsam-bench leaderboard; move it away or write elsewhere$"),
-    ("reports/published/cpu", r"^error: reports/published/cpu/leaderboard.md: written by knowsam-bench publish, "
-                              r"not by knowsam-bench leaderboard; "),
-])
+@pytest.mark.parametrize(
+    "target, pattern",
+    [
+        (".", r"^error: \.: is the workspace \S+; give a new folder$"),
+        ("data", r"^error: data: holds data/eval, which knowsam-bench leaderboard reads; give a new folder$"),
+        (
+            "params.yaml",
+            r"^error: params.yaml: a file, not a folder; knowsam-bench leaderboard writes a folder of its own$",
+        ),
+        (
+            "mine",
+            r"^error: mine/leaderboard.md: not written by knowsam-bench leaderboard; move it away or write elsewhere$",
+        ),
+        (
+            "reports/published/cpu",
+            r"^error: reports/published/cpu/leaderboard.md: written by knowsam-bench publish, "
+            r"not by knowsam-bench leaderboard; ",
+        ),
+    ],
+)
 def test_leaderboard_out_refuses_what_is_not_its_own(ws, cli, target, pattern):
     (ws / "mine").mkdir()
     (ws / "mine/leaderboard.md").write_text("my own table\n")
@@ -168,15 +200,22 @@ def test_leaderboard_out_refuses_what_is_not_its_own(ws, cli, target, pattern):
 def test_bench_out_refuses_a_file_it_did_not_write_before_measuring(tmp_path, cli):
     write_params(tmp_path, params_dict())
     before = tree(tmp_path)
-    one_line(*cli(tmp_path, "bench", "--quick", "--out", "params.yaml"), 1,
-             r"^error: params.yaml: not written by knowsam-bench bench; move it away or write elsewhere$")
+    one_line(
+        *cli(tmp_path, "bench", "--quick", "--out", "params.yaml"),
+        1,
+        r"^error: params.yaml: not written by knowsam-bench bench; move it away or write elsewhere$",
+    )
     (tmp_path / "reports").mkdir()
-    one_line(*cli(tmp_path, "bench", "--quick", "--out", "reports"), 1,
-             r"^error: reports: --out names a folder; give the path of the Markdown report to write$")
+    one_line(
+        *cli(tmp_path, "bench", "--quick", "--out", "reports"),
+        1,
+        r"^error: reports: --out names a folder; give the path of the Markdown report to write$",
+    )
     assert tree(tmp_path) == before
 
 
 # --- score --out ------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def score_folders(tmp_path) -> tuple[Path, Path]:
@@ -191,12 +230,15 @@ def score_folders(tmp_path) -> tuple[Path, Path]:
     return pred, gt
 
 
-@pytest.mark.parametrize("out, pattern", [
-    ("gt/a.png", r"^error: gt/a.png: lies inside gt, which knowsam-bench score reads; write elsewhere$"),
-    ("gt/scores.csv", r"^error: gt/scores.csv: lies inside gt, which knowsam-bench score reads; write elsewhere$"),
-    ("pred/b.png", r"^error: pred/b.png: lies inside pred, which knowsam-bench score reads; write elsewhere$"),
-    ("notes.csv", r"^error: notes.csv: not written by knowsam-bench score; move it away or write elsewhere$"),
-])
+@pytest.mark.parametrize(
+    "out, pattern",
+    [
+        ("gt/a.png", r"^error: gt/a.png: lies inside gt, which knowsam-bench score reads; write elsewhere$"),
+        ("gt/scores.csv", r"^error: gt/scores.csv: lies inside gt, which knowsam-bench score reads; write elsewhere$"),
+        ("pred/b.png", r"^error: pred/b.png: lies inside pred, which knowsam-bench score reads; write elsewhere$"),
+        ("notes.csv", r"^error: notes.csv: not written by knowsam-bench score; move it away or write elsewhere$"),
+    ],
+)
 def test_score_out_never_overwrites_an_input_or_a_foreign_file(score_folders, tmp_path, cli, out, pattern):
     (tmp_path / "notes.csv").write_text("my own notes\n")
     before = tree(tmp_path)
@@ -215,6 +257,7 @@ def test_score_out_replaces_its_own_csv(score_folders, tmp_path, cli):
 
 # --- prepare ------------------------------------------------------------------------------------------
 
+
 def test_prepare_replaces_only_a_folder_it_prepared(tmp_path, cli, small_raw):
     ws = tmp_path / "ws"
     shutil.copytree(small_raw, ws / "data/raw/demo")
@@ -223,18 +266,24 @@ def test_prepare_replaces_only_a_folder_it_prepared(tmp_path, cli, small_raw):
     assert cli(ws, "prepare", "demo")[0] == 0
     (ws / "data/prepared/demo/my_notes.txt").write_text("mine")
     before = tree(ws)
-    one_line(*cli(ws, "prepare", "demo"), 1,
-             r"^error: data/prepared/demo: holds my_notes.txt, not written by knowsam-bench prepare; ")
+    one_line(
+        *cli(ws, "prepare", "demo"),
+        1,
+        r"^error: data/prepared/demo: holds my_notes.txt, not written by knowsam-bench prepare; ",
+    )
     assert tree(ws) == before
     # prepared_root pointed at the raw data: refused, the raw data kept.
     (ws / "data/prepared/demo/my_notes.txt").unlink()
     write_params(ws, params_dict(prepared_root="data/raw"))
     before = tree(ws)
-    one_line(*cli(ws, "prepare", "demo"), 1, r"^error: data/raw/demo: holds \S+, not written by knowsam-bench prepare; ")
+    one_line(
+        *cli(ws, "prepare", "demo"), 1, r"^error: data/raw/demo: holds \S+, not written by knowsam-bench prepare; "
+    )
     assert tree(ws) == before
 
 
 # --- profile --------------------------------------------------------------------------------------------
+
 
 def test_profile_keeps_every_edited_params_file(tmp_path, monkeypatch, capsys):
     from knowsam.cli import main
@@ -258,5 +307,9 @@ def test_profile_keeps_every_edited_params_file(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "params.yaml.bak.2").read_text() == first
     assert (tmp_path / "params.yaml.bak.3").read_text() == second
     assert (tmp_path / "params.yaml").read_text() == demo
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "params.yaml.bak.1", "params.yaml.bak.2",
-                                                          "params.yaml.bak.3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "params.yaml",
+        "params.yaml.bak.1",
+        "params.yaml.bak.2",
+        "params.yaml.bak.3",
+    ]

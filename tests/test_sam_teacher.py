@@ -13,9 +13,9 @@ from segment_anything.modeling.image_encoder import Block, window_partition, win
 
 from knowsam.errors import ConfigError
 from knowsam.models import build_model
-from knowsam.models.fusion import Fusion
 from knowsam.models.adapted_decoder import AdaptedTwoWayBlock, AdaptedTwoWayTransformer
 from knowsam.models.adapter import Adapter
+from knowsam.models.fusion import Fusion
 from knowsam.models.sam_teacher import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -157,7 +157,7 @@ def test_adapted_block_formula_and_default_init():
         assert (out - stock).abs().max() > 0.1  # PyTorch's default init: far from the pretrained block
     for ad in (adapted.attn_adapter, adapted.mlp_adapter):
         for lin in (ad.down, ad.up):  # default Linear init: uniform within 1/sqrt(fan_in), bias too
-            bound = lin.in_features ** -0.5
+            bound = lin.in_features**-0.5
             assert lin.weight.abs().max() <= bound and lin.weight.std() > bound / 3
             assert lin.bias.abs().max() <= bound and lin.bias.abs().max() > 0
     _silence_adapters(adapted)
@@ -268,8 +268,11 @@ def test_adapted_decoder_official_structure_and_parameter_count():
     assert stock == 4_058_340  # SAM's decoder: everything but the 5 adapters of 33,088 (256 -> 64 -> 256)
     adapters = [n for n in names if "adapter" in n]
     assert sorted({n.rsplit(".", 2)[0] for n in adapters}) == [
-        "transformer.attn_adapter", "transformer.layers.0.attn_adapter", "transformer.layers.0.mlp_adapter",
-        "transformer.layers.1.attn_adapter", "transformer.layers.1.mlp_adapter",
+        "transformer.attn_adapter",
+        "transformer.layers.0.attn_adapter",
+        "transformer.layers.0.mlp_adapter",
+        "transformer.layers.1.attn_adapter",
+        "transformer.layers.1.mlp_adapter",
     ]
     # Every SAM tensor keeps SAM's name, so a checkpoint still matches by key.
     sam_names = {n for n, _ in build_sam_parts("vit_b", 256)[2].named_parameters()}
@@ -282,7 +285,9 @@ def test_decoder_adapters_train_and_its_mlps_stay_frozen():
         assert p.requires_grad == ("adapter" in name), name
     assert teacher.unloaded_sam_names == {
         f"mask_decoder.transformer.layers.{i}.mlp.{lin}.{kind}"
-        for i in range(2) for lin in ("lin1", "lin2") for kind in ("weight", "bias")
+        for i in range(2)
+        for lin in ("lin1", "lin2")
+        for kind in ("weight", "bias")
     }
     assert _teacher(load_decoder_mlp=True).unloaded_sam_names == frozenset()
     stock = _teacher(decoder="stock")

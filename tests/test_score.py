@@ -94,7 +94,10 @@ def test_probability_map_is_thresholded_strictly(tmp_path: Path) -> None:
     prob[10:15, 5:15] = 100  # 50 more pixels at probability 100/255
     save(tmp_path / "gt" / "a.png", gt)
     save(tmp_path / "pred" / "a.png", prob)
-    dice = lambda t: score_folders(tmp_path / "pred", tmp_path / "gt", threshold=t).per_image["dice"].item()
+
+    def dice(t):
+        return score_folders(tmp_path / "pred", tmp_path / "gt", threshold=t).per_image["dice"].item()
+
     assert dice(0.5) == 1.0
     assert dice(0.3) == pytest.approx(2 * 50 / (100 + 50))
     assert dice(100 / 255) == 1.0  # value/255 > threshold is strict
@@ -162,8 +165,10 @@ def test_json_output_is_one_object_with_the_summary(pairs: tuple[Path, Path], ca
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert tuple(summary) == (*SUMMARY_KEYS, "decoding")
-    assert summary["decoding"] == {"prediction": {"probability = grey / 255 > 0.5": 4},
-                                   "ground_truth": {"grey > 127": 4}}
+    assert summary["decoding"] == {
+        "prediction": {"probability = grey / 255 > 0.5": 4},
+        "ground_truth": {"grey > 127": 4},
+    }
     assert {k: summary[k] for k in SUMMARY_KEYS} == pytest.approx(score_folders(*pairs).summary)
     assert captured.err == ""
 
@@ -202,8 +207,11 @@ def test_float_prediction_is_read_only_as_an_explicit_probability_map(tmp_path: 
     prob = np.full((10, 10), 0.3, np.float32)
     prob[2:6, 2:4] = 0.7  # half the square
     save(tmp_path / "pred" / "a.tif", prob)
-    with pytest.raises(KnowsamError, match=r"a.tif: float values 0.3, 0.7: a probability map\? Pass --pred-encoding "
-                                           r"probability"):
+    with pytest.raises(
+        KnowsamError,
+        match=r"a.tif: float values 0.3, 0.7: a probability map\? Pass --pred-encoding "
+        r"probability",
+    ):
         score_folders(tmp_path / "pred", tmp_path / "gt")
     with pytest.raises(KnowsamError, match=r"a.tif: mask values 0.3, 0.7 are neither class ids nor 8- or 16-bit grey"):
         score_folders(tmp_path / "pred", tmp_path / "gt", encoding="labels")
@@ -216,6 +224,7 @@ def test_float_prediction_is_read_only_as_an_explicit_probability_map(tmp_path: 
 
 
 # --- mask encodings (the policy of knowsam.data.masks, shared with preparation) -------------------
+
 
 def score_cli(pred: Path, gt: Path, *extra: str) -> tuple[int, dict | None, str]:
     """``knowsam-bench score --json``: (exit status, summary or None, stderr)."""
@@ -310,8 +319,11 @@ def test_transposed_prediction_is_refused_without_resize(tmp_path: Path) -> None
     code, summary, err = score_cli(tmp_path / "pred", tmp_path / "gt")
     assert code == 1 and summary is None
     assert err.strip().splitlines() == [
-        (f"error: {tmp_path / 'pred' / 'a.png'}: prediction size 30x40 differs from its mask's 40x30; "
-         "1 of 2 prediction(s) differ in size from their masks (pass --resize to resize them)")]
+        (
+            f"error: {tmp_path / 'pred' / 'a.png'}: prediction size 30x40 differs from its mask's 40x30; "
+            "1 of 2 prediction(s) differ in size from their masks (pass --resize to resize them)"
+        )
+    ]
     code, summary, err = score_cli(tmp_path / "pred", tmp_path / "gt", "--resize")
     assert code == 0 and summary["n"] == 2
     assert "1 of 2 prediction(s) resized to their mask's size (--resize)" in err
@@ -348,7 +360,9 @@ def test_out_naming_a_folder_or_an_unwritable_path_is_one_line(pairs: tuple[Path
     with pytest.raises(KnowsamError, match=r"report: --out names a folder"):
         score_command(*pairs, 0.5, tmp_path / "report", True)
     (tmp_path / "file").write_text("a file, not a folder")
-    with pytest.raises(KnowsamError, match=r"file/scores.csv: cannot write the per-image CSV \((FileExists|NotADirectory)Error"):
+    with pytest.raises(
+        KnowsamError, match=r"file/scores.csv: cannot write the per-image CSV \((FileExists|NotADirectory)Error"
+    ):
         score_command(*pairs, 0.5, tmp_path / "file" / "scores.csv", True)
 
 

@@ -9,9 +9,9 @@ import contextlib
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 import numpy as np
@@ -31,7 +31,7 @@ VIRIDIS = np.rint(matplotlib.colormaps["viridis"](np.arange(256))[:, :3] * 255).
 def truth_mask(i: int) -> np.ndarray:
     h, w = SHAPES[i]
     mask = np.zeros((h, w), bool)
-    mask[5 + i:h - 6, 7:w - 9 + i] = True
+    mask[5 + i : h - 6, 7 : w - 9 + i] = True
     return mask
 
 
@@ -40,7 +40,7 @@ def probability(i: int) -> np.ndarray:
     h, w = SHAPES[i]
     rng = np.random.default_rng(i)
     p = np.full((h, w), 0.2)
-    p[9:h - 3, 12:w - 4] = 0.8
+    p[9 : h - 3, 12 : w - 4] = 0.8
     p[2:6, :] = 0.55
     p += rng.uniform(-0.12, 0.12, (h, w))
     return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)
@@ -70,6 +70,7 @@ def png(array: np.ndarray) -> Callable[[Path], Path]:
     def write(stem: Path) -> Path:
         Image.fromarray(array).save(stem.with_suffix(".png"))
         return stem.with_suffix(".png")
+
     return write
 
 
@@ -77,6 +78,7 @@ def jpeg(array: np.ndarray) -> Callable[[Path], Path]:
     def write(stem: Path) -> Path:
         Image.fromarray(array).save(stem.with_suffix(".jpg"), quality=90)
         return stem.with_suffix(".jpg")
+
     return write
 
 
@@ -86,6 +88,7 @@ def voc_palette(mask: np.ndarray) -> Callable[[Path], Path]:
         image.putpalette([0, 0, 0, 128, 0, 0])
         image.save(stem.with_suffix(".png"))
         return stem.with_suffix(".png")
+
     return write
 
 
@@ -107,19 +110,30 @@ def tiff(array: np.ndarray) -> Callable[[Path], Path]:
     def write(stem: Path) -> Path:
         Image.fromarray(array).save(stem.with_suffix(".tif"))
         return stem.with_suffix(".tif")
+
     return write
 
 
-AMBIGUOUS_01 = Refused(r"values 0 and 1 only: class ids \{0, 1\}, or a probability map near 0\? pass "
-                       r"--pred-encoding labels or --pred-encoding probability")
+AMBIGUOUS_01 = Refused(
+    r"values 0 and 1 only: class ids \{0, 1\}, or a probability map near 0\? pass "
+    r"--pred-encoding labels or --pred-encoding probability"
+)
 SIXTEEN_LOW = Refused(r"16-bit mask whose levels \(0, 255\) all lie below 256: 8-bit levels stored in 16 bits\?")
-SIXTEEN_LOW_AUTO = Refused(r"16-bit levels \(0, 255\) all below 256: 8-bit levels stored in 16 bits, or a "
-                           r"probability map near 0\?")
-LOSSY_IDS = Refused(r"JPEG mask with levels 0, 1.*none above 127: class ids saved in a lossy format cannot be read back")
+SIXTEEN_LOW_AUTO = Refused(
+    r"16-bit levels \(0, 255\) all below 256: 8-bit levels stored in 16 bits, or a "
+    r"probability map near 0\?"
+)
+LOSSY_IDS = Refused(
+    r"JPEG mask with levels 0, 1.*none above 127: class ids saved in a lossy format cannot be read back"
+)
 LOSSY_IDS_AUTO = Refused(r"JPEG with levels 0, 1.*none above 127: class ids saved lossily")
-COLOUR_FOR_PROBABILITY = Refused(r"(palette|colour) image of \d+ colours: --pred-encoding probability reads grey levels")
-COLOUR_MAPPED_AUTO = Refused(r"colour image of \d+ colours: a colour-mapped probability map or coloured labels\? "
-                             r"Pass --pred-encoding colormap:<name> or --pred-encoding labels")
+COLOUR_FOR_PROBABILITY = Refused(
+    r"(palette|colour) image of \d+ colours: --pred-encoding probability reads grey levels"
+)
+COLOUR_MAPPED_AUTO = Refused(
+    r"colour image of \d+ colours: a colour-mapped probability map or coloured labels\? "
+    r"Pass --pred-encoding colormap:<name> or --pred-encoding labels"
+)
 COLOUR_NOT_A_MASK = Refused(r"colour image of \d+ colours: a colour mask is read only with two colours")
 BOTH_BRIGHT = Refused(r"colour mask whose two colours both have a channel above 127: which one is the background\?")
 FLOAT_AUTO = Refused(r"float values .*: a probability map\? Pass --pred-encoding probability")
@@ -140,45 +154,105 @@ def mask_encodings(mask_of: Callable[[int], np.ndarray]) -> dict:
 
     empty = lambda path, i: np.zeros(SHAPES[i], bool)  # noqa: E731
     return {
-        "grey {0, 255}": (lambda i: png(m(i) * np.uint8(255)),
-                          {"truth": (same, "grey > 127"), "auto": (same, P), "labels": (same, "grey > 127"),
-                           "probability": (same, P)}),
-        "grey {0, 1}": (lambda i: png(m(i).astype(np.uint8)),
-                        {"truth": (same, "class ids {0, 1}: 1 = foreground"), "auto": (AMBIGUOUS_01, None),
-                         "labels": (same, "class ids {0, 1}: 1 = foreground"), "probability": (empty, P)}),
-        "16-bit {0, 65535}": (lambda i: png(m(i).astype(np.uint16) * np.uint16(65535)),
-                              {"truth": (same, "16-bit grey > 32767"),
-                               "auto": (same, "probability = 16-bit grey / 65535 > 0.5"),
-                               "labels": (same, "16-bit grey > 32767"),
-                               "probability": (same, "probability = 16-bit grey / 65535 > 0.5")}),
-        "16-bit {0, 255}": (lambda i: png(m(i).astype(np.uint16) * np.uint16(255)),
-                            {"truth": (SIXTEEN_LOW, None), "auto": (SIXTEEN_LOW_AUTO, None), "labels": (SIXTEEN_LOW, None),
-                             "probability": (empty, "probability = 16-bit grey / 65535 > 0.5")}),
-        "VOC palette": (lambda i: voc_palette(m(i)),
-                        {"truth": (same, "palette index > 0"), "auto": (same, "palette index > 0"),
-                         "labels": (same, "palette index > 0"), "probability": (COLOUR_FOR_PROBABILITY, None)}),
-        "red on black": (lambda i: png(red_on_black(m(i))),
-                         {"truth": (same, "colour: any channel > 127"), "auto": (same, "colour: any channel > 127"),
-                          "labels": (same, "colour: any channel > 127"),
-                          "probability": (COLOUR_FOR_PROBABILITY, None)}),
-        "red on white": (lambda i: png(np.where(m(i)[..., None], [255, 0, 0], [255, 255, 255]).astype(np.uint8)),
-                         {"truth": (BOTH_BRIGHT, None), "auto": (BOTH_BRIGHT, None), "labels": (BOTH_BRIGHT, None),
-                          "probability": (COLOUR_FOR_PROBABILITY, None)}),
-        "alpha only": (lambda i: png(alpha_only(m(i))),
-                       {"truth": (same, "alpha > 127"), "auto": (same, "probability = alpha / 255 > 0.5"),
-                        "labels": (same, "alpha > 127"),
-                        "probability": (same, "probability = alpha / 255 > 0.5")}),
-        "transparent background": (lambda i: png(transparent_background(m(i))),
-                                   {"truth": (same, "alpha > 127"),
-                                    "auto": (same, "probability = alpha / 255 > 0.5"),
-                                    "labels": (same, "alpha > 127"),
-                                    "probability": (same, "probability = alpha / 255 > 0.5")}),
-        "JPEG {0, 255}": (lambda i: jpeg(m(i) * np.uint8(255)),
-                          {"truth": (jpeg_levels, "grey > 127 (JPEG)"), "auto": (jpeg_levels, P + " (JPEG)"),
-                           "labels": (jpeg_levels, "grey > 127 (JPEG)"), "probability": (jpeg_levels, P + " (JPEG)")}),
-        "JPEG {0, 1}": (lambda i: jpeg(m(i).astype(np.uint8)),
-                        {"truth": (LOSSY_IDS, None), "auto": (LOSSY_IDS_AUTO, None), "labels": (LOSSY_IDS, None),
-                         "probability": (jpeg_levels, P + " (JPEG)")}),
+        "grey {0, 255}": (
+            lambda i: png(m(i) * np.uint8(255)),
+            {
+                "truth": (same, "grey > 127"),
+                "auto": (same, P),
+                "labels": (same, "grey > 127"),
+                "probability": (same, P),
+            },
+        ),
+        "grey {0, 1}": (
+            lambda i: png(m(i).astype(np.uint8)),
+            {
+                "truth": (same, "class ids {0, 1}: 1 = foreground"),
+                "auto": (AMBIGUOUS_01, None),
+                "labels": (same, "class ids {0, 1}: 1 = foreground"),
+                "probability": (empty, P),
+            },
+        ),
+        "16-bit {0, 65535}": (
+            lambda i: png(m(i).astype(np.uint16) * np.uint16(65535)),
+            {
+                "truth": (same, "16-bit grey > 32767"),
+                "auto": (same, "probability = 16-bit grey / 65535 > 0.5"),
+                "labels": (same, "16-bit grey > 32767"),
+                "probability": (same, "probability = 16-bit grey / 65535 > 0.5"),
+            },
+        ),
+        "16-bit {0, 255}": (
+            lambda i: png(m(i).astype(np.uint16) * np.uint16(255)),
+            {
+                "truth": (SIXTEEN_LOW, None),
+                "auto": (SIXTEEN_LOW_AUTO, None),
+                "labels": (SIXTEEN_LOW, None),
+                "probability": (empty, "probability = 16-bit grey / 65535 > 0.5"),
+            },
+        ),
+        "VOC palette": (
+            lambda i: voc_palette(m(i)),
+            {
+                "truth": (same, "palette index > 0"),
+                "auto": (same, "palette index > 0"),
+                "labels": (same, "palette index > 0"),
+                "probability": (COLOUR_FOR_PROBABILITY, None),
+            },
+        ),
+        "red on black": (
+            lambda i: png(red_on_black(m(i))),
+            {
+                "truth": (same, "colour: any channel > 127"),
+                "auto": (same, "colour: any channel > 127"),
+                "labels": (same, "colour: any channel > 127"),
+                "probability": (COLOUR_FOR_PROBABILITY, None),
+            },
+        ),
+        "red on white": (
+            lambda i: png(np.where(m(i)[..., None], [255, 0, 0], [255, 255, 255]).astype(np.uint8)),
+            {
+                "truth": (BOTH_BRIGHT, None),
+                "auto": (BOTH_BRIGHT, None),
+                "labels": (BOTH_BRIGHT, None),
+                "probability": (COLOUR_FOR_PROBABILITY, None),
+            },
+        ),
+        "alpha only": (
+            lambda i: png(alpha_only(m(i))),
+            {
+                "truth": (same, "alpha > 127"),
+                "auto": (same, "probability = alpha / 255 > 0.5"),
+                "labels": (same, "alpha > 127"),
+                "probability": (same, "probability = alpha / 255 > 0.5"),
+            },
+        ),
+        "transparent background": (
+            lambda i: png(transparent_background(m(i))),
+            {
+                "truth": (same, "alpha > 127"),
+                "auto": (same, "probability = alpha / 255 > 0.5"),
+                "labels": (same, "alpha > 127"),
+                "probability": (same, "probability = alpha / 255 > 0.5"),
+            },
+        ),
+        "JPEG {0, 255}": (
+            lambda i: jpeg(m(i) * np.uint8(255)),
+            {
+                "truth": (jpeg_levels, "grey > 127 (JPEG)"),
+                "auto": (jpeg_levels, P + " (JPEG)"),
+                "labels": (jpeg_levels, "grey > 127 (JPEG)"),
+                "probability": (jpeg_levels, P + " (JPEG)"),
+            },
+        ),
+        "JPEG {0, 1}": (
+            lambda i: jpeg(m(i).astype(np.uint8)),
+            {
+                "truth": (LOSSY_IDS, None),
+                "auto": (LOSSY_IDS_AUTO, None),
+                "labels": (LOSSY_IDS, None),
+                "probability": (jpeg_levels, P + " (JPEG)"),
+            },
+        ),
     }
 
 
@@ -191,32 +265,52 @@ def probability_encodings() -> dict:
 
     sixteen = lambda i: np.rint(v(i) / 255 * 65535).astype(np.uint16)  # noqa: E731
     return {
-        "probability grey": (lambda i: png(v(i)),
-                             {"truth": (lambda path, i: v(i) > 127, "grey > 127"),
-                              "auto": (lambda path, i: v(i) / 255 > 0.5, P),
-                              "labels": (lambda path, i: v(i) > 127, "grey > 127"),
-                              "probability": (lambda path, i: v(i) / 255 > 0.5, P)}),
-        "probability 16-bit": (lambda i: png(sixteen(i)),
-                               {"truth": (lambda path, i: sixteen(i) > 32767, "16-bit grey > 32767"),
-                                "auto": (lambda path, i: sixteen(i) / 65535 > 0.5,
-                                         "probability = 16-bit grey / 65535 > 0.5"),
-                                "labels": (lambda path, i: sixteen(i) > 32767, "16-bit grey > 32767"),
-                                "probability": (lambda path, i: sixteen(i) / 65535 > 0.5,
-                                                "probability = 16-bit grey / 65535 > 0.5")}),
-        "probability JPEG": (lambda i: jpeg(v(i)),
-                             {"truth": (jpeg_levels, "grey > 127 (JPEG)"),
-                              "auto": (lambda path, i: decoded(path) / 255 > 0.5, P + " (JPEG)"),
-                              "labels": (jpeg_levels, "grey > 127 (JPEG)"),
-                              "probability": (lambda path, i: decoded(path) / 255 > 0.5, P + " (JPEG)")}),
-        "colour-mapped (viridis)": (lambda i: png(VIRIDIS[v(i)]),
-                                    {"truth": (COLOUR_NOT_A_MASK, None), "auto": (COLOUR_MAPPED_AUTO, None),
-                                     "labels": (COLOUR_NOT_A_MASK, None), "probability": (COLOUR_FOR_PROBABILITY, None),
-                                     "colormap:viridis": (lambda path, i: v(i) / 255 > 0.5,
-                                                          "probability = colour map viridis > 0.5")}),
-        "float probability": (lambda i: tiff((v(i) / 255).astype(np.float32)),
-                              {"truth": (FLOAT_LABELS, None), "auto": (FLOAT_AUTO, None), "labels": (FLOAT_LABELS, None),
-                               "probability": (lambda path, i: (v(i) / 255).astype(np.float32) > 0.5,
-                                               "probability = value > 0.5")}),
+        "probability grey": (
+            lambda i: png(v(i)),
+            {
+                "truth": (lambda path, i: v(i) > 127, "grey > 127"),
+                "auto": (lambda path, i: v(i) / 255 > 0.5, P),
+                "labels": (lambda path, i: v(i) > 127, "grey > 127"),
+                "probability": (lambda path, i: v(i) / 255 > 0.5, P),
+            },
+        ),
+        "probability 16-bit": (
+            lambda i: png(sixteen(i)),
+            {
+                "truth": (lambda path, i: sixteen(i) > 32767, "16-bit grey > 32767"),
+                "auto": (lambda path, i: sixteen(i) / 65535 > 0.5, "probability = 16-bit grey / 65535 > 0.5"),
+                "labels": (lambda path, i: sixteen(i) > 32767, "16-bit grey > 32767"),
+                "probability": (lambda path, i: sixteen(i) / 65535 > 0.5, "probability = 16-bit grey / 65535 > 0.5"),
+            },
+        ),
+        "probability JPEG": (
+            lambda i: jpeg(v(i)),
+            {
+                "truth": (jpeg_levels, "grey > 127 (JPEG)"),
+                "auto": (lambda path, i: decoded(path) / 255 > 0.5, P + " (JPEG)"),
+                "labels": (jpeg_levels, "grey > 127 (JPEG)"),
+                "probability": (lambda path, i: decoded(path) / 255 > 0.5, P + " (JPEG)"),
+            },
+        ),
+        "colour-mapped (viridis)": (
+            lambda i: png(VIRIDIS[v(i)]),
+            {
+                "truth": (COLOUR_NOT_A_MASK, None),
+                "auto": (COLOUR_MAPPED_AUTO, None),
+                "labels": (COLOUR_NOT_A_MASK, None),
+                "probability": (COLOUR_FOR_PROBABILITY, None),
+                "colormap:viridis": (lambda path, i: v(i) / 255 > 0.5, "probability = colour map viridis > 0.5"),
+            },
+        ),
+        "float probability": (
+            lambda i: tiff((v(i) / 255).astype(np.float32)),
+            {
+                "truth": (FLOAT_LABELS, None),
+                "auto": (FLOAT_AUTO, None),
+                "labels": (FLOAT_LABELS, None),
+                "probability": (lambda path, i: (v(i) / 255).astype(np.float32) > 0.5, "probability = value > 0.5"),
+            },
+        ),
     }
 
 
@@ -224,8 +318,10 @@ def prediction_mask(i: int) -> np.ndarray:
     return probability(i) > 127
 
 
-TRUTHS = {**mask_encodings(truth_mask), **{k: e for k, e in probability_encodings().items()
-                                           if k in ("probability grey", "colour-mapped (viridis)")}}
+TRUTHS = {
+    **mask_encodings(truth_mask),
+    **{k: e for k, e in probability_encodings().items() if k in ("probability grey", "colour-mapped (viridis)")},
+}
 PREDICTIONS = {**mask_encodings(prediction_mask), **probability_encodings()}
 
 
@@ -302,9 +398,15 @@ def test_ground_truth_is_read_as_preparation_reads_it(tmp_path: Path, name: str)
     assert np.array_equal(read_truth(image, name).mask, decode_mask(image) > 0)
 
 
-REFUSALS = sorted({(role, name, option) for role, table in (("truth", TRUTHS), ("pred", PREDICTIONS))
-                   for name, (_, options) in table.items() for option, (expect, _) in options.items()
-                   if isinstance(expect, Refused) and (role == "pred") == (option != "truth")})
+REFUSALS = sorted(
+    {
+        (role, name, option)
+        for role, table in (("truth", TRUTHS), ("pred", PREDICTIONS))
+        for name, (_, options) in table.items()
+        for option, (expect, _) in options.items()
+        if isinstance(expect, Refused) and (role == "pred") == (option != "truth")
+    }
+)
 
 
 @pytest.mark.parametrize("role, name, option", REFUSALS)
@@ -322,6 +424,7 @@ def test_every_refusal_is_one_line_from_the_command_line(folders, role: str, nam
 
 
 # --- the cases reported against the previous policy (same truth; the prediction misread) -----------
+
 
 def score_cli(pred: Path, gt: Path, *extra: str) -> tuple[int, dict | None, str]:
     from knowsam.cli import main
@@ -345,7 +448,7 @@ def four_truths(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
     masks = []
     for i in range(4):
         mask = np.zeros((48, 56), bool)
-        mask[6 + 2 * i:36, 8:40 + i] = True
+        mask[6 + 2 * i : 36, 8 : 40 + i] = True
         Image.fromarray(mask * np.uint8(255)).save(gt / f"c{i}.png")
         masks.append(mask)
     return gt, masks
@@ -389,13 +492,18 @@ def test_zero_one_truth_saved_as_jpeg_is_refused(tmp_path: Path, four_truths) ->
     write_all(gt, [m.astype(np.uint8) for m in masks], ".jpg", quality=75)
     pred = write_all(tmp_path / "pred", [shifted(m) * np.uint8(255) for m in masks])
     code, _, err = score_cli(pred, gt)
-    one_error_line(code, err, rf"{re.escape(str(gt))}/c\d.jpg: JPEG mask with levels 0, 1.* class ids saved in "
-                              "a lossy format cannot be read back; save label masks as PNG")
+    one_error_line(
+        code,
+        err,
+        rf"{re.escape(str(gt))}/c\d.jpg: JPEG mask with levels 0, 1.* class ids saved in "
+        "a lossy format cannot be read back; save label masks as PNG",
+    )
 
 
 @pytest.mark.parametrize("cmap", ["jet", "viridis"])
-def test_colour_mapped_probability_map_is_refused_or_read_through_its_colour_map(tmp_path: Path, four_truths,
-                                                                                 cmap: str) -> None:
+def test_colour_mapped_probability_map_is_refused_or_read_through_its_colour_map(
+    tmp_path: Path, four_truths, cmap: str
+) -> None:
     gt, masks = four_truths
     table = np.rint(matplotlib.colormaps[cmap](np.arange(256))[:, :3] * 255).astype(np.uint8)
     rng = np.random.default_rng(0)
@@ -439,8 +547,12 @@ def test_colour_and_transparency_both_varying_is_refused(tmp_path: Path, four_tr
     pred = tmp_path / "pred"
     pred.mkdir()
     for i, mask in enumerate(masks):
-        rgba = np.dstack([red_on_black(shifted(mask)), np.where(np.arange(56) < 50, 255, 0).astype(np.uint8)
-                          [None, :].repeat(48, axis=0)])
+        rgba = np.dstack(
+            [
+                red_on_black(shifted(mask)),
+                np.where(np.arange(56) < 50, 255, 0).astype(np.uint8)[None, :].repeat(48, axis=0),
+            ]
+        )
         Image.fromarray(rgba).save(pred / f"c{i}.png")
     code, _, err = score_cli(pred, gt)
     one_error_line(code, err, r"c\d.png: colour and transparency both vary; which one is the mask\?")
@@ -502,9 +614,14 @@ def test_interrupted_score_prints_the_interrupted_line_and_stops_its_workers(tmp
     script = tmp_path / "slow_score.py"
     script.write_text(SLOW_SCORE)
     started = tmp_path / "started"
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pred"), str(tmp_path / "gt"), str(started),
-                             how], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            cwd=REPO_ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "pred"), str(tmp_path / "gt"), str(started), how],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=REPO_ROOT,
+    )
     deadline = time.monotonic() + 60
     while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

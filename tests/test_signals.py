@@ -26,8 +26,10 @@ from tests.conftest import REPO
 from tests.test_catalogue import params_dict, write_params
 
 LOG = "KNOWSAM_TEST_CALL_LOG"
-LINE = {signal.SIGINT: "interrupted (SIGINT); nothing was left half-written, rerun the command to continue",
-        signal.SIGTERM: "interrupted (SIGTERM); nothing was left half-written, rerun the command to continue"}
+LINE = {
+    signal.SIGINT: "interrupted (SIGINT); nothing was left half-written, rerun the command to continue",
+    signal.SIGTERM: "interrupted (SIGTERM); nothing was left half-written, rerun the command to continue",
+}
 
 
 def _logged(fn, job):
@@ -48,8 +50,15 @@ def slow_score_pair(job):
 def start(ws: Path, args: list[str], patch: str = "") -> subprocess.Popen:
     code = f"import sys\n{patch}\nfrom knowsam.cli import main\nsys.exit(main({args!r}))"
     env = {**os.environ, "PYTHONPATH": str(REPO), LOG: str(ws / "calls.log")}
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ws, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ws,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
@@ -85,6 +94,7 @@ def calls(ws: Path) -> int:
 
 # --- train: a clean stop at the last checkpoint, resumed by the same command ---------------------
 
+
 @pytest.fixture
 def train_ws(tmp_path, demo_prepared) -> Path:
     from knowsam.data.dataset import PreparedDataset
@@ -94,8 +104,13 @@ def train_ws(tmp_path, demo_prepared) -> Path:
     raw = params_dict(prepared_root=str(demo_prepared / "data/prepared"))
     raw["train"].update(iterations=100000, eval_every=100000, checkpoint_every=1)
     write_params(ws, raw)
-    write_split(PreparedDataset(demo_prepared / "data/prepared/demo"), split_path(ws / "data/splits", "demo", 0.1, 0),
-                0.1, 0, 0.1)
+    write_split(
+        PreparedDataset(demo_prepared / "data/prepared/demo"),
+        split_path(ws / "data/splits", "demo", 0.1, 0),
+        0.1,
+        0,
+        0.1,
+    )
     return ws
 
 
@@ -109,8 +124,11 @@ def checkpoint_step(run: Path) -> int:
     return trained_step(run)
 
 
-@pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)],
-                         ids=["int-then-term", "term-then-int"])
+@pytest.mark.parametrize(
+    "first, second",
+    [(signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)],
+    ids=["int-then-term", "term-then-int"],
+)
 def test_train_stops_cleanly_and_resumes(train_ws, first, second):
     run = train_ws / "data/runs/demo/ratio-0.1_seed-0/labeled-only"
     proc = start(train_ws, TRAIN)
@@ -127,6 +145,7 @@ def test_train_stops_cleanly_and_resumes(train_ws, first, second):
 
 # --- prepare: the worker pool stops at once -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def many_frames(tmp_path_factory) -> Path:
     from knowsam.data.demo import generate_demo
@@ -136,17 +155,23 @@ def many_frames(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)],
-                         ids=["ctrl-c", "kill", "kill-group"])
+@pytest.mark.parametrize(
+    "sig, group",
+    [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+    ids=["ctrl-c", "kill", "kill-group"],
+)
 def test_prepare_interrupted(tmp_path, many_frames, sig, group):
     import shutil
 
     ws = tmp_path / "ws"
     shutil.copytree(many_frames, ws / "data/raw/demo")
     write_params(ws, params_dict())
-    proc = start(ws, ["prepare", "demo"],
-                 "import knowsam.data.frames, tests.test_signals\n"
-                 "knowsam.data.frames.load_pair = tests.test_signals.slow_load_pair")
+    proc = start(
+        ws,
+        ["prepare", "demo"],
+        "import knowsam.data.frames, tests.test_signals\n"
+        "knowsam.data.frames.load_pair = tests.test_signals.slow_load_pair",
+    )
     wait_for(lambda: calls(ws) >= 1, proc, "reading frames")
     stop(proc, sig, group)
     assert calls(ws) < 64  # the pool stopped, not after every queued frame
@@ -155,6 +180,7 @@ def test_prepare_interrupted(tmp_path, many_frames, sig, group):
 
 
 # --- score ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "kill"])
 def test_score_interrupted(tmp_path, sig, group):
@@ -167,9 +193,12 @@ def test_score_interrupted(tmp_path, sig, group):
     for i in range(40):
         Image.fromarray(mask).save(gt / f"{i:03d}.png")
         Image.fromarray(mask).save(pred / f"{i:03d}.png")
-    proc = start(ws, ["score", "pred", "gt", "--out", "table.csv"],
-                 "import knowsam.report.score, tests.test_signals\n"
-                 "knowsam.report.score._score_pair = tests.test_signals.slow_score_pair")
+    proc = start(
+        ws,
+        ["score", "pred", "gt", "--out", "table.csv"],
+        "import knowsam.report.score, tests.test_signals\n"
+        "knowsam.report.score._score_pair = tests.test_signals.slow_score_pair",
+    )
     wait_for(lambda: calls(ws) >= 1, proc, "scoring")
     stop(proc, sig, group)
     assert not (ws / "table.csv").exists() and not list(ws.glob(".table.csv.*"))
@@ -197,6 +226,7 @@ def test_a_pool_whose_first_job_fails_is_torn_down_every_time():
     """The pool terminates workers forked microseconds earlier; a SIGTERM that reached a worker
     before CPython's after-fork reset was dropped and the worker waited on the queue for ever
     (the command hung; unblocked workers hung within 300 rounds, usually far fewer)."""
-    done = subprocess.run([sys.executable, "-c", FAILING_POOLS.format(rounds=300)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING_POOLS.format(rounds=300)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and done.stdout.strip() == "finished", done.stderr[-2000:]

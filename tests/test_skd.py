@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from knowsam.errors import ConfigError, KnowsamError
+from knowsam.errors import KnowsamError
 from knowsam.losses import kd_loss
 from knowsam.methods import get_method
-from knowsam.methods.registry import method_params
 from knowsam.methods.sam_support import build_sam_teacher, trained_state
 from knowsam.methods.skd import SAM_OPTIMIZER, SAM_STATE
 from knowsam.models.sam_teacher import SamTeacher
@@ -80,8 +79,10 @@ def test_skd_loss_is_the_base_loss_plus_kd_from_sam(name):
             assert with_kd[key] == value, key
     if name == "ucmt":  # the mixed update's loss is X's terms alone
         w = with_kd["w_unsup"]
-        mixed = sum(with_kd[f"sup_{s}_mix"] + 0.5 * w * (with_kd[f"cps_{s}_mix"] + with_kd[f"cmt_{s}_mix"])
-                    for s in STUDENTS["ucmt"])
+        mixed = sum(
+            with_kd[f"sup_{s}_mix"] + 0.5 * w * (with_kd[f"cps_{s}_mix"] + with_kd[f"cmt_{s}_mix"])
+            for s in STUDENTS["ucmt"]
+        )
         assert with_kd["loss_mix"] == pytest.approx(mixed, rel=1e-6)
     assert with_kd["sam"] > 0
 
@@ -95,8 +96,9 @@ def test_skd_prompts_sam_with_the_main_students_training_logits_and_adds_no_forw
     for label, method in (("base", base), ("skd", skd)):
         for net_name, net in method.nets.items():
             outputs = forwards.setdefault((label, net_name), [])
-            net.register_forward_hook(lambda mod, args, out, outputs=outputs: outputs.append((mod.training,
-                                                                                              out.detach())))
+            net.register_forward_hook(
+                lambda mod, args, out, outputs=outputs: outputs.append((mod.training, out.detach()))
+            )
     prompts = []
     decode = skd.sam.decode
 
@@ -120,7 +122,7 @@ def test_skd_prompts_sam_with_the_main_students_training_logits_and_adds_no_forw
     assert calls[0][0] == main and torch.equal(prompt, calls[0][1])
     # ... the logits of the main student's first forward passes of the step, in train mode:
     # UCMT's student 1 predicts the labeled images and its view of the unlabeled ones apart.
-    passes = forwards[("skd", main)][:2 if name == "ucmt" else 1]
+    passes = forwards[("skd", main)][: 2 if name == "ucmt" else 1]
     assert all(training for training, _ in passes)
     assert torch.equal(prompt, torch.cat([out for _, out in passes]))
     assert prompt.shape == (len(batch.x), 2, *batch.x.shape[-2:])
@@ -151,10 +153,13 @@ def test_skd_graphs_of_sam_and_of_the_students_are_disjoint(name):
     assert seen.count((SAM_OPTIMIZER,)) == 1 and len(seen) == {"mt": 2, "cps": 2, "ucmt": 3}[name]
 
 
-@pytest.mark.parametrize("order, error", [
-    (["net2", "net1"], "called student_extra_loss for net2 before its main student net1"),
-    (["net1", "net1"], "called student_extra_loss twice for net1 in one iteration"),
-])
+@pytest.mark.parametrize(
+    "order, error",
+    [
+        (["net2", "net1"], "called student_extra_loss for net2 before its main student net1"),
+        (["net1", "net1"], "called student_extra_loss twice for net1 in one iteration"),
+    ],
+)
 def test_skd_refuses_hook_calls_out_of_order(monkeypatch, order, error):
     def train_step(self, batch, step):
         for student in order:

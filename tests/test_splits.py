@@ -54,7 +54,8 @@ def test_case_level_split_keeps_slices_together(tmp_path):
     root.mkdir()
     cases = [f"patient{i:03d}" for i in range(20) for _ in range(5)]
     pd.DataFrame({"name": [f"{c}_slice_{k}" for k, c in enumerate(cases)], "case": cases}).to_csv(
-        root / "train_index.csv", index=False)
+        root / "train_index.csv", index=False
+    )
     (root / "meta.json").write_text(json.dumps({"format_version": 1, "dataset": "vol", "test_sets": {}}))
     split = make_split(PreparedDataset(root), 0.1, 0, 0.1)
     assert split["counts"]["labeled"] == 2 and split["counts"]["validation"] == 2

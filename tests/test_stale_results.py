@@ -62,10 +62,10 @@ def seed_mean(dice, method: str, test_set: str) -> float:
 
 def table_rows(text: str, heading: str) -> dict[str, list[str]]:
     """First Markdown table after ``heading``: first cell -> the other cells."""
-    lines = text[text.index(heading):].splitlines()
+    lines = text[text.index(heading) :].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| "))
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("| "):
             break
         cells = [c.strip() for c in line.strip()[1:-1].split("|")]
@@ -105,19 +105,28 @@ def cli_out(cli, capsys):
 
 # --- tables after a params change ------------------------------------------------------------------
 
+
 def test_leaderboard_after_a_params_change_leaves_the_runs_out_and_names_them(stale_params_ws, cli_out):
     ws, dice = stale_params_ws
     code, out, err = cli_out(ws, "leaderboard")
     assert code == 0 and err == "", err
-    assert out.splitlines()[1] == (f"left out 2 run(s): {', '.join(STALE_UCMT)}; produce them with `dvc repro "
-                                   "evaluate@polyp-0.1-0 evaluate@polyp-0.1-1` (--allow-stale shows them, marked as "
-                                   "stale)")
+    assert out.splitlines()[1] == (
+        f"left out 2 run(s): {', '.join(STALE_UCMT)}; produce them with `dvc repro "
+        "evaluate@polyp-0.1-0 evaluate@polyp-0.1-1` (--allow-stale shows them, marked as "
+        "stale)"
+    )
     text = (ws / "reports/leaderboard.md").read_text()
     rows = table_rows(text, "## polyp")
-    assert rows["ucmt"] == ["10%", "-", "-", "-", "-"] and rows["knowsam"][1] == f"{seed_mean(dice, 'knowsam', 'Kvasir'):.2f} ± " \
+    assert (
+        rows["ucmt"] == ["10%", "-", "-", "-", "-"]
+        and rows["knowsam"][1]
+        == f"{seed_mean(dice, 'knowsam', 'Kvasir'):.2f} ± "
         f"{np.std([100 * dice['knowsam', 'Kvasir', s].mean() for s in SEEDS], ddof=1):.2f} (n=2)"
-    assert (f"2 of 4 runs have no current metrics and are not shown: {', '.join(STALE_UCMT)}; produce them with "
-            "`dvc repro evaluate@polyp-0.1-0 evaluate@polyp-0.1-1` (--allow-stale shows them, marked as stale).") in text
+    )
+    assert (
+        f"2 of 4 runs have no current metrics and are not shown: {', '.join(STALE_UCMT)}; produce them with "
+        "`dvc repro evaluate@polyp-0.1-0 evaluate@polyp-0.1-1` (--allow-stale shows them, marked as stale)."
+    ) in text
     assert "†" not in text.split("## Runs left out")[0].replace("except cells marked †", "")
     csv = pd.read_csv(ws / "reports/leaderboard.csv")
     assert set(csv.method) == {"knowsam"} and not csv.stale.any()
@@ -141,10 +150,13 @@ def test_leaderboard_allow_stale_shows_them_marked(stale_params_ws, cli):
 
 def test_compare_after_a_params_change_refuses_and_allow_stale_marks(stale_params_ws, cli, cli_out):
     ws, dice = stale_params_ws
-    line = one_line(*cli(ws, "compare", "--methods", "ucmt,knowsam", "--format", "json"), 1,
-                    r"runs not evaluated under the current params and code: ucmt-polyp-0\.1-0 \(other params: "
-                    r"train\.lr\), ucmt-polyp-0\.1-1 \(other params: train\.lr\); produce them with `dvc repro "
-                    r"evaluate@polyp-0\.1-0 evaluate@polyp-0\.1-1` \(--allow-stale shows them")
+    line = one_line(
+        *cli(ws, "compare", "--methods", "ucmt,knowsam", "--format", "json"),
+        1,
+        r"runs not evaluated under the current params and code: ucmt-polyp-0\.1-0 \(other params: "
+        r"train\.lr\), ucmt-polyp-0\.1-1 \(other params: train\.lr\); produce them with `dvc repro "
+        r"evaluate@polyp-0\.1-0 evaluate@polyp-0\.1-1` \(--allow-stale shows them",
+    )
     assert "knowsam-polyp" not in line
     code, out, err = cli_out(ws, "compare", "--methods", "ucmt,knowsam", "--format", "json", "--allow-stale")
     assert code == 0, err
@@ -164,8 +176,11 @@ def test_compare_after_a_params_change_refuses_and_allow_stale_marks(stale_param
 
 def test_publish_after_a_params_change_refuses_and_allow_stale_marks(stale_params_ws, cli):
     ws, _ = stale_params_ws
-    one_line(*cli(ws, "publish", "pub", "--compare", "ucmt,knowsam"), 1,
-             r"runs not evaluated under the current params and code: ucmt-polyp-0\.1-0 \(other params: train\.lr\)")
+    one_line(
+        *cli(ws, "publish", "pub", "--compare", "ucmt,knowsam"),
+        1,
+        r"runs not evaluated under the current params and code: ucmt-polyp-0\.1-0 \(other params: train\.lr\)",
+    )
     assert not (ws / "pub").exists()
     code, err = cli(ws, "publish", "pub", "--compare", "ucmt,knowsam", "--allow-stale")
     assert code == 0, err
@@ -175,6 +190,7 @@ def test_publish_after_a_params_change_refuses_and_allow_stale_marks(stale_param
 
 
 # --- tables after a code change ----------------------------------------------------------------------
+
 
 @pytest.fixture
 def edited_code(tmp_path, monkeypatch):
@@ -217,8 +233,12 @@ def test_every_run_stale_is_one_line(tmp_path, cli, edited_code):
     save_params(ws, params)
     write_run(ws, RunId("ucmt", "polyp", 0.1, 0), case_rows("Kvasir", [0.5, 0.6]), params=params)
     edited_code()
-    one_line(*cli(ws, "leaderboard"), 1, r"data/eval: no evaluated run of the params matrix under the current "
-             r"params and code \(ucmt-polyp-0\.1-0 \(other code\); produce them with")
+    one_line(
+        *cli(ws, "leaderboard"),
+        1,
+        r"data/eval: no evaluated run of the params matrix under the current "
+        r"params and code \(ucmt-polyp-0\.1-0 \(other code\); produce them with",
+    )
     assert not (ws / "reports").exists()
 
 
@@ -228,8 +248,9 @@ def test_summaries_without_a_full_identity():
     run = RunId("ucmt", "polyp", 0.1, 0)
     current = identity(params, run)
     assert stale_reason({"config_hash": current["config_hash"]}, current) is None  # an older, current summary
-    assert stale_reason({"config_hash": identity(other_lr(params), run)["config_hash"]}, current) == \
-        "other params or code"
+    assert (
+        stale_reason({"config_hash": identity(other_lr(params), run)["config_hash"]}, current) == "other params or code"
+    )
     assert stale_reason({}, current) == "no recorded identity"
     # Speed settings are not part of the identity; the keys named are those that are.
     threads = dataclasses.replace(params, train=dataclasses.replace(params.train, threads=7, lr=0.5))
@@ -252,26 +273,34 @@ def test_metrics_file_holds_only_current_runs(train_ws, cli):
     (train_ws / "params.yaml").write_text(yaml.safe_dump(raw))
     group = [RunId(m, "demo", 0.1, 0) for m in ("labeled-only", "knowsam")]
     assert headline_metrics(validation.load("params.yaml"), group) == {
-        "left_out": {"labeled-only": "other params: train.lr", "knowsam": "not evaluated"}}
+        "left_out": {"labeled-only": "other params: train.lr", "knowsam": "not evaluated"}
+    }
 
 
 # --- evaluate needs the run's configuration ------------------------------------------------------------
 
-@pytest.mark.parametrize("content, what", [(None, "missing"), (b"{\"code\": \"ab", r"unreadable, JSONDecodeError"),
-                                           (b"[1, 2]", r"unreadable, ValueError")])
+
+@pytest.mark.parametrize(
+    "content, what",
+    [(None, "missing"), (b'{"code": "ab', r"unreadable, JSONDecodeError"), (b"[1, 2]", r"unreadable, ValueError")],
+)
 def test_evaluate_without_a_readable_run_configuration(train_ws, cli, content, what):
     path = train_ws / RUN_DIR / "config.json"
     if content is None:
         path.unlink()
     else:
         path.write_bytes(content)
-    one_line(*cli(train_ws, "evaluate", *EVAL), 1,
-             rf"ratio-0.1_seed-0/labeled-only/config.json: run configuration {what}, so \S+/best.pt cannot be "
-             r"matched to the params; re-run the train stage for labeled-only-demo-0.1-0")
+    one_line(
+        *cli(train_ws, "evaluate", *EVAL),
+        1,
+        rf"ratio-0.1_seed-0/labeled-only/config.json: run configuration {what}, so \S+/best.pt cannot be "
+        r"matched to the params; re-run the train stage for labeled-only-demo-0.1-0",
+    )
     assert not (train_ws / "data/eval").exists() and not (train_ws / "reports").exists()
 
 
 # --- damaged evaluation files ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def current_ws(tmp_path) -> tuple[Path, dict]:
@@ -284,8 +313,11 @@ def current_ws(tmp_path) -> tuple[Path, dict]:
     return ws, dice
 
 
-COMMANDS = {"leaderboard": ["leaderboard"], "compare": ["compare", "--methods", "ucmt,knowsam"],
-            "publish": ["publish", "pub", "--compare", "ucmt,knowsam"]}
+COMMANDS = {
+    "leaderboard": ["leaderboard"],
+    "compare": ["compare", "--methods", "ucmt,knowsam"],
+    "publish": ["publish", "pub", "--compare", "ucmt,knowsam"],
+}
 SUMMARY = "data/eval/polyp/ratio-0.1_seed-1/knowsam/summary.json"
 PER_CASE = "data/eval/polyp/ratio-0.1_seed-1/knowsam/per_case.csv"
 
@@ -295,19 +327,25 @@ def nothing_written(ws: Path) -> None:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("damage, message", [
-    (lambda b: b[: len(b) // 2], r"unreadable evaluation summary \(truncated or not JSON\)"),
-    (lambda b: b"", r"unreadable evaluation summary \(empty\)"),
-    (lambda b: b"{}", r"not an evaluation summary \(no test sets with n, mDice, mIoU, HD95, ASD\)"),
-    (lambda b: b.replace(b'"mDice": 0.', b'"mDice": NaN, "x": 0.', 1),
-     r"holds NaN where every metric is finite \(see the empty-mask policy\)"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[: len(b) // 2], r"unreadable evaluation summary \(truncated or not JSON\)"),
+        (lambda b: b"", r"unreadable evaluation summary \(empty\)"),
+        (lambda b: b"{}", r"not an evaluation summary \(no test sets with n, mDice, mIoU, HD95, ASD\)"),
+        (
+            lambda b: b.replace(b'"mDice": 0.', b'"mDice": NaN, "x": 0.', 1),
+            r"holds NaN where every metric is finite \(see the empty-mask policy\)",
+        ),
+    ],
+)
 def test_damaged_summary_is_one_line(current_ws, cli, command, damage, message):
     ws, _ = current_ws
     path = ws / SUMMARY
     path.write_bytes(damage(path.read_bytes()))
-    one_line(*cli(ws, *COMMANDS[command]), 1,
-             rf"{re.escape(SUMMARY)}: {message}; re-run `dvc repro evaluate@polyp-0\.1-1`")
+    one_line(
+        *cli(ws, *COMMANDS[command]), 1, rf"{re.escape(SUMMARY)}: {message}; re-run `dvc repro evaluate@polyp-0\.1-1`"
+    )
     nothing_written(ws)
 
 
@@ -317,12 +355,20 @@ def test_truncated_per_case_table_is_one_line(current_ws, cli, command):
     path = ws / PER_CASE
     data = path.read_bytes()
     path.write_bytes(data[:-7])  # cut inside the last row
-    one_line(*cli(ws, *COMMANDS[command]), 1, rf"{re.escape(PER_CASE)}: unreadable per-case table \(truncated: no "
-             r"newline at the end\); re-run `dvc repro evaluate@polyp-0\.1-1`")
+    one_line(
+        *cli(ws, *COMMANDS[command]),
+        1,
+        rf"{re.escape(PER_CASE)}: unreadable per-case table \(truncated: no "
+        r"newline at the end\); re-run `dvc repro evaluate@polyp-0\.1-1`",
+    )
     nothing_written(ws)
-    path.write_bytes(data[:data.rstrip(b"\n").rfind(b"\n") + 1])  # cut at the end of a row: one case fewer
-    one_line(*cli(ws, *COMMANDS[command]), 1, rf"{re.escape(PER_CASE)}: 4 cases of CVC-ClinicDB where summary.json "
-             r"counts 5 \(truncated, or not from the same evaluation\)")
+    path.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 1])  # cut at the end of a row: one case fewer
+    one_line(
+        *cli(ws, *COMMANDS[command]),
+        1,
+        rf"{re.escape(PER_CASE)}: 4 cases of CVC-ClinicDB where summary.json "
+        r"counts 5 \(truncated, or not from the same evaluation\)",
+    )
     nothing_written(ws)
 
 
@@ -335,12 +381,17 @@ def test_non_finite_per_case_value_is_one_line(current_ws, cli, command, value):
     table.loc[2, "dice"] = value
     path.write_text(table.to_csv(index=False))
     case = table.loc[2, "case"]
-    one_line(*cli(ws, *COMMANDS[command]), 1, rf"{re.escape(PER_CASE)}: column 'dice' is {value or 'nan'} for case "
-             rf"{case} of Kvasir, where every value is a finite number \(see the empty-mask policy\)")
+    one_line(
+        *cli(ws, *COMMANDS[command]),
+        1,
+        rf"{re.escape(PER_CASE)}: column 'dice' is {value or 'nan'} for case "
+        rf"{case} of Kvasir, where every value is a finite number \(see the empty-mask policy\)",
+    )
     nothing_written(ws)
 
 
 # --- stages run this repository's code ------------------------------------------------------------------
+
 
 def test_stage_refuses_a_knowsam_from_another_checkout(tmp_path):
     checkout = tmp_path / "second-checkout"
@@ -348,22 +399,29 @@ def test_stage_refuses_a_knowsam_from_another_checkout(tmp_path):
     for name in ("_entry.py", "split.py"):
         shutil.copy(REPO / "stages" / name, checkout / "stages" / name)
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # an environment whose knowsam is the first checkout's
-    proc = subprocess.run([sys.executable, str(checkout / "stages/split.py"), "--help"], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(checkout / "stages/split.py"), "--help"], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr == (f"error: {checkout / 'stages/split.py'} runs in {checkout} but {sys.executable} imports "
-                           f"knowsam from {REPO / 'knowsam'}; install this checkout into its environment "
-                           f"(`pip install -e .` from {checkout})\n")
+    assert proc.stderr == (
+        f"error: {checkout / 'stages/split.py'} runs in {checkout} but {sys.executable} imports "
+        f"knowsam from {REPO / 'knowsam'}; install this checkout into its environment "
+        f"(`pip install -e .` from {checkout})\n"
+    )
     # The same environment runs the first checkout's own stages.
-    own = subprocess.run([sys.executable, str(REPO / "stages/split.py"), "--help"], env=env, capture_output=True,
-                         text=True)
+    own = subprocess.run(
+        [sys.executable, str(REPO / "stages/split.py"), "--help"], env=env, capture_output=True, text=True
+    )
     assert own.returncode == 0 and "--ratio" in own.stdout, own.stderr
     # With an environment of its own (.venv), the stage re-runs itself there, as without any knowsam.
     venv_python = checkout / ".venv/bin/python"
     venv_python.parent.mkdir(parents=True)
-    venv_python.write_text("#!/bin/sh\necho \"re-run by the checkout's python: $*\"\n")
+    venv_python.write_text('#!/bin/sh\necho "re-run by the checkout\'s python: $*"\n')
     venv_python.chmod(0o755)
-    rerun = subprocess.run([sys.executable, str(checkout / "stages/split.py"), "--help"], env=env,
-                           capture_output=True, text=True)
-    assert rerun.returncode == 0 and rerun.stdout == f"re-run by the checkout's python: " \
-        f"{checkout / 'stages/split.py'} --help\n", rerun.stderr
+    rerun = subprocess.run(
+        [sys.executable, str(checkout / "stages/split.py"), "--help"], env=env, capture_output=True, text=True
+    )
+    assert (
+        rerun.returncode == 0
+        and rerun.stdout == f"re-run by the checkout's python: {checkout / 'stages/split.py'} --help\n"
+    ), rerun.stderr

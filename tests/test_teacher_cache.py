@@ -40,13 +40,19 @@ def test_shared_augmentation_every_flip_and_rotation_is_followed_exactly():
     assert torch.equal(geometry.invert(F.one_hot(y, k).permute(0, 3, 1, 2).float()).argmax(1), y0)
 
 
-@pytest.mark.parametrize("transform", [
-    A.HorizontalFlip(p=1.0),
-    A.VerticalFlip(p=1.0),
-    A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.95, 1.05), rotate=(-10, 10), border_mode=_REFLECT, p=1.0),
-    A.GridDistortion(num_steps=5, distort_limit=0.05, border_mode=_REFLECT, p=1.0),
-    A.ElasticTransform(alpha=1, sigma=50, border_mode=_REFLECT, p=1.0),
-], ids=lambda t: type(t).__name__)
+@pytest.mark.parametrize(
+    "transform",
+    [
+        A.HorizontalFlip(p=1.0),
+        A.VerticalFlip(p=1.0),
+        A.Affine(
+            translate_percent=(-0.0625, 0.0625), scale=(0.95, 1.05), rotate=(-10, 10), border_mode=_REFLECT, p=1.0
+        ),
+        A.GridDistortion(num_steps=5, distort_limit=0.05, border_mode=_REFLECT, p=1.0),
+        A.ElasticTransform(alpha=1, sigma=50, border_mode=_REFLECT, p=1.0),
+    ],
+    ids=lambda t: type(t).__name__,
+)
 def test_each_albumentations_transform_the_loader_draws_is_followed(transform):
     size = 64
     pipeline = A.Compose([A.HorizontalFlip(p=1.0), transform], save_applied_params=True)
@@ -55,12 +61,21 @@ def test_each_albumentations_transform_the_loader_draws_is_followed(transform):
     out = pipeline(image=x0[0].permute(1, 2, 0).numpy())
     view = torch.from_numpy(out["image"]).permute(2, 0, 1)[None]
     hflip, vflip, warp, unwarp = warp_from_albumentations(out["applied_transforms"], size)
-    geometry = ViewGeometry(torch.tensor([hflip]), torch.tensor([vflip]), torch.zeros(1, dtype=torch.int64),
-                            None if warp is None else torch.from_numpy(warp)[None],
-                            None if unwarp is None else torch.from_numpy(unwarp)[None])
+    geometry = ViewGeometry(
+        torch.tensor([hflip]),
+        torch.tensor([vflip]),
+        torch.zeros(1, dtype=torch.int64),
+        None if warp is None else torch.from_numpy(warp)[None],
+        None if unwarp is None else torch.from_numpy(unwarp)[None],
+    )
     error = (geometry.apply(x0) - view).abs().mean()
-    mirrored = ViewGeometry(torch.tensor([not hflip]), torch.tensor([vflip]), torch.zeros(1, dtype=torch.int64),
-                            geometry.warp, geometry.unwarp)
+    mirrored = ViewGeometry(
+        torch.tensor([not hflip]),
+        torch.tensor([vflip]),
+        torch.zeros(1, dtype=torch.int64),
+        geometry.warp,
+        geometry.unwarp,
+    )
     assert error < 0.01 < (mirrored.apply(x0) - view).abs().mean()
     inner = slice(8, -8)  # what the view never showed comes back by reflection only
     back = geometry.invert(geometry.apply(x0))
@@ -87,8 +102,17 @@ def make_prepared(root: Path, n: int = 5, n_test: int = 3, size: int = 32) -> Pr
     (root / "train_index.csv").write_text("name,case\n" + "".join(f"im{i},im{i}\n" for i in range(n)))
     np.save(root / "Test-A_images.npy", images[n:])
     (root / "Test-A_index.csv").write_text("name,case\n" + "".join(f"t{i},t{i}\n" for i in range(n_test)))
-    (root / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "num_classes": 2, "in_channels": 3,
-                                                "image_size": size, "test_sets": {"Test-A": n_test}}))
+    (root / "meta.json").write_text(
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "num_classes": 2,
+                "in_channels": 3,
+                "image_size": size,
+                "test_sets": {"Test-A": n_test},
+            }
+        )
+    )
     return PreparedDataset(root)
 
 
@@ -105,6 +129,7 @@ def test_embedding_cache_equals_a_fresh_encoder_pass_and_resumes(tmp_path):
             assert total == 8
             if done >= count:
                 raise KeyboardInterrupt
+
         return progress
 
     with pytest.raises(KeyboardInterrupt):
@@ -166,14 +191,20 @@ def cached_teacher_runs(demo_prepared, tmp_path_factory):
     torch.manual_seed(0)
     torch.save(Sam(*build_sam_parts("tiny", 1024, use_rel_pos=True)).state_dict(), work / "tiny_sam.pth")
     params = small_params(demo_prepared, iterations=3, eval_every=3)
-    params = dataclasses.replace(params, methods=["knowsam", "mt+skd"], sam=dataclasses.replace(
-        params.sam, encoder="cached", checkpoint=str(work / "tiny_sam.pth"), embeddings_root=str(work / "emb")))
+    params = dataclasses.replace(
+        params,
+        methods=["knowsam", "mt+skd"],
+        sam=dataclasses.replace(
+            params.sam, encoder="cached", checkpoint=str(work / "tiny_sam.pth"), embeddings_root=str(work / "emb")
+        ),
+    )
     data = PreparedDataset(demo_prepared / "data/prepared/demo")
     write_split(data, split_path(params.data.splits_root, "demo", 0.1, 0), 0.1, 0, 0.1)
     meta = embed(params, "demo")
     assert meta["done"] == {"train": 48, "Demo-Kvasir": 6, "Demo-Colon": 6}
-    summaries = {m: train_run(params, RunId(m, "demo", 0.1, 0), runs_root=work / "runs", progress=False)
-                 for m in params.methods}
+    summaries = {
+        m: train_run(params, RunId(m, "demo", 0.1, 0), runs_root=work / "runs", progress=False) for m in params.methods
+    }
     return params, work, data, summaries
 
 
@@ -182,10 +213,13 @@ def test_teacher_rows_of_knowsam_and_skd_decode_the_cached_test_embeddings(cache
     from knowsam.runs import RunId, build_method
 
     params, work, data, _ = cached_teacher_runs
-    summaries = evaluate_group(params, "demo", 0.1, 0, runs_root=work / "runs", eval_root=work / "eval",
-                               metrics_root=work / "metrics")
-    cache = embedding_cache.open_cache(work / "emb" / "demo", {**embedding_cache.identity(
-        data, "tiny", summaries["knowsam"]["provenance"]["sam_weights"]), "bf16": False})
+    summaries = evaluate_group(
+        params, "demo", 0.1, 0, runs_root=work / "runs", eval_root=work / "eval", metrics_root=work / "metrics"
+    )
+    cache = embedding_cache.open_cache(
+        work / "emb" / "demo",
+        {**embedding_cache.identity(data, "tiny", summaries["knowsam"]["provenance"]["sam_weights"]), "bf16": False},
+    )
     for name in ("knowsam", "mt+skd"):
         assert set(summaries[name]["variants"]) == {"sam"}
         assert set(summaries[name]["variants"]["sam"]) == {"Demo-Kvasir", "Demo-Colon"}

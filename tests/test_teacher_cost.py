@@ -41,8 +41,9 @@ def previous_decode(t: SamTeacher, emb: torch.Tensor, dense_logits: torch.Tensor
     K times, SAM's own convolution stacks, a graph through every row."""
     b, k = emb.shape[0], t.num_classes
     sparse = torch.stack([head(emb) for head in t.prompt_heads], dim=1)
-    masks = F.interpolate(dense_logits.detach(), size=t.prompt_encoder.mask_input_size, mode="bilinear",
-                          align_corners=False)
+    masks = F.interpolate(
+        dense_logits.detach(), size=t.prompt_encoder.mask_input_size, mode="bilinear", align_corners=False
+    )
     dense = t.prompt_encoder.mask_downscaling(masks.reshape(b * k, 1, *masks.shape[-2:]))
     dec, n, c, e = t.mask_decoder, b * k, emb.shape[1], emb.shape[-1]
     output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
@@ -51,8 +52,9 @@ def previous_decode(t: SamTeacher, emb: torch.Tensor, dense_logits: torch.Tensor
     hs, src = dec.transformer(src, t.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1), tokens)
     upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(n, c, e, e))
     low = torch.einsum("nc,nchw->nhw", dec.output_hypernetworks_mlps[0](hs[:, 1, :]), upscaled)
-    return F.interpolate(low.view(b, k, 4 * e, 4 * e), size=(t.image_size, t.image_size), mode="bilinear",
-                         align_corners=False)
+    return F.interpolate(
+        low.view(b, k, 4 * e, 4 * e), size=(t.image_size, t.image_size), mode="bilinear", align_corners=False
+    )
 
 
 def trainable_grads(loss: torch.Tensor, module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -102,9 +104,16 @@ def test_decode_equals_the_previous_path_outputs_and_gradients(arch, size):
 
 
 def _knowsam(encoder: str, seed: int = 0):
-    ctx = MethodContext(in_channels=3, num_classes=2, image_size=32, iterations=10, train=TrainParams(lr=0.01),
-                        sam=SamParams(arch="tiny", checkpoint="none", encoder=encoder), device=torch.device("cpu"),
-                        seed=seed)
+    ctx = MethodContext(
+        in_channels=3,
+        num_classes=2,
+        image_size=32,
+        iterations=10,
+        train=TrainParams(lr=0.01),
+        sam=SamParams(arch="tiny", checkpoint="none", encoder=encoder),
+        device=torch.device("cpu"),
+        seed=seed,
+    )
     torch.manual_seed(seed)
     method = get_method("knowsam")(ctx, method_params("knowsam", {"mixed_iterations": 0.0}))
     method.train()
@@ -141,19 +150,33 @@ def test_knowsam_step_equals_the_previous_path(encoder, monkeypatch):
     assert old.mixing_at(step) and logged["unet_mix"] > 0
     for net in old.nets:
         got = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in new.nets[net].named_parameters()}
-        assert_same_grads(got, {n: torch.zeros_like(p) if p.grad is None else p.grad
-                                for n, p in old.nets[net].named_parameters()})
+        assert_same_grads(
+            got, {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in old.nets[net].named_parameters()}
+        )
 
 
 def test_skd_shares_the_teacher_path_and_trains_the_encoder_adapters():
     method = get_method("mt+skd")
-    ctx = MethodContext(in_channels=3, num_classes=2, image_size=32, iterations=10, train=TrainParams(lr=0.01),
-                        sam=SamParams(arch="tiny", checkpoint="none"), device=torch.device("cpu"), seed=0)
+    ctx = MethodContext(
+        in_channels=3,
+        num_classes=2,
+        image_size=32,
+        iterations=10,
+        train=TrainParams(lr=0.01),
+        sam=SamParams(arch="tiny", checkpoint="none"),
+        device=torch.device("cpu"),
+        seed=0,
+    )
     m = method(ctx, method_params("mt+skd", {}))
     m.train()
     seen, decode = [], SamTeacher.decode
-    with mock.patch.object(SamTeacher, "decode", lambda self, emb, dense, grad_rows=None:
-                           seen.append((len(emb), grad_rows)) or decode(self, emb, dense, grad_rows)):
+    with mock.patch.object(
+        SamTeacher,
+        "decode",
+        lambda self, emb, dense, grad_rows=None: (
+            seen.append((len(emb), grad_rows)) or decode(self, emb, dense, grad_rows)
+        ),
+    ):
         m.train_step(_batch("adapters"), 1)
     assert seen == [(4, 2)]  # the whole batch decoded at once, a graph on the 2 labeled rows
     adapters = [p.grad for n, p in m.sam.named_parameters() if n.startswith("image_encoder.") and p.requires_grad]
@@ -199,12 +222,16 @@ def test_bf16_teacher_is_close_to_float32_and_returns_float32():
     assert 0 < diff < 0.1, diff  # bfloat16's 8-bit mantissa: about 1e-2 relative, not the same numbers
 
 
-@pytest.mark.parametrize("value, pattern", [
-    (0, r"'sam.prompt_grid' must be a positive integer or 'full', got 0"),
-    ("half", r"'sam.prompt_grid' must be a positive integer or 'full', got 'half'"),
-    (16.0, r"'sam.prompt_grid' must be int or str, got 16.0"),
-    (True, r"'sam.prompt_grid' must be int or str, got True"),
-], ids=["zero", "word", "float", "bool"])
+@pytest.mark.parametrize(
+    "value, pattern",
+    [
+        (0, r"'sam.prompt_grid' must be a positive integer or 'full', got 0"),
+        ("half", r"'sam.prompt_grid' must be a positive integer or 'full', got 'half'"),
+        (16.0, r"'sam.prompt_grid' must be int or str, got 16.0"),
+        (True, r"'sam.prompt_grid' must be int or str, got True"),
+    ],
+    ids=["zero", "word", "float", "bool"],
+)
 def test_bad_prompt_grid_is_one_line_naming_the_key(tmp_path, cli, value, pattern):  # noqa: F811
     ws = tmp_path / "ws"
     write_params(ws, params_dict(sam={"prompt_grid": value}))
@@ -221,29 +248,56 @@ def test_bad_amp_bf16_is_one_line_naming_the_key(tmp_path, cli):  # noqa: F811
 def test_options_are_in_the_run_identity_and_the_leaderboard_note():
     params = config.parse(params_dict())
     run = RunId("knowsam", "demo", 0.1, 0)
-    hashes = {config_hash(run_config(dataclasses.replace(params, sam=dataclasses.replace(params.sam, **change)), run))
-              for change in ({}, {"prompt_grid": "full"}, {"prompt_grid": 8}, {"amp_bf16": True})}
+    hashes = {
+        config_hash(run_config(dataclasses.replace(params, sam=dataclasses.replace(params.sam, **change)), run))
+        for change in ({}, {"prompt_grid": "full"}, {"prompt_grid": 8}, {"amp_bf16": True})
+    }
     assert len(hashes) == 4
-    ctx = MethodContext(in_channels=3, num_classes=2, image_size=64, iterations=10, train=TrainParams(),
-                        sam=SamParams(arch="lite_medsam", checkpoint="none", amp_bf16=True),
-                        device=torch.device("cpu"), seed=0)
+    ctx = MethodContext(
+        in_channels=3,
+        num_classes=2,
+        image_size=64,
+        iterations=10,
+        train=TrainParams(),
+        sam=SamParams(arch="lite_medsam", checkpoint="none", amp_bf16=True),
+        device=torch.device("cpu"),
+        seed=0,
+    )
     provenance = get_method("knowsam")(ctx, method_params("knowsam", {})).provenance()
     assert provenance["sam_options"] == "prompt heads on the 64x64 embedding pooled to 16x16, bf16 autocast"
-    rows = pd.DataFrame([{"variant": "", "method": "knowsam", "sam_arch": "lite_medsam",
-                          "sam_weights": "lite_medsam.pth sha256 79d8c9dca6db", "sam_encoder": "cached",
-                          "sam_options": provenance["sam_options"]}])
-    assert _sam_note(rows) == ("SAM teacher weights: `lite_medsam` lite_medsam.pth sha256 79d8c9dca6db, frozen "
-                               "encoder, embeddings cached, prompt heads on the 64x64 embedding pooled to 16x16, "
-                               "bf16 autocast (knowsam).")
+    rows = pd.DataFrame(
+        [
+            {
+                "variant": "",
+                "method": "knowsam",
+                "sam_arch": "lite_medsam",
+                "sam_weights": "lite_medsam.pth sha256 79d8c9dca6db",
+                "sam_encoder": "cached",
+                "sam_options": provenance["sam_options"],
+            }
+        ]
+    )
+    assert _sam_note(rows) == (
+        "SAM teacher weights: `lite_medsam` lite_medsam.pth sha256 79d8c9dca6db, frozen "
+        "encoder, embeddings cached, prompt heads on the 64x64 embedding pooled to 16x16, "
+        "bf16 autocast (knowsam)."
+    )
 
 
 def test_compile_covers_the_mask_decoding_of_every_teacher():
     for name in ("knowsam", "mt+skd"):
-        ctx = MethodContext(in_channels=3, num_classes=2, image_size=32, iterations=10, train=TrainParams(),
-                            sam=SamParams(arch="tiny", checkpoint="none"), device=torch.device("cpu"), seed=0)
+        ctx = MethodContext(
+            in_channels=3,
+            num_classes=2,
+            image_size=32,
+            iterations=10,
+            train=TrainParams(),
+            sam=SamParams(arch="tiny", checkpoint="none"),
+            device=torch.device("cpu"),
+            seed=0,
+        )
         method = get_method(name)(ctx, method_params(name, {}))
-        with mock.patch.object(SamTeacher, "compile") as compile_teacher, \
-                mock.patch.object(torch.nn.Module, "compile"):
+        with mock.patch.object(SamTeacher, "compile") as compile_teacher, mock.patch.object(torch.nn.Module, "compile"):
             apply_speed_options(method, TrainParams(compile=True))
         assert compile_teacher.call_count == 1, name
     torch.manual_seed(0)
@@ -275,14 +329,27 @@ def test_plan_profile_breaks_steps_into_parts_beside_labeled_only(demo_prepared,
 
     monkeypatch.chdir(tmp_path)
     params = write_params(tmp_path, params_dict(str(demo_prepared / "data/prepared")))
-    code = main(["plan", "--params", str(params), "--profile", "--json", "--steps", "1",
-                 "--set", "methods=[knowsam, mt+skd]", "--set", "train.threads=1"])
+    code = main(
+        [
+            "plan",
+            "--params",
+            str(params),
+            "--profile",
+            "--json",
+            "--steps",
+            "1",
+            "--set",
+            "methods=[knowsam, mt+skd]",
+            "--set",
+            "train.threads=1",
+        ]
+    )
     assert code == 0
     plan = json.loads(capsys.readouterr().out)
     assert [m["method"] for m in plan["methods"]] == ["knowsam", "mt+skd"]
     rows = {m["method"]: m for m in plan["breakdown"]["methods"]}
     assert list(rows) == ["labeled-only", "knowsam", "mt+skd"] and plan["breakdown"]["reference"] == "labeled-only"
-    for name, row in rows.items():
+    for row in rows.values():
         assert row["vs_reference"] == pytest.approx(row["step_s"] / rows["labeled-only"]["step_s"], abs=0.02)
         assert sum(row["parts"].values()) == pytest.approx(row["step_s"], abs=2e-3)  # the parts make up the step
     assert set(step_timing.TEACHER_PARTS) - {step_timing.TEACHER_ENCODER} <= set(rows["knowsam"]["parts"])
@@ -291,13 +358,16 @@ def test_plan_profile_breaks_steps_into_parts_beside_labeled_only(demo_prepared,
     assert {m["method"]: m["step_s"] for m in plan["methods"]} == {n: rows[n]["step_s"] for n in ("knowsam", "mt+skd")}
 
 
-@pytest.mark.parametrize("item, pattern", [
-    ("train.threads", r"--set 'train.threads': write KEY=VALUE, e.g. train.threads=2"),
-    ("train.thread=2", r"params: unknown key 'train.thread'"),
-    ("sam.prompt_grid=0", r"params: 'sam.prompt_grid' must be a positive integer or 'full', got 0"),
-], ids=["no-equals", "unknown-key", "bad-value"])
+@pytest.mark.parametrize(
+    "item, pattern",
+    [
+        ("train.threads", r"--set 'train.threads': write KEY=VALUE, e.g. train.threads=2"),
+        ("train.thread=2", r"params: unknown key 'train.thread'"),
+        ("sam.prompt_grid=0", r"params: 'sam.prompt_grid' must be a positive integer or 'full', got 0"),
+    ],
+    ids=["no-equals", "unknown-key", "bad-value"],
+)
 def test_plan_set_errors_are_one_line(tmp_path, cli, item, pattern):  # noqa: F811
     ws = tmp_path / "ws"
     write_params(ws, params_dict())
     one_line(*cli(ws, "plan", "--set", item), 2, pattern)
-

@@ -11,8 +11,8 @@ import torch
 
 from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
-from knowsam.losses import ce_dice_loss
 from knowsam.evaluate import training_history
+from knowsam.losses import ce_dice_loss
 from knowsam.runs import RunId, build_method
 from knowsam.train import train_run
 from tests.conftest import small_params
@@ -36,8 +36,16 @@ def test_one_step_lowers_the_loss_on_its_batch(workspace):
     torch.manual_seed(0)
     method = build_method(params, run, data, torch.device("cpu"))
     split = read_split(split_path(params.data.splits_root, "demo", 0.1, 0), data)
-    stream = TrainStream(data, split, label_pool="all", uses_unlabeled=False, batch_size=8, labeled_batch=8,
-                         seed=0, device=torch.device("cpu"))
+    stream = TrainStream(
+        data,
+        split,
+        label_pool="all",
+        uses_unlabeled=False,
+        batch_size=8,
+        labeled_batch=8,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     batch = stream.next_batch()
     net = method.nets["unet"]
 
@@ -141,8 +149,12 @@ def test_freed_memory_is_reused_without_new_page_faults():
         "for _ in range(5): torch.ones(16 << 20)\n"
         "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
     )
-    runs = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
-            .stdout.split() for mode in ("default", "keep")}
+    runs = {
+        mode: subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for mode in ("default", "keep")
+    }
     if runs["keep"][0] != "True":
         pytest.skip("not glibc: the allocator keeps its own behaviour")
     block = (64 << 20) // 4096

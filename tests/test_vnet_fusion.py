@@ -77,8 +77,10 @@ def test_vnet_kaiming_normal_init():
 
 def _branch_inputs(fusion: Fusion, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
-    hooks = [getattr(fusion, name).register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
-             for name in ("agreement", "certainty", "logits", "head")]
+    hooks = [
+        getattr(fusion, name).register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
+        for name in ("agreement", "certainty", "logits", "head")
+    ]
     fusion(a, b)
     for hook in hooks:
         hook.remove()

@@ -31,10 +31,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from knowsam.data.extract import safe_extract
 from knowsam.data.sources import MIRROR_ENV, Archive, DatasetSpec, get_dataset, mirror_folder

@@ -22,15 +22,17 @@ def _per_image(gen: torch.Generator, n: int) -> torch.Tensor:
     return torch.rand(n, generator=gen)
 
 
-def weak_augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                 jitter: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def weak_augment(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, jitter: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random h/v flip, k*90 rotation and brightness/contrast jitter, per image, labels moved alike."""
     x, y, _ = weak_augment_with_geometry(x, y, gen, jitter)
     return x, y
 
 
-def weak_augment_with_geometry(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                               jitter: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, ViewGeometry]:
+def weak_augment_with_geometry(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, jitter: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor, ViewGeometry]:
     """``weak_augment`` and the flips and rotation it drew for each row."""
     n = len(x)
     if n == 0:
@@ -58,8 +60,7 @@ def weak_augment_with_geometry(x: torch.Tensor, y: torch.Tensor, gen: torch.Gene
     return x.contiguous(), y.contiguous(), ViewGeometry(hflip, vflip, rot)
 
 
-def strong_augment(x: torch.Tensor, gen: torch.Generator, strength: float = 0.3,
-                   noise: float = 0.05) -> torch.Tensor:
+def strong_augment(x: torch.Tensor, gen: torch.Generator, strength: float = 0.3, noise: float = 0.05) -> torch.Tensor:
     """Photometric perturbation per image: brightness, contrast, gamma and Gaussian noise."""
     n = len(x)
     if n == 0:
@@ -82,8 +83,9 @@ def _shift_scale_rotate():
     """The official ``ShiftScaleRotate(0.0625, 0.05, 10)`` as albumentations 2 writes it."""
     import albumentations as A
 
-    return A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.95, 1.05), rotate=(-10, 10), border_mode=_REFLECT,
-                    p=0.5)
+    return A.Affine(
+        translate_percent=(-0.0625, 0.0625), scale=(0.95, 1.05), rotate=(-10, 10), border_mode=_REFLECT, p=0.5
+    )
 
 
 def official_weak_pipeline(image_size: int):
@@ -91,14 +93,22 @@ def official_weak_pipeline(image_size: int):
     import albumentations as A
 
     hole = max(1, image_size // 20)
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomBrightnessContrast(p=0.2),
-        _shift_scale_rotate(),
-        A.CoarseDropout(num_holes_range=(5, 8), hole_height_range=(hole, hole), hole_width_range=(hole, hole),
-                        fill=0, fill_mask=0, p=0.5),
-    ])
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomBrightnessContrast(p=0.2),
+            _shift_scale_rotate(),
+            A.CoarseDropout(
+                num_holes_range=(5, 8),
+                hole_height_range=(hole, hole),
+                hole_width_range=(hole, hole),
+                fill=0,
+                fill_mask=0,
+                p=0.5,
+            ),
+        ]
+    )
 
 
 def official_strong_pipeline(image_size: int):
@@ -116,17 +126,30 @@ def official_strong_pipeline(image_size: int):
     from knowsam.data.three_point_affine import ThreePointAffine
 
     hole = 256 // 20
-    elastic = A.Sequential([ThreePointAffine(alpha_affine=50 * image_size / 256, border_mode=_REFLECT),
-                            A.ElasticTransform(alpha=1, sigma=50, border_mode=_REFLECT, p=1.0)], p=1.0)
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomBrightnessContrast(p=0.6),
-        _shift_scale_rotate(),
-        A.OneOf([A.GridDistortion(num_steps=5, distort_limit=0.05, border_mode=_REFLECT, p=1.0), elastic], p=0.5),
-        A.CoarseDropout(num_holes_range=(10, 20), hole_height_range=(hole, hole), hole_width_range=(hole, hole),
-                        fill=0, fill_mask=0, p=0.7),
-    ])
+    elastic = A.Sequential(
+        [
+            ThreePointAffine(alpha_affine=50 * image_size / 256, border_mode=_REFLECT),
+            A.ElasticTransform(alpha=1, sigma=50, border_mode=_REFLECT, p=1.0),
+        ],
+        p=1.0,
+    )
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomBrightnessContrast(p=0.6),
+            _shift_scale_rotate(),
+            A.OneOf([A.GridDistortion(num_steps=5, distort_limit=0.05, border_mode=_REFLECT, p=1.0), elastic], p=0.5),
+            A.CoarseDropout(
+                num_holes_range=(10, 20),
+                hole_height_range=(hole, hole),
+                hole_width_range=(hole, hole),
+                fill=0,
+                fill_mask=0,
+                p=0.7,
+            ),
+        ]
+    )
 
 
 class WeakStrongAugment:
@@ -149,8 +172,9 @@ class WeakStrongAugment:
         self.strong = A.Compose(official_strong_pipeline(image_size).transforms, save_applied_params=True)
         self.geometry = ViewGeometry.identity(0)
 
-    def __call__(self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         self.weak.set_random_seed(seed)
         self.strong.set_random_seed(seed + 1)
@@ -165,9 +189,11 @@ class WeakStrongAugment:
     def _geometry(self, results: list[dict]) -> ViewGeometry:
         rows = [warp_from_albumentations(r["applied_transforms"], self.image_size) for r in results]
         n = len(rows)
-        geometry = ViewGeometry(torch.tensor([r[0] for r in rows], dtype=torch.bool).reshape(n),
-                                torch.tensor([r[1] for r in rows], dtype=torch.bool).reshape(n),
-                                torch.zeros(n, dtype=torch.int64))
+        geometry = ViewGeometry(
+            torch.tensor([r[0] for r in rows], dtype=torch.bool).reshape(n),
+            torch.tensor([r[1] for r in rows], dtype=torch.bool).reshape(n),
+            torch.zeros(n, dtype=torch.int64),
+        )
         if any(r[2] is not None for r in rows):
             identity = identity_map(1, self.image_size)[0]
             geometry.warp = torch.stack([torch.from_numpy(r[2]) if r[2] is not None else identity for r in rows])

@@ -73,8 +73,10 @@ class PreparedDataset:
             raise KnowsamError(f"{path}: unreadable ({type(exc).__name__}); re-run the prepare stage") from None
         version = meta.get("format_version") if isinstance(meta, dict) else None
         if version != FORMAT_VERSION:
-            raise KnowsamError(f"{path}: prepared with format version {version}, "
-                               f"this version reads {FORMAT_VERSION}; re-run the prepare stage")
+            raise KnowsamError(
+                f"{path}: prepared with format version {version}, "
+                f"this version reads {FORMAT_VERSION}; re-run the prepare stage"
+            )
         return meta
 
     @property
@@ -108,13 +110,15 @@ class PreparedDataset:
 
     def _read(self, name: str, reader, **kwargs):
         """A file of the prepared dataset; a missing or damaged one is a one-line error."""
-        self.meta  # a dataset that was never prepared (or is of another format) says so first
+        _ = self.meta  # a dataset that was never prepared (or is of another format) says so first
         path = self.root / name
         try:
             return reader(path, **kwargs)
         # np.load: ValueError on a bad header, EOFError on an empty file (which typer would turn into "Aborted!")
         except (OSError, ValueError, EOFError, pd.errors.ParserError) as exc:
-            raise KnowsamError(f"{path}: missing or unreadable ({type(exc).__name__}); re-run the prepare stage") from None
+            raise KnowsamError(
+                f"{path}: missing or unreadable ({type(exc).__name__}); re-run the prepare stage"
+            ) from None
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

@@ -125,13 +125,16 @@ def find_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]
         try:
             path.name.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes come back as surrogates
-            raise KnowsamError(f"{path.parent}: file name {os.fsencode(path.name)!r} is not valid UTF-8; "
-                               "rename it") from None
+            raise KnowsamError(
+                f"{path.parent}: file name {os.fsencode(path.name)!r} is not valid UTF-8; rename it"
+            ) from None
     paired = {stem: masks.get(stem) or masks.get(f"p{stem}") for stem in images}
     missing = sorted(stem for stem, mask in paired.items() if mask is None)
     if missing:
-        raise KnowsamError(f"{images[missing[0]]}: no mask named {missing[0]} or p{missing[0]} in {masks_dir} "
-                           f"({len(missing)} frame(s) without a mask)")
+        raise KnowsamError(
+            f"{images[missing[0]]}: no mask named {missing[0]} or p{missing[0]} in {masks_dir} "
+            f"({len(missing)} frame(s) without a mask)"
+        )
     return [(stem, images[stem], paired[stem]) for stem in sorted(images, key=_natural_key)]
 
 
@@ -145,8 +148,10 @@ def load_pair(args: tuple[str, Path, Path, int, str]) -> PairResult:
     mask = open_mask(mask_path)
     binary = decode_mask(mask, source=mask_path)
     if binary.shape != image.shape[:2]:
-        raise KnowsamError(f"{mask_path}: mask size {binary.shape[1]}x{binary.shape[0]} differs from "
-                           f"its image's {image.shape[1]}x{image.shape[0]}")
+        raise KnowsamError(
+            f"{mask_path}: mask size {binary.shape[1]}x{binary.shape[0]} differs from "
+            f"its image's {image.shape[1]}x{image.shape[0]}"
+        )
     levels = grey_levels(mask, source=mask_path)
     nonbinary = 0 if levels is None else int(np.count_nonzero((levels != 0) & (levels != 255)))
     return PairResult(
@@ -172,9 +177,11 @@ def _stats(results: list[PairResult]) -> dict:
     return {
         "n": len(results),
         "sizes": dict(sizes.most_common()),
-        "foreground_fraction": {"mean": float(fg.mean()) if len(fg) else 0.0,
-                                "min": float(fg.min()) if len(fg) else 0.0,
-                                "max": float(fg.max()) if len(fg) else 0.0},
+        "foreground_fraction": {
+            "mean": float(fg.mean()) if len(fg) else 0.0,
+            "min": float(fg.min()) if len(fg) else 0.0,
+            "max": float(fg.max()) if len(fg) else 0.0,
+        },
         "empty_masks": int(sum(r.mask_orig.max() == 0 for r in results)),
         "nonbinary_masks": int(sum(r.nonbinary_pixels > 0 for r in results)),
     }
@@ -195,8 +202,16 @@ def _empty_mask_problems(pairs: list[tuple[str, Path, Path]], results: list[Pair
     return check_empty_share(mask_paths[0].parent, mask_paths, [not r.mask_orig.any() for r in results], open_mask)
 
 
-def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, interpolation: str,
-                   test_sets: list[str] | None = None, workers: int = 2) -> dict:
+def prepare_frames(
+    raw: Path,
+    out: Path,
+    spec: DatasetSpec,
+    *,
+    image_size: int,
+    interpolation: str,
+    test_sets: list[str] | None = None,
+    workers: int = 2,
+) -> dict:
     """Prepare ``raw/TrainDataset`` and each available ``raw/TestDataset/<set>`` into ``out``.
 
     ``test_sets`` picks the test sets and their order (default: ``ordered_test_sets``). Output
@@ -204,8 +219,10 @@ def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, 
     preparation never leaves a half-prepared dataset behind.
     """
     if (spec.kind, spec.in_channels, spec.num_classes) != ("2d", 3, 2):
-        raise KnowsamError(f"dataset {spec.name!r}: the frames reader reads 2D RGB frames with binary masks, "
-                           f"not kind {spec.kind} with {spec.in_channels} channel(s) and {spec.num_classes} classes")
+        raise KnowsamError(
+            f"dataset {spec.name!r}: the frames reader reads 2D RGB frames with binary masks, "
+            f"not kind {spec.kind} with {spec.in_channels} channel(s) and {spec.num_classes} classes"
+        )
     if test_sets is None:
         test_sets = ordered_test_sets(spec, raw)
     with fileio.atomic_dir(out, writer="knowsam-bench prepare") as tmp:
@@ -214,9 +231,12 @@ def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, 
         problems = _empty_mask_problems(train_pairs, train)
         write_npy(tmp / "train_images.npy", np.stack([r.image for r in train]))
         write_npy(tmp / "train_masks.npy", np.stack([r.mask_small for r in train]))
-        fileio.write_text(tmp / "train_index.csv",
-                      pd.DataFrame({"name": [r.name for r in train], "case": [spec.case_of(r.name) for r in train]})
-                      .to_csv(index=False))
+        fileio.write_text(
+            tmp / "train_index.csv",
+            pd.DataFrame({"name": [r.name for r in train], "case": [spec.case_of(r.name) for r in train]}).to_csv(
+                index=False
+            ),
+        )
         fingerprint = {"train": _stats(train), "test_sets": {}, "unavailable": [], "problems": problems}
         train_hashes = {r.image_sha256: r.name for r in train}
         available = []
@@ -230,25 +250,43 @@ def prepare_frames(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, 
             fingerprint["problems"] += _empty_mask_problems(pairs, results)
             slug = part_slug(test_set)
             write_npy(tmp / f"{slug}_images.npy", np.stack([r.image for r in results]))
-            index = pd.DataFrame({
-                "name": [r.name for r in results], "case": [r.name for r in results], "slice": 0,
-                "orig_h": [r.mask_orig.shape[0] for r in results], "orig_w": [r.mask_orig.shape[1] for r in results],
-                "spacing_z": 1.0, "spacing_y": 1.0, "spacing_x": 1.0,
-            })
+            index = pd.DataFrame(
+                {
+                    "name": [r.name for r in results],
+                    "case": [r.name for r in results],
+                    "slice": 0,
+                    "orig_h": [r.mask_orig.shape[0] for r in results],
+                    "orig_w": [r.mask_orig.shape[1] for r in results],
+                    "spacing_z": 1.0,
+                    "spacing_y": 1.0,
+                    "spacing_x": 1.0,
+                }
+            )
             fileio.write_text(tmp / f"{slug}_index.csv", index.to_csv(index=False))
             write_npz(tmp / f"{slug}_gt.npz", {r.name: r.mask_orig for r in results})
             stats = _stats(results)
-            dupes = sorted(f"{test_set}/{r.name} == train/{train_hashes[r.image_sha256]}"
-                           for r in results if r.image_sha256 in train_hashes)
+            dupes = sorted(
+                f"{test_set}/{r.name} == train/{train_hashes[r.image_sha256]}"
+                for r in results
+                if r.image_sha256 in train_hashes
+            )
             stats["duplicates_of_train"] = len(dupes)
             fingerprint["problems"] += [f"cross-set duplicate: {d}" for d in dupes]
             fingerprint["test_sets"][test_set] = stats
             available.append(test_set)
         meta = {
-            "format_version": FORMAT_VERSION, "dataset": spec.name, "num_classes": spec.num_classes,
-            "in_channels": spec.in_channels, "class_names": list(spec.class_names), "image_size": image_size,
-            "interpolation": interpolation, "kind": spec.kind, "train": len(train), "test_sets": {s: fingerprint["test_sets"][s]["n"] for s in available},
-            "unavailable": fingerprint["unavailable"], "has_val": False,
+            "format_version": FORMAT_VERSION,
+            "dataset": spec.name,
+            "num_classes": spec.num_classes,
+            "in_channels": spec.in_channels,
+            "class_names": list(spec.class_names),
+            "image_size": image_size,
+            "interpolation": interpolation,
+            "kind": spec.kind,
+            "train": len(train),
+            "test_sets": {s: fingerprint["test_sets"][s]["n"] for s in available},
+            "unavailable": fingerprint["unavailable"],
+            "has_val": False,
         }
         fileio.write_json(tmp / "fingerprint.json", fingerprint)
         fileio.write_json(tmp / "meta.json", meta)

@@ -63,8 +63,13 @@ class ViewGeometry:
             size = next(p.warp.shape[1] for p in parts if p.warp is not None)
             warp = torch.cat([p.warp if p.warp is not None else identity_map(len(p), size) for p in parts])
             unwarp = torch.cat([p.unwarp if p.warp is not None else identity_map(len(p), size) for p in parts])
-        return ViewGeometry(torch.cat([p.hflip for p in parts]), torch.cat([p.vflip for p in parts]),
-                            torch.cat([p.rot for p in parts]), warp, unwarp)
+        return ViewGeometry(
+            torch.cat([p.hflip for p in parts]),
+            torch.cat([p.vflip for p in parts]),
+            torch.cat([p.rot for p in parts]),
+            warp,
+            unwarp,
+        )
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
         """Move maps (B, C, S, S) from the image's own frame to the augmented view (differentiable)."""
@@ -95,8 +100,9 @@ def _per_row(t: torch.Tensor, rows: torch.Tensor, op) -> torch.Tensor:
 
 def identity_map(n: int, size: int) -> torch.Tensor:
     """(n, S, S, 2) pixel coordinates (x, y) of every pixel."""
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     return torch.stack([xs, ys], -1).expand(n, size, size, 2).clone()
 
 
@@ -121,14 +127,16 @@ def invert_map(pixel_map: torch.Tensor) -> torch.Tensor:
     p = target.clone()
     channels_first = pixel_map.permute(0, 3, 1, 2)
     for _ in range(INVERSE_STEPS):
-        at_p = F.grid_sample(channels_first, (2 * p + 1) / size - 1, mode="bilinear", padding_mode="border",
-                             align_corners=False).permute(0, 2, 3, 1)
+        at_p = F.grid_sample(
+            channels_first, (2 * p + 1) / size - 1, mode="bilinear", padding_mode="border", align_corners=False
+        ).permute(0, 2, 3, 1)
         p = p + (target - at_p)
     return p
 
 
-def warp_from_albumentations(applied: list[tuple[str, dict]], size: int
-                             ) -> tuple[bool, bool, np.ndarray | None, np.ndarray | None]:
+def warp_from_albumentations(
+    applied: list[tuple[str, dict]], size: int
+) -> tuple[bool, bool, np.ndarray | None, np.ndarray | None]:
     """(hflip, vflip, warp, unwarp) from a ``Compose(save_applied_params=True)`` result's ``applied_transforms``.
 
     Flips are read in order; an affine step (``Affine``, ``ThreePointAffine``) contributes its

@@ -31,21 +31,25 @@ def image_files(folder: Path) -> dict[str, Path]:
         if is_hidden(path):
             continue
         if path.is_symlink() and not path.exists():  # would be skipped as "not a file": a frame silently lost
-            raise KnowsamError(f"{path}: broken symbolic link (to {os.readlink(path)!r}, which does not exist); "
-                               "restore its target or remove the link")
+            raise KnowsamError(
+                f"{path}: broken symbolic link (to {os.readlink(path)!r}, which does not exist); "
+                "restore its target or remove the link"
+            )
         if not path.is_file():
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             others.append(path.name)
         elif path.stem in images:
-            raise KnowsamError(f"{folder}: {images[path.stem].name} and {path.name} share the stem {path.stem!r}; "
-                               "keep one of them")
+            raise KnowsamError(
+                f"{folder}: {images[path.stem].name} and {path.name} share the stem {path.stem!r}; keep one of them"
+            )
         else:
             images[path.stem] = path
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise KnowsamError(f"{folder}: {len(others)} file(s) in no image format this version reads: {shown}; "
-                           "convert or remove them")
+        raise KnowsamError(
+            f"{folder}: {len(others)} file(s) in no image format this version reads: {shown}; convert or remove them"
+        )
     return images
 
 

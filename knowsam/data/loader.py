@@ -35,7 +35,7 @@ class EpochSampler:
         while n > 0:
             if self.pos == len(self.order):
                 self.order, self.pos = self.rng.permutation(self.indices), 0
-            chunk = self.order[self.pos:self.pos + n]
+            chunk = self.order[self.pos : self.pos + n]
             self.pos += len(chunk)
             n -= len(chunk)
             out.append(chunk)
@@ -73,10 +73,21 @@ class TrainStream:
     the labeled and the unlabeled rows are drawn from; "all" is every training case of the split.
     """
 
-    def __init__(self, data: PreparedDataset, split: dict, *, label_pool: str, uses_unlabeled: bool,
-                 batch_size: int, labeled_batch: int, seed: int, device: torch.device,
-                 augmentation: str = "shared", teacher_embeddings: np.ndarray | None = None,
-                 unlabeled_pool: str = "unlabeled"):
+    def __init__(
+        self,
+        data: PreparedDataset,
+        split: dict,
+        *,
+        label_pool: str,
+        uses_unlabeled: bool,
+        batch_size: int,
+        labeled_batch: int,
+        seed: int,
+        device: torch.device,
+        augmentation: str = "shared",
+        teacher_embeddings: np.ndarray | None = None,
+        unlabeled_pool: str = "unlabeled",
+    ):
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {augmentation!r}; known: {', '.join(AUGMENTATIONS)}")
         index = data.index("train")
@@ -94,17 +105,23 @@ class TrainStream:
         else:
             self.composition = BatchComposition(batch_size, 0)
         if self.composition.unlabeled and not split["unlabeled"]:
-            raise KnowsamError(f"the split at labeled ratio {split['ratio']:g} leaves no unlabeled image for a "
-                               "semi-supervised method; fully-supervised is the all-labels reference")
+            raise KnowsamError(
+                f"the split at labeled ratio {split['ratio']:g} leaves no unlabeled image for a "
+                "semi-supervised method; fully-supervised is the all-labels reference"
+            )
         self.labeled = EpochSampler(rows_of(labeled), seed=seed * 1000 + 1)
-        self.unlabeled = (EpochSampler(rows_of(unlabeled), seed=seed * 1000 + 2)
-                          if self.composition.unlabeled else None)
+        self.unlabeled = EpochSampler(rows_of(unlabeled), seed=seed * 1000 + 2) if self.composition.unlabeled else None
         self.aug_gen = torch.Generator().manual_seed(seed * 1000 + 3)
-        self.weak_strong = (WeakStrongAugment(self.images.shape[-1], record_geometry=teacher_embeddings is not None)
-                            if augmentation == "weak-strong" else None)
+        self.weak_strong = (
+            WeakStrongAugment(self.images.shape[-1], record_geometry=teacher_embeddings is not None)
+            if augmentation == "weak-strong"
+            else None
+        )
         if teacher_embeddings is not None and len(teacher_embeddings) != len(self.images):
-            raise KnowsamError(f"the teacher's embedding cache has {len(teacher_embeddings)} rows for "
-                               f"{len(self.images)} training images: re-run the embed stage")
+            raise KnowsamError(
+                f"the teacher's embedding cache has {len(teacher_embeddings)} rows for "
+                f"{len(self.images)} training images: re-run the embed stage"
+            )
         self.teacher_embeddings = teacher_embeddings
 
     def _load(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +144,8 @@ class TrainStream:
         else:
             n_l = len(x_l)
             x, y, geometry = weak_augment_with_geometry(
-                torch.cat([x_l, x_u]), torch.cat([y_l, y_l[:0].new_zeros((len(x_u),) + y_l.shape[1:])]), self.aug_gen)
+                torch.cat([x_l, x_u]), torch.cat([y_l, y_l[:0].new_zeros((len(x_u),) + y_l.shape[1:])]), self.aug_gen
+            )
             batch = Batch(x_l=x[:n_l].to(dev), y_l=y[:n_l].to(dev), x_u=x[n_l:].to(dev))
         if self.teacher_embeddings is not None:
             rows = np.concatenate([rows_l, rows_u])
@@ -139,9 +157,11 @@ class TrainStream:
         return batch
 
     def state_dict(self) -> dict:
-        return {"labeled": self.labeled.state_dict(),
-                "unlabeled": self.unlabeled.state_dict() if self.unlabeled else None,
-                "aug": self.aug_gen.get_state()}
+        return {
+            "labeled": self.labeled.state_dict(),
+            "unlabeled": self.unlabeled.state_dict() if self.unlabeled else None,
+            "aug": self.aug_gen.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.labeled.load_state_dict(state["labeled"])

@@ -70,8 +70,9 @@ def values_seen(mask: MaskSource) -> str:
     return f"mode {image.mode}, values {shown}{', ...' if len(values) > _MAX_SHOWN else ''}"
 
 
-def check_empty_share(folder: Path, mask_paths: list[Path], empty: list[bool],
-                      open_mask: Callable[[Path], MaskSource]) -> list[str]:
+def check_empty_share(
+    folder: Path, mask_paths: list[Path], empty: list[bool], open_mask: Callable[[Path], MaskSource]
+) -> list[str]:
     """Refuse a set whose masks mostly decode empty; a problems line for any empty mask below the limit."""
     empty_paths = [path for path, is_empty in zip(mask_paths, empty) if is_empty]
     if not empty_paths:
@@ -80,8 +81,9 @@ def check_empty_share(folder: Path, mask_paths: list[Path], empty: list[bool],
     seen = f"e.g. {example.name}: {values_seen(open_mask(example))}"
     share = f"{len(empty_paths)} of {len(mask_paths)} masks decode empty"
     if len(empty_paths) > EMPTY_SHARE_LIMIT * len(mask_paths):
-        raise KnowsamError(f"{folder}: {share} ({seen}); a misread mask encoding? "
-                           "See 'Mask encodings' in docs/datasets.md")
+        raise KnowsamError(
+            f"{folder}: {share} ({seen}); a misread mask encoding? See 'Mask encodings' in docs/datasets.md"
+        )
     return [f"{folder}: {share} ({seen})"]
 
 
@@ -111,8 +113,10 @@ def _levels_or_ids(image: Image.Image, num_classes: int, source) -> tuple[np.nda
         spread = colour.max(axis=2) - colour.min(axis=2)
         if spread.size and spread.max() > GREY_TOLERANCE:
             if num_classes > 2:
-                raise KnowsamError(f"{source}: colour-coded mask for a {num_classes}-class dataset; "
-                                   f"store class ids 0..{num_classes - 1} as grey values")
+                raise KnowsamError(
+                    f"{source}: colour-coded mask for a {num_classes}-class dataset; "
+                    f"store class ids 0..{num_classes - 1} as grey values"
+                )
             return None, (colour > 127).any(axis=2).astype(np.uint8)
     if image.mode not in ("1", "F", *_SIXTEEN_BIT):
         return _by_value(np.asarray(image.convert("L")), num_classes, source)
@@ -126,7 +130,7 @@ def palette_of(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     used = np.flatnonzero(np.bincount(index.ravel(), minlength=256))
     palette = np.zeros((256, 3), np.uint8)
     entries = np.asarray(image.getpalette("RGB") or [], np.uint8).reshape(-1, 3)
-    palette[:len(entries)] = entries
+    palette[: len(entries)] = entries
     return index, palette, used
 
 
@@ -138,8 +142,9 @@ def _palette(image: Image.Image, num_classes: int, source) -> tuple[np.ndarray |
     if num_classes == 2:
         return None, (index != 0).astype(np.uint8)
     if used.max() >= num_classes:
-        raise KnowsamError(f"{source}: palette indices {used.tolist()[:_MAX_SHOWN]} are not all class ids "
-                           f"0..{num_classes - 1}")
+        raise KnowsamError(
+            f"{source}: palette indices {used.tolist()[:_MAX_SHOWN]} are not all class ids 0..{num_classes - 1}"
+        )
     return None, index.astype(np.uint8)
 
 
@@ -152,7 +157,12 @@ def _by_value(values: np.ndarray, num_classes: int, source) -> tuple[np.ndarray 
         present = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
     else:
         present = np.unique(values)
-    if present.size and present.min() >= 0 and present.max() < num_classes and np.array_equal(present, np.rint(present)):
+    if (
+        present.size
+        and present.min() >= 0
+        and present.max() < num_classes
+        and np.array_equal(present, np.rint(present))
+    ):
         return None, values.astype(np.uint8)
     shown = ", ".join(f"{v:g}" for v in present[:_MAX_SHOWN].tolist())
     if num_classes > 2:

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from knowsam.errors import ConfigError, KnowsamError
 
@@ -136,7 +136,9 @@ class DatasetSpec:
             if value not in known:
                 raise ValueError(f"dataset {self.name!r}: {field} {value!r} is not one of {', '.join(known)}")
         if len(self.class_names) != self.num_classes:
-            raise ValueError(f"dataset {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes")
+            raise ValueError(
+                f"dataset {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes"
+            )
 
     def case_of(self, name: str) -> str:
         """The case a training frame or volume belongs to, by the dataset's ``case_rule``."""

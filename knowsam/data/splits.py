@@ -42,19 +42,27 @@ def make_split(data: PreparedDataset, ratio: float, seed: int, val_fraction: flo
     n_val = 0 if own_val else math.floor(val_fraction * n)
     n_lab = min(labeled_count(ratio, n), n - n_val)
     if n_lab < 1:
-        raise KnowsamError(f"{data.root}: {n} training cases leave none to label after holding out {n_val} for validation")
-    labeled, unlabeled = perm[:n_lab], perm[n_lab:n - n_val]
-    validation = perm[n - n_val:] if n_val else []
+        raise KnowsamError(
+            f"{data.root}: {n} training cases leave none to label after holding out {n_val} for validation"
+        )
+    labeled, unlabeled = perm[:n_lab], perm[n_lab : n - n_val]
+    validation = perm[n - n_val :] if n_val else []
     return {
         "version": SPLIT_VERSION,
         "dataset": data.meta["dataset"],
         "ratio": ratio,
         "seed": seed,
         "rounding": ROUNDING_RULE,
-        "validation_source": "dataset val part" if own_val else f"floor({val_fraction} x n_cases) held-out training cases",
-        "counts": {"training_cases": n, "labeled": len(labeled), "unlabeled": len(unlabeled),
-                   "validation": len(validation) if not own_val else int(data.meta.get("val", 0)),
-                   "test": dict(data.meta["test_sets"])},
+        "validation_source": "dataset val part"
+        if own_val
+        else f"floor({val_fraction} x n_cases) held-out training cases",
+        "counts": {
+            "training_cases": n,
+            "labeled": len(labeled),
+            "unlabeled": len(unlabeled),
+            "validation": len(validation) if not own_val else int(data.meta.get("val", 0)),
+            "test": dict(data.meta["test_sets"]),
+        },
         "labeled": sorted(labeled),
         "unlabeled": sorted(unlabeled),
         "validation": sorted(validation),
@@ -78,16 +86,22 @@ def read_split(path: Path, data: PreparedDataset) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise KnowsamError(f"{path}: not a valid JSON split file") from None
     if split.get("version") != SPLIT_VERSION:
-        raise KnowsamError(f"{path}: split version {split.get('version')} is not {SPLIT_VERSION}; re-run the split stage")
+        raise KnowsamError(
+            f"{path}: split version {split.get('version')} is not {SPLIT_VERSION}; re-run the split stage"
+        )
     known = set(data.index("train")["case"])
     for key in ("labeled", "unlabeled", "validation"):
         unknown = [c for c in split.get(key, []) if c not in known]
         leaked = _test_case(data, split.get(key, []), known)
         if leaked:
-            raise KnowsamError(f"{path}: '{key}' names case {leaked[0]!r} of test set {leaked[1]!r}; "
-                               "training and test cases must not overlap")
+            raise KnowsamError(
+                f"{path}: '{key}' names case {leaked[0]!r} of test set {leaked[1]!r}; "
+                "training and test cases must not overlap"
+            )
         if unknown:
-            raise KnowsamError(f"{path}: '{key}' names {len(unknown)} case(s) not in the prepared training set, e.g. {unknown[0]!r}")
+            raise KnowsamError(
+                f"{path}: '{key}' names {len(unknown)} case(s) not in the prepared training set, e.g. {unknown[0]!r}"
+            )
     overlap = set(split["labeled"]) & (set(split["unlabeled"]) | set(split["validation"]))
     if overlap:
         raise KnowsamError(f"{path}: case {sorted(overlap)[0]!r} is both labeled and unlabeled/validation")

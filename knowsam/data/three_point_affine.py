@@ -39,8 +39,9 @@ class ThreePointAffine(A.DualTransform):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
         source = anchor_points(height, width)
-        moved = source + self.random_generator.uniform(-self.alpha_affine, self.alpha_affine,
-                                                       size=source.shape).astype(np.float32)
+        moved = source + self.random_generator.uniform(-self.alpha_affine, self.alpha_affine, size=source.shape).astype(
+            np.float32
+        )
         return {"matrix": np.vstack([cv2.getAffineTransform(source, moved), [0.0, 0.0, 1.0]])}
 
     def apply(self, img: np.ndarray, matrix: np.ndarray, **params: Any) -> np.ndarray:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -52,15 +52,14 @@ PROMISE12_PARTITION: dict[str, tuple[int, ...]] = {
 }
 PROMISE12_PROTOCOL = "case numbers 00-34 training, 35-39 validation, 40-49 test"
 PROMISE12_CLIP_PERCENTILES = (0.5, 99.5)
-PROMISE12_INTENSITY = ("per volume: clipped to its 0.5th-99.5th intensity percentiles, "
-                       "then scaled linearly to [0, 1]")
+PROMISE12_INTENSITY = "per volume: clipped to its 0.5th-99.5th intensity percentiles, then scaled linearly to [0, 1]"
 
 
 @dataclass(frozen=True)
 class Job:
     """One file (or image/label file pair) to read, check and resize; sent to worker processes."""
 
-    reader: Callable[["Job"], tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]
+    reader: Callable[[Job], tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]
     path: Path  # the file named in errors (the image file for pairs)
     label_path: Path | None
     case: str
@@ -119,8 +118,10 @@ def read_h5_pair(job: Job) -> tuple[np.ndarray, np.ndarray, tuple[float, float, 
         raise KnowsamError(f"{job.path}: expected a 2D slice or a 3D volume, got image shape {image.shape}")
     _check_pair(job, image, label)
     if image.size and (image.min() < 0 or image.max() > 1):
-        raise KnowsamError(f"{job.path}: image values span {image.min():g}..{image.max():g}, "
-                           "expected the SSL4MIS normalisation to [0, 1]")
+        raise KnowsamError(
+            f"{job.path}: image values span {image.min():g}..{image.max():g}, "
+            "expected the SSL4MIS normalisation to [0, 1]"
+        )
     return image, label, NO_SPACING
 
 
@@ -208,8 +209,14 @@ def load_stack(job: Job) -> Stack:
     label = label.astype(np.uint8)
     images, masks = resize_volume(image, label, job.size, job.interpolation)
     return Stack(
-        case=job.case, source=str(job.path), first_slice=job.first_slice, images=images, masks=masks,
-        label=label if job.keep_label else None, shape=tuple(label.shape), spacing=spacing,
+        case=job.case,
+        source=str(job.path),
+        first_slice=job.first_slice,
+        images=images,
+        masks=masks,
+        label=label if job.keep_label else None,
+        shape=tuple(label.shape),
+        spacing=spacing,
         label_counts=tuple(int(n) for n in np.bincount(label.ravel(), minlength=job.num_classes)),
         slice_hashes=tuple(hashlib.sha256(np.ascontiguousarray(s).tobytes()).hexdigest() for s in image),
     )
@@ -231,8 +238,10 @@ def part_stats(stacks: list[Stack], class_names: tuple[str, ...]) -> dict:
         cases[s.case].append(s)
     depths = np.array([sum(s.shape[0] for s in group) for group in cases.values()])
     voxels = np.sum([s.label_counts for s in stacks], axis=0) if stacks else np.zeros(len(class_names), int)
-    present = {name: sum(any(s.label_counts[c] for s in group) for group in cases.values())
-               for c, name in enumerate(class_names)}
+    present = {
+        name: sum(any(s.label_counts[c] for s in group) for group in cases.values())
+        for c, name in enumerate(class_names)
+    }
     spacing = np.array([group[0].spacing for group in cases.values()]).reshape(-1, 3)
     sizes = Counter()
     for s in stacks:
@@ -258,12 +267,17 @@ def _summary(values: np.ndarray) -> dict:
 def cross_part_duplicates(train: list[Stack], part: str, stacks: list[Stack]) -> list[str]:
     """Slices of an evaluation part that are byte-identical to a training slice: a leak."""
     seen = {h: f"{s.case} slice {s.first_slice + k}" for s in train for k, h in enumerate(s.slice_hashes)}
-    return sorted(f"{part}/{s.case} slice {k} == train/{seen[h]}"
-                  for s in stacks for k, h in enumerate(s.slice_hashes) if h in seen)
+    return sorted(
+        f"{part}/{s.case} slice {k} == train/{seen[h]}"
+        for s in stacks
+        for k, h in enumerate(s.slice_hashes)
+        if h in seen
+    )
 
 
-def volume_fingerprint(spec: DatasetSpec, *, train: list[Stack], val: list[Stack], test_part: str,
-                       test: list[Stack], problems: list[str]) -> dict:
+def volume_fingerprint(
+    spec: DatasetSpec, *, train: list[Stack], val: list[Stack], test_part: str, test: list[Stack], problems: list[str]
+) -> dict:
     """Per-part statistics plus every soft problem: leaks across parts and volumes without foreground."""
     evaluated = {"val": val, test_part: test}
     stats = {part: part_stats(stacks, spec.class_names) for part, stacks in evaluated.items()}
@@ -272,10 +286,17 @@ def volume_fingerprint(spec: DatasetSpec, *, train: list[Stack], val: list[Stack
         dupes = cross_part_duplicates(train, part, stacks)
         stats[part]["duplicates_of_train"] = len(dupes)
         problems += [f"cross-set duplicate: {d}" for d in dupes]
-        problems += [f"{s.source}: no foreground label in {part} volume {s.case}"
-                     for s in stacks if not any(s.label_counts[1:])]
-    return {"kind": spec.kind, "train": part_stats(train, spec.class_names), "val": stats["val"],
-            "test_sets": {test_part: stats[test_part]}, "unavailable": [], "problems": problems}
+        problems += [
+            f"{s.source}: no foreground label in {part} volume {s.case}" for s in stacks if not any(s.label_counts[1:])
+        ]
+    return {
+        "kind": spec.kind,
+        "train": part_stats(train, spec.class_names),
+        "val": stats["val"],
+        "test_sets": {test_part: stats[test_part]},
+        "unavailable": [],
+        "problems": problems,
+    }
 
 
 # --- writing --------------------------------------------------------------------------
@@ -295,30 +316,67 @@ def _write_eval_part(folder: Path, part: str, stacks: list[Stack], with_masks: b
     write_npy(folder / f"{slug}_images.npy", np.concatenate([s.images for s in stacks]))
     if with_masks:
         write_npy(folder / f"{slug}_masks.npy", np.concatenate([s.masks for s in stacks]))
-    rows = [{"name": f"{s.case}_slice_{k}", "case": s.case, "slice": k, "orig_h": s.shape[1], "orig_w": s.shape[2],
-             "spacing_z": s.spacing[0], "spacing_y": s.spacing[1], "spacing_x": s.spacing[2]}
-            for s in stacks for k in range(s.shape[0])]
+    rows = [
+        {
+            "name": f"{s.case}_slice_{k}",
+            "case": s.case,
+            "slice": k,
+            "orig_h": s.shape[1],
+            "orig_w": s.shape[2],
+            "spacing_z": s.spacing[0],
+            "spacing_y": s.spacing[1],
+            "spacing_x": s.spacing[2],
+        }
+        for s in stacks
+        for k in range(s.shape[0])
+    ]
     fileio.write_text(folder / f"{slug}_index.csv", pd.DataFrame(rows).to_csv(index=False))
     write_npz(folder / f"{slug}_gt.npz", {s.case: s.label for s in stacks})
 
 
-def write_volume_dataset(out: Path, spec: DatasetSpec, *, train: list[Stack], val: list[Stack], test_part: str,
-                         test: list[Stack], image_size: int, interpolation: str, protocol: str, intensity: str,
-                         spacing_unit: str, problems: list[str]) -> dict:
+def write_volume_dataset(
+    out: Path,
+    spec: DatasetSpec,
+    *,
+    train: list[Stack],
+    val: list[Stack],
+    test_part: str,
+    test: list[Stack],
+    image_size: int,
+    interpolation: str,
+    protocol: str,
+    intensity: str,
+    spacing_unit: str,
+    problems: list[str],
+) -> dict:
     """Assemble the prepared folder in a temporary sibling and rename it into place (never half-written)."""
     if (spec.kind, spec.in_channels) != ("3d", 1):
-        raise KnowsamError(f"dataset {spec.name!r}: the volume readers read single-channel 3D volumes, "
-                           f"not kind {spec.kind} with {spec.in_channels} channel(s)")
+        raise KnowsamError(
+            f"dataset {spec.name!r}: the volume readers read single-channel 3D volumes, "
+            f"not kind {spec.kind} with {spec.in_channels} channel(s)"
+        )
     fingerprint = volume_fingerprint(spec, train=train, val=val, test_part=test_part, test=test, problems=problems)
     fingerprint.update(protocol=protocol, intensity=intensity, spacing_unit=spacing_unit)
     meta = {
-        "format_version": FORMAT_VERSION, "dataset": spec.name, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
-        "class_names": list(spec.class_names), "image_size": image_size, "interpolation": interpolation,
-        "label_interpolation": "nearest", "kind": spec.kind, "protocol": protocol, "intensity": intensity,
+        "format_version": FORMAT_VERSION,
+        "dataset": spec.name,
+        "num_classes": spec.num_classes,
+        "in_channels": spec.in_channels,
+        "class_names": list(spec.class_names),
+        "image_size": image_size,
+        "interpolation": interpolation,
+        "label_interpolation": "nearest",
+        "kind": spec.kind,
+        "protocol": protocol,
+        "intensity": intensity,
         "spacing_unit": spacing_unit,
-        "train": fingerprint["train"]["slices"], "train_cases": fingerprint["train"]["cases"],
-        "has_val": True, "val": len(val), "val_slices": fingerprint["val"]["slices"],
-        "test_sets": {test_part: len(test)}, "unavailable": [],
+        "train": fingerprint["train"]["slices"],
+        "train_cases": fingerprint["train"]["cases"],
+        "has_val": True,
+        "val": len(val),
+        "val_slices": fingerprint["val"]["slices"],
+        "test_sets": {test_part: len(test)},
+        "unavailable": [],
     }
     with fileio.atomic_dir(out, writer="knowsam-bench prepare") as tmp:
         _write_train(tmp, spec, train)
@@ -345,8 +403,9 @@ def read_list(path: Path) -> list[str]:
     return names
 
 
-def prepare_acdc(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, interpolation: str,
-                 workers: int = 2) -> dict:
+def prepare_acdc(
+    raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, interpolation: str, workers: int = 2
+) -> dict:
     """ACDC in the SSL4MIS layout: training from train_slices.list, val/test volumes from their lists."""
     common = dict(size=image_size, interpolation=interpolation, num_classes=spec.num_classes)
     slices = []
@@ -363,17 +422,31 @@ def prepare_acdc(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, in
         if bad:
             raise KnowsamError(f"{raw / f'{part}.list'}: {bad[0]!r} is not a volume name patientNNN_frameNN")
         parts[part] = names
-    jobs = [Job(read_h5_pair, _existing(raw / "data" / f"{name}.h5"), None, case, k, False, **common)
-            for case, k, name in slices]
-    jobs += [Job(read_h5_pair, _existing(raw / "data" / f"{case}.h5"), None, case, 0, True, **common)
-             for part in ("val", "test") for case in parts[part]]
+    jobs = [
+        Job(read_h5_pair, _existing(raw / "data" / f"{name}.h5"), None, case, k, False, **common)
+        for case, k, name in slices
+    ]
+    jobs += [
+        Job(read_h5_pair, _existing(raw / "data" / f"{case}.h5"), None, case, 0, True, **common)
+        for part in ("val", "test")
+        for case in parts[part]
+    ]
     stacks = load_all(jobs, workers)
     n_train, n_val = len(slices), len(parts["val"])
     return write_volume_dataset(
-        out, spec, train=stacks[:n_train], val=stacks[n_train:n_train + n_val], test_part=ACDC_TEST_PART,
-        test=stacks[n_train + n_val:], image_size=image_size, interpolation=interpolation, protocol=ACDC_PROTOCOL,
-        intensity="as stored: SSL4MIS min-max scaling to [0, 1]", spacing_unit="voxel (the h5 files store no spacing)",
-        problems=_acdc_problems(raw, spec, {case for case, _, _ in slices}, parts))
+        out,
+        spec,
+        train=stacks[:n_train],
+        val=stacks[n_train : n_train + n_val],
+        test_part=ACDC_TEST_PART,
+        test=stacks[n_train + n_val :],
+        image_size=image_size,
+        interpolation=interpolation,
+        protocol=ACDC_PROTOCOL,
+        intensity="as stored: SSL4MIS min-max scaling to [0, 1]",
+        spacing_unit="voxel (the h5 files store no spacing)",
+        problems=_acdc_problems(raw, spec, {case for case, _, _ in slices}, parts),
+    )
 
 
 def _acdc_problems(raw: Path, spec: DatasetSpec, slice_cases: set[str], parts: dict[str, list[str]]) -> list[str]:
@@ -381,40 +454,74 @@ def _acdc_problems(raw: Path, spec: DatasetSpec, slice_cases: set[str], parts: d
     problems = []
     listed = set(parts["train"])
     if slice_cases != listed:
-        problems.append(f"{raw / 'train.list'}: {len(listed - slice_cases)} volume(s) without slices in "
-                        f"train_slices.list, {len(slice_cases - listed)} sliced volume(s) not listed")
-    patients = {"train": {spec.case_of(c) for c in slice_cases},
-                **{p: {spec.case_of(c) for c in parts[p]} for p in ("val", "test")}}
+        problems.append(
+            f"{raw / 'train.list'}: {len(listed - slice_cases)} volume(s) without slices in "
+            f"train_slices.list, {len(slice_cases - listed)} sliced volume(s) not listed"
+        )
+    patients = {
+        "train": {spec.case_of(c) for c in slice_cases},
+        **{p: {spec.case_of(c) for c in parts[p]} for p in ("val", "test")},
+    }
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         shared = sorted(patients[a] & patients[b])
         if shared:
-            problems.append(f"patient(s) in both {a} and {b}: {', '.join(shared[:5])}"
-                            + (f" and {len(shared) - 5} more" if len(shared) > 5 else ""))
+            problems.append(
+                f"patient(s) in both {a} and {b}: {', '.join(shared[:5])}"
+                + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+            )
     return problems
 
 
-def prepare_promise12(raw: Path, out: Path, spec: DatasetSpec, *, image_size: int, interpolation: str,
-                      workers: int = 2, partition: dict[str, tuple[int, ...]] = PROMISE12_PARTITION) -> dict:
+def prepare_promise12(
+    raw: Path,
+    out: Path,
+    spec: DatasetSpec,
+    *,
+    image_size: int,
+    interpolation: str,
+    workers: int = 2,
+    partition: dict[str, tuple[int, ...]] = PROMISE12_PARTITION,
+) -> dict:
     """PROMISE12 training_data/ (CaseNN.mhd + CaseNN_segmentation.mhd) split by ``partition``."""
     common = dict(size=image_size, interpolation=interpolation, num_classes=spec.num_classes)
     folder = raw / "training_data"
     numbers = [n for part in ("train", "val", "test") for n in partition[part]]
     if len(set(numbers)) != len(numbers) or not all(partition[part] for part in ("train", "val", "test")):
         raise KnowsamError(f"{folder}: the PROMISE12 partition {partition} must give each part cases, none twice")
-    jobs = {part: [Job(read_mhd_pair, _existing(folder / f"Case{n:02d}.mhd"),
-                       _existing(folder / f"Case{n:02d}_segmentation.mhd"), f"Case{n:02d}", 0, part != "train",
-                       **common) for n in partition[part]]
-            for part in ("train", "val", "test")}
+    jobs = {
+        part: [
+            Job(
+                read_mhd_pair,
+                _existing(folder / f"Case{n:02d}.mhd"),
+                _existing(folder / f"Case{n:02d}_segmentation.mhd"),
+                f"Case{n:02d}",
+                0,
+                part != "train",
+                **common,
+            )
+            for n in partition[part]
+        ]
+        for part in ("train", "val", "test")
+    }
     stacks = load_all([j for part in ("train", "val", "test") for j in jobs[part]], workers)
     n_train, n_val = len(jobs["train"]), len(jobs["val"])
     listed = {f"Case{n:02d}" for n in numbers}
     extra = sorted(p.stem for p in folder.glob("Case[0-9][0-9].mhd") if p.stem not in listed)
     problems = [f"{folder}: case(s) outside the partition, not used: {', '.join(extra)}"] if extra else []
     return write_volume_dataset(
-        out, spec, train=stacks[:n_train], val=stacks[n_train:n_train + n_val], test_part=PROMISE12_TEST_PART,
-        test=stacks[n_train + n_val:], image_size=image_size, interpolation=interpolation,
-        protocol=PROMISE12_PROTOCOL, intensity=PROMISE12_INTENSITY, spacing_unit="mm (MetaImage header)",
-        problems=problems)
+        out,
+        spec,
+        train=stacks[:n_train],
+        val=stacks[n_train : n_train + n_val],
+        test_part=PROMISE12_TEST_PART,
+        test=stacks[n_train + n_val :],
+        image_size=image_size,
+        interpolation=interpolation,
+        protocol=PROMISE12_PROTOCOL,
+        intensity=PROMISE12_INTENSITY,
+        spacing_unit="mm (MetaImage header)",
+        problems=problems,
+    )
 
 
 def _existing(path: Path) -> Path:

@@ -91,8 +91,9 @@ class Method:
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, variant: str | None = None,
-                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, variant: str | None = None, embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Class probabilities (B, K, H, W) of the network the method reports at test time.
 
         ``variant`` names one of ``self.variants`` (extra outputs scored separately, e.g. the

@@ -26,8 +26,10 @@ NETS = ("net1", "net2")
 @register_method
 class CrossPseudoSupervision(Method):
     name = "cps"
-    description = ("Cross Pseudo Supervision: two U-Nets (different init), each trained by the other's "
-                   "argmax (all images, or unlabeled only as in SSL4MIS); the first network predicts at test time")
+    description = (
+        "Cross Pseudo Supervision: two U-Nets (different init), each trained by the other's "
+        "argmax (all images, or unlabeled only as in SSL4MIS); the first network predicts at test time"
+    )
     accepts_plugins = ("skd",)
     main_student = "net1"
     reported_net = "net1"

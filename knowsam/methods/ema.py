@@ -65,5 +65,7 @@ def ramp_weight(step: int, iterations: int, weight: float, fraction: float, stag
 def require_unlabeled(ctx: MethodContext, method: str) -> None:
     """Refuse batches without unlabeled images: the consistency terms would average over nothing."""
     if ctx.train.labeled_batch >= ctx.train.batch_size:
-        raise ConfigError(f"{method} needs unlabeled images in each batch: train.labeled_batch "
-                          f"({ctx.train.labeled_batch}) must be below train.batch_size ({ctx.train.batch_size})")
+        raise ConfigError(
+            f"{method} needs unlabeled images in each batch: train.labeled_batch "
+            f"({ctx.train.labeled_batch}) must be below train.batch_size ({ctx.train.batch_size})"
+        )

@@ -108,7 +108,12 @@ def least_uncertain_patches(probs: torch.Tensor, grid: int, count: int) -> torch
 
 
 def uncertainty_mix(
-    x: torch.Tensor, y_l: torch.Tensor, pseudo: torch.Tensor, fused_probs: torch.Tensor, n_l: int, grid: int,
+    x: torch.Tensor,
+    y_l: torch.Tensor,
+    pseudo: torch.Tensor,
+    fused_probs: torch.Tensor,
+    n_l: int,
+    grid: int,
     count: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Swap least-uncertain patches between labeled and unlabeled images; returns (images, labels).
@@ -207,8 +212,9 @@ class KnowSam(Method):
             return consistency_loss(p_other, p_own.detach(), self.p.consistency_all_classes)
         return consistency_loss(p_own, p_other, self.p.consistency_all_classes)
 
-    def _first_pass_terms(self, name: str, logits: torch.Tensor, other: torch.Tensor, teacher: torch.Tensor,
-                          labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _first_pass_terms(
+        self, name: str, logits: torch.Tensor, other: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """A sub-network's terms on the batch (trainer.py:171-179); ``labels`` cover its first len(labels) rows."""
         return {
             "sup": supervised_loss(logits[: len(labels)], labels),
@@ -217,8 +223,15 @@ class KnowSam(Method):
             "cons": self._consistency(name, logits, other),
         }
 
-    def _mixed_terms(self, name: str, logits: torch.Tensor, other: torch.Tensor, labels: torch.Tensor,
-                     fused_labels: torch.Tensor, n_l: int) -> dict[str, torch.Tensor]:
+    def _mixed_terms(
+        self,
+        name: str,
+        logits: torch.Tensor,
+        other: torch.Tensor,
+        labels: torch.Tensor,
+        fused_labels: torch.Tensor,
+        n_l: int,
+    ) -> dict[str, torch.Tensor]:
         """A sub-network's terms on the mixed batch (trainer.py:121-129): no distillation; ``self`` is
         self-training of the mixed unlabeled rows (from ``n_l`` on) on the fused argmax."""
         return {
@@ -228,12 +241,14 @@ class KnowSam(Method):
             "self": supervised_loss(logits[n_l:], fused_labels[n_l:]),
         }
 
-    def _mixed_stage(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, fused: torch.Tensor, n_l: int,
-                     w: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _mixed_stage(
+        self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, fused: torch.Tensor, n_l: int, w: float
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The whole network again on the uncertainty-mixed batch: (each student's loss, logged terms)."""
         with torch.no_grad():
-            xm, ym = uncertainty_mix(x, y, teacher.argmax(1), fused.detach().softmax(1), n_l, self.p.mix_grid,
-                                     self.p.mix_patches)
+            xm, ym = uncertainty_mix(
+                x, y, teacher.argmax(1), fused.detach().softmax(1), n_l, self.p.mix_grid, self.p.mix_patches
+            )
         um, vm = self._students(xm)
         fm = self._fuse(um, vm)
         fused_labels = fm.detach().argmax(1)
@@ -263,8 +278,13 @@ class KnowSam(Method):
         for name, own, other in (("unet", u, v), ("vnet", v, u)):
             t = self._first_pass_terms(name, own, other, teacher, y)
             logged.update({f"{name}_{k}": term for k, term in t.items()})
-            logged[name] = (t["sup"] + t["kd"] + self.p.entropy_weight * t["ent"] + w * t["cons"]
-                            + self.student_extra_loss(name, own, batch))
+            logged[name] = (
+                t["sup"]
+                + t["kd"]
+                + self.p.entropy_weight * t["ent"]
+                + w * t["cons"]
+                + self.student_extra_loss(name, own, batch)
+            )
         logged["fusion"] = supervised_loss(fused[:n_l], y)
         logged["sam"] = supervised_loss(sam_logits[:n_l], y)
         zero = torch.zeros((), device=x.device)
@@ -301,8 +321,9 @@ class KnowSam(Method):
 
     # --- test time ------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, variant: str | None = None,
-                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, variant: str | None = None, embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Fused prediction (softmax); ``variant="sam"``: SAM prompted by the fused logits, as in training."""
         if variant not in (None, *self.variants):
             raise ValueError(f"knowsam: unknown variant {variant!r}; known: {', '.join(self.variants)}")
@@ -320,8 +341,10 @@ class KnowSam(Method):
 
     def load_eval_state_dict(self, state: dict) -> None:
         if state["sam_frozen_sha256"] != self._frozen_sha256:
-            raise KnowsamError("knowsam: saved weights were trained with other frozen SAM weights (checkpoint, "
-                               "arch, image size or seed changed); retrain or restore that configuration")
+            raise KnowsamError(
+                "knowsam: saved weights were trained with other frozen SAM weights (checkpoint, "
+                "arch, image size or seed changed); retrain or restore that configuration"
+            )
         load_trained_state(self.nets["sam"], state["sam_trained"])
         for k in (*STUDENTS, "fusion"):
             self.nets[k].load_state_dict(state[k])

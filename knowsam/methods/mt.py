@@ -22,8 +22,10 @@ from knowsam.models import build_model
 @register_method
 class MeanTeacher(Method):
     name = "mt"
-    description = ("Mean Teacher: U-Net student + EMA teacher, softmax-MSE consistency on noisy unlabeled "
-                   "images (SSL4MIS 2D); the student predicts at test time")
+    description = (
+        "Mean Teacher: U-Net student + EMA teacher, softmax-MSE consistency on noisy unlabeled "
+        "images (SSL4MIS 2D); the student predicts at test time"
+    )
     accepts_plugins = ("skd",)
     main_student = "student"  # the network whose training logits a plug-in (SKD) takes as dense prompt
     reported_net = "student"
@@ -31,11 +33,9 @@ class MeanTeacher(Method):
     def __init__(self, ctx: MethodContext, params: MeanTeacherParams):
         super().__init__(ctx, params)
         require_unlabeled(ctx, self.name)
-        student = self.add_net("student", build_model("unet", in_channels=ctx.in_channels,
-                                                      num_classes=ctx.num_classes))
+        student = self.add_net("student", build_model("unet", in_channels=ctx.in_channels, num_classes=ctx.num_classes))
         # SSL4MIS train_mean_teacher_2D.py:107-108: a second, randomly initialised network
-        self.add_net("teacher", frozen(build_model("unet", in_channels=ctx.in_channels,
-                                                   num_classes=ctx.num_classes)))
+        self.add_net("teacher", frozen(build_model("unet", in_channels=ctx.in_channels, num_classes=ctx.num_classes)))
         self.sgd("student", student.parameters())
 
     def consistency_weight(self, step: int) -> float:

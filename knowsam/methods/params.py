@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from knowsam.errors import ConfigError
 
@@ -52,8 +52,13 @@ def params_class(name: str) -> type:
             if hasattr(part, "__post_init__"):
                 part.__post_init__(self)
 
-    return dataclasses.make_dataclass(f"{cls.__name__}With{extra.__name__}", fields, bases=(cls,), frozen=True,
-                                      namespace={"__post_init__": check_both})
+    return dataclasses.make_dataclass(
+        f"{cls.__name__}With{extra.__name__}",
+        fields,
+        bases=(cls,),
+        frozen=True,
+        namespace={"__post_init__": check_both},
+    )
 
 
 @params_of("mt")
@@ -70,8 +75,9 @@ class MeanTeacherParams:
     def __post_init__(self) -> None:
         _check_ramp("mt", self.rampup_fraction, self.ramp_stages)
         if not 0 <= self.consistency_start_fraction <= 1:
-            raise ConfigError("mt: consistency_start_fraction must be in [0, 1], "
-                              f"got {self.consistency_start_fraction}")
+            raise ConfigError(
+                f"mt: consistency_start_fraction must be in [0, 1], got {self.consistency_start_fraction}"
+            )
         _check_unit("mt", ema_decay=self.ema_decay)
         _check_non_negative("mt", consistency=self.consistency, noise_std=self.noise_std, noise_clip=self.noise_clip)
 
@@ -183,11 +189,15 @@ class KnowSamParams:
         for key in ("mixed_iterations", "consistency_ramp_iterations"):
             value = getattr(self, key)
             if not (0 <= value <= 1 or value > 1 and float(value).is_integer()):
-                raise ConfigError(f"knowsam: {key} must be a fraction of train.iterations in [0, 1] or a whole "
-                                  f"number of iterations above 1, got {value}")
+                raise ConfigError(
+                    f"knowsam: {key} must be a fraction of train.iterations in [0, 1] or a whole "
+                    f"number of iterations above 1, got {value}"
+                )
         if self.mix_grid < 1 or not 0 <= self.mix_patches <= self.mix_grid**2:
-            raise ConfigError(f"knowsam: need mix_grid >= 1 and 0 <= mix_patches <= mix_grid^2, got "
-                              f"{self.mix_grid}, {self.mix_patches}")
+            raise ConfigError(
+                f"knowsam: need mix_grid >= 1 and 0 <= mix_patches <= mix_grid^2, got "
+                f"{self.mix_grid}, {self.mix_patches}"
+            )
         _check_non_negative("knowsam", entropy_weight=self.entropy_weight, consistency_weight=self.consistency_weight)
 
 

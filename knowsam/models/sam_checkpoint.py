@@ -61,8 +61,10 @@ def resolve_checkpoint(spec: str, arch: str, cache_dir: Path, *, download: bool 
         return None
     if spec == "bundled":
         if arch != lite_medsam.ARCH:
-            raise ConfigError(f"sam.checkpoint 'bundled' is LiteMedSAM's packaged file: it needs sam.arch "
-                              f"{lite_medsam.ARCH!r}, not {arch!r}")
+            raise ConfigError(
+                f"sam.checkpoint 'bundled' is LiteMedSAM's packaged file: it needs sam.arch "
+                f"{lite_medsam.ARCH!r}, not {arch!r}"
+            )
         return lite_medsam.bundled_checkpoint()
     if spec in ("default", "official"):
         if arch == lite_medsam.ARCH:
@@ -147,7 +149,9 @@ def load_sam_weights(teacher: SamTeacher, path: Path) -> LoadReport:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # garbage, truncated or code-carrying files raise many types, with torch's long advice
-        raise KnowsamError(f"SAM checkpoint {path}: not a torch checkpoint or unreadable ({type(exc).__name__})") from None
+        raise KnowsamError(
+            f"SAM checkpoint {path}: not a torch checkpoint or unreadable ({type(exc).__name__})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KnowsamError(f"SAM checkpoint {path} is not a state_dict of tensors")
     return load_sam_state_dict(teacher, state, source=str(path))

@@ -310,9 +310,17 @@ class SamTeacher(nn.Module):
     """
 
     def __init__(
-        self, arch: str, image_size: int, num_classes: int, in_channels: int = 3, normalize_pixels: bool = False,
-        encoder: str = "adapters", decoder: str = "adapted", load_decoder_mlp: bool = False,
-        prompt_grid: int | str = SamParams.prompt_grid, bf16: bool = False,
+        self,
+        arch: str,
+        image_size: int,
+        num_classes: int,
+        in_channels: int = 3,
+        normalize_pixels: bool = False,
+        encoder: str = "adapters",
+        decoder: str = "adapted",
+        load_decoder_mlp: bool = False,
+        prompt_grid: int | str = SamParams.prompt_grid,
+        bf16: bool = False,
     ):
         super().__init__()
         if in_channels not in (1, 3):
@@ -343,7 +351,8 @@ class SamTeacher(nn.Module):
         # SAM tensors a checkpoint load leaves at their (seeded) initial values: the adapted decoder's
         # MLPs, which the official build never loads (its MLP layers have other names).
         self.unloaded_sam_names = frozenset(
-            name for name, _ in self.named_parameters()
+            name
+            for name, _ in self.named_parameters()
             if decoder == "adapted" and not load_decoder_mlp and self.is_decoder_mlp_name(name)
         )
         dim = self.mask_decoder.transformer_dim
@@ -419,8 +428,9 @@ class SamTeacher(nn.Module):
                 embeddings = F.adaptive_avg_pool2d(embeddings, self.prompt_grid)
             return torch.stack([head(embeddings) for head in self.prompt_heads], dim=1)
 
-    def decode(self, embeddings: torch.Tensor, dense_logits: torch.Tensor, grad_rows: int | None = None
-               ) -> torch.Tensor:
+    def decode(
+        self, embeddings: torch.Tensor, dense_logits: torch.Tensor, grad_rows: int | None = None
+    ) -> torch.Tensor:
         """Per-class SAM logits (B, K, S, S), float32, from image embeddings and dense logit prompts (B, K, h, w).
 
         ``dense_logits`` is detached here as well: the dense prompt must never pass SAM's loss
@@ -443,10 +453,10 @@ class SamTeacher(nn.Module):
             masks = masks.reshape(b * k, 1, *masks.shape[-2:])
             dense = channels_last_stack(self.prompt_encoder.mask_downscaling, masks)  # (B*K, C, E, E)
             g = b if grad_rows is None else grad_rows
-            low_res = self._predict_masks(embeddings[:g], sparse[:g].flatten(0, 1), dense[:g * k])
+            low_res = self._predict_masks(embeddings[:g], sparse[:g].flatten(0, 1), dense[: g * k])
             if g < b:
                 with torch.no_grad():
-                    rest = self._predict_masks(embeddings[g:], sparse[g:].flatten(0, 1), dense[g * k:])
+                    rest = self._predict_masks(embeddings[g:], sparse[g:].flatten(0, 1), dense[g * k :])
                 low_res = torch.cat([low_res, rest])
             low_res = low_res.view(b, k, *low_res.shape[-2:])
             size = (self.image_size, self.image_size)

@@ -31,13 +31,22 @@ from knowsam import validation
 from knowsam.config import Params
 from knowsam.errors import KnowsamError
 from knowsam.report import reference
-from knowsam.report.results import (STALE_MARK, STALE_NOTE, load_per_case, load_summaries, ratio_label, repro_hint,
-                                    test_set_order)
+from knowsam.report.results import (
+    STALE_MARK,
+    STALE_NOTE,
+    load_per_case,
+    load_summaries,
+    ratio_label,
+    repro_hint,
+    test_set_order,
+)
 from knowsam.runs import RunId
 
 FORMATS = ("table", "md", "json")
-PAIRING = ("per case: each method's Dice averaged over its seeds, then paired by (test set, case); "
-           "two-sided Wilcoxon signed-rank test (scipy, zero differences dropped; all differences zero gives p = 1)")
+PAIRING = (
+    "per case: each method's Dice averaged over its seeds, then paired by (test set, case); "
+    "two-sided Wilcoxon signed-rank test (scipy, zero differences dropped; all differences zero gives p = 1)"
+)
 
 
 @dataclass(frozen=True)
@@ -67,16 +76,27 @@ class Comparison:
     left_out: list[str] = dataclasses.field(default_factory=list)  # "<run> (<reason>)", not in the numbers (incomplete)
 
     def to_dict(self) -> dict:
-        return {"metric": "mDice", "unit": "percent", "baseline": self.baseline, "methods": self.methods,
-                "pairing": PAIRING, "rows": [dataclasses.asdict(r) for r in self.rows], "stale_runs": self.stale_runs,
-                "left_out": self.left_out}
+        return {
+            "metric": "mDice",
+            "unit": "percent",
+            "baseline": self.baseline,
+            "methods": self.methods,
+            "pairing": PAIRING,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "stale_runs": self.stale_runs,
+            "left_out": self.left_out,
+        }
 
     def stale_note(self) -> str | None:
         return f"{STALE_MARK} {STALE_NOTE}: {', '.join(self.stale_runs)}." if self.stale_runs else None
 
     def incomplete_note(self) -> str | None:
-        return (f"Incomplete: {len(self.left_out)} run(s) of the comparison are not in these numbers (the Seeds column "
-                f"shows what each row holds): {', '.join(self.left_out)}." if self.left_out else None)
+        return (
+            f"Incomplete: {len(self.left_out)} run(s) of the comparison are not in these numbers (the Seeds column "
+            f"shows what each row holds): {', '.join(self.left_out)}."
+            if self.left_out
+            else None
+        )
 
     def groups(self) -> dict[tuple[str, float], list[CompareRow]]:
         out: dict[tuple[str, float], list[CompareRow]] = {}
@@ -98,8 +118,9 @@ def paired_wilcoxon(baseline: pd.Series, other: pd.Series, what: str) -> float:
     """
     if set(baseline.index) != set(other.index):
         odd = sorted(set(baseline.index) ^ set(other.index))[0]
-        raise KnowsamError(f"{what}: the methods were scored on different cases (e.g. {odd}); "
-                           "re-run their evaluate stages")
+        raise KnowsamError(
+            f"{what}: the methods were scored on different cases (e.g. {odd}); re-run their evaluate stages"
+        )
     other = other.reindex(baseline.index)
     if not np.any(other.to_numpy() - baseline.to_numpy()):
         return 1.0
@@ -115,8 +136,10 @@ def _case_dice(runs: list[RunId], eval_root: str | Path, summaries: dict[RunId, 
     grouped = pd.concat(tables).groupby(["test_set", "case"], sort=False)["dice"]
     counts = grouped.size()
     if (counts != len(runs)).any():
-        raise KnowsamError(f"{runs[0].method} on {runs[0].dataset}: seeds were scored on different cases "
-                           f"(e.g. {counts[counts != len(runs)].index[0]}); re-run their evaluate stages")
+        raise KnowsamError(
+            f"{runs[0].method} on {runs[0].dataset}: seeds were scored on different cases "
+            f"(e.g. {counts[counts != len(runs)].index[0]}); re-run their evaluate stages"
+        )
     return grouped.mean() * 100.0
 
 
@@ -137,9 +160,17 @@ def _check_selection(params: Params, methods: list[str], dataset: str | None, ra
     return chosen
 
 
-def compare(params: Params, methods: list[str], dataset: str | None = None, ratio: float | None = None,
-            eval_root: str | Path = "data/eval", *, allow_stale: bool = False,
-            runs_root: str | Path | None = "data/runs", incomplete: bool = False) -> Comparison:
+def compare(
+    params: Params,
+    methods: list[str],
+    dataset: str | None = None,
+    ratio: float | None = None,
+    eval_root: str | Path = "data/eval",
+    *,
+    allow_stale: bool = False,
+    runs_root: str | Path | None = "data/runs",
+    incomplete: bool = False,
+) -> Comparison:
     """Compare ``methods`` (the first is the baseline) on every selected dataset x ratio of the params.
 
     Every run of the selection (all seeds) must be evaluated under the current params and code;
@@ -158,21 +189,25 @@ def compare(params: Params, methods: list[str], dataset: str | None = None, rati
     rows: list[CompareRow] = []
     for d in datasets:
         for r in ratios:
-            found = {m: [run for s in params.seeds if (run := RunId(m, d, r, s)) in results.summaries]
-                     for m in methods}
+            found = {m: [run for s in params.seeds if (run := RunId(m, d, r, s)) in results.summaries] for m in methods}
             if not all(found.values()):  # a method without any run here: nothing to pair (left_out names it)
                 continue
             cases = {m: _case_dice(found[m], eval_root, results.summaries) for m in methods}
             here = long[(long.dataset == d) & (long.ratio == r)]
             for test_set in test_set_order(d, here.test_set):
                 rows += _test_set_rows(here[here.test_set == test_set], cases, d, r, test_set, methods)
-    return Comparison(baseline=methods[0], methods=list(methods), rows=rows,
-                      stale_runs=[str(item) for item in results.stale],
-                      left_out=[str(item) for item in results.left_out])
+    return Comparison(
+        baseline=methods[0],
+        methods=list(methods),
+        rows=rows,
+        stale_runs=[str(item) for item in results.stale],
+        left_out=[str(item) for item in results.left_out],
+    )
 
 
-def _test_set_rows(summaries: pd.DataFrame, cases: dict[str, pd.Series], dataset: str, ratio: float,
-                   test_set: str, methods: list[str]) -> list[CompareRow]:
+def _test_set_rows(
+    summaries: pd.DataFrame, cases: dict[str, pd.Series], dataset: str, ratio: float, test_set: str, methods: list[str]
+) -> list[CompareRow]:
     """Rows of one test set: seed statistics from the summaries, the test from the per-case Dice."""
     where = f"{dataset} {ratio_label(ratio)} {test_set}"
     for m in methods:
@@ -181,25 +216,49 @@ def _test_set_rows(summaries: pd.DataFrame, cases: dict[str, pd.Series], dataset
     own = {m: cases[m].xs(test_set, level="test_set") for m in methods}
     seeds = {m: summaries[summaries.method == m]["mDice"].astype(float) * 100.0 for m in methods}
     baseline = methods[0]
-    return [CompareRow(
-        dataset=dataset, ratio=ratio, test_set=test_set, method=m, mean=float(seeds[m].mean()),
-        std=float(seeds[m].std(ddof=1)) if len(seeds[m]) > 1 else None, n_seeds=len(seeds[m]), n_cases=len(own[m]),
-        diff=None if m == baseline else float(seeds[m].mean() - seeds[baseline].mean()),
-        p_value=None if m == baseline else paired_wilcoxon(own[baseline], own[m], f"{where}: {m} vs {baseline}"),
-        paper=reference.lookup(dataset, test_set, m, ratio, "mDice"),
-        stale=bool(summaries[summaries.method == m]["stale"].any())) for m in methods]
+    return [
+        CompareRow(
+            dataset=dataset,
+            ratio=ratio,
+            test_set=test_set,
+            method=m,
+            mean=float(seeds[m].mean()),
+            std=float(seeds[m].std(ddof=1)) if len(seeds[m]) > 1 else None,
+            n_seeds=len(seeds[m]),
+            n_cases=len(own[m]),
+            diff=None if m == baseline else float(seeds[m].mean() - seeds[baseline].mean()),
+            p_value=None if m == baseline else paired_wilcoxon(own[baseline], own[m], f"{where}: {m} vs {baseline}"),
+            paper=reference.lookup(dataset, test_set, m, ratio, "mDice"),
+            stale=bool(summaries[summaries.method == m]["stale"].any()),
+        )
+        for m in methods
+    ]
 
 
 def _texts(row: CompareRow) -> list[str]:
     mean = f"{row.mean:.2f}" if row.std is None else f"{row.mean:.2f} ± {row.std:.2f}"
     p = "-" if row.p_value is None else f"{row.p_value:.3g} (n={row.n_cases})"
-    return [row.test_set, row.method + (f" {STALE_MARK}" if row.stale else ""), mean, str(row.n_seeds), "-" if row.diff is None else f"{row.diff:+.2f}", p,
-            "-" if row.paper is None else f"{row.paper:.2f}"]
+    return [
+        row.test_set,
+        row.method + (f" {STALE_MARK}" if row.stale else ""),
+        mean,
+        str(row.n_seeds),
+        "-" if row.diff is None else f"{row.diff:+.2f}",
+        p,
+        "-" if row.paper is None else f"{row.paper:.2f}",
+    ]
 
 
 def _headers(baseline: str) -> list[str]:
-    return ["Test set", "Method", "mDice % (mean ± std over seeds)", "Seeds", f"Δ vs {baseline} (pp)",
-            "Wilcoxon p (cases)", "Paper"]
+    return [
+        "Test set",
+        "Method",
+        "mDice % (mean ± std over seeds)",
+        "Seeds",
+        f"Δ vs {baseline} (pp)",
+        "Wilcoxon p (cases)",
+        "Paper",
+    ]
 
 
 # The terminal table says the same in 80 columns (pipes and CI logs get no more): short headers, one legend.
@@ -214,8 +273,14 @@ def render_markdown(result: Comparison) -> str:
     lines = []
     headers = _headers(result.baseline)
     for (dataset, ratio), rows in result.groups().items():
-        lines += [f"### {dataset}, {ratio_label(ratio)} labeled", "", "| " + " | ".join(headers) + " |",
-                  "|" + "---|" * len(headers), *("| " + " | ".join(_texts(r)) + " |" for r in rows), ""]
+        lines += [
+            f"### {dataset}, {ratio_label(ratio)} labeled",
+            "",
+            "| " + " | ".join(headers) + " |",
+            "|" + "---|" * len(headers),
+            *("| " + " | ".join(_texts(r)) + " |" for r in rows),
+            "",
+        ]
     for note in (result.stale_note(), result.incomplete_note()):
         if note:
             lines += [note, ""]
@@ -227,8 +292,12 @@ def render_tables(result: Comparison) -> list[Table]:
     tables = []
     for (dataset, ratio), rows in result.groups().items():
         caption = " ".join(filter(None, [_legend(result.baseline), result.stale_note()]))
-        table = Table(title=f"{dataset}, {ratio_label(ratio)} labeled", caption=caption,
-                      caption_justify="left", box=box.SIMPLE_HEAD)
+        table = Table(
+            title=f"{dataset}, {ratio_label(ratio)} labeled",
+            caption=caption,
+            caption_justify="left",
+            box=box.SIMPLE_HEAD,
+        )
         for header in _SHORT_HEADERS:
             text = header in ("Test set", "Method")
             table.add_column(header, justify="left" if text else "right", no_wrap=text)
@@ -238,8 +307,14 @@ def render_tables(result: Comparison) -> list[Table]:
     return tables
 
 
-def compare_command(params_file: str | Path, methods: str | list[str], dataset: str | None = None,
-                    ratio: float | None = None, fmt: str = "table", allow_stale: bool = False) -> int:
+def compare_command(
+    params_file: str | Path,
+    methods: str | list[str],
+    dataset: str | None = None,
+    ratio: float | None = None,
+    fmt: str = "table",
+    allow_stale: bool = False,
+) -> int:
     """CLI body of ``compare``: prints the comparison in ``fmt`` and returns 0; failures raise KnowsamError."""
     if fmt not in FORMATS:
         raise KnowsamError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", 2)

@@ -111,8 +111,10 @@ def _kind(image: Image.Image, path) -> _Kind:
         if alpha.min() != alpha.max():
             visible = colour[alpha > 0]
             if not (visible == visible[0]).all():
-                raise KnowsamError(f"{path}: colour and transparency both vary; which one is the mask? Store the "
-                                   "mask as grey levels, or in the alpha channel over one colour")
+                raise KnowsamError(
+                    f"{path}: colour and transparency both vary; which one is the mask? Store the "
+                    "mask as grey levels, or in the alpha channel over one colour"
+                )
             return _Kind("alpha", alpha, alpha)
         if image.mode != "PA":
             image = image.convert("L" if image.mode == "LA" else "RGB")
@@ -151,27 +153,39 @@ def _ids_only(values: np.ndarray) -> bool:
 def _labels(kind: _Kind, image: Image.Image, path) -> Reading:
     if kind.name in ("grey", "alpha"):
         if _lossy(image) and 0 < kind.values.max() <= 127:
-            raise KnowsamError(f"{path}: {image.format} mask with levels {_shown(kind.values)}, none above 127: "
-                               "class ids saved in a lossy format cannot be read back; save label masks as PNG")
+            raise KnowsamError(
+                f"{path}: {image.format} mask with levels {_shown(kind.values)}, none above 127: "
+                "class ids saved in a lossy format cannot be read back; save label masks as PNG"
+            )
         if kind.values.dtype == np.uint16 and not _ids_only(kind.values) and 0 < kind.values.max() <= 255:
-            raise KnowsamError(f"{path}: 16-bit mask whose levels ({_shown(kind.values)}) all lie below 256: 8-bit "
-                               "levels stored in 16 bits? Save it as 8-bit, or as {0, 65535}")
+            raise KnowsamError(
+                f"{path}: 16-bit mask whose levels ({_shown(kind.values)}) all lie below 256: 8-bit "
+                "levels stored in 16 bits? Save it as 8-bit, or as {0, 65535}"
+            )
     if kind.name == "colour" and (kind.colours > 2 or _lossy(image)):
-        raise KnowsamError(f"{path}: {_rule(image, f'colour image of {kind.colours} colours')}: a colour mask is read "
-                           "only with two colours, background and label, in a lossless file; store the mask as grey "
-                           "{0, 255} or {0, 1}")
+        raise KnowsamError(
+            f"{path}: {_rule(image, f'colour image of {kind.colours} colours')}: a colour mask is read "
+            "only with two colours, background and label, in a lossless file; store the mask as grey "
+            "{0, 255} or {0, 1}"
+        )
     mask = decode_mask(kind.source, source=path) > 0
     if kind.name == "colour" and kind.colours > 1 and mask.all():
-        raise KnowsamError(f"{path}: colour mask whose two colours both have a channel above 127: which one is the "
-                           "background? Store the mask as grey {0, 255} or {0, 1}")
+        raise KnowsamError(
+            f"{path}: colour mask whose two colours both have a channel above 127: which one is the "
+            "background? Store the mask as grey {0, 255} or {0, 1}"
+        )
     return Reading(_rule(image, _mask_rule(kind)), mask=mask)
 
 
 def _mask_rule(kind: _Kind) -> str:
     """The rule by which ``decode_mask`` read a file of this kind."""
     if kind.name in ("bilevel", "palette", "colour", "grey palette"):
-        return {"bilevel": "bilevel: 1 = foreground", "palette": "palette index > 0",
-                "colour": "colour: any channel > 127", "grey palette": "grey palette > 127"}[kind.name]
+        return {
+            "bilevel": "bilevel: 1 = foreground",
+            "palette": "palette index > 0",
+            "colour": "colour: any channel > 127",
+            "grey palette": "grey palette > 127",
+        }[kind.name]
     if kind.name == "float" or _ids_only(kind.values):
         return "alpha {0, 1}: 1 = foreground" if kind.name == "alpha" else "class ids {0, 1}: 1 = foreground"
     if kind.values.dtype == np.uint16:
@@ -181,8 +195,10 @@ def _mask_rule(kind: _Kind) -> str:
 
 def _probability(kind: _Kind, image: Image.Image, path, threshold: float) -> Reading:
     if kind.name in ("palette", "colour"):
-        raise KnowsamError(f"{path}: {kind.name} image of {kind.colours} colours: --pred-encoding probability reads "
-                           "grey levels; pass --pred-encoding colormap:<name> for a colour-mapped probability map")
+        raise KnowsamError(
+            f"{path}: {kind.name} image of {kind.colours} colours: --pred-encoding probability reads "
+            "grey levels; pass --pred-encoding colormap:<name> for a colour-mapped probability map"
+        )
     if kind.name == "bilevel":
         return Reading(_rule(image, "bilevel: 1 = foreground"), mask=kind.values.astype(bool))
     if kind.name == "float":
@@ -202,22 +218,31 @@ def _refuse_ambiguous(kind: _Kind, image: Image.Image, path) -> None:
     if kind.name in ("grey", "alpha"):  # a grey palette's {0, 1} reads empty either way
         values = kind.values
         if _lossy(image) and 0 < values.max() <= 127:
-            raise KnowsamError(f"{path}: {image.format} with levels {_shown(values)}, none above 127: class ids "
-                               "saved lossily (they cannot be read back), or a probability map below 0.5? Pass "
-                               "--pred-encoding probability if it is one")
+            raise KnowsamError(
+                f"{path}: {image.format} with levels {_shown(values)}, none above 127: class ids "
+                "saved lossily (they cannot be read back), or a probability map below 0.5? Pass "
+                "--pred-encoding probability if it is one"
+            )
         if _ids_only(values):
-            raise KnowsamError(f"{path}: values 0 and 1 only: class ids {{0, 1}}, or a probability map near 0? "
-                               f"{labels_or}")
+            raise KnowsamError(
+                f"{path}: values 0 and 1 only: class ids {{0, 1}}, or a probability map near 0? {labels_or}"
+            )
         if values.dtype == np.uint16 and values.max() <= 255 and values.max() > 0:
-            raise KnowsamError(f"{path}: 16-bit levels ({_shown(values)}) all below 256: 8-bit levels stored in "
-                               "16 bits, or a probability map near 0? Save it as 8-bit, or pass "
-                               "--pred-encoding probability")
+            raise KnowsamError(
+                f"{path}: 16-bit levels ({_shown(values)}) all below 256: 8-bit levels stored in "
+                "16 bits, or a probability map near 0? Save it as 8-bit, or pass "
+                "--pred-encoding probability"
+            )
     if kind.name == "float" and not _ids_only(kind.values):
-        raise KnowsamError(f"{path}: float values {_shown(kind.values)}: a probability map? Pass "
-                           "--pred-encoding probability (masks hold class ids 0 and 1)")
+        raise KnowsamError(
+            f"{path}: float values {_shown(kind.values)}: a probability map? Pass "
+            "--pred-encoding probability (masks hold class ids 0 and 1)"
+        )
     if kind.name in ("palette", "colour") and (kind.colours > 2 or _lossy(image)):
-        raise KnowsamError(f"{path}: {kind.name} image of {kind.colours} colours: a colour-mapped probability map "
-                           "or coloured labels? Pass --pred-encoding colormap:<name> or --pred-encoding labels")
+        raise KnowsamError(
+            f"{path}: {kind.name} image of {kind.colours} colours: a colour-mapped probability map "
+            "or coloured labels? Pass --pred-encoding colormap:<name> or --pred-encoding labels"
+        )
 
 
 def _colormap_table(name: str) -> np.ndarray:
@@ -227,8 +252,10 @@ def _colormap_table(name: str) -> np.ndarray:
     try:
         cmap = matplotlib.colormaps[name]
     except KeyError:
-        raise ConfigError(f"--pred-encoding colormap:{name}: unknown colour map {name!r} "
-                          "(matplotlib's names, e.g. viridis, jet, gray)") from None
+        raise ConfigError(
+            f"--pred-encoding colormap:{name}: unknown colour map {name!r} "
+            "(matplotlib's names, e.g. viridis, jet, gray)"
+        ) from None
     return np.rint(cmap(np.arange(cmap.N))[:, :3] * 255).astype(np.int16)
 
 
@@ -242,13 +269,16 @@ def _colormap(image: Image.Image, path, name: str, threshold: float) -> Reading:
     nearest = np.empty(unique.size, np.int64)
     gap = np.empty(unique.size, np.int64)
     for start in range(0, unique.size, 4096):  # (colours, entries) distances a block at a time
-        distance = np.abs(rgb[start:start + 4096, None, :] - table[None, :, :]).max(axis=2)
-        nearest[start:start + 4096] = distance.argmin(axis=1)
-        gap[start:start + 4096] = distance.min(axis=1)
+        distance = np.abs(rgb[start : start + 4096, None, :] - table[None, :, :]).max(axis=2)
+        nearest[start : start + 4096] = distance.argmin(axis=1)
+        gap[start : start + 4096] = distance.min(axis=1)
     worst = int(gap.argmax())
     if gap[worst] > COLORMAP_TOLERANCE:
-        raise KnowsamError(f"{path}: colour {tuple(rgb[worst].tolist())} is not one of colour map {name!r} "
-                           f"(its nearest entry differs by {gap[worst]} in a channel)")
+        raise KnowsamError(
+            f"{path}: colour {tuple(rgb[worst].tolist())} is not one of colour map {name!r} "
+            f"(its nearest entry differs by {gap[worst]} in a channel)"
+        )
     levels = nearest[inverse.reshape(-1)].reshape(colour.shape[:2]).astype(np.uint16)
-    return Reading(_rule(image, f"probability = colour map {name} > {threshold:g}"), levels=levels,
-                   scale=float(table.shape[0] - 1))
+    return Reading(
+        _rule(image, f"probability = colour map {name} > {threshold:g}"), levels=levels, scale=float(table.shape[0] - 1)
+    )

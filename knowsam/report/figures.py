@@ -49,8 +49,14 @@ def bar_chart(agg: pd.DataFrame, path: str | Path) -> Path:
             rows = part[part.label == label].set_index("test_set").reindex(test_sets)
             x = np.arange(len(test_sets)) + (i - (len(labels) - 1) / 2) * width
             stale = " " + STALE_MARK if rows["stale"].fillna(False).astype(bool).any() else ""
-            ax.bar(x, rows["mean"].to_numpy(float), width, yerr=rows["std"].fillna(0.0).to_numpy(float),
-                   capsize=2, label=label + stale)
+            ax.bar(
+                x,
+                rows["mean"].to_numpy(float),
+                width,
+                yerr=rows["std"].fillna(0.0).to_numpy(float),
+                capsize=2,
+                label=label + stale,
+            )
         ax.set_xticks(np.arange(len(test_sets)), test_sets, fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel("mDice (%)")
@@ -90,8 +96,9 @@ def _predictions(path: Path, keys: list[str]) -> dict[str, np.ndarray] | None:
         return {key: saved[key] for key in keys if key in saved.files}
 
 
-def overlay_grid(params: Params, dataset: str, path: str | Path, eval_root: str | Path,
-                 shown: dict[RunId, bool]) -> Path | None:
+def overlay_grid(
+    params: Params, dataset: str, path: str | Path, eval_root: str | Path, shown: dict[RunId, bool]
+) -> Path | None:
     """Rows = ``eval.overlay_images`` fixed test cases; columns = image, ground truth, each method's prediction.
 
     Predictions come from the first ratio and seed of the params, of the runs the leaderboard
@@ -106,9 +113,11 @@ def overlay_grid(params: Params, dataset: str, path: str | Path, eval_root: str 
     keys = [f"{part}/{case}" for part, case in picks]
     ratio, seed = params.ratios[0], params.seeds[0]
     runs = {m: RunId(m, dataset, ratio, seed) for m in params.methods}
-    predictions = {m: _predictions(run.eval_dir(eval_root) / "predictions.npz", keys) if run in shown else None
-                   for m, run in runs.items()}
-    colours = ListedColormap(CLASS_COLOURS[:data.num_classes])
+    predictions = {
+        m: _predictions(run.eval_dir(eval_root) / "predictions.npz", keys) if run in shown else None
+        for m, run in runs.items()
+    }
+    colours = ListedColormap(CLASS_COLOURS[: data.num_classes])
     titles = {m: m + (f" {STALE_MARK}" if shown.get(run) else "") for m, run in runs.items()}
     columns = ["image", "ground truth", *params.methods]
     fig = Figure(figsize=(1.9 * len(columns), 1.9 * max(len(picks), 1) + 0.4), layout="constrained")
@@ -132,29 +141,45 @@ def overlay_grid(params: Params, dataset: str, path: str | Path, eval_root: str 
                 ax.text(0.5, 0.5, "missing", transform=ax.transAxes, ha="center", va="center", color="red")
                 continue
             labels = labels[middle] if labels.ndim == 3 else labels
-            ax.imshow(np.ma.masked_equal(labels, 0), cmap=colours, vmin=0, vmax=data.num_classes - 1, alpha=0.5,
-                      extent=extent, interpolation="nearest")
+            ax.imshow(
+                np.ma.masked_equal(labels, 0),
+                cmap=colours,
+                vmin=0,
+                vmax=data.num_classes - 1,
+                alpha=0.5,
+                extent=extent,
+                interpolation="nearest",
+            )
     return _save(fig, Path(path))
 
 
 def mean_curve(curves: list[pd.DataFrame], column: str, window: int = 1) -> pd.Series:
     """``column`` against step, averaged over seeds at the steps they share; a trailing mean over
     ``window`` iterations first (per-iteration losses are too noisy to read)."""
-    series = [c.set_index("step")[column].dropna().rolling(window, min_periods=1).mean()
-              for c in curves if column in c.columns]
+    series = [
+        c.set_index("step")[column].dropna().rolling(window, min_periods=1).mean()
+        for c in curves
+        if column in c.columns
+    ]
     return pd.concat(series, axis=1, join="inner").mean(axis=1) if series else pd.Series(dtype=float)
 
 
-def training_curves(params: Params, dataset: str, path: str | Path, eval_root: str | Path,
-                    shown: dict[RunId, bool]) -> Path | None:
+def training_curves(
+    params: Params, dataset: str, path: str | Path, eval_root: str | Path, shown: dict[RunId, bool]
+) -> Path | None:
     """Validation Dice (top) and training loss (bottom) against iteration, one line per method (mean
     over its seeds), one column per labeled ratio; references dashed, a method's teacher (its
     ``val_dice_<variant>`` curve) dotted in the method's colour. Only runs the leaderboard ``shown``
     are drawn (True: stale, marked in the legend). None when no such run has curves."""
-    runs = {(m, r): [RunId(m, dataset, r, s) for s in params.seeds if RunId(m, dataset, r, s) in shown]
-            for r in params.ratios for m in params.methods}
-    curves = {key: [pd.read_csv(run.curves_file(eval_root)) for run in found if run.curves_file(eval_root).is_file()]
-              for key, found in runs.items()}
+    runs = {
+        (m, r): [RunId(m, dataset, r, s) for s in params.seeds if RunId(m, dataset, r, s) in shown]
+        for r in params.ratios
+        for m in params.methods
+    }
+    curves = {
+        key: [pd.read_csv(run.curves_file(eval_root)) for run in found if run.curves_file(eval_root).is_file()]
+        for key, found in runs.items()
+    }
     if not any(curves.values()):
         return None
     window = max(1, params.train.iterations // 25)
@@ -174,8 +199,13 @@ def training_curves(params: Params, dataset: str, path: str | Path, eval_root: s
             for column in sorted({c for f in found for c in f.columns if c.startswith("val_dice_")}):
                 variant = column.removeprefix("val_dice_")  # a teacher's own prediction: dotted, same colour
                 extra = mean_curve(found, column)
-                dice_ax.plot(extra.index, extra.to_numpy() * 100.0, linestyle=":", color=line.get_color(),
-                             label=row_label(method, variant))
+                dice_ax.plot(
+                    extra.index,
+                    extra.to_numpy() * 100.0,
+                    linestyle=":",
+                    color=line.get_color(),
+                    label=row_label(method, variant),
+                )
             loss = mean_curve(found, "loss", window)
             loss_ax.plot(loss.index, loss.to_numpy(), label=label, **style)
         dice_ax.set_title(f"{dataset}, {ratio_label(ratio)} labeled", fontsize=9)

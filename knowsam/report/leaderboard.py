@@ -22,8 +22,18 @@ from knowsam.data.sources import DATASETS
 from knowsam.errors import KnowsamError
 from knowsam.metrics import EMPTY_MASK_POLICY
 from knowsam.report import figures, reference
-from knowsam.report.results import (STALE_MARK, STALE_NOTE, Results, is_upper_bound, load_summaries, matrix,
-                                    ratio_label, repro_hint, row_label, test_set_order)
+from knowsam.report.results import (
+    STALE_MARK,
+    STALE_NOTE,
+    Results,
+    is_upper_bound,
+    load_summaries,
+    matrix,
+    ratio_label,
+    repro_hint,
+    row_label,
+    test_set_order,
+)
 from knowsam.runs import code_fingerprint
 
 POLYP_METRICS = ("mDice", "mIoU")
@@ -66,12 +76,24 @@ def aggregate(long: pd.DataFrame) -> pd.DataFrame:
         for metric in table_metrics(dataset):
             values = group[metric].astype(float) * (100.0 if metric in PERCENT_METRICS else 1.0)
             paper = None if variant else book.lookup(dataset, test_set, method, ratio, metric)
-            rows.append({"dataset": dataset, "method": method, "variant": variant, "label": row_label(method, variant),
-                         "ratio": ratio, "test_set": test_set, "metric": metric,
-                         "unit": "%" if metric in PERCENT_METRICS else "distance",
-                         "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else float("nan"),
-                         "n": len(values), "stale": bool(group["stale"].any()), "paper": paper,
-                         "diff_vs_paper": values.mean() - paper if paper is not None else float("nan")})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "variant": variant,
+                    "label": row_label(method, variant),
+                    "ratio": ratio,
+                    "test_set": test_set,
+                    "metric": metric,
+                    "unit": "%" if metric in PERCENT_METRICS else "distance",
+                    "mean": values.mean(),
+                    "std": values.std(ddof=1) if len(values) > 1 else float("nan"),
+                    "n": len(values),
+                    "stale": bool(group["stale"].any()),
+                    "paper": paper,
+                    "diff_vs_paper": values.mean() - paper if paper is not None else float("nan"),
+                }
+            )
     agg = pd.DataFrame(rows)
     agg["best"] = _best_flags(agg)
     return agg
@@ -116,8 +138,10 @@ def _rows(part: pd.DataFrame, methods: list[str]) -> list[tuple[str, str]]:
 
 
 def _cells(part: pd.DataFrame) -> dict[tuple, str]:
-    return {tuple(r[k] for k in _KEY): format_cell(r["mean"], r["std"], r["n"], r["best"], r["stale"])
-            for r in part.to_dict("records")}
+    return {
+        tuple(r[k] for k in _KEY): format_cell(r["mean"], r["std"], r["n"], r["best"], r["stale"])
+        for r in part.to_dict("records")
+    }
 
 
 def polyp_table(part: pd.DataFrame, methods: list[str], ratios: list[float]) -> list[str]:
@@ -147,8 +171,12 @@ def reference_table(part: pd.DataFrame, refs: list[reference.Reference]) -> list
     """The paper's numbers beside ours (plain rows, same ratio); ``test_set: null`` matches a sole test set."""
     lines = _header(["Method", "Labeled", "Test set", "Metric", "Paper", "Ours", "Ours − paper"])
     for ref in refs:
-        ours = part[(part.method == ref.method) & (part.variant == "") & (part.metric == ref.metric)
-                    & ((part.ratio - ref.ratio).abs() < 1e-9)]
+        ours = part[
+            (part.method == ref.method)
+            & (part.variant == "")
+            & (part.metric == ref.metric)
+            & ((part.ratio - ref.ratio).abs() < 1e-9)
+        ]
         if ref.test_set is not None:
             ours = ours[ours.test_set == ref.test_set]
         test_set = ref.test_set or "(sole test set)"
@@ -157,8 +185,19 @@ def reference_table(part: pd.DataFrame, refs: list[reference.Reference]) -> list
             row = ours.iloc[0]
             test_set, diff = row.test_set, f"{row['mean'] - ref.value:+.2f}"
             cell = format_cell(row["mean"], row["std"], row["n"], stale=row["stale"])
-        lines.append(_md([f"{ref.method} (paper)", ratio_label(ref.ratio), test_set,
-                          f"{ref.metric} (listed as {ref.listed_as})", f"{ref.value:.2f}", cell, diff]))
+        lines.append(
+            _md(
+                [
+                    f"{ref.method} (paper)",
+                    ratio_label(ref.ratio),
+                    test_set,
+                    f"{ref.metric} (listed as {ref.listed_as})",
+                    f"{ref.value:.2f}",
+                    cell,
+                    diff,
+                ]
+            )
+        )
     return lines
 
 
@@ -180,12 +219,17 @@ def _sam_note(long: pd.DataFrame) -> str:
     random_init = sorted(set(plain.method[plain.sam_weights == "random-init"]))
     lines = []
     if random_init:
-        lines.append("**SAM teacher: random initialisation, no pretrained SAM weights** in runs of "
-                     f"{', '.join(random_init)}; these numbers do not show what a pretrained SAM brings.")
+        lines.append(
+            "**SAM teacher: random initialisation, no pretrained SAM weights** in runs of "
+            f"{', '.join(random_init)}; these numbers do not show what a pretrained SAM brings."
+        )
     pretrained = {k: v for k, v in teachers.items() if "random-init" not in k}
     if pretrained:
-        lines.append("SAM teacher weights: " + "; ".join(f"{k} ({', '.join(sorted(v))})"
-                                                       for k, v in sorted(pretrained.items())) + ".")
+        lines.append(
+            "SAM teacher weights: "
+            + "; ".join(f"{k} ({', '.join(sorted(v))})" for k, v in sorted(pretrained.items()))
+            + "."
+        )
     return " ".join(lines)
 
 
@@ -199,16 +243,17 @@ def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]
         "Cells: mean ± std over seeds (sample std; none for one seed) with n = seeds evaluated. Dice/IoU in %; "
         "HD95/ASD in pixels for 2D images, in the volume's voxel-spacing units for volumes.",
         "mDice = mean of per-image Dice (per-volume for volume datasets), not a dataset-global Dice; mIoU likewise.",
-        "HD95 = 95th percentile of both directed surface-distance sets pooled; the paper's \"HD95\" "
+        'HD95 = 95th percentile of both directed surface-distance sets pooled; the paper\'s "HD95" '
         "(0.95 x Hausdorff) is a different quantity and is not shown. ASD = mean distance from the predicted "
         "to the ground-truth surface.",
         "Bold: best per column among methods at the same labeled ratio (higher is better for Dice/IoU, lower "
         "for HD95/ASD), shown when at least two compete; ties at two decimals are all bold. Excluded from "
-        "\"best\": fully-supervised (the upper bound, trained on every label), variant rows and the paper's numbers.",
+        '"best": fully-supervised (the upper bound, trained on every label), variant rows and the paper\'s numbers.',
         "Variant rows (`method [... output]`) score another output of the same trained runs, e.g. KnowSAM's "
         "SAM teacher; the plain row is the method's reported prediction.",
         _sam_note(long),
-        "Evaluation resolution: " + "; ".join(RESOLUTION_TEXT.get(r, r) for r in resolutions)
+        "Evaluation resolution: "
+        + "; ".join(RESOLUTION_TEXT.get(r, r) for r in resolutions)
         + (" (runs differ: not comparable)." if len(resolutions) > 1 else "."),
         EMPTY_MASK_POLICY,
         FAIRNESS_NOTE,
@@ -218,8 +263,9 @@ def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]
     return [f"- {n}" for n in notes]
 
 
-def render(params: Params, results: Results, agg: pd.DataFrame, total: int, figure_lines: list[str],
-           produce: str | None = None) -> str:
+def render(
+    params: Params, results: Results, agg: pd.DataFrame, total: int, figure_lines: list[str], produce: str | None = None
+) -> str:
     book = reference.load()
     lines = [f"# Leaderboard (profile `{params.profile}`)", ""]
     with_paper = False
@@ -236,25 +282,40 @@ def render(params: Params, results: Results, agg: pd.DataFrame, total: int, figu
         refs = book.for_dataset(dataset)
         if refs:
             with_paper = True
-            lines += [f"Reported by the paper ({dataset}): {book.protocols.get(dataset, '')}".rstrip(), "",
-                      *reference_table(part, refs), ""]
+            lines += [
+                f"Reported by the paper ({dataset}): {book.protocols.get(dataset, '')}".rstrip(),
+                "",
+                *reference_table(part, refs),
+                "",
+            ]
     lines += ["## Notes", "", *footnotes(params, results.table, with_paper), "", "## Runs left out", ""]
     if results.left_out:
-        lines.append(f"{len(results.left_out)} of {total} runs have no current metrics and are not shown: "
-                     f"{repro_hint(results.left_out, produce)}.")
+        lines.append(
+            f"{len(results.left_out)} of {total} runs have no current metrics and are not shown: "
+            f"{repro_hint(results.left_out, produce)}."
+        )
     elif not results.stale:
         lines.append(f"None: all {total} runs of the params matrix are evaluated under the current params and code.")
     if results.stale:
-        lines += [*([""] if results.left_out else []), f"{STALE_MARK} Shown with --allow-stale: {len(results.stale)} "
-                  f"of {total} runs {STALE_NOTE}: {', '.join(map(str, results.stale))}."]
+        lines += [
+            *([""] if results.left_out else []),
+            f"{STALE_MARK} Shown with --allow-stale: {len(results.stale)} "
+            f"of {total} runs {STALE_NOTE}: {', '.join(map(str, results.stale))}.",
+        ]
     lines += ["", "## Figures", "", *figure_lines]
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root: str | Path = "data/eval", *,
-                      overlays: bool = True, allow_stale: bool = False,
-                      runs_root: str | Path | None = "data/runs",
-                      produce: str | None = None) -> tuple[Path, Results]:
+def write_leaderboard(
+    params: Params,
+    out_dir: str | Path = "reports",
+    eval_root: str | Path = "data/eval",
+    *,
+    overlays: bool = True,
+    allow_stale: bool = False,
+    runs_root: str | Path | None = "data/runs",
+    produce: str | None = None,
+) -> tuple[Path, Results]:
     """Write ``leaderboard.md``/``.csv`` and ``figures/`` (bar chart, training curves and overlays per
     dataset); returns the .md path and what was shown and left out (``results.load_summaries``).
 
@@ -267,9 +328,13 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     ``fileio.claim_files``); anything else is refused first.
     """
     out_dir = Path(out_dir)
-    names = ["leaderboard.md", "leaderboard.csv", "figures/leaderboard.png",
-             *(f"figures/curves_{dataset}.png" for dataset in params.datasets),
-             *(f"figures/overlays_{dataset}.png" for dataset in params.datasets if overlays)]
+    names = [
+        "leaderboard.md",
+        "leaderboard.csv",
+        "figures/leaderboard.png",
+        *(f"figures/curves_{dataset}.png" for dataset in params.datasets),
+        *(f"figures/overlays_{dataset}.png" for dataset in params.datasets if overlays),
+    ]
     inputs = [eval_root, params.data.prepared_root]
     fileio.check_folder(out_dir, WRITER, inputs)
     fileio.claim_files(out_dir, names, WRITER, inputs)
@@ -277,8 +342,10 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
     results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale)
     if results.table.empty:
         left = f" ({repro_hint(results.left_out, produce)})" if results.left_out else ""
-        raise KnowsamError(f"{eval_root}: no evaluated run of the params matrix under the current params and "
-                           f"code{left}; run `{produce or 'dvc repro'}` first")
+        raise KnowsamError(
+            f"{eval_root}: no evaluated run of the params matrix under the current params and "
+            f"code{left}; run `{produce or 'dvc repro'}` first"
+        )
     shown = results.shown
     agg = aggregate(results.table)
     figures.bar_chart(agg, out_dir / "figures/leaderboard.png")
@@ -297,8 +364,23 @@ def write_leaderboard(params: Params, out_dir: str | Path = "reports", eval_root
             figure_lines += [f"{name}: not drawn, {Path(params.data.prepared_root) / dataset} is missing.", ""]
     path = out_dir / "leaderboard.md"
     fileio.write_text(path, render(params, results, agg, len(runs), figure_lines[:-1], produce))
-    columns = ["dataset", "method", "variant", "label", "ratio", "test_set", "metric", "unit", "mean", "std", "n",
-               "stale", "best", "paper", "diff_vs_paper"]
+    columns = [
+        "dataset",
+        "method",
+        "variant",
+        "label",
+        "ratio",
+        "test_set",
+        "metric",
+        "unit",
+        "mean",
+        "std",
+        "n",
+        "stale",
+        "best",
+        "paper",
+        "diff_vs_paper",
+    ]
     fileio.write_text(out_dir / "leaderboard.csv", agg[columns].to_csv(index=False, float_format="%.4f"))
     fileio.record_files(out_dir, [name for name in names if (out_dir / name).is_file()], WRITER)
     return path, results

@@ -59,8 +59,10 @@ class Publication:
 
     def params(self) -> Params:
         if not self.params_file.is_file():
-            raise KnowsamError(f"{self.params_file}: not found; a publication folder starts with its params file, "
-                               f"e.g. `knowsam-bench profile cpu --params {self.params_file}`")
+            raise KnowsamError(
+                f"{self.params_file}: not found; a publication folder starts with its params file, "
+                f"e.g. `knowsam-bench profile cpu --params {self.params_file}`"
+            )
         return validation.load(self.params_file)
 
 
@@ -73,8 +75,16 @@ class RunState:
 
     def to_dict(self) -> dict:
         r = self.run
-        return {"run": r.stage_name, "dataset": r.dataset, "method": r.method, "ratio": r.ratio, "seed": r.seed,
-                "state": self.state, "reason": self.reason, "wall_seconds": run_seconds(self.record)}
+        return {
+            "run": r.stage_name,
+            "dataset": r.dataset,
+            "method": r.method,
+            "ratio": r.ratio,
+            "seed": r.seed,
+            "state": self.state,
+            "reason": self.reason,
+            "wall_seconds": run_seconds(self.record),
+        }
 
 
 def read_record(pub: Publication, run: RunId) -> dict | None:
@@ -85,8 +95,9 @@ def read_record(pub: Publication, run: RunId) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise KnowsamError(f"{path}: unreadable run record ({type(exc).__name__}); store the run again with "
-                           f"`{pub.produce}`") from None
+        raise KnowsamError(
+            f"{path}: unreadable run record ({type(exc).__name__}); store the run again with `{pub.produce}`"
+        ) from None
     return record if isinstance(record, dict) else None
 
 
@@ -118,8 +129,14 @@ def recorded_seconds(states: list[RunState]) -> dict[tuple[str, str], float]:
     return {key: statistics.median(values) for key, values in timed.items()}
 
 
-def store_run(pub: Publication, params: Params, run: RunId, record: dict, eval_root: str | Path = "data/eval",
-              runs_root: str | Path = "data/runs") -> Path:
+def store_run(
+    pub: Publication,
+    params: Params,
+    run: RunId,
+    record: dict,
+    eval_root: str | Path = "data/eval",
+    runs_root: str | Path = "data/runs",
+) -> Path:
     """Copy an evaluated run's results into the publication, whole or not at all; returns its folder there.
 
     The results must be of the current params and code and read back whole (summary and per-case
@@ -131,8 +148,10 @@ def store_run(pub: Publication, params: Params, run: RunId, record: dict, eval_r
         raise KnowsamError(f"{run.summary_file(eval_root)}: not found; evaluate {run.stage_name} first")
     reason = stale_reason(summary, identity(params, run))
     if reason is not None:
-        raise KnowsamError(f"{run.summary_file(eval_root)}: stale for {pub.params_file} ({reason}); "
-                           f"train and evaluate {run.stage_name} again")
+        raise KnowsamError(
+            f"{run.summary_file(eval_root)}: stale for {pub.params_file} ({reason}); "
+            f"train and evaluate {run.stage_name} again"
+        )
     load_per_case(run, eval_root, summary)
     sources = [run.eval_dir(eval_root) / name for name in EVAL_FILES]
     sources += [run.train_dir(runs_root) / name for name in TRAINING_FILES]

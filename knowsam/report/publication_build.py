@@ -36,11 +36,16 @@ def build(pub: Publication, compare_sets: list[list[str]], *, allow_stale: bool 
     params = pub.params()
     fileio.check_replaceable(pub.report_dir, BUILD_WRITER, [pub.runs_root, pub.params_file])  # before any work
     states = status(pub, params)
-    comparisons = {compare_name(m): compare(params, m, eval_root=pub.runs_root, runs_root=None,
-                                            allow_stale=allow_stale, incomplete=True) for m in compare_sets}
+    comparisons = {
+        compare_name(m): compare(
+            params, m, eval_root=pub.runs_root, runs_root=None, allow_stale=allow_stale, incomplete=True
+        )
+        for m in compare_sets
+    }
     with fileio.atomic_dir(pub.report_dir, writer=BUILD_WRITER, inputs=[pub.runs_root, pub.params_file]) as tmp:
-        write_leaderboard(params, tmp, pub.runs_root, overlays=False, allow_stale=allow_stale, runs_root=None,
-                          produce=pub.produce)
+        write_leaderboard(
+            params, tmp, pub.runs_root, overlays=False, allow_stale=allow_stale, runs_root=None, produce=pub.produce
+        )
         for name, comparison in comparisons.items():
             fileio.write_text(tmp / f"{name}.md", render_markdown(comparison))
             fileio.write_text(tmp / f"{name}.json", json.dumps(comparison.to_dict(), indent=2) + "\n")
@@ -53,45 +58,80 @@ def build_command(pub: Publication, compare_sets: list[list[str]], allow_stale: 
     return " ".join([f"knowsam-bench publication build {pub.folder}", *options])
 
 
-def readme(pub: Publication, params: Params, states: list[RunState], compare_sets: list[list[str]],
-           allow_stale: bool) -> str:
+def readme(
+    pub: Publication, params: Params, states: list[RunState], compare_sets: list[list[str]], allow_stale: bool
+) -> str:
     counts = Counter(s.state for s in states)
     complete = counts["done"] == len(states)
-    lines = [f"# Publication `{pub.folder.name}`", "",
-             f"Built by `{build_command(pub, compare_sets, allow_stale)}` from `params.yaml` (the matrix and "
-             "every setting) and `runs/` (each evaluated run's results, stored as it finished) alone.", "",
-             "## Status", "",
-             f"{counts['done']} of {len(states)} runs done, {counts['missing']} missing, {counts['stale']} stale"
-             + (": complete." if complete else f". **Incomplete**: continue with `{pub.produce}`; the tables show "
-                "n (seeds) per cell and name the runs they lack."), "",
-             *status_table(params, states), ""]
+    lines = [
+        f"# Publication `{pub.folder.name}`",
+        "",
+        f"Built by `{build_command(pub, compare_sets, allow_stale)}` from `params.yaml` (the matrix and "
+        "every setting) and `runs/` (each evaluated run's results, stored as it finished) alone.",
+        "",
+        "## Status",
+        "",
+        f"{counts['done']} of {len(states)} runs done, {counts['missing']} missing, {counts['stale']} stale"
+        + (
+            ": complete."
+            if complete
+            else f". **Incomplete**: continue with `{pub.produce}`; the tables show "
+            "n (seeds) per cell and name the runs they lack."
+        ),
+        "",
+        *status_table(params, states),
+        "",
+    ]
     stale = [s for s in states if s.state == "stale"]
     if stale:
-        lines += ["Stale (scored under other params or code than these; "
-                  + ("shown marked †" if allow_stale else "left out of the tables") + "): "
-                  + ", ".join(f"{s.run.stage_name} ({s.reason})" for s in stale) + ".", ""]
-    lines += ["## Machine time", "", *machine_time(params, states), "", "## Package versions", "",
-              *versions(states), "", "## Files", "", "| File | What |", "|---|---|",
-              "| [leaderboard.md](leaderboard.md), [leaderboard.csv](leaderboard.csv) | the leaderboard, with its "
-              "footnotes; [figures/](figures/): its bar chart and the training curves |",
-              *(f"| [{compare_name(m)}.md]({compare_name(m)}.md), [.json]({compare_name(m)}.json) | "
-                f"`knowsam-bench compare --methods {','.join(m)}` over the stored runs |" for m in compare_sets),
-              f"| `{fileio.OUTPUT_RECORD}` | what the build wrote here, so that building again replaces exactly that |"]
+        lines += [
+            "Stale (scored under other params or code than these; "
+            + ("shown marked †" if allow_stale else "left out of the tables")
+            + "): "
+            + ", ".join(f"{s.run.stage_name} ({s.reason})" for s in stale)
+            + ".",
+            "",
+        ]
+    lines += [
+        "## Machine time",
+        "",
+        *machine_time(params, states),
+        "",
+        "## Package versions",
+        "",
+        *versions(states),
+        "",
+        "## Files",
+        "",
+        "| File | What |",
+        "|---|---|",
+        "| [leaderboard.md](leaderboard.md), [leaderboard.csv](leaderboard.csv) | the leaderboard, with its "
+        "footnotes; [figures/](figures/): its bar chart and the training curves |",
+        *(
+            f"| [{compare_name(m)}.md]({compare_name(m)}.md), [.json]({compare_name(m)}.json) | "
+            f"`knowsam-bench compare --methods {','.join(m)}` over the stored runs |"
+            for m in compare_sets
+        ),
+        f"| `{fileio.OUTPUT_RECORD}` | what the build wrote here, so that building again replaces exactly that |",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def status_table(params: Params, states: list[RunState]) -> list[str]:
     """One row per dataset x ratio x method: n done and each seed's state."""
-    lines = ["| Dataset | Labeled | Method | Done | " + " | ".join(f"seed {s}" for s in params.seeds) + " |",
-             "|---|---|---|---|" + "---|" * len(params.seeds)]
+    lines = [
+        "| Dataset | Labeled | Method | Done | " + " | ".join(f"seed {s}" for s in params.seeds) + " |",
+        "|---|---|---|---|" + "---|" * len(params.seeds),
+    ]
     for dataset in params.datasets:
         for ratio in params.ratios:
             for method in params.methods:
                 row = [s for s in states if (s.run.dataset, s.run.ratio, s.run.method) == (dataset, ratio, method)]
                 done = sum(s.state == "done" for s in row)
                 cells = [s.state for s in row]  # status lists a run's seeds in params order
-                lines.append(f"| {dataset} | {ratio_label(ratio)} | {method} | {done}/{len(row)} | "
-                             + " | ".join(cells) + " |")
+                lines.append(
+                    f"| {dataset} | {ratio_label(ratio)} | {method} | {done}/{len(row)} | " + " | ".join(cells) + " |"
+                )
     return lines
 
 
@@ -108,14 +148,25 @@ def machine_time(params: Params, states: list[RunState]) -> list[str]:
         timed = [s.record["wall_seconds"] for s in done if run_seconds(s.record) is not None]
         untimed += [s.run.stage_name for s in done if run_seconds(s.record) is None]
         train, evaluate = sum(w["train"] for w in timed), sum(w["evaluate"] for w in timed)
-        lines.append(f"| {dataset} | {len(timed)} of {len(done)} done | {_hours(train)} | {_hours(evaluate)} | "
-                     f"{_hours(train + evaluate)} |")
-    setups = Counter((s.record.get("side_by_side"), s.record.get("threads"), s.record.get("machine", {}).get("cpu"))
-                     for s in states if s.state == "done" and s.record)
+        lines.append(
+            f"| {dataset} | {len(timed)} of {len(done)} done | {_hours(train)} | {_hours(evaluate)} | "
+            f"{_hours(train + evaluate)} |"
+        )
+    setups = Counter(
+        (s.record.get("side_by_side"), s.record.get("threads"), s.record.get("machine", {}).get("cpu"))
+        for s in states
+        if s.state == "done" and s.record
+    )
     if setups:
-        lines += ["", "Runs made " + "; ".join(f"{jobs} side by side with {threads} thread(s) each on {cpu} ({n} runs)"
-                                               for (jobs, threads, cpu), n in sorted(setups.items(), key=str))
-                  + "; each run's `run.json` has its own times."]
+        lines += [
+            "",
+            "Runs made "
+            + "; ".join(
+                f"{jobs} side by side with {threads} thread(s) each on {cpu} ({n} runs)"
+                for (jobs, threads, cpu), n in sorted(setups.items(), key=str)
+            )
+            + "; each run's `run.json` has its own times.",
+        ]
     if untimed:
         lines += ["", f"Not in the sums (resumed from an earlier sitting's checkpoint): {', '.join(untimed)}."]
     return lines

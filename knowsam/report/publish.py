@@ -26,8 +26,26 @@ from knowsam.report.compare import compare, render_markdown
 from knowsam.report.leaderboard import write_leaderboard
 
 WRITER = "knowsam-bench publish"
-PACKAGES = ("knowsam-bench", "torch", "torchvision", "segment-anything", "dvc", "dvclive", "numpy", "scipy", "pandas",
-            "medpy", "scikit-image", "SimpleITK", "h5py", "Pillow", "typer", "rich", "PyYAML", "matplotlib")
+PACKAGES = (
+    "knowsam-bench",
+    "torch",
+    "torchvision",
+    "segment-anything",
+    "dvc",
+    "dvclive",
+    "numpy",
+    "scipy",
+    "pandas",
+    "medpy",
+    "scikit-image",
+    "SimpleITK",
+    "h5py",
+    "Pillow",
+    "typer",
+    "rich",
+    "PyYAML",
+    "matplotlib",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -42,8 +60,12 @@ def package_versions() -> dict[str, str]:
 
 
 def machine_facts() -> dict[str, str]:
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
-            "cores": str(os.cpu_count())}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": str(os.cpu_count()),
+    }
 
 
 def _duration(seconds: float) -> str:
@@ -51,14 +73,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s ({minutes} min {secs:02d} s)"
 
 
-def _readme(params: Params, compare_methods: list[str], wall_seconds: float | None, command: str,
-            versions: dict[str, str], machine: dict[str, str]) -> str:
+def _readme(
+    params: Params,
+    compare_methods: list[str],
+    wall_seconds: float | None,
+    command: str,
+    versions: dict[str, str],
+    machine: dict[str, str],
+) -> str:
     t = params.train
     wall = _duration(wall_seconds) if wall_seconds is not None else "not recorded"
     methods = ",".join(compare_methods)
     lines = [
-        f"# Published results: profile `{params.profile}`", "",
-        f"Published on {_dt.date.today().isoformat()} by `knowsam-bench publish`.", "",
+        f"# Published results: profile `{params.profile}`",
+        "",
+        f"Published on {_dt.date.today().isoformat()} by `knowsam-bench publish`.",
+        "",
         f"- Pipeline: `{command}`; wall time {wall}.",
         f"- Matrix: datasets {', '.join(params.datasets)}; methods {', '.join(params.methods)}; "
         f"labeled ratios {', '.join(f'{r:g}' for r in params.ratios)}; seeds {', '.join(map(str, params.seeds))}.",
@@ -66,8 +96,10 @@ def _readme(params: Params, compare_methods: list[str], wall_seconds: float | No
         f"({t.labeled_batch} labeled), lr {t.lr:g}, {t.threads} threads on {t.device}.",
         f"- SAM: `{params.sam.arch}`, checkpoint `{params.sam.checkpoint}`.",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}; "
-        f"torch {versions['torch']}.", "",
-        "| File | What |", "|---|---|",
+        f"torch {versions['torch']}.",
+        "",
+        "| File | What |",
+        "|---|---|",
         "| [leaderboard.md](leaderboard.md), [leaderboard.csv](leaderboard.csv) | the leaderboard, with its footnotes |",
         "| [figures/](figures/) | bar chart of the leaderboard, training curves (overlays show dataset images: regenerate them "
         "with `dvc repro`, they are not published) |",
@@ -79,9 +111,16 @@ def _readme(params: Params, compare_methods: list[str], wall_seconds: float | No
     return "\n".join(lines) + "\n"
 
 
-def publish(params_file: str | Path, out_dir: str | Path, compare_methods: list[str], *,
-            wall_seconds: float | None = None, command: str = "dvc repro",
-            eval_root: str | Path = "data/eval", allow_stale: bool = False) -> Path:
+def publish(
+    params_file: str | Path,
+    out_dir: str | Path,
+    compare_methods: list[str],
+    *,
+    wall_seconds: float | None = None,
+    command: str = "dvc repro",
+    eval_root: str | Path = "data/eval",
+    allow_stale: bool = False,
+) -> Path:
     """Write the publication folder ``out_dir`` from the evaluated runs of ``params_file``; returns it.
 
     Every run of the comparison must be evaluated under these params and the current code

@@ -33,8 +33,13 @@ class Reference:
     listed_as: str
 
     def matches(self, dataset: str, test_set: str | None, method: str, ratio: float, metric: str) -> bool:
-        return (self.dataset == dataset and self.method == method and self.metric == metric
-                and math.isclose(self.ratio, ratio) and self.test_set in (None, test_set))
+        return (
+            self.dataset == dataset
+            and self.method == method
+            and self.metric == metric
+            and math.isclose(self.ratio, ratio)
+            and self.test_set in (None, test_set)
+        )
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,16 @@ def _entry(table: str, position: int, raw: object, path: Path) -> Reference:
         raise KnowsamError(f"{where} must have exactly the keys {', '.join(_KEYS)}")
     if not all(isinstance(raw[k], (int, float)) and not isinstance(raw[k], bool) for k in ("ratio", "value")):
         raise KnowsamError(f"{where}: 'ratio' and 'value' must be numbers")
-    return Reference(table=table, dataset=str(raw["dataset"]),
-                     test_set=None if raw["test_set"] is None else str(raw["test_set"]),
-                     method=str(raw["method"]), ratio=float(raw["ratio"]), metric=str(raw["metric"]),
-                     value=float(raw["value"]), listed_as=str(raw["listed_as"]))
+    return Reference(
+        table=table,
+        dataset=str(raw["dataset"]),
+        test_set=None if raw["test_set"] is None else str(raw["test_set"]),
+        method=str(raw["method"]),
+        ratio=float(raw["ratio"]),
+        metric=str(raw["metric"]),
+        value=float(raw["value"]),
+        listed_as=str(raw["listed_as"]),
+    )
 
 
 @lru_cache(maxsize=4)
@@ -75,17 +86,22 @@ def load(path: Path = REFERENCE_FILE) -> ReferenceBook:
         raise KnowsamError(f"{path}: cannot read reference numbers ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), dict):
         raise KnowsamError(f"{path}: expected a mapping with 'source', 'protocols' and 'tables'")
-    entries = tuple(_entry(table, i, item, Path(path))
-                    for table, items in raw["tables"].items() for i, item in enumerate(items or []))
+    entries = tuple(
+        _entry(table, i, item, Path(path))
+        for table, items in raw["tables"].items()
+        for i, item in enumerate(items or [])
+    )
     seen: set[tuple] = set()
     for e in entries:
         key = (e.dataset, e.test_set, e.method, round(e.ratio, 9), e.metric)
         if key in seen:
-            raise KnowsamError(f"{path}: two entries for {e.method} on {e.dataset} {e.test_set or ''} "
-                               f"ratio {e.ratio:g} {e.metric}")
+            raise KnowsamError(
+                f"{path}: two entries for {e.method} on {e.dataset} {e.test_set or ''} ratio {e.ratio:g} {e.metric}"
+            )
         seen.add(key)
-    return ReferenceBook(source=str(raw.get("source", "")).strip(), protocols=dict(raw.get("protocols") or {}),
-                         entries=entries)
+    return ReferenceBook(
+        source=str(raw.get("source", "")).strip(), protocols=dict(raw.get("protocols") or {}), entries=entries
+    )
 
 
 def lookup(dataset: str, test_set: str | None, method: str, ratio: float, metric: str) -> float | None:

@@ -30,8 +30,10 @@ VARIANT_LABELS: dict[str, str] = {"sam": "SAM output"}
 
 def matrix(params: Params) -> list[RunId]:
     """Every run of the params matrix, in table order (dataset, method, ratio, seed)."""
-    return [RunId(method=m, dataset=d, ratio=r, seed=s)
-            for d, m, r, s in product(params.datasets, params.methods, params.ratios, params.seeds)]
+    return [
+        RunId(method=m, dataset=d, ratio=r, seed=s)
+        for d, m, r, s in product(params.datasets, params.methods, params.ratios, params.seeds)
+    ]
 
 
 def row_label(method: str, variant: str) -> str:
@@ -92,8 +94,10 @@ class Results:
 
 MISSING = "missing"  # a run without results where only results are read (``load_summaries`` without run folders)
 STALE_MARK = "†"
-STALE_NOTE = ("scored under other params or code than the params file's (or a training since replaced); "
-              "these numbers do not stand for the current params")
+STALE_NOTE = (
+    "scored under other params or code than the params file's (or a training since replaced); "
+    "these numbers do not stand for the current params"
+)
 
 
 def repro_hint(left_out: list[LeftOut], produce: str | None = None) -> str:
@@ -127,9 +131,15 @@ def _why_not_scored(params: Params, run: RunId, runs_root: str | Path, current_h
     return "not evaluated" if trained >= params.train.iterations else "unfinished"
 
 
-def load_summaries(params: Params, runs: list[RunId], eval_root: str | Path = "data/eval",
-                   runs_root: str | Path | None = "data/runs", *, allow_stale: bool = False,
-                   per_case: bool = False) -> Results:
+def load_summaries(
+    params: Params,
+    runs: list[RunId],
+    eval_root: str | Path = "data/eval",
+    runs_root: str | Path | None = "data/runs",
+    *,
+    allow_stale: bool = False,
+    per_case: bool = False,
+) -> Results:
     """The summaries of ``runs`` as a long table (one row per run x variant x test set), and the runs left out.
 
     A run is left out when it has no summary (``per_case``: or no per-case table), when its summary
@@ -148,8 +158,11 @@ def load_summaries(params: Params, runs: list[RunId], eval_root: str | Path = "d
         summary = read_summary(run, eval_root)
         current = identity(params, run)
         if summary is None or (per_case and not (run.eval_dir(eval_root) / "per_case.csv").is_file()):
-            reason = "not evaluated" if summary is not None else (
-                MISSING if runs_root is None else _why_not_scored(params, run, runs_root, current["config_hash"]))
+            reason = (
+                "not evaluated"
+                if summary is not None
+                else (MISSING if runs_root is None else _why_not_scored(params, run, runs_root, current["config_hash"]))
+            )
             out.left_out.append(LeftOut(run, reason, scored=False))
             continue
         reason = stale_reason(summary, current)
@@ -162,10 +175,18 @@ def load_summaries(params: Params, runs: list[RunId], eval_root: str | Path = "d
                 continue
         out.summaries[run] = summary
         provenance = summary.get("provenance") or {}
-        common = {"dataset": run.dataset, "method": run.method, "ratio": run.ratio, "seed": run.seed,
-                  "stale": reason is not None, "resolution": summary.get("evaluation_resolution", ""),
-                  "sam_arch": provenance.get("sam_arch", ""), "sam_weights": provenance.get("sam_weights", ""),
-                  "sam_encoder": provenance.get("sam_encoder", ""), "sam_options": provenance.get("sam_options", "")}
+        common = {
+            "dataset": run.dataset,
+            "method": run.method,
+            "ratio": run.ratio,
+            "seed": run.seed,
+            "stale": reason is not None,
+            "resolution": summary.get("evaluation_resolution", ""),
+            "sam_arch": provenance.get("sam_arch", ""),
+            "sam_weights": provenance.get("sam_weights", ""),
+            "sam_encoder": provenance.get("sam_encoder", ""),
+            "sam_options": provenance.get("sam_options", ""),
+        }
         outputs = {"": summary["test_sets"], **summary.get("variants", {})}
         for variant, test_sets in outputs.items():
             for test_set, metrics in test_sets.items():
@@ -203,9 +224,11 @@ def load_per_case(run: RunId, eval_root: str | Path = "data/eval", summary: dict
         bad = ~np.isfinite(pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float))
         if bad.any():
             row = table[bad].iloc[0]
-            raise KnowsamError(f"{path}: column {column!r} is {row[column]} for case {row['case']} of "
-                               f"{row['test_set']}, where every value is a finite number (see the empty-mask "
-                               f"policy); {redo}")
+            raise KnowsamError(
+                f"{path}: column {column!r} is {row[column]} for case {row['case']} of "
+                f"{row['test_set']}, where every value is a finite number (see the empty-mask "
+                f"policy); {redo}"
+            )
     if summary is not None:
         _check_case_counts(path, table, summary, redo)
     return table
@@ -218,5 +241,7 @@ def _check_case_counts(path: Path, table: pd.DataFrame, summary: dict, redo: str
             found = int(((table.variant == variant) & (table.test_set == test_set)).sum())
             if found != metrics["n"]:
                 output = f"{test_set} ({variant} output)" if variant else test_set
-                raise KnowsamError(f"{path}: {found} cases of {output} where summary.json counts {metrics['n']} "
-                                   f"(truncated, or not from the same evaluation); {redo}")
+                raise KnowsamError(
+                    f"{path}: {found} cases of {output} where summary.json counts {metrics['n']} "
+                    f"(truncated, or not from the same evaluation); {redo}"
+                )

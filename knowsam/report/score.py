@@ -106,11 +106,13 @@ def _score_pair(job: tuple[str, Path, Path, float, bool, str]) -> dict:
     size = (truth.mask.shape[1], truth.mask.shape[0])
     row = {"name": name, "gt_empty": not truth.mask.any(), "resized": pred.size != size, "truth_rule": truth.rule}
     if pred.size != size and not resize:
-        return {**row, "mismatch": f"{pred_path}: prediction size {pred.size[0]}x{pred.size[1]} differs from "
-                                   f"its mask's {size[0]}x{size[1]}"}
+        return {
+            **row,
+            "mismatch": f"{pred_path}: prediction size {pred.size[0]}x{pred.size[1]} differs from "
+            f"its mask's {size[0]}x{size[1]}",
+        }
     reading = read_prediction(pred, pred_path, encoding, threshold)
-    return {**row, "prediction_rule": reading.rule,
-            **binary_metrics(_foreground(reading, size, threshold), truth.mask)}
+    return {**row, "prediction_rule": reading.rule, **binary_metrics(_foreground(reading, size, threshold), truth.mask)}
 
 
 def _run(jobs: list[tuple[str, Path, Path, float, bool, str]], workers: int) -> list[dict]:
@@ -119,8 +121,9 @@ def _run(jobs: list[tuple[str, Path, Path, float, bool, str]], workers: int) -> 
     return map_in_workers(_score_pair, jobs, workers, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
-def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers: int = 2,
-                  resize: bool = False, encoding: str = "auto") -> ScoreResult:
+def score_folders(
+    pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers: int = 2, resize: bool = False, encoding: str = "auto"
+) -> ScoreResult:
     """Score every prediction that has a mask of the same stem; report the rest as unmatched.
 
     Predictions are read by ``encoding`` (``knowsam.report.encodings``). A prediction of
@@ -142,10 +145,16 @@ def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers:
     rows = _run([(name, preds[name], masks[name], threshold, resize, encoding) for name in names], workers)
     mismatched = [row["mismatch"] for row in rows if "mismatch" in row]
     if mismatched:
-        raise KnowsamError(f"{mismatched[0]}; {len(mismatched)} of {len(rows)} prediction(s) differ in size "
-                           "from their masks (pass --resize to resize them)")
-    check_empty_share(Path(gt_dir), [masks[row["name"]] for row in rows], [row["gt_empty"] for row in rows],
-                      lambda path: open_image(path, "mask"))
+        raise KnowsamError(
+            f"{mismatched[0]}; {len(mismatched)} of {len(rows)} prediction(s) differ in size "
+            "from their masks (pass --resize to resize them)"
+        )
+    check_empty_share(
+        Path(gt_dir),
+        [masks[row["name"]] for row in rows],
+        [row["gt_empty"] for row in rows],
+        lambda path: open_image(path, "mask"),
+    )
     per_image = pd.DataFrame(rows)[list(PER_IMAGE_COLUMNS)]
     stats = summarize(per_image)
     return ScoreResult(
@@ -155,8 +164,10 @@ def score_folders(pred_dir: Path, gt_dir: Path, threshold: float = 0.5, workers:
         predictions_without_mask=sorted(preds.keys() - masks.keys()),
         masks_without_prediction=sorted(masks.keys() - preds.keys()),
         resized=sum(row["resized"] for row in rows),
-        rules={"prediction": dict(Counter(row["prediction_rule"] for row in rows)),
-               "ground_truth": dict(Counter(row["truth_rule"] for row in rows))},
+        rules={
+            "prediction": dict(Counter(row["prediction_rule"] for row in rows)),
+            "ground_truth": dict(Counter(row["truth_rule"] for row in rows)),
+        },
     )
 
 
@@ -167,7 +178,7 @@ def _rules_text(rules: dict[str, int]) -> str:
 def _summary_table(result: ScoreResult) -> Table:
     table = Table(
         title=f"{result.summary['n']} images. Predictions read as: {_rules_text(result.rules['prediction'])}. "
-              f"Ground truth read as: {_rules_text(result.rules['ground_truth'])}.",
+        f"Ground truth read as: {_rules_text(result.rules['ground_truth'])}.",
         caption=f"{EMPTY_MASK_POLICY} Distances in pixels at the mask's resolution.",
         caption_justify="left",
     )
@@ -185,8 +196,15 @@ def _report_unmatched(names: list[str], what: str) -> None:
         print(f"{len(names)} {what}: {', '.join(names[:_EXAMPLES])}{more}", file=sys.stderr)
 
 
-def score_command(pred_dir: Path, gt_dir: Path, threshold: float, out: Path | None, as_json: bool,
-                  resize: bool = False, encoding: str = "auto") -> int:
+def score_command(
+    pred_dir: Path,
+    gt_dir: Path,
+    threshold: float,
+    out: Path | None,
+    as_json: bool,
+    resize: bool = False,
+    encoding: str = "auto",
+) -> int:
     """CLI body of ``score``: 0 when every file was paired, 1 when some were not (the rest is still scored)."""
     if out is not None:  # checked before the scoring, which can take minutes
         if out.is_dir():
@@ -207,6 +225,8 @@ def score_command(pred_dir: Path, gt_dir: Path, threshold: float, out: Path | No
     _report_unmatched(result.predictions_without_mask, f"prediction(s) without a ground-truth mask in {gt_dir}")
     _report_unmatched(result.masks_without_prediction, f"ground-truth mask(s) without a prediction in {pred_dir}")
     if result.resized:
-        print(f"{result.resized} of {result.summary['n']} prediction(s) resized to their mask's size (--resize)",
-              file=sys.stderr)
+        print(
+            f"{result.resized} of {result.summary['n']} prediction(s) resized to their mask's size (--resize)",
+            file=sys.stderr,
+        )
     return 0 if result.complete else 1
