@@ -16,6 +16,7 @@ machine: the load average is reported at start and end.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import resource
@@ -94,6 +95,14 @@ def load_text() -> str:
 def cpu_seconds() -> float:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _figure(value: float) -> str:
+    """A positive measurement with at least three significant digits and no exponent: on a loaded machine
+    a ratio such as 0.03 must not print as 0.0."""
+    if value <= 0:
+        return f"{value:.2f}"
+    return f"{value:.{max(1, 2 - math.floor(math.log10(value)))}f}"
 
 
 def default_mirror() -> Path | None:
@@ -363,7 +372,9 @@ def scoring_section(report: Report, work: Path, mirror: Path | None, n: int, wor
         "|---|---:|---:|---:|---:|",
     ]
     for label, wall, cpu in rows:
-        lines.append(f"| {label} | {wall:.2f} | {len(gts) / wall:.1f} | {cpu:.2f} | {medpy_s / wall:.1f}x |")
+        lines.append(
+            f"| {label} | {wall:.2f} | {_figure(len(gts) / wall)} | {_figure(cpu)} | {_figure(medpy_s / wall)}x |"
+        )
     report.add("Scoring throughput", *lines)
 
 
