@@ -7,6 +7,8 @@ Named ``fileio``, not ``io``, so that it never shadows the standard library's mo
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -264,3 +266,17 @@ def swap_dir(staging: Path, target: Path) -> None:
         os.replace(retired, target)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on the open file ``fd`` without waiting; False if another holds it.
+
+    The lock belongs to the open file, so the kernel releases it when the holder closes it or dies.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        return False
+    return True

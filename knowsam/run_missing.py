@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import errno
-import fcntl
 import json
 import os
 import subprocess
@@ -34,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from knowsam import config
+from knowsam import config, fileio
 from knowsam.config import Params, ratio_text
 from knowsam.errors import KnowsamError
 from knowsam.report.publication import Publication, RunState, recorded_seconds, remove_leftovers, status, store_run
@@ -156,11 +154,7 @@ def hold(pub: Publication):
     """One sitting per publication at a time: a lock on its params file, released however the holder ends."""
     fd = os.open(pub.params_file, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
+        if not fileio.try_lock(fd):
             raise KnowsamError(
                 f"{pub.folder}: another `publication run` is making its runs; wait for it to end or stop it first"
             ) from None

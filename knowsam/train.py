@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import math
 import os
 import random
@@ -193,11 +191,7 @@ def run_lock(run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
+        if not fileio.try_lock(fd):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise KnowsamError(
                 f"{run_dir}: already being trained by process {holder}; wait for it or stop it first"
