@@ -379,7 +379,8 @@ def train_run(
                     dice = validation_dice(method, *val, device)
                     live.log_metric("val/dice", dice)
                     record["val_dice"] = dice
-                    for variant in method.variants:  # e.g. the SAM teacher: does it learn? (not used to pick weights)
+                    # e.g. the SAM teacher: does it learn? and each student (not used to pick weights)
+                    for variant in (*method.variants, *method.curve_variants):
                         record[f"val_dice_{variant}"] = validation_dice(method, *val, device, variant)
                         live.log_metric(f"val/dice_{variant}", record[f"val_dice_{variant}"])
                 if dist.is_main and evaluation:

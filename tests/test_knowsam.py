@@ -219,6 +219,40 @@ def test_net_loss_is_the_documented_combination():
     assert terms["cons_weight"] == pytest.approx(w)
 
 
+@pytest.mark.parametrize("kd_weight,self_weight", [(0.0, 0.0), (0.25, 3.0)])
+def test_kd_and_self_training_weights_scale_only_their_terms(kd_weight: float, self_weight: float):
+    """The ablation weights (official: 1 and 1) multiply the KD term and the mixed stage's self-training
+    term and nothing else: every logged term is the same as at the official weights."""
+    steps = {}
+    for weights in ((1.0, 1.0), (kd_weight, self_weight)):
+        torch.manual_seed(0)  # the same initial weights for both
+        m = make(iterations=10, mixed_iterations=0.0, kd_weight=weights[0], self_training_weight=weights[1])
+        m.eval()  # no dropout: the two methods' forwards are identical
+        steps[weights] = {k: v.item() for k, v in m.losses(batch(2, 2), 5).items()}
+    official, ablated = steps[(1.0, 1.0)], steps[(kd_weight, self_weight)]
+    w = consistency_weight(5, 10, 1.0, 200)
+    for name in ("unet", "vnet"):
+        for term in ("sup", "kd", "ent", "cons", "mix_sup", "mix_ent", "mix_cons", "mix_self"):
+            assert ablated[f"{name}_{term}"] == pytest.approx(official[f"{name}_{term}"], rel=1e-6)
+        assert ablated[name] == pytest.approx(official[name] - (1 - kd_weight) * official[f"{name}_kd"], rel=1e-5)
+        assert ablated[f"{name}_mix"] == pytest.approx(
+            official[f"{name}_mix"] - w * (1 - self_weight) * official[f"{name}_mix_self"], rel=1e-5
+        )
+    assert official["unet_kd"] > 0 and official["unet_mix_self"] > 0
+
+
+def test_students_are_scored_alone_for_the_curves():
+    """``curve_variants``: each student's own softmax, beside the fused output and SAM's."""
+    m = make()
+    m.eval()
+    x = batch(2, 2).x
+    for name in ("unet", "vnet"):
+        assert torch.equal(m.predict(x, name), m.nets[name](x).softmax(1))
+    assert not torch.equal(m.predict(x, "unet"), m.predict(x))
+    with pytest.raises(ValueError, match="unknown variant 'fusion'"):
+        m.predict(x, "fusion")
+
+
 def _ce_dice(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE + (1 - mean over classes of batch-pooled 2 sum(p y) / (sum p^2 + sum y^2)), written out apart."""
     p = logits.double().softmax(1)

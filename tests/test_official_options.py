@@ -311,6 +311,8 @@ def test_paper_profile_mixes_and_ramps_at_the_official_iterations_whatever_the_r
             "[0, 1] or a whole number of iterations above 1, got 12000.5",
         ),
         ("knowsam", "mixed_iterations", -1, "knowsam: mixed_iterations must be a fraction"),
+        ("knowsam", "kd_weight", -0.5, "knowsam: kd_weight must be >= 0, got -0.5"),
+        ("knowsam", "self_training_weight", -1, "knowsam: self_training_weight must be >= 0, got -1"),
         ("knowsam", "consistency_ramp_iterations", 2.5, "knowsam: consistency_ramp_iterations must be a fraction"),
         (
             "knowsam",

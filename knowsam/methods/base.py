@@ -63,6 +63,10 @@ class Method:
     main_student: ClassVar[str] = ""
     # Extra test-time outputs scored as separate leaderboard rows, e.g. ("sam",).
     variants: ClassVar[tuple[str, ...]] = ()
+    # Networks (names in ``self.nets``) whose own prediction is scored at each validation for the
+    # training curves only (``val/dice_<name>``): never a leaderboard row, never used to pick weights.
+    # KnowSAM's students: is the fused output carried by them, or by the fusion module alone?
+    curve_variants: ClassVar[tuple[str, ...]] = ()
     # Score of an image whose prediction and ground truth are both empty, in validation
     # (model selection). 1 is correct; a method may reproduce a published quirk.
     validation_empty_score: float = 1.0
@@ -101,6 +105,8 @@ class Method:
         softmax of ``reported_net``. ``embeddings``: a frozen teacher encoder's cached
         embeddings of ``x`` (the embed stage's), used by a teacher variant instead of encoding ``x``.
         """
+        if variant in self.curve_variants:
+            return self.nets[variant](x).float().softmax(1)
         if variant is not None:
             raise ValueError(f"{self.name}: unknown variant {variant!r}; known: {', '.join(self.variants) or 'none'}")
         return self.nets[self.reported_net](x).softmax(1)

@@ -143,6 +143,7 @@ class KnowSam(Method):
     name = "knowsam"
     description = "KnowSAM: co-trained U-Net/V-Net + fusion, distilled from an adapted SAM prompted by their fusion"
     variants = ("sam",)
+    curve_variants = STUDENTS
     augmentation = "weak-strong"  # the official dataloader (dataloader/dataset.py:139-147)
 
     def __init__(self, ctx: MethodContext, params: KnowSamParams):
@@ -255,7 +256,9 @@ class KnowSam(Method):
         losses, logged = {}, {}
         for name, own, other in (("unet", um, vm), ("vnet", vm, um)):
             t = self._mixed_terms(name, own, other, ym, fused_labels, n_l)
-            losses[name] = t["sup"] + self.p.entropy_weight * t["ent"] + w * (t["cons"] + t["self"])
+            losses[name] = (
+                t["sup"] + self.p.entropy_weight * t["ent"] + w * (t["cons"] + self.p.self_training_weight * t["self"])
+            )
             logged.update({f"{name}_mix_{k}": term for k, term in t.items()})
         logged["fusion_mix"] = supervised_loss(fm, ym)
         return losses, logged
@@ -280,7 +283,7 @@ class KnowSam(Method):
             logged.update({f"{name}_{k}": term for k, term in t.items()})
             logged[name] = (
                 t["sup"]
-                + t["kd"]
+                + self.p.kd_weight * t["kd"]
                 + self.p.entropy_weight * t["ent"]
                 + w * t["cons"]
                 + self.student_extra_loss(name, own, batch)
@@ -325,6 +328,8 @@ class KnowSam(Method):
         self, x: torch.Tensor, variant: str | None = None, embeddings: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Fused prediction (softmax); ``variant="sam"``: SAM prompted by the fused logits, as in training."""
+        if variant in self.curve_variants:
+            return super().predict(x, variant)
         if variant not in (None, *self.variants):
             raise ValueError(f"knowsam: unknown variant {variant!r}; known: {', '.join(self.variants)}")
         fused = self._fuse(*self._students(x))

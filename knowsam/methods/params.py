@@ -167,8 +167,10 @@ def iterations_of(value: float, total: int) -> int:
 @dataclass(frozen=True)
 class KnowSamParams:
     kd_temperature: float = 10.0
+    kd_weight: float = 1.0  # official: the KD term added with weight 1 (trainer.py:185-186)
     entropy_weight: float = 0.9
     consistency_weight: float = 1.0  # official: consistency 0.1 x 10
+    self_training_weight: float = 1.0  # official: the mixed stage's fused-argmax term at weight 1 (trainer.py:133-134)
     consistency_rampup: int = 200  # ramp "epochs" (stages) spread over consistency_ramp_iterations
     consistency_ramp_iterations: float = 1.0  # the ramp's span (see iterations_of); official: the whole run
     sam_lr: float = 1e-4
@@ -198,7 +200,13 @@ class KnowSamParams:
                 f"knowsam: need mix_grid >= 1 and 0 <= mix_patches <= mix_grid^2, got "
                 f"{self.mix_grid}, {self.mix_patches}"
             )
-        _check_non_negative("knowsam", entropy_weight=self.entropy_weight, consistency_weight=self.consistency_weight)
+        _check_non_negative(
+            "knowsam",
+            kd_weight=self.kd_weight,
+            entropy_weight=self.entropy_weight,
+            consistency_weight=self.consistency_weight,
+            self_training_weight=self.self_training_weight,
+        )
 
 
 @params_of("+skd")
