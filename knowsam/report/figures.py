@@ -19,7 +19,7 @@ from matplotlib.ticker import NullFormatter
 from knowsam import fileio
 from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
-from knowsam.report.results import STALE_MARK, is_upper_bound, ratio_label, row_label, test_set_order
+from knowsam.report.results import STALE_MARK, VARIANT_LABELS, is_upper_bound, ratio_label, row_label, test_set_order
 from knowsam.runs import RunId
 
 PNG_METADATA = {"Software": None}
@@ -197,12 +197,14 @@ def training_curves(
             dice = mean_curve(found, "val_dice")
             (line,) = dice_ax.plot(dice.index, dice.to_numpy() * 100.0, marker=".", label=label, **style)
             for column in sorted({c for f in found for c in f.columns if c.startswith("val_dice_")}):
-                variant = column.removeprefix("val_dice_")  # a teacher's own prediction: dotted, same colour
+                # Another output of the same runs, in the method's colour: its teacher dotted, a single
+                # student (KnowSAM's U-Net and V-Net) dash-dotted.
+                variant = column.removeprefix("val_dice_")
                 extra = mean_curve(found, column)
                 dice_ax.plot(
                     extra.index,
                     extra.to_numpy() * 100.0,
-                    linestyle=":",
+                    linestyle=":" if variant in VARIANT_LABELS else "-.",
                     color=line.get_color(),
                     label=row_label(method, variant),
                 )
