@@ -625,6 +625,20 @@ def publication_build(
 
 
 @app.command()
+def pipeline(
+    write: bool = typer.Option(False, "--write", help="Write dvc.yaml's code deps from knowsam/pipeline.py."),
+    check: bool = typer.Option(False, "--check", help="Fail, naming the stages, where they differ from it."),
+    dvc_file: Path = typer.Option(Path("dvc.yaml"), "--file", help="The pipeline file."),
+) -> None:
+    """dvc.yaml's code deps from the one table of what each stage runs (knowsam/pipeline.py)."""
+    if write == check:
+        raise KnowsamError("give one of --write and --check", 2)
+    from knowsam import dvc_yaml
+
+    typer.echo(dvc_yaml.write(dvc_file) if write else dvc_yaml.check(dvc_file))
+
+
+@app.command()
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Seconds instead of minutes: reduced sizes (for tests)."),
     out: Path = typer.Option(

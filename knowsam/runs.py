@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from knowsam import pipeline
 from knowsam.config import Params, to_dict
 from knowsam.methods.registry import method_params
 
@@ -78,27 +79,9 @@ class RunId:
 
 
 # The package sources whose edits can change a trained run's numbers, relative to the repository
-# root (as dvc.yaml names them); folders mean every .py file below them. They are the train stage's
-# code deps minus the modules that only start it (command line, params validation, errors, file
-# writing, device choice, dataset registry): tests/test_runs.py checks the two lists agree.
-# Reports are not here: re-scoring never needs retraining.
-TRAINING_SOURCES = (
-    "knowsam/config.py",
-    "knowsam/data/augment.py",
-    "knowsam/data/batch.py",
-    "knowsam/data/dataset.py",
-    "knowsam/data/geometry.py",
-    "knowsam/data/three_point_affine.py",
-    "knowsam/data/loader.py",
-    "knowsam/data/splits.py",
-    "knowsam/distributed.py",
-    "knowsam/losses.py",
-    "knowsam/methods",
-    "knowsam/models",
-    "knowsam/runs.py",
-    "knowsam/step_timing.py",
-    "knowsam/train.py",
-)
+# root; folders mean every .py file below them. The train stage's entry in the table of what each
+# stage runs names them (knowsam/pipeline.py, from which dvc.yaml's deps are written).
+TRAINING_SOURCES = pipeline.TRAINING
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the package
 
 # Where things are kept, not what is computed: moving data or a cache keeps every trained run valid.

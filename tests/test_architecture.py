@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "knowsam.download",
             "knowsam.distributed",
             "knowsam.step_timing",
+            "knowsam.pipeline",
         ),
     ),
     ("data and measures", ("knowsam.data", "knowsam.metrics", "knowsam.losses")),
@@ -45,7 +46,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("reports", ("knowsam.report",)),
-    ("entry points", ("knowsam.cli", "knowsam.bench", "knowsam.plan", "knowsam.run_missing", "knowsam.__main__")),
+    (
+        "entry points",
+        ("knowsam.cli", "knowsam.bench", "knowsam.plan", "knowsam.run_missing", "knowsam.dvc_yaml", "knowsam.__main__"),
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Every module a DVC stage executes is one of that stage's deps in dvc.yaml.
+"""Every module a DVC stage executes is in that stage's code in the table (knowsam/pipeline.py),
+and dvc.yaml's deps are written from that table.
 
 The executed modules are measured, not guessed: each stage's command runs for real on a tiny
 demo workspace in its own process, and the ``knowsam`` modules loaded when it exits (lazy
@@ -17,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from knowsam import pipeline
+from knowsam.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,12 +94,8 @@ def executed(tmp_path_factory) -> dict[str, set[str]]:
 
 
 def _code_deps() -> dict[str, list[str]]:
-    """Stage name -> its deps inside the package or stages/ (dvc.yaml's foreach/matrix bodies included)."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    return {
-        name: [d for d in body.get("do", body).get("deps", []) if d.startswith(("knowsam", "stages/"))]
-        for name, body in stages.items()
-    }
+    """Stage name -> the code it runs according to the table."""
+    return {name: list(pipeline.stage_code(name)) for name in pipeline.STAGES}
 
 
 def uncovered(files: set[str], deps: list[str]) -> list[str]:
@@ -110,7 +110,7 @@ def test_every_stage_lists_the_code_it_executes(executed):
         assert f"stages/{stage}.py" in deps[stage], f"{stage}: its own script is not a dep"
         assert len(files) > 3, f"{stage}: tracing found almost no modules ({files}); the tracer is broken"
         missing = uncovered(files, deps[stage])
-        assert not missing, f"dvc.yaml stage '{stage}' executes modules that are not its deps: {missing}"
+        assert not missing, f"stage '{stage}' executes modules that knowsam/pipeline.py does not list: {missing}"
 
 
 def test_removing_any_code_dep_is_detected(executed):
@@ -119,7 +119,7 @@ def test_removing_any_code_dep_is_detected(executed):
         files = executed[stage] | {f"stages/{stage}.py"}
         for dep in deps:
             rest = [d for d in deps if d != dep]
-            assert uncovered(files, rest), f"dvc.yaml stage '{stage}': dep '{dep}' covers no executed module"
+            assert uncovered(files, rest), f"stage '{stage}': '{dep}' (knowsam/pipeline.py) covers no executed module"
 
 
 def test_training_and_evaluation_code_is_where_the_issue_found_it(executed):
@@ -136,6 +136,99 @@ def test_training_and_evaluation_code_is_where_the_issue_found_it(executed):
         assert f in executed["train"], f
     for f in ("knowsam/metrics.py", "knowsam/evaluate.py"):
         assert f in executed["evaluate"], f
+
+
+def test_the_committed_dvc_yaml_lists_the_tables_code(capsys):
+    assert main(["pipeline", "--check", "--file", str(REPO / "dvc.yaml")]) == 0
+    assert capsys.readouterr().out == f"{REPO / 'dvc.yaml'}: code deps of 7 stages agree with knowsam/pipeline.py\n"
+
+
+def _stage_text(text: str, stage: str) -> tuple[int, int]:
+    """Where stage ``stage``'s body lies in dvc.yaml's text (to its next stage, or the end)."""
+    start = text.index(f"\n  {stage}:\n")
+    following = [text.index(f"\n  {s}:\n") for s in pipeline.STAGES if text.index(f"\n  {s}:\n") > start]
+    return start, min(following, default=len(text))
+
+
+def _edited(text: str, stage: str, old: str, new: str) -> str:
+    start, end = _stage_text(text, stage)
+    body = text[start:end]
+    assert body.count(old) == 1, (stage, old)
+    return text[:start] + body.replace(old, new) + text[end:]
+
+
+@pytest.mark.parametrize(
+    "stage, old, new, named",
+    [
+        ("train", "knowsam/losses.py, ", "", "missing knowsam/losses.py"),
+        (
+            "split",
+            "knowsam/data/splits.py]",
+            "knowsam/data/splits.py, knowsam/bench.py]",
+            "not in the table: knowsam/bench.py",
+        ),
+        (
+            "evaluate",
+            "knowsam/metrics.py, knowsam/models,",
+            "knowsam/models, knowsam/metrics.py,",
+            "not in the written order",
+        ),
+    ],
+    ids=["file removed", "file added", "files swapped"],
+)
+def test_a_hand_edit_of_a_stage_code_fails_the_check_naming_it_and_write_restores_the_file(
+    tmp_path, capsys, stage, old, new, named
+):
+    committed = (REPO / "dvc.yaml").read_bytes()
+    dvc_file = tmp_path / "dvc.yaml"
+    edited = _edited(committed.decode(), stage, old, new)
+    dvc_file.write_text(edited)
+    assert main(["pipeline", "--check", "--file", str(dvc_file)]) == 1
+    assert dvc_file.read_text() == edited
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err, err
+    if named.startswith(("missing", "not in the table")):
+        assert f"stage '{stage}'" in err and err.count("stage '") == 1, err
+    assert main(["pipeline", "--write", "--file", str(dvc_file)]) == 0
+    assert dvc_file.read_bytes() == committed
+    assert main(["pipeline", "--check", "--file", str(dvc_file)]) == 0
+
+
+def test_write_keeps_each_stages_data_deps_and_everything_outside_deps(tmp_path):
+    """dvc.yaml as written by hand before the table (each dep one a line) comes out as committed."""
+    committed = (REPO / "dvc.yaml").read_text()
+    stages = yaml.safe_load(committed)["stages"]
+    by_hand = committed
+    for stage, body in stages.items():
+        start, end = _stage_text(by_hand, stage)
+        head, _, rest = by_hand[start:end].partition("deps: [")
+        indent = " " * (len(head) - len(head.rstrip(" ")))
+        listed = "".join(f"\n{indent}  - {d}" for d in body.get("do", body)["deps"])
+        by_hand = by_hand[:start] + head + "deps:" + listed + rest[rest.index("]") + 1 :] + by_hand[end:]
+    assert yaml.safe_load(by_hand) == yaml.safe_load(committed) and by_hand != committed
+    dvc_file = tmp_path / "dvc.yaml"
+    dvc_file.write_text(by_hand)
+    assert main(["pipeline", "--write", "--file", str(dvc_file)]) == 0
+    assert dvc_file.read_text() == committed
+
+
+def test_write_keeps_a_comment_inside_deps_by_refusing_and_pipeline_takes_one_mode(tmp_path, capsys):
+    committed = (REPO / "dvc.yaml").read_text()
+    dvc_file = tmp_path / "dvc.yaml"
+    commented = _edited(
+        committed, "split", "\n      stages/split.py,", "\n      # the splitter\n      stages/split.py,"
+    )
+    dvc_file.write_text(commented)
+    assert main(["pipeline", "--write", "--file", str(dvc_file)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: {dvc_file}: stage 'split' has a comment inside its deps, which writing them would drop; move it above `deps:`\n"
+    )
+    assert dvc_file.read_text() == commented
+    for flags in ([], ["--write", "--check"]):
+        assert main(["pipeline", *flags, "--file", str(dvc_file)]) == 2
+        assert capsys.readouterr().err == "error: give one of --write and --check\n"
 
 
 def test_stage_started_by_a_python_without_the_harness_reruns_in_the_repository_environment(tmp_path):

@@ -4,32 +4,31 @@ from __future__ import annotations
 
 import shutil
 
-import yaml
-
-from knowsam import runs
+from knowsam import pipeline, runs
 from tests.conftest import REPO
 
-# The train stage's code deps that only start a run (script, command line, params validation, errors,
-# file writing, device choice, dataset registry, downloads): editing them cannot change a trained run.
-TRAIN_ENTRY_DEPS = {
-    "stages/train.py",
-    "stages/_entry.py",
-    "knowsam/__init__.py",
-    "knowsam/cli.py",
-    "knowsam/errors.py",
-    "knowsam/fileio.py",
-    "knowsam/validation.py",
-    "knowsam/data/__init__.py",
-    "knowsam/data/sources.py",
-    "knowsam/download.py",
-    "knowsam/machine.py",
-}
+
+def _touch(root, source: str) -> None:
+    """Append a comment to ``source`` under ``root`` (a folder's first module, when it is a folder)."""
+    path = root / source
+    path = min(path.rglob("*.py")) if path.is_dir() else path
+    with open(path, "a") as fh:
+        fh.write("\n# an edit\n")
 
 
-def test_fingerprinted_sources_are_the_train_stage_code_deps_minus_its_entry():
-    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]
-    code = {d for d in deps if d.startswith(("knowsam", "stages/"))}
-    assert set(runs.TRAINING_SOURCES) == code - TRAIN_ENTRY_DEPS
+def test_fingerprint_follows_the_training_sources_of_the_train_stage_and_no_other_code_it_runs(tmp_path):
+    """Of the files the train stage runs (its entry in knowsam/pipeline.py), an edit changes the
+    fingerprint exactly when the file is one of the training sources."""
+    train = pipeline.stage_code("train")
+    assert set(runs.TRAINING_SOURCES) < set(train)
+    for folder in ("knowsam", "stages"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    before = runs.code_fingerprint(tmp_path)
+    for source in train:
+        _touch(tmp_path, source)
+        after = runs.code_fingerprint(tmp_path)
+        assert (after != before) == (source in runs.TRAINING_SOURCES), source
+        before = after
 
 
 def test_fingerprint_follows_training_code_only(tmp_path):
