@@ -64,7 +64,9 @@ def with_overrides(params: Params, overrides: list[str]) -> Params:
 def measure_steps(params: Params, methods: list[str], steps: int):
     """Each method's timed steps (``knowsam.bench.StepResult``) at the params' settings on this machine."""
     from knowsam.bench import StepSetting, demo_dataset, time_steps
+    from knowsam.train import keep_freed_memory
 
+    keep_freed_memory()  # step times as training sees them (without it, the teacher's decode ran 1.5-2x slower)
     t = params.train
     setting = StepSetting(
         label="plan",
