@@ -440,12 +440,12 @@ def test_steps_run_for_four_classes_and_without_unlabeled(k: int, n_l: int, n_u:
     assert not torch.equal(adapter, adapter_before)  # SAM's Adam stepped too
     m.eval()
     x = batch(2, 0, k=k, size=size, channels=channels).x
-    for variant in (None, "sam"):
+    for variant in (None, "sam", "unet", "vnet"):
         probs = m.predict(x, variant)
         assert probs.shape == (2, k, size, size)
         torch.testing.assert_close(probs.sum(1), torch.ones(2, size, size))
     with pytest.raises(ValueError):
-        m.predict(x, "unet")
+        m.predict(x, "fusion")
 
 
 def test_loop_speed_options_keep_channels_last_and_bf16_approximates_the_results():
