@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "knowsam.step_timing",
         ),
     ),
-    ("data and measures", ("knowsam.data", "knowsam.metrics", "knowsam.losses")),
+    ("data and measures", ("knowsam.data", "knowsam.dice", "knowsam.metrics", "knowsam.losses")),
     ("models", ("knowsam.models",)),
     ("methods", ("knowsam.methods",)),
     (
