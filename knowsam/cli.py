@@ -377,13 +377,16 @@ def compare(
     dataset: str | None = typer.Option(None, help="Only this dataset."),
     ratio: float | None = typer.Option(None, help="Only this labeled ratio."),
     fmt: str = typer.Option("table", "--format", help="table | md | json"),
+    metric: str | None = typer.Option(
+        None, "--metric", help="Summary name of the metric compared, e.g. mIoU or HD95 (default: mDice)."
+    ),
     allow_stale: bool = ALLOW_STALE_OPTION,
     params_file: Path = PARAMS_OPTION,
 ) -> None:
     """Compare methods: mean ± std over seeds, difference, paired Wilcoxon p-value, paper number."""
-    from knowsam.report.compare import compare_command
+    from knowsam.report.compare import DEFAULT_METRIC, compare_command
 
-    raise typer.Exit(compare_command(params_file, methods, dataset, ratio, fmt, allow_stale))
+    raise typer.Exit(compare_command(params_file, methods, dataset, ratio, fmt, allow_stale, metric or DEFAULT_METRIC))
 
 
 @app.command()

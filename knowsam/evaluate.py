@@ -23,7 +23,7 @@ from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.errors import KnowsamError
 from knowsam.machine import pick_device
-from knowsam.metrics import EMPTY_MASK_POLICY, case_metrics, summarize
+from knowsam.metrics import DVC_METRICS, EMPTY_MASK_POLICY, case_metrics, shown_in, summarize
 from knowsam.models import embedding_cache
 from knowsam.runs import RunId, build_method, config_hash, run_config
 from knowsam.summaries import identity, read_summary, stale_reason
@@ -129,7 +129,7 @@ def evaluate_group(
     return summaries
 
 
-HEADLINE = ("mDice", "mIoU", "HD95", "ASD")  # the paper tables' metrics; summary.json has every column
+HEADLINE = tuple(m.name for m in shown_in(DVC_METRICS))  # summary.json has every metric
 
 
 def headline_metrics(params: Params, group: list[RunId], eval_root: str | Path = "data/eval") -> dict:

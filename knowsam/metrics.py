@@ -20,16 +20,22 @@ segmentation code reports), computed faster and made total:
 medpy returns 0 Dice for two empty masks and raises for distances on an empty
 mask; callers then drop or patch those cases. Here every case gets a finite
 value under ``EMPTY_MASK_POLICY``.
+
+``METRICS`` is the one registry of metrics: each one's per-case key, summary name, label,
+definition, unit, direction, the tables that show it and its values on empty masks. Evaluation,
+the leaderboard, ``compare``, ``score`` and ``publish`` read them from there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from knowsam.dice import dice
 from knowsam.errors import ConfigError, KnowsamError
 
 EMPTY_MASK_POLICY = (
@@ -39,33 +45,97 @@ EMPTY_MASK_POLICY = (
     "so such cases are penalised, never dropped."
 )
 
-# Keys of ``binary_metrics``; ``case_metrics`` adds ``<key>_c<class>`` per class.
-BINARY_METRICS: tuple[str, ...] = (
-    "dice",
-    "iou",
-    "hd95",
-    "asd",
-    "assd",
-    "hd",
-    "hd_x095_paper",
-    "precision",
-    "recall",
+PERCENT, DISTANCE = "percent", "distance"  # table units: fractions x 100; pixels, or a volume's spacing units
+# The tables a metric can be shown in.
+LEADERBOARD_2D = "leaderboard-2d"  # the leaderboard of a 2D (polyp) dataset, headed by summary names
+LEADERBOARD_VOLUME = "leaderboard-volume"  # the leaderboards of a volume dataset, headed by labels
+DVC_METRICS = "dvc-metrics"  # reports/metrics (``evaluate.headline_metrics``), what ``dvc metrics`` shows
+SCORE = "score"  # ``knowsam-bench score``: its per-image CSV, its table and (except paper-only) its --json
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-case metric: everything the harness says about it (``METRICS`` holds them all)."""
+
+    key: str  # its per-case column (``binary_metrics``, per_case.csv, score's per-image CSV)
+    name: str  # its summary key (``summarize``, summary.json, reports/metrics, leaderboard rows, compare --metric)
+    label: str  # the per-image quantity, as volume leaderboards head their columns
+    detail: str  # what the label leaves unsaid ("" when it says all)
+    unit: str  # PERCENT or DISTANCE, the unit tables show it in
+    higher_is_better: bool
+    tables: tuple[str, ...]  # the tables that show it
+    both_empty: float  # its value when prediction and ground truth are both empty
+    one_empty: float  # when exactly one is empty; a distance's value is this many image diagonals
+    paper_only: bool = False  # only to compare with the paper's tables: listed last, never a headline
+
+    def definition(self, per: str = "per-image") -> str:
+        """What its summary value is: ``mean of per-image Dice``; ``per`` names the case."""
+        return f"mean of {per} {self.label}" + (f" ({self.detail})" if self.detail else "")
+
+    @property
+    def scale(self) -> float:
+        """Table units per per-case unit."""
+        return 100.0 if self.unit == PERCENT else 1.0
+
+
+_EVERY_TABLE = (LEADERBOARD_2D, LEADERBOARD_VOLUME, DVC_METRICS, SCORE)
+_ALL_BUT_2D = (LEADERBOARD_VOLUME, DVC_METRICS, SCORE)
+# How each kind of metric reads and scores empty masks (``EMPTY_MASK_POLICY``): an overlap is perfect on two
+# empty masks and 0 on a miss or a false alarm; a surface distance 0, and the image diagonal.
+_OVERLAP = {"unit": PERCENT, "higher_is_better": True, "both_empty": 1.0, "one_empty": 0.0}
+_DISTANCE = {"unit": DISTANCE, "higher_is_better": False, "both_empty": 0.0, "one_empty": 1.0}
+
+# The registry, in the order of per-case columns and summaries.
+METRICS: tuple[Metric, ...] = (
+    Metric("dice", "mDice", "Dice", "", tables=_EVERY_TABLE, **_OVERLAP),
+    Metric("iou", "mIoU", "IoU", "", tables=_EVERY_TABLE, **_OVERLAP),
+    Metric(
+        "hd95",
+        "HD95",
+        "HD95",
+        "95th percentile of both directed surface-distance sets pooled",
+        tables=_ALL_BUT_2D,
+        **_DISTANCE,
+    ),
+    Metric(
+        "asd",
+        "ASD",
+        "ASD",
+        "mean distance from the predicted to the ground-truth surface",
+        tables=_ALL_BUT_2D,
+        **_DISTANCE,
+    ),
+    Metric("assd", "assd", "ASSD", "mean of both directed surface-distance sets pooled", tables=(), **_DISTANCE),
+    Metric("hd", "hd", "Hausdorff distance", "largest surface distance", tables=(), **_DISTANCE),
+    Metric(
+        "hd_x095_paper",
+        "hd_x095_paper",
+        "0.95 x Hausdorff distance",
+        "what the KnowSAM code calls HD95",
+        tables=(SCORE,),
+        paper_only=True,
+        **(_DISTANCE | {"one_empty": 0.95}),
+    ),
+    Metric("precision", "precision", "precision", "", tables=(SCORE,), **_OVERLAP),
+    Metric("recall", "recall", "recall", "", tables=(SCORE,), **_OVERLAP),
 )
+# Keys of ``binary_metrics``, in order; ``case_metrics`` adds ``<key>_c<class>`` per class.
+BINARY_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS)
+_BY_KEY = {m.key: m for m in METRICS}
 
-# Headline names used in tables: ``summarize`` renames these per-case columns.
-HEADLINE_NAMES: dict[str, str] = {"dice": "mDice", "iou": "mIoU", "hd95": "HD95", "asd": "ASD"}
 
-SUMMARY_DEFINITIONS: dict[str, str] = {
-    "mDice": "mean of per-image Dice",
-    "mIoU": "mean of per-image IoU",
-    "HD95": "mean of per-image HD95 (95th percentile of both directed surface-distance sets pooled)",
-    "ASD": "mean of per-image ASD (mean distance from predicted to ground-truth surface)",
-    "assd": "mean of per-image ASSD (mean of both directed surface-distance sets pooled)",
-    "hd": "mean of per-image Hausdorff distance (largest surface distance)",
-    "precision": "mean of per-image precision",
-    "recall": "mean of per-image recall",
-    "hd_x095_paper": "mean of per-image 0.95 x Hausdorff distance (what the KnowSAM code calls HD95)",
-}
+def metric(name: str) -> Metric:
+    """The registry's metric with summary name ``name``; a usage error naming the choices for any other."""
+    for m in METRICS:
+        if m.name == name:
+            return m
+    raise KnowsamError(f"unknown metric {name!r}; choose one of {', '.join(m.name for m in METRICS)}", 2)
+
+
+def shown_in(*tables: str) -> tuple[Metric, ...]:
+    """The metrics any of ``tables`` shows, in registry order."""
+    return tuple(m for m in METRICS if set(tables) & set(m.tables))
+
 
 SpacingLike = float | Sequence[float] | np.ndarray | None
 
@@ -154,10 +224,11 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: SpacingLike = None
     sizes = _spacing(spacing, pred.ndim)
     n_pred, n_gt = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
     if n_pred == 0 or n_gt == 0:
-        score, distance = (1.0, 0.0) if n_pred == n_gt else (0.0, float(np.linalg.norm(np.multiply(pred.shape, sizes))))
-        overlap = dict.fromkeys(("dice", "iou", "precision", "recall"), score)
-        distances = dict.fromkeys(("hd95", "asd", "assd", "hd"), distance)
-        return _ordered({**overlap, **distances, "hd_x095_paper": 0.95 * distance})
+        diagonal = float(np.linalg.norm(np.multiply(pred.shape, sizes)))
+        return {
+            m.key: (m.both_empty if n_pred == n_gt else m.one_empty) * (diagonal if m.unit == DISTANCE else 1.0)
+            for m in METRICS
+        }
     box = _union_box(pred, gt)
     pred, gt = pred[box], gt[box]
     tp = int(np.count_nonzero(pred & gt))
@@ -166,7 +237,7 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: SpacingLike = None
     hd = float(max(to_gt.max(), to_pred.max()))
     return _ordered(
         {
-            "dice": 2.0 * tp / float(n_pred + n_gt),
+            "dice": float(dice(pred, gt, pred.ndim, both_empty=_BY_KEY["dice"].both_empty)),
             "iou": tp / float(n_pred + n_gt - tp),
             "hd95": float(np.percentile(pooled, 95)),
             "asd": float(to_gt.mean()),
@@ -221,8 +292,8 @@ def summarize(per_case: pd.DataFrame) -> dict[str, float | int | None]:
     """Mean and sample standard deviation over cases of every metric column, plus ``n``.
 
     Means are of per-case values (mDice = mean of per-image Dice, the polyp
-    convention, not a dataset-global Dice). Columns in ``HEADLINE_NAMES`` are
-    renamed (``dice`` -> ``mDice`` ...), others keep their name; each std is
+    convention, not a dataset-global Dice). A metric's column takes its summary
+    name (``dice`` -> ``mDice`` ...), per-class columns keep theirs; each std is
     ``<name>_std`` (ddof=1, None for a single case). Other columns (names, ids)
     are ignored. A NaN is an error, never skipped, so a missing case cannot
     silently improve a mean.
@@ -235,7 +306,7 @@ def summarize(per_case: pd.DataFrame) -> dict[str, float | int | None]:
         values = pd.to_numeric(per_case[column], errors="coerce").to_numpy(dtype=float)
         if not np.all(np.isfinite(values)):
             raise KnowsamError(f"per-case column {column!r} holds NaN, infinite or non-numeric values; not summarised")
-        name = HEADLINE_NAMES.get(column, column)
+        name = _BY_KEY[column].name if column in _BY_KEY else column
         summary[name] = float(values.mean())
         summary[f"{name}_std"] = float(values.std(ddof=1)) if values.size > 1 else None
     return summary

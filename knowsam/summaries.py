@@ -18,11 +18,11 @@ from pathlib import Path
 
 from knowsam.config import Params
 from knowsam.errors import KnowsamError
-from knowsam.metrics import HEADLINE_NAMES
+from knowsam.metrics import DVC_METRICS, LEADERBOARD_2D, LEADERBOARD_VOLUME, shown_in
 from knowsam.runs import RunId, config_hash, run_config
 
 # What every test set of a summary holds (``metrics.summarize``): the tables read these.
-REQUIRED_METRICS = ("n", *HEADLINE_NAMES.values())
+REQUIRED_METRICS = ("n", *(m.name for m in shown_in(LEADERBOARD_2D, LEADERBOARD_VOLUME, DVC_METRICS)))
 NO_IDENTITY = "no recorded identity"
 
 

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 from knowsam.config import SAM_ARCHS
 from knowsam.data.sources import get_dataset
+from knowsam.dice import class_masks, dice
 from knowsam.errors import ConfigError, KnowsamError
-from knowsam.metrics import binary_metrics
+from knowsam.metrics import metric
 
 PROMPTS = ("box", "none")
 
@@ -176,11 +177,12 @@ def teacher_check(
                     masks = (teacher.decode_boxes(emb, boxes, rows) > 0).cpu().numpy()
                     for (d, c, _), m in zip(found, masks):
                         pred[c, d] |= m
+                truth = class_masks(case.labels, k)
+                predicted = pred[1:] if prompt == "box" else np.broadcast_to(pred[0], truth.shape)
+                values = dice(predicted, truth, truth.ndim - 1, both_empty=metric("mDice").both_empty)
                 per_class = [
-                    None
-                    if prompt == "box" and not (case.labels == c).any()  # no box to give
-                    else binary_metrics(pred[0 if prompt == "none" else c], case.labels == c)["dice"]
-                    for c in range(1, k)
+                    None if prompt == "box" and not present.any() else float(value)  # no box to give
+                    for value, present in zip(values, truth)
                 ]
                 scores[prompt].setdefault(case.test_set, []).append((case.name, per_class))
         images += len(case.images)

@@ -27,6 +27,7 @@ from knowsam import fileio
 from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.data.splits import read_split, split_path
+from knowsam.dice import class_masks, dice
 from knowsam.errors import KnowsamError
 from knowsam.machine import pick_device
 from knowsam.methods import Method
@@ -107,17 +108,10 @@ def validation_dice(
     for start in range(0, len(images), batch):
         x = torch.from_numpy(to_float(np.asarray(images[start : start + batch]))).to(device)
         emb = None if embeddings is None else torch.from_numpy(np.array(embeddings[start : start + batch])).to(device)
-        pred = method.predict(x, variant, emb).argmax(1).cpu()
-        gt = torch.from_numpy(np.asarray(masks[start : start + batch]).astype(np.int64))
-        for c in range(1, method.ctx.num_classes):
-            p, g = pred == c, gt == c
-            inter = (p & g).sum((1, 2)).double()
-            total = (p.sum((1, 2)) + g.sum((1, 2))).double()
-            scores.append(
-                torch.where(
-                    total > 0, 2 * inter / total.clamp(min=1), torch.full_like(total, method.validation_empty_score)
-                )
-            )
+        pred = class_masks(method.predict(x, variant, emb).argmax(1).cpu().numpy(), method.ctx.num_classes)
+        gt = class_masks(masks[start : start + batch], method.ctx.num_classes)
+        # class-major within each batch, the order the mean has always summed in (the same float result)
+        scores.append(torch.from_numpy(dice(pred, gt, 2, both_empty=method.validation_empty_score).ravel()))
     method.train()
     return float(torch.cat(scores).mean())
 

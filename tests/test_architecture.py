@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "knowsam.pipeline",
         ),
     ),
-    ("data and measures", ("knowsam.data", "knowsam.metrics", "knowsam.losses")),
+    ("data and measures", ("knowsam.data", "knowsam.dice", "knowsam.metrics", "knowsam.losses")),
     ("models", ("knowsam.models",)),
     ("methods", ("knowsam.methods",)),
     (

@@ -192,6 +192,48 @@ def test_table_format_and_bad_format(in_workspace, capsys) -> None:
     assert err.value.exit_code == 2
 
 
+def test_another_metric_by_its_summary_name(workspace) -> None:
+    """HD95 (a distance: no percent, lower is better) from the summaries and the per-case files."""
+    root, params, dice = workspace
+    result = compare(params, ["ucmt", "knowsam"], eval_root=root / "data/eval", metric_name="HD95")
+    hd95 = {key: 20.0 * (1.0 - values) for key, values in dice.items()}  # what case_rows writes
+    for test_set in N_CASES:
+        base, row = (r for r in result.rows if r.test_set == test_set)
+        seeds = {m: [hd95[m, test_set, s].mean() for s in SEEDS] for m in ("ucmt", "knowsam")}
+        assert row.mean == pytest.approx(np.mean(seeds["knowsam"]))
+        assert row.std == pytest.approx(np.std(seeds["knowsam"], ddof=1))
+        assert row.diff == pytest.approx(np.mean(seeds["knowsam"]) - np.mean(seeds["ucmt"]))
+        ours = np.mean([hd95["knowsam", test_set, s] for s in SEEDS], axis=0)
+        theirs = np.mean([hd95["ucmt", test_set, s] for s in SEEDS], axis=0)
+        assert row.p_value == pytest.approx(scipy.stats.wilcoxon(ours, theirs).pvalue, rel=1e-9)
+        assert (base.paper, row.paper) == (None, None)  # the paper's numbers are Dice only
+    saved = result.to_dict()
+    assert (saved["metric"], saved["unit"]) == ("HD95", "distance") and "HD95 averaged" in saved["pairing"]
+
+
+def test_metric_option_headers_and_unknown_names(in_workspace, capsys) -> None:
+    from knowsam.cli import main
+
+    assert main(["compare", "--methods", "ucmt,knowsam", "--format", "md", "--metric", "ASD"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == (
+        "| Test set | Method | ASD (mean ± std over seeds) | Seeds | Δ vs ucmt | Wilcoxon p (cases) | Paper |"
+    )
+    assert lines[-1].endswith(
+        "ASD = mean of per-image (per-volume) ASD (mean distance from the predicted to the ground-truth surface). "
+        "Lower is better."
+    )
+    assert main(["compare", "--methods", "ucmt,knowsam", "--metric", "mIoU"]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU %" in out and "Δ pp" in out and "lower is better" not in out
+    assert main(["compare", "--methods", "ucmt,knowsam", "--metric", "dice"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: unknown metric 'dice'; choose one of mDice, mIoU, HD95, ASD, assd, hd, hd_x095_paper, precision, "
+        "recall\n"
+    )
+
+
 def test_parse_methods() -> None:
     assert parse_methods("ucmt, knowsam") == ["ucmt", "knowsam"]
     assert parse_methods(["ucmt", "mt,knowsam", ""]) == ["ucmt", "mt", "knowsam"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from knowsam.data.splits import split_path, write_split
 from knowsam.evaluate import training_history
 from knowsam.losses import ce_dice_loss
 from knowsam.runs import RunId, build_method
-from knowsam.train import train_run
+from knowsam.train import train_run, validation_dice
 from tests.conftest import small_params
 
 
@@ -162,3 +164,57 @@ def test_freed_memory_is_reused_without_new_page_faults():
     # Reused from the heap, not re-faulted each time. One fresh block is tolerated: a fresh-clone CI run
     # once counted exactly one block (16384 faults), 20 reruns counted 0; the cause was not pinned down.
     assert int(runs["keep"][1]) <= block + block // 20
+
+
+class FixedPredictions:
+    """A method whose predictions, batch after batch, are one-hot maps of given labels."""
+
+    def __init__(self, labels: np.ndarray, num_classes: int, empty_score: float):
+        self.labels, self.seen = labels, 0
+        self.ctx = SimpleNamespace(num_classes=num_classes)
+        self.validation_empty_score = empty_score
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+    def predict(self, x, variant, embeddings):
+        labels = torch.from_numpy(self.labels[self.seen : self.seen + len(x)])
+        self.seen += len(x)
+        return torch.nn.functional.one_hot(labels, self.ctx.num_classes).permute(0, 3, 1, 2).float()
+
+
+@pytest.mark.parametrize("empty_score", [1.0, 0.0])
+def test_validation_dice_is_unchanged_mean_over_images_and_classes(empty_score: float):
+    """Bit for bit the per-class torch computation it replaced, over batches with every kind of empty pair."""
+    rng = np.random.default_rng(5)
+    k, n = 3, 11
+    pred, gt = rng.integers(0, k, (n, 6, 7)), rng.integers(0, k, (n, 6, 7)).astype(np.uint8)
+    pred[0], gt[0] = 0, 0  # both empty
+    pred[1] = 0  # a miss
+    gt[2] = 0  # a false alarm
+    gt[3][gt[3] == 2], pred[3][pred[3] == 2] = 0, 0  # class 2 absent from both
+    images = np.zeros((n, 1, 6, 7), np.uint8)
+    got = validation_dice(FixedPredictions(pred, k, empty_score), images, gt, None, torch.device("cpu"), batch=4)
+    scores = []
+    for start in range(0, n, 4):  # the replaced code
+        p_all, g_all = (
+            torch.from_numpy(pred[start : start + 4]),
+            torch.from_numpy(gt[start : start + 4].astype(np.int64)),
+        )
+        for c in range(1, k):
+            p, g = p_all == c, g_all == c
+            inter = (p & g).sum((1, 2)).double()
+            total = (p.sum((1, 2)) + g.sum((1, 2))).double()
+            scores.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.full_like(total, empty_score)))
+    assert got == float(torch.cat(scores).mean())
+    by_hand = [
+        empty_score
+        if not ((pred[i] == c).any() or (gt[i] == c).any())
+        else 2 * ((pred[i] == c) & (gt[i] == c)).sum() / ((pred[i] == c).sum() + (gt[i] == c).sum())
+        for i in range(n)
+        for c in range(1, k)
+    ]
+    assert got == pytest.approx(np.mean(by_hand), abs=1e-15)

@@ -1,11 +1,12 @@
 """``knowsam-bench compare``: methods side by side with a paired significance test.
 
-For every dataset x labeled ratio selected: each method's mDice per test set as mean ±
+For every dataset x labeled ratio selected: each method's summary metric (mDice unless
+``--metric`` names another of the registry, ``knowsam.metrics.METRICS``) per test set as mean ±
 std over seeds, its difference to the first method named (the baseline), a two-sided
-Wilcoxon signed-rank test against the baseline over per-case Dice, and the paper's value
+Wilcoxon signed-rank test against the baseline over the per-case values, and the paper's value
 where one is published.
 
-Pairing: each method's per-case Dice is first averaged over its seeds, then cases are
+Pairing: each method's per-case values are first averaged over its seeds, then cases are
 paired by (test set, case). Seeds share the test cases, so pooling seed x case pairs
 would count one image several times and make p-values too small; averaging keeps one
 pair per independent test case.
@@ -30,6 +31,7 @@ from scipy.stats import wilcoxon
 from knowsam import validation
 from knowsam.config import Params
 from knowsam.errors import KnowsamError
+from knowsam.metrics import PERCENT, Metric, metric
 from knowsam.report import reference
 from knowsam.report.results import (
     STALE_MARK,
@@ -43,15 +45,19 @@ from knowsam.report.results import (
 from knowsam.runs import RunId
 
 FORMATS = ("table", "md", "json")
-PAIRING = (
-    "per case: each method's Dice averaged over its seeds, then paired by (test set, case); "
-    "two-sided Wilcoxon signed-rank test (scipy, zero differences dropped; all differences zero gives p = 1)"
-)
+DEFAULT_METRIC = "mDice"
+
+
+def pairing(compared: Metric) -> str:
+    return (
+        f"per case: each method's {compared.label} averaged over its seeds, then paired by (test set, case); "
+        "two-sided Wilcoxon signed-rank test (scipy, zero differences dropped; all differences zero gives p = 1)"
+    )
 
 
 @dataclass(frozen=True)
 class CompareRow:
-    """One method on one test set; Dice values in %, ``diff`` in percentage points vs the baseline."""
+    """One method on one test set; values in the metric's table unit (% for Dice), ``diff`` vs the baseline."""
 
     dataset: str
     ratio: float
@@ -69,6 +75,7 @@ class CompareRow:
 
 @dataclass(frozen=True)
 class Comparison:
+    metric: Metric
     baseline: str
     methods: list[str]
     rows: list[CompareRow]
@@ -77,11 +84,11 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {
-            "metric": "mDice",
-            "unit": "percent",
+            "metric": self.metric.name,
+            "unit": self.metric.unit,
             "baseline": self.baseline,
             "methods": self.methods,
-            "pairing": PAIRING,
+            "pairing": pairing(self.metric),
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "stale_runs": self.stale_runs,
             "left_out": self.left_out,
@@ -127,20 +134,20 @@ def paired_wilcoxon(baseline: pd.Series, other: pd.Series, what: str) -> float:
     return float(wilcoxon(other.to_numpy(), baseline.to_numpy()).pvalue)
 
 
-def _case_dice(runs: list[RunId], eval_root: str | Path, summaries: dict[RunId, dict]) -> pd.Series:
-    """Per-case Dice of the reported output, averaged over the runs (seeds); index (test_set, case)."""
+def _case_values(runs: list[RunId], eval_root: str | Path, summaries: dict[RunId, dict], compared: Metric) -> pd.Series:
+    """Per-case values of the reported output in table units, averaged over the runs (seeds); index (test_set, case)."""
     tables = []
     for run in runs:
-        table = load_per_case(run, eval_root, summaries[run])
-        tables.append(table[table.variant == ""][["test_set", "case", "dice"]])
-    grouped = pd.concat(tables).groupby(["test_set", "case"], sort=False)["dice"]
+        table = load_per_case(run, eval_root, summaries[run], compared.key)
+        tables.append(table[table.variant == ""][["test_set", "case", compared.key]])
+    grouped = pd.concat(tables).groupby(["test_set", "case"], sort=False)[compared.key]
     counts = grouped.size()
     if (counts != len(runs)).any():
         raise KnowsamError(
             f"{runs[0].method} on {runs[0].dataset}: seeds were scored on different cases "
             f"(e.g. {counts[counts != len(runs)].index[0]}); re-run their evaluate stages"
         )
-    return grouped.mean() * 100.0
+    return grouped.mean() * compared.scale
 
 
 def _check_selection(params: Params, methods: list[str], dataset: str | None, ratio: float | None) -> list[float]:
@@ -167,11 +174,13 @@ def compare(
     ratio: float | None = None,
     eval_root: str | Path = "data/eval",
     *,
+    metric_name: str = DEFAULT_METRIC,
     allow_stale: bool = False,
     runs_root: str | Path | None = "data/runs",
     incomplete: bool = False,
 ) -> Comparison:
-    """Compare ``methods`` (the first is the baseline) on every selected dataset x ratio of the params.
+    """Compare ``methods`` (the first is the baseline) by the summary metric ``metric_name`` on every
+    selected dataset x ratio of the params.
 
     Every run of the selection (all seeds) must be evaluated under the current params and code;
     otherwise a KnowsamError (exit 1) names each run with the reason, and the ``dvc repro`` command
@@ -179,6 +188,7 @@ def compare(
     ``incomplete`` compares the runs there are instead (a publication still accumulating): each method
     with the seeds it has, a dataset x ratio only where every method has one; ``left_out`` names the others.
     """
+    compared = metric(metric_name)
     ratios = _check_selection(params, methods, dataset, ratio)
     datasets = [dataset] if dataset is not None else list(params.datasets)
     runs = [RunId(m, d, r, s) for d in datasets for r in ratios for m in methods for s in params.seeds]
@@ -192,11 +202,12 @@ def compare(
             found = {m: [run for s in params.seeds if (run := RunId(m, d, r, s)) in results.summaries] for m in methods}
             if not all(found.values()):  # a method without any run here: nothing to pair (left_out names it)
                 continue
-            cases = {m: _case_dice(found[m], eval_root, results.summaries) for m in methods}
+            cases = {m: _case_values(found[m], eval_root, results.summaries, compared) for m in methods}
             here = long[(long.dataset == d) & (long.ratio == r)]
             for test_set in test_set_order(d, here.test_set):
-                rows += _test_set_rows(here[here.test_set == test_set], cases, d, r, test_set, methods)
+                rows += _test_set_rows(here[here.test_set == test_set], cases, compared, (d, r, test_set), methods)
     return Comparison(
+        metric=compared,
         baseline=methods[0],
         methods=list(methods),
         rows=rows,
@@ -206,15 +217,21 @@ def compare(
 
 
 def _test_set_rows(
-    summaries: pd.DataFrame, cases: dict[str, pd.Series], dataset: str, ratio: float, test_set: str, methods: list[str]
+    summaries: pd.DataFrame,
+    cases: dict[str, pd.Series],
+    compared: Metric,
+    cell: tuple[str, float, str],
+    methods: list[str],
 ) -> list[CompareRow]:
-    """Rows of one test set: seed statistics from the summaries, the test from the per-case Dice."""
+    """Rows of one (dataset, ratio, test set) ``cell``: seed statistics from the summaries, the test from the
+    per-case values."""
+    dataset, ratio, test_set = cell
     where = f"{dataset} {ratio_label(ratio)} {test_set}"
     for m in methods:
         if m not in set(summaries.method) or test_set not in cases[m].index.get_level_values("test_set"):
             raise KnowsamError(f"{where}: {m} has no results on this test set; re-run its evaluate stages")
     own = {m: cases[m].xs(test_set, level="test_set") for m in methods}
-    seeds = {m: summaries[summaries.method == m]["mDice"].astype(float) * 100.0 for m in methods}
+    seeds = {m: summaries[summaries.method == m][compared.name].astype(float) * compared.scale for m in methods}
     baseline = methods[0]
     return [
         CompareRow(
@@ -228,7 +245,7 @@ def _test_set_rows(
             n_cases=len(own[m]),
             diff=None if m == baseline else float(seeds[m].mean() - seeds[baseline].mean()),
             p_value=None if m == baseline else paired_wilcoxon(own[baseline], own[m], f"{where}: {m} vs {baseline}"),
-            paper=reference.lookup(dataset, test_set, m, ratio, "mDice"),
+            paper=reference.lookup(dataset, test_set, m, ratio, compared.name),
             stale=bool(summaries[summaries.method == m]["stale"].any()),
         )
         for m in methods
@@ -249,29 +266,43 @@ def _texts(row: CompareRow) -> list[str]:
     ]
 
 
-def _headers(baseline: str) -> list[str]:
+def _value_headers(compared: Metric) -> tuple[str, str]:
+    """The value and difference columns' short headers: ``mDice %`` and ``Δ pp`` for a percentage."""
+    percent = compared.unit == PERCENT
+    return f"{compared.name}{' %' if percent else ''}", "Δ pp" if percent else "Δ"
+
+
+def _headers(result: Comparison) -> list[str]:
+    value, _ = _value_headers(result.metric)
     return [
         "Test set",
         "Method",
-        "mDice % (mean ± std over seeds)",
+        f"{value} (mean ± std over seeds)",
         "Seeds",
-        f"Δ vs {baseline} (pp)",
+        f"Δ vs {result.baseline}" + (" (pp)" if result.metric.unit == PERCENT else ""),
         "Wilcoxon p (cases)",
         "Paper",
     ]
 
 
-# The terminal table says the same in 80 columns (pipes and CI logs get no more): short headers, one legend.
-_SHORT_HEADERS = ["Test set", "Method", "mDice %", "Seeds", "Δ pp", "p (cases)", "Paper"]
+def _short_headers(compared: Metric) -> list[str]:
+    """The terminal table says the same in 80 columns (pipes and CI logs get no more): short headers, one legend."""
+    value, delta = _value_headers(compared)
+    return ["Test set", "Method", value, "Seeds", delta, "p (cases)", "Paper"]
 
 
-def _legend(baseline: str) -> str:
-    return f"mDice %: mean ± std over seeds. Δ pp: difference to {baseline}. p (cases): {PAIRING}."
+def _legend(result: Comparison) -> str:
+    value, delta = _value_headers(result.metric)
+    lower = "" if result.metric.higher_is_better else " (lower is better)"
+    return (
+        f"{value}: mean ± std over seeds{lower}. {delta}: difference to {result.baseline}. "
+        f"p (cases): {pairing(result.metric)}."
+    )
 
 
 def render_markdown(result: Comparison) -> str:
     lines = []
-    headers = _headers(result.baseline)
+    headers = _headers(result)
     for (dataset, ratio), rows in result.groups().items():
         lines += [
             f"### {dataset}, {ratio_label(ratio)} labeled",
@@ -284,21 +315,25 @@ def render_markdown(result: Comparison) -> str:
     for note in (result.stale_note(), result.incomplete_note()):
         if note:
             lines += [note, ""]
-    lines.append(f"Pairing: {PAIRING}. mDice = mean of per-image (per-volume) Dice.")
+    compared = result.metric
+    lines.append(
+        f"Pairing: {pairing(compared)}. {compared.name} = {compared.definition('per-image (per-volume)')}."
+        + ("" if compared.higher_is_better else " Lower is better.")
+    )
     return "\n".join(lines) + "\n"
 
 
 def render_tables(result: Comparison) -> list[Table]:
     tables = []
     for (dataset, ratio), rows in result.groups().items():
-        caption = " ".join(filter(None, [_legend(result.baseline), result.stale_note()]))
+        caption = " ".join(filter(None, [_legend(result), result.stale_note()]))
         table = Table(
             title=f"{dataset}, {ratio_label(ratio)} labeled",
             caption=caption,
             caption_justify="left",
             box=box.SIMPLE_HEAD,
         )
-        for header in _SHORT_HEADERS:
+        for header in _short_headers(result.metric):
             text = header in ("Test set", "Method")
             table.add_column(header, justify="left" if text else "right", no_wrap=text)
         for row in rows:
@@ -314,11 +349,19 @@ def compare_command(
     ratio: float | None = None,
     fmt: str = "table",
     allow_stale: bool = False,
+    metric_name: str = DEFAULT_METRIC,
 ) -> int:
     """CLI body of ``compare``: prints the comparison in ``fmt`` and returns 0; failures raise KnowsamError."""
     if fmt not in FORMATS:
         raise KnowsamError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", 2)
-    result = compare(validation.load(params_file), parse_methods(methods), dataset, ratio, allow_stale=allow_stale)
+    result = compare(
+        validation.load(params_file),
+        parse_methods(methods),
+        dataset,
+        ratio,
+        metric_name=metric_name,
+        allow_stale=allow_stale,
+    )
     if fmt == "json":
         print(json.dumps(result.to_dict(), indent=2))
     elif fmt == "md":

@@ -20,7 +20,16 @@ from knowsam import fileio
 from knowsam.config import Params
 from knowsam.data.sources import DATASETS
 from knowsam.errors import KnowsamError
-from knowsam.metrics import EMPTY_MASK_POLICY
+from knowsam.metrics import (
+    DISTANCE,
+    EMPTY_MASK_POLICY,
+    LEADERBOARD_2D,
+    LEADERBOARD_VOLUME,
+    PERCENT,
+    Metric,
+    metric,
+    shown_in,
+)
 from knowsam.report import figures, reference
 from knowsam.report.results import (
     STALE_MARK,
@@ -36,11 +45,6 @@ from knowsam.report.results import (
 )
 from knowsam.runs import code_fingerprint
 
-POLYP_METRICS = ("mDice", "mIoU")
-VOLUME_METRICS = ("mDice", "mIoU", "HD95", "ASD")
-VOLUME_HEADERS = {"mDice": "Dice", "mIoU": "IoU", "HD95": "HD95", "ASD": "ASD"}
-PERCENT_METRICS = frozenset({"mDice", "mIoU"})
-LOWER_IS_BETTER = frozenset({"HD95", "ASD"})
 _KEY = ["dataset", "method", "variant", "ratio", "test_set", "metric"]
 WRITER = "knowsam-bench leaderboard"
 
@@ -59,8 +63,8 @@ def is_volume(dataset: str) -> bool:
     return DATASETS[dataset].kind == "3d"
 
 
-def table_metrics(dataset: str) -> tuple[str, ...]:
-    return VOLUME_METRICS if is_volume(dataset) else POLYP_METRICS
+def table_metrics(dataset: str) -> tuple[Metric, ...]:
+    return shown_in(LEADERBOARD_VOLUME if is_volume(dataset) else LEADERBOARD_2D)
 
 
 def aggregate(long: pd.DataFrame) -> pd.DataFrame:
@@ -73,9 +77,9 @@ def aggregate(long: pd.DataFrame) -> pd.DataFrame:
     book = reference.load()
     rows = []
     for (dataset, method, variant, ratio, test_set), group in long.groupby(_KEY[:-1], sort=False):
-        for metric in table_metrics(dataset):
-            values = group[metric].astype(float) * (100.0 if metric in PERCENT_METRICS else 1.0)
-            paper = None if variant else book.lookup(dataset, test_set, method, ratio, metric)
+        for shown in table_metrics(dataset):
+            values = group[shown.name].astype(float) * shown.scale
+            paper = None if variant else book.lookup(dataset, test_set, method, ratio, shown.name)
             rows.append(
                 {
                     "dataset": dataset,
@@ -84,8 +88,8 @@ def aggregate(long: pd.DataFrame) -> pd.DataFrame:
                     "label": row_label(method, variant),
                     "ratio": ratio,
                     "test_set": test_set,
-                    "metric": metric,
-                    "unit": "%" if metric in PERCENT_METRICS else "distance",
+                    "metric": shown.name,
+                    "unit": "%" if shown.unit == PERCENT else shown.unit,
                     "mean": values.mean(),
                     "std": values.std(ddof=1) if len(values) > 1 else float("nan"),
                     "n": len(values),
@@ -105,11 +109,11 @@ def _best_flags(agg: pd.DataFrame) -> pd.Series:
     A stale cell never competes: it does not stand for the current params."""
     best = pd.Series(False, index=agg.index)
     contenders = agg[(agg.variant == "") & ~agg.method.map(is_upper_bound) & ~agg.stale]
-    for (_, _, _, metric), group in contenders.groupby(["dataset", "ratio", "test_set", "metric"]):
+    for (_, _, _, name), group in contenders.groupby(["dataset", "ratio", "test_set", "metric"]):
         if len(group) < 2:
             continue
         shown = group["mean"].round(2)
-        target = shown.min() if metric in LOWER_IS_BETTER else shown.max()
+        target = shown.max() if metric(name).higher_is_better else shown.min()
         best[group.index[shown == target]] = True
     return best
 
@@ -147,22 +151,24 @@ def _cells(part: pd.DataFrame) -> dict[tuple, str]:
 def polyp_table(part: pd.DataFrame, methods: list[str], ratios: list[float]) -> list[str]:
     dataset = part.dataset.iloc[0]
     test_sets = test_set_order(dataset, part.test_set)
-    lines = _header(["Method", "Labeled", *(f"{t} {m}" for t in test_sets for m in POLYP_METRICS)])
+    names = [m.name for m in table_metrics(dataset)]
+    lines = _header(["Method", "Labeled", *(f"{t} {m}" for t in test_sets for m in names)])
     cells = _cells(part)
     for ratio in ratios:
         for method, variant in _rows(part, methods):
             labeled = "100%" if is_upper_bound(method) else ratio_label(ratio)
-            values = [cells.get((dataset, method, variant, ratio, t, m), "-") for t in test_sets for m in POLYP_METRICS]
+            values = [cells.get((dataset, method, variant, ratio, t, m), "-") for t in test_sets for m in names]
             lines.append(_md([row_label(method, variant), labeled, *values]))
     return lines
 
 
 def volume_table(part: pd.DataFrame, test_set: str, methods: list[str], ratios: list[float]) -> list[str]:
     dataset = part.dataset.iloc[0]
-    lines = _header(["Method", *(f"{ratio_label(r)} {VOLUME_HEADERS[m]}" for r in ratios for m in VOLUME_METRICS)])
+    shown = table_metrics(dataset)
+    lines = _header(["Method", *(f"{ratio_label(r)} {m.label}" for r in ratios for m in shown)])
     cells = _cells(part)
     for method, variant in _rows(part, methods):
-        values = [cells.get((dataset, method, variant, r, test_set, m), "-") for r in ratios for m in VOLUME_METRICS]
+        values = [cells.get((dataset, method, variant, r, test_set, m.name), "-") for r in ratios for m in shown]
         lines.append(_md([row_label(method, variant), *values]))
     return lines
 
@@ -233,6 +239,29 @@ def _sam_note(long: pd.DataFrame) -> str:
     return " ".join(lines)
 
 
+def _metric_notes() -> list[str]:
+    """The tables' metrics: units, definitions and which way is better, as the registry declares them."""
+    shown = shown_in(LEADERBOARD_2D, LEADERBOARD_VOLUME)
+
+    def labels(keep) -> str:
+        return "/".join(m.label for m in shown if keep(m))
+
+    dice, iou, hd95, asd = (metric(name) for name in ("mDice", "mIoU", "HD95", "ASD"))
+    return [
+        "Cells: mean ± std over seeds (sample std; none for one seed) with n = seeds evaluated. "
+        f"{labels(lambda m: m.unit == PERCENT)} in %; {labels(lambda m: m.unit == DISTANCE)} in pixels for 2D "
+        "images, in the volume's voxel-spacing units for volumes.",
+        f"{dice.name} = {dice.definition()} (per-volume for volume datasets), not a dataset-global {dice.label}; "
+        f"{iou.name} likewise.",
+        f'{hd95.name} = {hd95.detail}; the paper\'s "HD95" (0.95 x Hausdorff) is a different quantity and is not '
+        f"shown. {asd.name} = {asd.detail}.",
+        "Bold: best per column among methods at the same labeled ratio (higher is better for "
+        f"{labels(lambda m: m.higher_is_better)}, lower for {labels(lambda m: not m.higher_is_better)}), shown "
+        "when at least two compete; ties at two decimals are all bold. Excluded from "
+        '"best": fully-supervised (the upper bound, trained on every label), variant rows and the paper\'s numbers.',
+    ]
+
+
 def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]:
     resolutions = sorted(set(long.resolution))
     notes = [
@@ -240,15 +269,7 @@ def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]
         f"networks, {params.train.iterations} training iterations, seeds {', '.join(map(str, params.seeds))}.",
         "Identity: every run shown was trained and scored under these params and training code "
         f"`{code_fingerprint()}` (`runs.code_fingerprint`), except cells marked {STALE_MARK}.",
-        "Cells: mean ± std over seeds (sample std; none for one seed) with n = seeds evaluated. Dice/IoU in %; "
-        "HD95/ASD in pixels for 2D images, in the volume's voxel-spacing units for volumes.",
-        "mDice = mean of per-image Dice (per-volume for volume datasets), not a dataset-global Dice; mIoU likewise.",
-        'HD95 = 95th percentile of both directed surface-distance sets pooled; the paper\'s "HD95" '
-        "(0.95 x Hausdorff) is a different quantity and is not shown. ASD = mean distance from the predicted "
-        "to the ground-truth surface.",
-        "Bold: best per column among methods at the same labeled ratio (higher is better for Dice/IoU, lower "
-        "for HD95/ASD), shown when at least two compete; ties at two decimals are all bold. Excluded from "
-        '"best": fully-supervised (the upper bound, trained on every label), variant rows and the paper\'s numbers.',
+        *_metric_notes(),
         "Variant rows (`method [... output]`) score another output of the same trained runs, e.g. KnowSAM's "
         "SAM teacher; the plain row is the method's reported prediction.",
         _sam_note(long),

@@ -198,8 +198,11 @@ def load_summaries(
 ID_COLUMNS = ("variant", "test_set", "case")
 
 
-def load_per_case(run: RunId, eval_root: str | Path = "data/eval", summary: dict | None = None) -> pd.DataFrame:
-    """A run's per-case table; ``variant`` is "" for the reported output (also in files written before variants).
+def load_per_case(
+    run: RunId, eval_root: str | Path = "data/eval", summary: dict | None = None, key: str = "dice"
+) -> pd.DataFrame:
+    """A run's per-case table, which must hold the metric column ``key``; ``variant`` is "" for the reported
+    output (also in files written before variants).
 
     Read strictly: a file cut short, a NaN or a non-number (the empty-mask policy gives every case a
     finite value) is a KnowsamError naming the file, and with the run's ``summary`` so is a case count
@@ -217,7 +220,7 @@ def load_per_case(run: RunId, eval_root: str | Path = "data/eval", summary: dict
     if "variant" not in table.columns:
         table.insert(0, "variant", "")
     table["variant"] = table["variant"].fillna("")  # an empty CSV field reads as NaN
-    absent = [c for c in ("test_set", "case", "dice") if c not in table.columns]
+    absent = [c for c in ("test_set", "case", key) if c not in table.columns]
     if absent:
         raise KnowsamError(f"{path}: unreadable per-case table (no column {absent[0]!r}); {redo}")
     for column in [c for c in table.columns if c not in ID_COLUMNS]:

@@ -37,11 +37,13 @@ from knowsam.data.image_files import IMAGE_SUFFIXES, is_hidden, open_image
 from knowsam.data.masks import check_empty_share
 from knowsam.data.workers import map_in_workers
 from knowsam.errors import ConfigError, KnowsamError, describe_error
-from knowsam.metrics import EMPTY_MASK_POLICY, SUMMARY_DEFINITIONS, binary_metrics, summarize
+from knowsam.metrics import EMPTY_MASK_POLICY, SCORE, binary_metrics, shown_in, summarize
 from knowsam.report.encodings import Reading, parse_encoding, read_prediction, read_truth
 
-PER_IMAGE_COLUMNS = ("name", "dice", "iou", "hd95", "asd", "precision", "recall", "hd_x095_paper")
-SUMMARY_KEYS = ("n", "mDice", "mIoU", "HD95", "ASD", "precision", "recall")
+# The registry's score metrics, a paper-only formula after the harness's own.
+SHOWN = tuple(sorted(shown_in(SCORE), key=lambda m: m.paper_only))
+PER_IMAGE_COLUMNS = ("name", *(m.key for m in SHOWN))
+SUMMARY_KEYS = ("n", *(m.name for m in SHOWN if not m.paper_only))
 _EXAMPLES = 5
 WRITER = "knowsam-bench score"
 
@@ -184,9 +186,9 @@ def _summary_table(result: ScoreResult) -> Table:
     )
     for header in ("metric", "mean", "std", "definition"):
         table.add_column(header, justify="right" if header in ("mean", "std") else "left")
-    for key in (*SUMMARY_KEYS[1:], "hd_x095_paper"):
-        std = result.stats[f"{key}_std"]
-        table.add_row(key, f"{result.stats[key]:.4f}", "-" if std is None else f"{std:.4f}", SUMMARY_DEFINITIONS[key])
+    for m in SHOWN:
+        std = result.stats[f"{m.name}_std"]
+        table.add_row(m.name, f"{result.stats[m.name]:.4f}", "-" if std is None else f"{std:.4f}", m.definition())
     return table
 
 
