@@ -36,4 +36,9 @@ def dice(pred: np.ndarray, gt: np.ndarray, image_ndim: int, *, both_empty: float
     axes = tuple(range(pred.ndim - image_ndim, pred.ndim))
     inter = np.count_nonzero(pred & gt, axis=axes)
     total = np.count_nonzero(pred, axis=axes) + np.count_nonzero(gt, axis=axes)
-    return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), float(both_empty))
+    return dice_of_counts(inter, total, both_empty=both_empty)
+
+
+def dice_of_counts(inter, total, *, both_empty: float) -> np.ndarray:
+    """The formula itself, from |P ∩ G| and |P| + |G|: for callers that have counted them already."""
+    return np.where(total > 0, 2.0 * np.asarray(inter) / np.maximum(total, 1), float(both_empty))

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from knowsam.dice import dice
+from knowsam.dice import dice_of_counts
 from knowsam.errors import ConfigError, KnowsamError
 
 EMPTY_MASK_POLICY = (
@@ -237,7 +237,7 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: SpacingLike = None
     hd = float(max(to_gt.max(), to_pred.max()))
     return _ordered(
         {
-            "dice": float(dice(pred, gt, pred.ndim, both_empty=_BY_KEY["dice"].both_empty)),
+            "dice": float(dice_of_counts(tp, n_pred + n_gt, both_empty=_BY_KEY["dice"].both_empty)),
             "iou": tp / float(n_pred + n_gt - tp),
             "hd95": float(np.percentile(pooled, 95)),
             "asd": float(to_gt.mean()),
