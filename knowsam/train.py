@@ -405,7 +405,7 @@ def train_run(
                                 **({"ranks": ranks} if dist.enabled else {}),
                             },
                         )
-        live.end()
+        _end_live(live)
         if best["step"] < 0:  # nothing selected (no validation images): the final weights are the reported ones
             best = {"dice": None, "step": step}
             if dist.is_main:
@@ -421,6 +421,17 @@ def train_run(
         if dist.is_main:
             fileio.write_json(run_dir / "train_log.json", {"summary": summary})
         return summary
+
+
+def _end_live(live) -> None:
+    """``live.end()``, tolerating dvclive's race between runs side by side in one repository: its last act
+    removes a step signal file shared by every run of the repository (``<dvc root>/.dvc/tmp/exps/run/
+    DVCLIVE_STEP_COMPLETED``) by exists-then-remove, so the run that loses raised after its curves were written."""
+    try:
+        live.end()
+    except FileNotFoundError as exc:
+        if not str(exc.filename).endswith("DVCLIVE_STEP_COMPLETED"):
+            raise
 
 
 def _save_weights(path: Path, method: Method, step: int) -> None:

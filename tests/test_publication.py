@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,9 @@ def accumulated(demo_prepared, tmp_path_factory):
     (ws / "pub/params.yaml").write_text(yaml.safe_dump(demo_params(), sort_keys=False))
     (ws / ".gitignore").write_text("data/\n")
     git(ws, "init", "-q")
+    # A DVC project, as a publication lives in: otherwise dvclive runs `dvc init` in each training
+    # process, and two side by side race on it.
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True)
     git(ws, "config", "user.name", "Test")
     git(ws, "config", "user.email", "test@example.org")
     git(ws, "add", ".")
