@@ -519,6 +519,7 @@ def publication_status(
             json.dumps(
                 {
                     "folder": str(folder),
+                    "training_code": pub.pin(),
                     "runs": [s.to_dict() for s in states],
                     "counts": counts,
                     "todo_seconds_recorded": round(estimate, 1),
@@ -544,6 +545,14 @@ def publication_status(
     for s in states:
         if s.state == "stale":
             console.print(f"stale: {s.run.stage_name} ({s.reason})", soft_wrap=True, highlight=False)
+    pin = pub.pin()
+    console.print(
+        f"training code: {pin['fingerprint']}, pinned at commit {str(pin.get('commit'))[:12]} ({pub.pin_file})"
+        if pin
+        else "training code: this checkout's (not pinned)",
+        soft_wrap=True,
+        highlight=False,
+    )
     line = f"{counts['done']} of {len(states)} runs done, {counts['missing']} missing, {counts['stale']} stale"
     if todo:
         cost = "no done run of their dataset and method to time them by"
@@ -573,6 +582,9 @@ def publication_run(
     methods: str | None = typer.Option(
         None, "--methods", help="Only these methods (comma-separated), e.g. the key ones first."
     ),
+    datasets: str | None = typer.Option(
+        None, "--datasets", help="Only these datasets (comma-separated); the others' data are not made ready."
+    ),
     restart_stale: bool = typer.Option(
         False, help="Discard a run folder of another configuration in data/runs instead of failing that run."
     ),
@@ -590,6 +602,7 @@ def publication_run(
         commit=commit,
         restart_stale=restart_stale,
         methods=parse_methods(methods) if methods else None,
+        datasets=[d.strip() for d in datasets.split(",") if d.strip()] if datasets else None,
         echo=typer.echo,
     )
     if outcome.not_started:
@@ -609,6 +622,25 @@ def publication_run(
             f"{len(outcome.failed)} run(s) failed: "
             + "; ".join(f"{run.stage_name} ({why})" for run, why in outcome.failed)
         )
+
+
+@publication_app.command("pin")
+def publication_pin(
+    folder: Path = FOLDER_ARGUMENT,
+    replace: bool = typer.Option(
+        False, "--replace", help="Replace a pin of other code (every run stored under it becomes stale)."
+    ),
+) -> None:
+    """Pin this checkout's (committed) training code as the one the publication's runs are made with."""
+    from knowsam.report.publication import Publication, write_pin
+
+    pub = Publication(folder)
+    pub.params()  # a publication folder, not any folder
+    pin = write_pin(pub, replace=replace)
+    typer.echo(
+        f"wrote {pub.pin_file}: training code {pin['fingerprint']} at commit {pin['commit'][:12]}; commit it with "
+        "the publication"
+    )
 
 
 @publication_app.command("build")

@@ -35,7 +35,15 @@ import yaml
 from knowsam import config, fileio
 from knowsam.config import Params, ratio_text
 from knowsam.errors import KnowsamError
-from knowsam.report.publication import Publication, RunState, recorded_seconds, remove_leftovers, status, store_run
+from knowsam.report.publication import (
+    Publication,
+    RunState,
+    check_training_code,
+    recorded_seconds,
+    remove_leftovers,
+    status,
+    store_run,
+)
 from knowsam.report.publish import machine_facts, package_versions
 from knowsam.runs import RunId
 from knowsam.summaries import identity
@@ -83,15 +91,19 @@ def run_missing(
     commit: bool = False,
     restart_stale: bool = False,
     methods: list[str] | None = None,
+    datasets: list[str] | None = None,
     echo: Callable[[str], None] = print,
 ) -> Outcome:
-    """Make the publication's missing and stale runs (of ``methods``, default all); see the module docstring."""
+    """Make the publication's missing and stale runs (of ``methods`` and ``datasets``, default all); see the
+    module docstring."""
     started = time.monotonic()
     pub = Publication(Path(folder))
     params = pub.params()
-    unknown = [m for m in methods or [] if m not in params.methods]
-    if unknown:
-        raise KnowsamError(f"method {unknown[0]!r} is not in {pub.params_file} ({', '.join(params.methods)})", 2)
+    check_training_code(pub)
+    for kind, asked, known in (("method", methods, params.methods), ("dataset", datasets, params.datasets)):
+        unknown = [name for name in asked or [] if name not in known]
+        if unknown:
+            raise KnowsamError(f"{kind} {unknown[0]!r} is not in {pub.params_file} ({', '.join(known)})", 2)
     for ok, rule in (
         (jobs >= 1, f"--jobs {jobs} must be >= 1"),
         (threads is None or threads >= 0, f"--threads {threads} must be >= 0 (0: torch's default)"),
@@ -108,7 +120,14 @@ def run_missing(
         states = status(pub, params)
         outcome = Outcome(
             todo=in_order(
-                params, [s.run for s in states if s.state != "done" and (methods is None or s.run.method in methods)]
+                params,
+                [
+                    s.run
+                    for s in states
+                    if s.state != "done"
+                    and (methods is None or s.run.method in methods)
+                    and (datasets is None or s.run.dataset in datasets)
+                ],
             )
         )
         if not outcome.todo:

@@ -109,14 +109,17 @@ def code_fingerprint(root: Path | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_config(params: Params, run: RunId) -> dict[str, Any]:
-    """Everything that determines a run's result (and nothing that does not, e.g. eval settings or locations)."""
+def run_config(params: Params, run: RunId, code: str | None = None) -> dict[str, Any]:
+    """Everything that determines a run's result (and nothing that does not, e.g. eval settings or locations).
+
+    ``code``: the training-code fingerprint to record instead of this checkout's (a publication's pin).
+    """
     cfg = to_dict(params)
     for section, keys in LOCATION_KEYS.items():
         for key in keys:
             cfg[section].pop(key)
     return {
-        "code": code_fingerprint(),
+        "code": code or code_fingerprint(),
         "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
         "data": cfg["data"],
         "train": cfg["train"],

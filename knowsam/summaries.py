@@ -26,9 +26,12 @@ REQUIRED_METRICS = ("n", *(m.name for m in shown_in(LEADERBOARD_2D, LEADERBOARD_
 NO_IDENTITY = "no recorded identity"
 
 
-def identity(params: Params, run: RunId) -> dict:
-    """What a summary records of the run it scored: ``config_hash`` and the configuration itself."""
-    cfg = run_config(params, run)
+def identity(params: Params, run: RunId, code: str | None = None) -> dict:
+    """What a summary records of the run it scored: ``config_hash`` and the configuration itself.
+
+    ``code``: judge against this training-code fingerprint instead of this checkout's (a publication's pin).
+    """
+    cfg = run_config(params, run, code)
     return {"config_hash": config_hash(cfg), "config": cfg}
 
 

@@ -105,6 +105,9 @@ def _worker(rank: int, root: str, out: str, port: int) -> None:
     train.train_run(params, run, runs_root=runs, progress=False)
     result["resumed_from"] = records[0]["step"]
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    # Both ranks done before either tears its gloo group down: no collective is left in flight at exit.
+    tdist.barrier()
+    tdist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,12 @@ def two_rank_runs(demo_prepared, tmp_path_factory):
         except mp.ProcessRaisedException as exc:
             # The free port is found by binding and releasing it; another process may take it in between.
             if "EADDRINUSE" not in str(exc) or attempt == 2:
+                raise
+        except mp.ProcessExitedException:
+            # A rank killed by a signal after both wrote their results died in torch's own teardown
+            # (gloo threads at interpreter exit, seen once as SIGABRT in a loaded test run); the
+            # results are whole, but rerun to keep the check strict. A crash before that is a failure.
+            if attempt == 2 or not all((out / f"rank{r}.json").is_file() for r in range(WORLD)):
                 raise
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 

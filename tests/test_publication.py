@@ -122,6 +122,83 @@ def test_store_refuses_results_of_other_params(fabricated):
     assert not run.eval_dir(pub.runs_root).exists()
 
 
+def code_repo(tmp_path: Path) -> Path:
+    """A Git checkout holding a copy of the training sources, committed (what a pin records)."""
+    from knowsam.runs import SOURCE_ROOT, TRAINING_SOURCES
+
+    repo = tmp_path / "code"
+    for source in TRAINING_SOURCES:
+        path = SOURCE_ROOT / source
+        if path.is_dir():
+            shutil.copytree(path, repo / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (repo / source).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, repo / source)
+    git(repo, "init", "-q")
+    git(repo, "-c", "user.name=T", "-c", "user.email=t@example.org", "add", ".")
+    git(repo, "-c", "user.name=T", "-c", "user.email=t@example.org", "commit", "-q", "-m", "code")
+    return repo
+
+
+def test_a_pin_keeps_stored_runs_done_while_the_training_code_changes(fabricated, monkeypatch, tmp_path, cli):
+    from knowsam import runs
+
+    ws, pub, params = fabricated
+    repo = code_repo(tmp_path)
+    monkeypatch.setattr(runs, "SOURCE_ROOT", repo)
+    fingerprint = runs.code_fingerprint()
+    assert fingerprint == runs.code_fingerprint(Path(publication.__file__).parents[2])  # same bytes
+    code, _ = cli(ws, "publication", "pin", "pub")
+    assert code == 0
+    pin = json.loads(pub.pin_file.read_text())
+    assert pin["fingerprint"] == fingerprint and pin["commit"] == git(repo, "rev-parse", "HEAD").strip()
+
+    train_py = repo / "knowsam/train.py"
+    train_py.write_text(train_py.read_text() + "\n# an edit\n")
+    one_line(
+        *cli(ws, "publication", "pin", "pub", "--replace"),
+        2,
+        r"^error: training code has uncommitted changes \(M knowsam/train\.py\); commit them first",
+    )
+    edited = runs.code_fingerprint()
+    assert edited != fingerprint
+    # Pinned: the runs stored with the pinned code stay done; this checkout may not add runs to them.
+    assert {state for state, _ in states(pub, params).values()} == {"done", "missing"}
+    one_line(
+        *cli(ws, "publication", "run", "pub"),
+        2,
+        rf"^error: pub/training-code\.json: the runs are made with training code {fingerprint} "
+        rf"\(commit {pin['commit'][:12]}\), this checkout's is {edited}; run the sitting from a checkout of that "
+        rf"commit \(`git worktree add --detach \.\./knowsam-pinned {pin['commit'][:12]} && cd",
+    )
+    # Unpinned, the same runs are judged by this checkout's code: all stale.
+    pinned = pub.pin_file.read_bytes()
+    pub.pin_file.unlink()
+    assert states(pub, params)["ucmt-polyp-0.1-0"] == ("stale", "other code")
+    pub.pin_file.write_bytes(pinned)
+
+    git(repo, "-c", "user.name=T", "-c", "user.email=t@example.org", "commit", "-q", "-am", "edit")
+    one_line(
+        *cli(ws, "publication", "pin", "pub"),
+        2,
+        rf"^error: pub/training-code\.json: pins training code {fingerprint} \(commit {pin['commit']}\), this "
+        rf"checkout's is {edited}; add --replace",
+    )
+    code, _ = cli(ws, "publication", "pin", "pub", "--replace")
+    assert code == 0 and json.loads(pub.pin_file.read_text())["fingerprint"] == edited
+    assert states(pub, params)["ucmt-polyp-0.1-0"] == ("stale", "other code")
+
+
+def test_a_damaged_pin_is_one_line(fabricated, cli):
+    ws, pub, _ = fabricated
+    pub.pin_file.write_text("{}")
+    one_line(
+        *cli(ws, "publication", "status", "pub"),
+        1,
+        r"^error: pub/training-code\.json: has no 'fingerprint'; write it with `knowsam-bench publication pin pub`$",
+    )
+
+
 class Stopped(BaseException):
     """What SIGINT/SIGTERM raise in the harness (not an Exception: nothing may swallow it)."""
 
@@ -257,7 +334,7 @@ def accumulated(demo_prepared, tmp_path_factory):
     git(ws, "add", ".")
     git(ws, "commit", "-q", "-m", "publication params")
     with pytest.MonkeyPatch.context() as mp:
-        first = sitting(ws, mp, jobs=2, methods=["labeled-only"])
+        first = sitting(ws, mp, jobs=2, methods=["labeled-only"], datasets=["demo"])
         after_first = tree(ws / "pub/runs")
         (ws / "unrelated.txt").write_text("staged, not the runner's\n")
         git(ws, "add", "unrelated.txt")
@@ -422,6 +499,11 @@ def test_run_refuses_an_unknown_method_a_commit_outside_git_and_a_second_sitting
         *cli(ws, "publication", "run", "pub", "--methods", "mt"),
         2,
         r"^error: method 'mt' is not in pub/params\.yaml \(ucmt, knowsam\)$",
+    )
+    one_line(
+        *cli(ws, "publication", "run", "pub", "--datasets", "polyp,acdc"),
+        2,
+        r"^error: dataset 'acdc' is not in pub/params\.yaml \(polyp\)$",
     )
     one_line(
         *cli(ws, "publication", "run", "pub", "--commit"),

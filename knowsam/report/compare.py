@@ -178,6 +178,7 @@ def compare(
     allow_stale: bool = False,
     runs_root: str | Path | None = "data/runs",
     incomplete: bool = False,
+    code: str | None = None,
 ) -> Comparison:
     """Compare ``methods`` (the first is the baseline) by the summary metric ``metric_name`` on every
     selected dataset x ratio of the params.
@@ -187,12 +188,13 @@ def compare(
     that makes them. ``allow_stale`` compares runs scored under other params or code, marked.
     ``incomplete`` compares the runs there are instead (a publication still accumulating): each method
     with the seeds it has, a dataset x ratio only where every method has one; ``left_out`` names the others.
+    ``code``: the training code the runs must have been trained with (``results.load_summaries``).
     """
     compared = metric(metric_name)
     ratios = _check_selection(params, methods, dataset, ratio)
     datasets = [dataset] if dataset is not None else list(params.datasets)
     runs = [RunId(m, d, r, s) for d in datasets for r in ratios for m in methods for s in params.seeds]
-    results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale, per_case=True)
+    results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale, per_case=True, code=code)
     if results.left_out and not incomplete:
         raise KnowsamError(f"runs not evaluated under the current params and code: {repro_hint(results.left_out)}", 1)
     long = results.table[results.table.variant == ""]

@@ -262,13 +262,13 @@ def _metric_notes() -> list[str]:
     ]
 
 
-def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]:
+def footnotes(params: Params, long: pd.DataFrame, with_paper: bool, code: str | None = None) -> list[str]:
     resolutions = sorted(set(long.resolution))
     notes = [
         f"Profile `{params.profile}`: images resized to {params.data.image_size}x{params.data.image_size} px for the "
         f"networks, {params.train.iterations} training iterations, seeds {', '.join(map(str, params.seeds))}.",
         "Identity: every run shown was trained and scored under these params and training code "
-        f"`{code_fingerprint()}` (`runs.code_fingerprint`), except cells marked {STALE_MARK}.",
+        f"`{code or code_fingerprint()}` (`runs.code_fingerprint`), except cells marked {STALE_MARK}.",
         *_metric_notes(),
         "Variant rows (`method [... output]`) score another output of the same trained runs, e.g. KnowSAM's "
         "SAM teacher; the plain row is the method's reported prediction.",
@@ -285,7 +285,13 @@ def footnotes(params: Params, long: pd.DataFrame, with_paper: bool) -> list[str]
 
 
 def render(
-    params: Params, results: Results, agg: pd.DataFrame, total: int, figure_lines: list[str], produce: str | None = None
+    params: Params,
+    results: Results,
+    agg: pd.DataFrame,
+    total: int,
+    figure_lines: list[str],
+    produce: str | None = None,
+    code: str | None = None,
 ) -> str:
     book = reference.load()
     lines = [f"# Leaderboard (profile `{params.profile}`)", ""]
@@ -309,7 +315,7 @@ def render(
                 *reference_table(part, refs),
                 "",
             ]
-    lines += ["## Notes", "", *footnotes(params, results.table, with_paper), "", "## Runs left out", ""]
+    lines += ["## Notes", "", *footnotes(params, results.table, with_paper, code), "", "## Runs left out", ""]
     if results.left_out:
         lines.append(
             f"{len(results.left_out)} of {total} runs have no current metrics and are not shown: "
@@ -336,6 +342,7 @@ def write_leaderboard(
     allow_stale: bool = False,
     runs_root: str | Path | None = "data/runs",
     produce: str | None = None,
+    code: str | None = None,
 ) -> tuple[Path, Results]:
     """Write ``leaderboard.md``/``.csv`` and ``figures/`` (bar chart, training curves and overlays per
     dataset); returns the .md path and what was shown and left out (``results.load_summaries``).
@@ -344,7 +351,8 @@ def write_leaderboard(
     the dataset list. ``overlays=False`` leaves out the overlays, which show dataset images.
     Runs of other params or code are left out (named under "Runs left out", with ``produce``, the command
     that makes them: by default their ``dvc repro`` stages); ``allow_stale`` shows them, marked.
-    ``runs_root`` None: results alone (``results.load_summaries``). An existing file of these names is
+    ``runs_root`` None: results alone (``results.load_summaries``); ``code``: the training code the runs
+    must have been trained with (default this checkout's; a publication's pin). An existing file of these names is
     replaced only if the leaderboard wrote it there and it is unchanged since (``out_dir``'s record,
     ``fileio.claim_files``); anything else is refused first.
     """
@@ -360,7 +368,7 @@ def write_leaderboard(
     fileio.check_folder(out_dir, WRITER, inputs)
     fileio.claim_files(out_dir, names, WRITER, inputs)
     runs = matrix(params)
-    results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale)
+    results = load_summaries(params, runs, eval_root, runs_root, allow_stale=allow_stale, code=code)
     if results.table.empty:
         left = f" ({repro_hint(results.left_out, produce)})" if results.left_out else ""
         raise KnowsamError(
@@ -384,7 +392,7 @@ def write_leaderboard(
         else:
             figure_lines += [f"{name}: not drawn, {Path(params.data.prepared_root) / dataset} is missing.", ""]
     path = out_dir / "leaderboard.md"
-    fileio.write_text(path, render(params, results, agg, len(runs), figure_lines[:-1], produce))
+    fileio.write_text(path, render(params, results, agg, len(runs), figure_lines[:-1], produce, code))
     columns = [
         "dataset",
         "method",

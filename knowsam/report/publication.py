@@ -1,6 +1,7 @@
 """A publication folder: results that accumulate in Git run by run, whichever machine trained them.
 
     <folder>/params.yaml        the matrix (datasets x methods x ratios x seeds) and every setting: yours
+    <folder>/training-code.json the training code the runs are made with (``publication pin``), if pinned
     <folder>/runs/<dataset>/ratio-<r>_seed-<s>/<method>/
         summary.json, per_case.csv, curves.csv    what ``evaluate`` wrote in data/eval: the tables' inputs
         config.json, train_log.json               the training's configuration and summary (data/runs)
@@ -9,8 +10,14 @@
 
 ``runs/`` is laid out as data/eval is, so the one reader of results (``report.results``) reads it as it
 reads data/eval, only without run folders. A run is **done** when its summary scored the training the
-params file and this code make, **stale** when it scored another (the reason says what differs, by the
-rules every table uses), **missing** otherwise. No weights, no predicted masks, no dataset images.
+params file and the publication's training code make, **stale** when it scored another (the reason says
+what differs, by the rules every table uses), **missing** otherwise. No weights, no predicted masks, no
+dataset images.
+
+The publication's training code is the pinned one when ``training-code.json`` exists, else this
+checkout's. A pin lets development go on while the matrix accumulates over sittings: an edit to the
+training code elsewhere leaves the stored runs done, and ``publication run`` trains only with code
+whose fingerprint is the pinned one (a checkout of the pinned commit; docs/publications.md).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ STORE_WRITER = "knowsam-bench publication run"
 EVAL_FILES = ("summary.json", "per_case.csv", "curves.csv")  # curves.csv only where the run logged curves
 TRAINING_FILES = ("config.json", "train_log.json")
 RECORD = "run.json"
+PIN = "training-code.json"
 STATES = ("done", "missing", "stale")
 
 
@@ -56,6 +64,33 @@ class Publication:
     def produce(self) -> str:
         """The command that adds the missing runs."""
         return f"knowsam-bench publication run {self.folder}"
+
+    @property
+    def pin_file(self) -> Path:
+        return self.folder / PIN
+
+    def pin(self) -> dict | None:
+        """The pinned training code (``fingerprint``, ``commit``, ``pinned_utc``), None when not pinned."""
+        try:
+            pin = json.loads(self.pin_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise KnowsamError(
+                f"{self.pin_file}: unreadable ({type(exc).__name__}); write it with `{self.pin_command}`"
+            ) from None
+        if not (isinstance(pin, dict) and isinstance(pin.get("fingerprint"), str) and pin["fingerprint"]):
+            raise KnowsamError(f"{self.pin_file}: has no 'fingerprint'; write it with `{self.pin_command}`")
+        return pin
+
+    def code(self) -> str | None:
+        """The training-code fingerprint the runs are judged by: the pin's, None (this checkout's) when unpinned."""
+        pin = self.pin()
+        return None if pin is None else pin["fingerprint"]
+
+    @property
+    def pin_command(self) -> str:
+        return f"knowsam-bench publication pin {self.folder}"
 
     def params(self) -> Params:
         if not self.params_file.is_file():
@@ -103,7 +138,9 @@ def read_record(pub: Publication, run: RunId) -> dict | None:
 
 def status(pub: Publication, params: Params) -> list[RunState]:
     """Every run of the publication's matrix, in table order, with its state."""
-    results = load_summaries(params, matrix(params), pub.runs_root, None, allow_stale=True, per_case=True)
+    results = load_summaries(
+        params, matrix(params), pub.runs_root, None, allow_stale=True, per_case=True, code=pub.code()
+    )
     why = {item.run: ("stale", item.reason) for item in results.stale}
     why.update({item.run: ("missing", item.reason) for item in results.left_out})
     return [RunState(run, *why.get(run, ("done", None)), read_record(pub, run)) for run in matrix(params)]
@@ -139,14 +176,14 @@ def store_run(
 ) -> Path:
     """Copy an evaluated run's results into the publication, whole or not at all; returns its folder there.
 
-    The results must be of the current params and code and read back whole (summary and per-case
+    The results must be of the current params and the publication's training code and read back whole (summary and per-case
     table, strictly); the folder is built beside its place and renamed into it (``fileio.atomic_dir``),
     so an interruption leaves the earlier results, or none, never part of a run.
     """
     summary = read_summary(run, eval_root)
     if summary is None:
         raise KnowsamError(f"{run.summary_file(eval_root)}: not found; evaluate {run.stage_name} first")
-    reason = stale_reason(summary, identity(params, run))
+    reason = stale_reason(summary, identity(params, run, pub.code()))
     if reason is not None:
         raise KnowsamError(
             f"{run.summary_file(eval_root)}: stale for {pub.params_file} ({reason}); "
@@ -171,3 +208,61 @@ def remove_leftovers(pub: Publication) -> list[Path]:
     for path in found:
         shutil.rmtree(path)
     return found
+
+
+def write_pin(pub: Publication, *, replace: bool = False) -> dict:
+    """Pin this checkout's training code (fingerprint and Git commit) as the publication's; returns the pin.
+
+    The training sources must be committed, so the commit recorded is code anyone can check out. An
+    existing pin of other code is replaced only with ``replace`` (every run stored under it becomes stale).
+    """
+    import datetime as _dt
+    import subprocess
+
+    from knowsam.runs import SOURCE_ROOT, TRAINING_SOURCES, code_fingerprint
+
+    fingerprint = code_fingerprint()
+    old = pub.pin()
+    if old is not None and old["fingerprint"] != fingerprint and not replace:
+        raise KnowsamError(
+            f"{pub.pin_file}: pins training code {old['fingerprint']} (commit {old.get('commit')}), this checkout's "
+            f"is {fingerprint}; add --replace to pin this code (every run stored under the old pin becomes stale)",
+            2,
+        )
+    git = ["git", "-C", str(SOURCE_ROOT)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        raise KnowsamError(f"{SOURCE_ROOT}: not a Git checkout; a pin records the commit that holds the code", 2)
+    edited = subprocess.run(
+        [*git, "status", "--porcelain", "--", *TRAINING_SOURCES], capture_output=True, text=True
+    ).stdout.split("\n")[0]
+    if edited:
+        raise KnowsamError(
+            f"training code has uncommitted changes ({edited.strip()}); commit them first, so the pinned commit holds "
+            "the code the runs are made with",
+            2,
+        )
+    pin = {
+        "fingerprint": fingerprint,
+        "commit": head.stdout.strip(),
+        "pinned_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    fileio.write_json(pub.pin_file, pin)
+    return pin
+
+
+def check_training_code(pub: Publication) -> None:
+    """A one-line error unless this checkout's training code is the publication's (its pin, if any)."""
+    from knowsam.runs import code_fingerprint
+
+    pin = pub.pin()
+    if pin is None or pin["fingerprint"] == code_fingerprint():
+        return
+    commit = pin.get("commit") or "?"
+    raise KnowsamError(
+        f"{pub.pin_file}: the runs are made with training code {pin['fingerprint']} (commit {commit[:12]}), this "
+        f"checkout's is {code_fingerprint()}; run the sitting from a checkout of that commit (`git worktree add "
+        f"--detach ../knowsam-pinned {commit[:12]} && cd ../knowsam-pinned && python -m knowsam publication run "
+        f"{pub.folder.resolve()} ...`), or pin this code with `{pub.pin_command} --replace`",
+        2,
+    )

@@ -21,7 +21,7 @@ from knowsam import fileio
 from knowsam.config import Params
 from knowsam.report.compare import compare, render_markdown
 from knowsam.report.leaderboard import write_leaderboard
-from knowsam.report.publication import Publication, RunState, run_seconds, status
+from knowsam.report.publication import PIN, Publication, RunState, run_seconds, status
 from knowsam.report.results import ratio_label
 
 BUILD_WRITER = "knowsam-bench publication build"
@@ -36,15 +36,23 @@ def build(pub: Publication, compare_sets: list[list[str]], *, allow_stale: bool 
     params = pub.params()
     fileio.check_replaceable(pub.report_dir, BUILD_WRITER, [pub.runs_root, pub.params_file])  # before any work
     states = status(pub, params)
+    code = pub.code()
     comparisons = {
         compare_name(m): compare(
-            params, m, eval_root=pub.runs_root, runs_root=None, allow_stale=allow_stale, incomplete=True
+            params, m, eval_root=pub.runs_root, runs_root=None, allow_stale=allow_stale, incomplete=True, code=code
         )
         for m in compare_sets
     }
     with fileio.atomic_dir(pub.report_dir, writer=BUILD_WRITER, inputs=[pub.runs_root, pub.params_file]) as tmp:
         write_leaderboard(
-            params, tmp, pub.runs_root, overlays=False, allow_stale=allow_stale, runs_root=None, produce=pub.produce
+            params,
+            tmp,
+            pub.runs_root,
+            overlays=False,
+            allow_stale=allow_stale,
+            runs_root=None,
+            produce=pub.produce,
+            code=code,
         )
         for name, comparison in comparisons.items():
             fileio.write_text(tmp / f"{name}.md", render_markdown(comparison))
@@ -68,6 +76,8 @@ def readme(
         "",
         f"Built by `{build_command(pub, compare_sets, allow_stale)}` from `params.yaml` (the matrix and "
         "every setting) and `runs/` (each evaluated run's results, stored as it finished) alone.",
+        "",
+        pin_line(pub),
         "",
         "## Status",
         "",
@@ -115,6 +125,16 @@ def readme(
         f"| `{fileio.OUTPUT_RECORD}` | what the build wrote here, so that building again replaces exactly that |",
     ]
     return "\n".join(lines) + "\n"
+
+
+def pin_line(pub: Publication) -> str:
+    pin = pub.pin()
+    if pin is None:
+        return "Training code: the code that built this report (`runs.code_fingerprint`; not pinned)."
+    return (
+        f"Training code: `{pin['fingerprint']}`, pinned at commit `{pin.get('commit')}` ({pin.get('pinned_utc')}; "
+        f"`{PIN}`): every run counted as done was trained and scored with it."
+    )
 
 
 def status_table(params: Params, states: list[RunState]) -> list[str]:

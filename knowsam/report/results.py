@@ -139,6 +139,7 @@ def load_summaries(
     *,
     allow_stale: bool = False,
     per_case: bool = False,
+    code: str | None = None,
 ) -> Results:
     """The summaries of ``runs`` as a long table (one row per run x variant x test set), and the runs left out.
 
@@ -148,6 +149,8 @@ def load_summaries(
     summary anyway, flagged ``stale``. A damaged summary is a KnowsamError naming the file.
     ``runs_root`` None reads results alone (a publication's ``runs/``): no run folder is consulted, and a
     run without a summary is ``missing``, so the outcome depends on the results and the code only.
+    ``code``: the training-code fingerprint the summaries must record (default this checkout's;
+    a publication passes its pin).
 
     ``variant`` is "" for the method's reported output. Provenance (SAM weights) and the
     evaluation resolution are copied onto every row so footnotes can be built from the table.
@@ -156,7 +159,7 @@ def load_summaries(
     rows = []
     for run in runs:
         summary = read_summary(run, eval_root)
-        current = identity(params, run)
+        current = identity(params, run, code)
         if summary is None or (per_case and not (run.eval_dir(eval_root) / "per_case.csv").is_file()):
             reason = (
                 "not evaluated"
