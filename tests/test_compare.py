@@ -15,7 +15,7 @@ import yaml
 
 from knowsam import config
 from knowsam.errors import KnowsamError
-from knowsam.report.compare import compare, compare_command, paired_wilcoxon, parse_methods
+from knowsam.report.compare import compare, compare_command, holm, paired_seeds, paired_wilcoxon, parse_methods
 from knowsam.runs import RunId
 from tests.test_leaderboard import case_rows, make_params, write_run
 
@@ -78,9 +78,34 @@ def test_means_differences_and_wilcoxon(workspace) -> None:
         theirs = np.mean([dice["ucmt", test_set, s] for s in SEEDS], axis=0)
         assert row.p_value == pytest.approx(scipy.stats.wilcoxon(ours, theirs).pvalue, rel=1e-9)
         assert 0.0 < row.p_value < 1.0
+        # Over seeds: each seed's test-set mean, paired by seed.
+        per_seed = {m: [100 * dice[m, test_set, s].mean() for s in SEEDS] for m in ("knowsam", "ucmt")}
+        assert row.p_seeds == pytest.approx(scipy.stats.ttest_rel(per_seed["knowsam"], per_seed["ucmt"]).pvalue)
+        assert base.p_seeds is None and base.p_holm is None
+    # Holm over the two tested rows: the smaller p doubled, the larger kept (monotone), at most 1.
+    small, large = sorted(rows[t, "knowsam"].p_value for t in N_CASES)
+    assert sorted(rows[t, "knowsam"].p_holm for t in N_CASES) == [
+        pytest.approx(min(1.0, 2 * small)),
+        pytest.approx(max(min(1.0, 2 * small), large)),
+    ]
     assert rows["Kvasir", "knowsam"].paper == 86.64
     assert rows["CVC-ClinicDB", "knowsam"].paper == 82.54
     assert rows["Kvasir", "ucmt"].paper is None
+
+
+def test_holm_step_down_by_hand() -> None:
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0] and holm([]) == []
+
+
+def test_seed_test_needs_three_common_seeds() -> None:
+    base = pd.Series([60.0, 62.0, 61.0], index=[0, 1, 2])
+    assert paired_seeds(base, pd.Series([65.0, 66.0], index=[0, 1])) is None
+    assert paired_seeds(base, base.copy()) == 1.0
+    assert paired_seeds(base, base + 4.0) == 0.0  # the same gain on every seed: t is infinite
+    other = pd.Series([64.0, 63.5, 66.0, 70.0], index=[0, 1, 2, 3])  # seed 3 has no partner
+    assert paired_seeds(base, other) == pytest.approx(scipy.stats.ttest_rel([64.0, 63.5, 66.0], base).pvalue)
 
 
 def test_identical_scores_give_p_one(workspace) -> None:
@@ -170,13 +195,15 @@ def test_markdown_format(in_workspace, capsys) -> None:
         "Seeds",
         "Δ vs ucmt (pp)",
         "Wilcoxon p (cases)",
+        "Holm p",
+        "t-test p (seeds)",
         "Paper",
     ]
-    assert all(len(row) == 7 for row in cells)
+    assert all(len(row) == 9 for row in cells)
     mean, std = seed_mean(dice, "ucmt", "Kvasir")
-    assert cells[2] == ["Kvasir", "ucmt", f"{mean:.2f} ± {std:.2f}", "3", "-", "-", "-"]
-    assert cells[3][:2] == ["Kvasir", "mt"] and cells[3][4:6] == ["+0.00", "1 (n=12)"]
-    assert cells[4][:2] == ["Kvasir", "knowsam"] and cells[4][6] == "86.64"
+    assert cells[2] == ["Kvasir", "ucmt", f"{mean:.2f} ± {std:.2f}", "3", "-", "-", "-", "-", "-"]
+    assert cells[3][:2] == ["Kvasir", "mt"] and cells[3][4:8] == ["+0.00", "1 (n=12)", "1", "1"]
+    assert cells[4][:2] == ["Kvasir", "knowsam"] and cells[4][8] == "86.64"
     assert lines[-1].startswith("Pairing: per case")
 
 
@@ -217,7 +244,8 @@ def test_metric_option_headers_and_unknown_names(in_workspace, capsys) -> None:
     assert main(["compare", "--methods", "ucmt,knowsam", "--format", "md", "--metric", "ASD"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == (
-        "| Test set | Method | ASD (mean ± std over seeds) | Seeds | Δ vs ucmt | Wilcoxon p (cases) | Paper |"
+        "| Test set | Method | ASD (mean ± std over seeds) | Seeds | Δ vs ucmt | Wilcoxon p (cases) | Holm p | "
+        "t-test p (seeds) | Paper |"
     )
     assert lines[-1].endswith(
         "ASD = mean of per-image (per-volume) ASD (mean distance from the predicted to the ground-truth surface). "

@@ -10,6 +10,15 @@ Pairing: each method's per-case values are first averaged over its seeds, then c
 paired by (test set, case). Seeds share the test cases, so pooling seed x case pairs
 would count one image several times and make p-values too small; averaging keeps one
 pair per independent test case.
+
+Two more p-values answer other questions (Markdown and JSON; the terminal table keeps 80 columns):
+- **over seeds**: a paired t-test of the test-set metric per seed, paired by seed (same split, same
+  initial draw), where both methods have at least 3 seeds in common. The case test says whether
+  the seed-averaged predictions differ on these images; the seed test whether the difference
+  outlives training noise. With 3 seeds it needs a large, consistent effect.
+- **Holm**: the case p-values of every non-baseline row of the comparison (all datasets, ratios,
+  test sets and methods) adjusted together by Holm's step-down method, which bounds the chance of
+  any false positive in the family (family-wise error rate) without assuming independence.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import pandas as pd
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from scipy.stats import wilcoxon
+from scipy.stats import ttest_rel, wilcoxon
 
 from knowsam import validation
 from knowsam.config import Params
@@ -46,6 +55,7 @@ from knowsam.runs import RunId
 
 FORMATS = ("table", "md", "json")
 DEFAULT_METRIC = "mDice"
+MIN_SEEDS_FOR_SEED_TEST = 3
 
 
 def pairing(compared: Metric) -> str:
@@ -68,8 +78,10 @@ class CompareRow:
     n_seeds: int
     n_cases: int
     diff: float | None
-    p_value: float | None
+    p_value: float | None  # Wilcoxon over cases
     paper: float | None
+    p_holm: float | None = None  # p_value adjusted over the comparison's rows (Holm)
+    p_seeds: float | None = None  # paired t-test over common seeds (>= MIN_SEEDS_FOR_SEED_TEST)
     stale: bool = False  # a seed of it scored other params or code (shown by --allow-stale)
 
 
@@ -89,6 +101,8 @@ class Comparison:
             "baseline": self.baseline,
             "methods": self.methods,
             "pairing": pairing(self.metric),
+            "seed_test": SEED_TEST,
+            "correction": CORRECTION,
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "stale_runs": self.stale_runs,
             "left_out": self.left_out,
@@ -110,6 +124,42 @@ class Comparison:
         for row in self.rows:
             out.setdefault((row.dataset, row.ratio), []).append(row)
         return out
+
+
+SEED_TEST = (
+    f"paired t-test (scipy ttest_rel) of the test-set value per seed, paired by seed; only where both methods "
+    f"have >= {MIN_SEEDS_FOR_SEED_TEST} seeds in common"
+)
+CORRECTION = "Holm step-down over the case p-values of every non-baseline row of the comparison (family-wise)"
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values, in the input order: the i-th smallest times (m - i + 1), made monotone, at most 1.
+
+    Written here rather than taken from statsmodels (not a dependency) for one short formula;
+    tests check it against the step-down definition.
+    """
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [0.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_seeds(baseline: pd.Series, other: pd.Series) -> float | None:
+    """Two-sided paired t-test over the seeds both have (index: seed); None below MIN_SEEDS_FOR_SEED_TEST.
+
+    Identical values on every seed return 1 (no evidence of a difference; scipy would return NaN).
+    """
+    common = sorted(set(baseline.index) & set(other.index))
+    if len(common) < MIN_SEEDS_FOR_SEED_TEST:
+        return None
+    a, b = other.loc[common].to_numpy(), baseline.loc[common].to_numpy()
+    if np.allclose(a - b, (a - b)[0]):  # constant differences: t undefined (zero variance)
+        return 1.0 if np.allclose(a, b) else 0.0
+    return float(ttest_rel(a, b).pvalue)
 
 
 def parse_methods(values: str | list[str]) -> list[str]:
@@ -208,6 +258,9 @@ def compare(
             here = long[(long.dataset == d) & (long.ratio == r)]
             for test_set in test_set_order(d, here.test_set):
                 rows += _test_set_rows(here[here.test_set == test_set], cases, compared, (d, r, test_set), methods)
+    tested = [i for i, row in enumerate(rows) if row.p_value is not None]
+    for i, adjusted in zip(tested, holm([rows[i].p_value for i in tested])):
+        rows[i] = dataclasses.replace(rows[i], p_holm=adjusted)
     return Comparison(
         metric=compared,
         baseline=methods[0],
@@ -233,7 +286,10 @@ def _test_set_rows(
         if m not in set(summaries.method) or test_set not in cases[m].index.get_level_values("test_set"):
             raise KnowsamError(f"{where}: {m} has no results on this test set; re-run its evaluate stages")
     own = {m: cases[m].xs(test_set, level="test_set") for m in methods}
-    seeds = {m: summaries[summaries.method == m][compared.name].astype(float) * compared.scale for m in methods}
+    seeds = {
+        m: summaries[summaries.method == m].set_index("seed")[compared.name].astype(float) * compared.scale
+        for m in methods
+    }
     baseline = methods[0]
     return [
         CompareRow(
@@ -248,13 +304,19 @@ def _test_set_rows(
             diff=None if m == baseline else float(seeds[m].mean() - seeds[baseline].mean()),
             p_value=None if m == baseline else paired_wilcoxon(own[baseline], own[m], f"{where}: {m} vs {baseline}"),
             paper=reference.lookup(dataset, test_set, m, ratio, compared.name),
+            p_seeds=None if m == baseline else paired_seeds(seeds[baseline], seeds[m]),
             stale=bool(summaries[summaries.method == m]["stale"].any()),
         )
         for m in methods
     ]
 
 
-def _texts(row: CompareRow) -> list[str]:
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _texts(row: CompareRow, more_tests: bool = False) -> list[str]:
+    """A row's cells; ``more_tests``: with the Holm-adjusted and the over-seeds p-values (Markdown)."""
     mean = f"{row.mean:.2f}" if row.std is None else f"{row.mean:.2f} ± {row.std:.2f}"
     p = "-" if row.p_value is None else f"{row.p_value:.3g} (n={row.n_cases})"
     return [
@@ -264,6 +326,7 @@ def _texts(row: CompareRow) -> list[str]:
         str(row.n_seeds),
         "-" if row.diff is None else f"{row.diff:+.2f}",
         p,
+        *([_p(row.p_holm), _p(row.p_seeds)] if more_tests else []),
         "-" if row.paper is None else f"{row.paper:.2f}",
     ]
 
@@ -283,6 +346,8 @@ def _headers(result: Comparison) -> list[str]:
         "Seeds",
         f"Δ vs {result.baseline}" + (" (pp)" if result.metric.unit == PERCENT else ""),
         "Wilcoxon p (cases)",
+        "Holm p",
+        "t-test p (seeds)",
         "Paper",
     ]
 
@@ -311,7 +376,7 @@ def render_markdown(result: Comparison) -> str:
             "",
             "| " + " | ".join(headers) + " |",
             "|" + "---|" * len(headers),
-            *("| " + " | ".join(_texts(r)) + " |" for r in rows),
+            *("| " + " | ".join(_texts(r, more_tests=True)) + " |" for r in rows),
             "",
         ]
     for note in (result.stale_note(), result.incomplete_note()):
@@ -319,7 +384,8 @@ def render_markdown(result: Comparison) -> str:
             lines += [note, ""]
     compared = result.metric
     lines.append(
-        f"Pairing: {pairing(compared)}. {compared.name} = {compared.definition('per-image (per-volume)')}."
+        f"Pairing: {pairing(compared)}. Holm p: {CORRECTION}. t-test p (seeds): {SEED_TEST}. "
+        f"{compared.name} = {compared.definition('per-image (per-volume)')}."
         + ("" if compared.higher_is_better else " Lower is better.")
     )
     return "\n".join(lines) + "\n"
