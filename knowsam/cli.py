@@ -5,6 +5,7 @@ so that ``--help`` stays fast. Expected failures print one line on stderr and ex
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import signal
 import sys
@@ -12,18 +13,28 @@ import threading
 from pathlib import Path
 
 import typer
+from typer.exceptions import TyperException
 
 from knowsam.errors import KnowsamError, environment_failure
 
 app = typer.Typer(
     name="knowsam-bench",
     help="Benchmark harness for KnowSAM and semi-supervised medical image segmentation.",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
 _state = {"debug": False}
+
+
+class CompareFormat(str, enum.Enum):
+    """``compare --format`` (report.compare.FORMATS; listed here so that --help loads no pandas)."""
+
+    table = "table"
+    md = "md"
+    json = "json"
+
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Params file (DVC's params.yaml).")
 ALLOW_STALE_OPTION = typer.Option(
@@ -376,7 +387,11 @@ def compare(
     methods: list[str] = typer.Option(..., "--methods", help="Comma-separated methods, e.g. ucmt,knowsam."),
     dataset: str | None = typer.Option(None, help="Only this dataset."),
     ratio: float | None = typer.Option(None, help="Only this labeled ratio."),
-    fmt: str = typer.Option("table", "--format", help="table | md | json"),
+    fmt: CompareFormat = typer.Option(
+        CompareFormat.table,
+        "--format",
+        help="table: terminal tables; md: Markdown with the Holm and over-seeds p-values; json: one object.",
+    ),
     metric: str | None = typer.Option(
         None, "--metric", help="Summary name of the metric compared, e.g. mIoU or HD95 (default: mDice)."
     ),
@@ -386,7 +401,9 @@ def compare(
     """Compare methods: mean ± std over seeds, difference, paired Wilcoxon p-value, paper number."""
     from knowsam.report.compare import DEFAULT_METRIC, compare_command
 
-    raise typer.Exit(compare_command(params_file, methods, dataset, ratio, fmt, allow_stale, metric or DEFAULT_METRIC))
+    raise typer.Exit(
+        compare_command(params_file, methods, dataset, ratio, fmt.value, allow_stale, metric or DEFAULT_METRIC)
+    )
 
 
 @app.command()
@@ -725,9 +742,16 @@ def main(argv: list[str] | None = None) -> int:
     into ``interrupted (<signal>)`` and 128 + the signal's number (130, 143), as a shell reports them."""
     try:
         with _stop_on_signals():
-            app(args=argv, prog_name="knowsam-bench", standalone_mode=True)
+            # Not standalone: click's usage errors come here, to be one line like every other error.
+            status = app(args=argv, prog_name="knowsam-bench", standalone_mode=False)
+        return status if isinstance(status, int) else 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except TyperException as exc:  # bad or missing options and arguments (click's UsageError and kin)
+        message = exc.format_message()
+        if message:  # no arguments at all: the help was printed already
+            print(f"error: {message}", file=sys.stderr)
+        return exc.exit_code
     except KnowsamError as exc:
         if _state["debug"]:
             raise

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -453,6 +455,38 @@ def test_params_file_not_yaml(tmp_path, cli, text, pattern):
 def test_missing_params_file(tmp_path, cli):
     one_line(*cli(tmp_path, "train", *RUN, "--params", "nope.yaml"), 2, r"nope.yaml: params file not found")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["compare", "--methods", "ucmt,knowsam", "--format", "csv"], r"Invalid value for '--format'.*'table', 'md'"),
+        (["train", *RUN[:4], "--ratio", "ten", "--seed", "0"], r"Invalid value for '--ratio'"),
+        (["train", "--method", "mt"], r"Missing option '--dataset'"),
+        (["no-such-command"], r"No such command 'no-such-command'"),
+        (["methods", "--json"], r"No such option: --json"),
+    ],
+    ids=["bad-choice", "not-a-number", "missing-option", "unknown-command", "unknown-option"],
+)
+def test_usage_errors_are_one_line_with_status_2(tmp_path, cli, argv, pattern):
+    one_line(*cli(tmp_path, *argv), 2, pattern)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shell_completion_completes_commands_and_choices(tmp_path):
+    env = {**os.environ, "_KNOWSAM_BENCH_COMPLETE": "complete_bash"}
+    for words, cword, expected in (
+        ("knowsam-bench comp", 1, ["compare"]),
+        ("knowsam-bench compare --format ", 3, ["table", "md", "json"]),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "knowsam"],
+            env={**env, "COMP_WORDS": words, "COMP_CWORD": str(cword)},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and done.stdout.split() == expected, done.stderr
 
 
 def test_unknown_profile(tmp_path, cli):
