@@ -463,3 +463,22 @@ def test_per_case_without_variant_column(tmp_path: Path) -> None:
     fileio.write_text(run.eval_dir(tmp_path) / "per_case.csv", "test_set,case,dice\nKvasir,001,0.5\n")
     table = load_per_case(run, tmp_path)
     assert table.to_dict("records") == [{"variant": "", "test_set": "Kvasir", "case": "001", "dice": 0.5}]
+
+
+def test_truth_outline_is_each_region_s_inner_4_neighbour_border():
+    """Independently: a region's pixels with a 4-neighbour outside it (scipy's erosion with a cross)."""
+    from scipy import ndimage
+
+    from knowsam.report.figures import truth_outline
+
+    labels = np.zeros((12, 14), np.uint8)
+    labels[2:9, 3:10] = 1
+    labels[4:7, 10:13] = 2  # touches region 1 on its right edge
+    labels[5, 5] = 0  # a hole: its four neighbours become border too
+    cross = ndimage.generate_binary_structure(2, 1)
+    expected = np.zeros_like(labels, bool)
+    for value in (1, 2):
+        region = labels == value
+        expected |= region & ~ndimage.binary_erosion(region, cross, border_value=1)
+    assert np.array_equal(truth_outline(labels), expected)
+    assert truth_outline(labels)[4:7, 9].all() and truth_outline(labels)[4:7, 10].all()  # both sides of the contact

@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
+from skimage.segmentation import find_boundaries
 
 from knowsam import fileio
 from knowsam.config import Params
@@ -25,6 +26,7 @@ from knowsam.runs import RunId
 PNG_METADATA = {"Software": None}
 DPI = 100
 # Class colours for label overlays (class 0, background, is left transparent).
+OUTLINE_COLOUR = "#ffffff"  # the ground truth's outline over each prediction
 CLASS_COLOURS = ("#000000", "#ffd400", "#00c853", "#ff3d00", "#2979ff", "#d500f9")
 
 
@@ -99,7 +101,8 @@ def _predictions(path: Path, keys: list[str]) -> dict[str, np.ndarray] | None:
 def overlay_grid(
     params: Params, dataset: str, path: str | Path, eval_root: str | Path, shown: dict[RunId, bool]
 ) -> Path | None:
-    """Rows = ``eval.overlay_images`` fixed test cases; columns = image, ground truth, each method's prediction.
+    """Rows = ``eval.overlay_images`` fixed test cases; columns = image, ground truth, each method's prediction
+    with the ground truth's outline over it (misses and false alarms show against it).
 
     Predictions come from the first ratio and seed of the params, of the runs the leaderboard
     ``shown`` (True: stale, marked); the others are drawn as missing. Everything is drawn over
@@ -125,6 +128,7 @@ def overlay_grid(
     axes = fig.subplots(max(len(picks), 1), len(columns), squeeze=False)
     for row, (part, case) in enumerate(picks):
         image, gt, middle = _case_view(data, part, case)
+        outline = truth_outline(gt)
         extent = (0, gt.shape[1], gt.shape[0], 0)
         for col, name in enumerate(columns):
             ax = axes[row, col]
@@ -150,7 +154,19 @@ def overlay_grid(
                 extent=extent,
                 interpolation="nearest",
             )
+            if col > 1:
+                ax.imshow(
+                    np.ma.masked_where(~outline, outline),
+                    cmap=ListedColormap([OUTLINE_COLOUR]),
+                    extent=extent,
+                    interpolation="nearest",
+                )
     return _save(fig, Path(path))
+
+
+def truth_outline(labels: np.ndarray) -> np.ndarray:
+    """The pixels of each labelled region that touch another label (4-neighbours), as a boolean map."""
+    return find_boundaries(labels, connectivity=1, mode="inner", background=0)
 
 
 def mean_curve(curves: list[pd.DataFrame], column: str, window: int = 1) -> pd.Series:
