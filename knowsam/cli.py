@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-_state = {"debug": False}
+_state = {"debug": False, "verbosity": 0}  # verbosity: -1 --quiet, 0, 1 --verbose
 
 
 class CompareFormat(str, enum.Enum):
@@ -45,8 +45,28 @@ ALLOW_STALE_OPTION = typer.Option(
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Say more while working, e.g. one line per validation while training."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or notes: results and errors only."),
+) -> None:
+    if verbose and quiet:
+        raise KnowsamError("give at most one of --verbose and --quiet", 2)
     _state["debug"] = debug
+    _state["verbosity"] = 1 if verbose else -1 if quiet else 0
+
+
+def _bars() -> bool:
+    """Whether progress bars are drawn (not under --quiet)."""
+    return _state["verbosity"] >= 0
+
+
+def _note(message: str) -> None:
+    """A line about the work, not its result: left out under --quiet."""
+    if _state["verbosity"] >= 0:
+        typer.echo(message)
 
 
 def _load_params(path: Path):
@@ -135,7 +155,7 @@ def acquire(
     from knowsam.data.acquire import acquire as do_acquire
 
     params = _load_params(params_file)
-    path = do_acquire(dataset, Path(params.data.raw_root), mirror=params.data.mirror, offline=offline)
+    path = do_acquire(dataset, Path(params.data.raw_root), mirror=params.data.mirror, offline=offline, progress=_bars())
     typer.echo(f"{dataset}: ready in {path}")
 
 
@@ -170,7 +190,7 @@ def embed(
     params = _load_params(params_file)
     if batch < 1:
         raise KnowsamError(f"--batch {batch} must be >= 1", 2)
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, disable=not _bars()) as bar:
         task = bar.add_task(f"embed {dataset}", total=None)
         meta = embed_dataset(
             params, dataset, batch=batch, progress=lambda done, total: bar.update(task, completed=done, total=total)
@@ -216,7 +236,7 @@ def train(
     ratio: float = typer.Option(...),
     seed: int = typer.Option(...),
     params_file: Path = PARAMS_OPTION,
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = typer.Option(True, help="Show a progress bar (none under --quiet)."),
     restart_stale: bool = typer.Option(
         False,
         help="Discard a checkpoint of another configuration "
@@ -228,7 +248,9 @@ def train(
 
     params = _load_params(params_file)
     run = _run_ids(params, method, dataset, ratio, seed)
-    summary = train_run(params, run, progress=progress, restart_stale=restart_stale)
+    summary = train_run(
+        params, run, progress=progress and _bars(), lines=_state["verbosity"] > 0, restart_stale=restart_stale
+    )
     if summary["best_val_dice"] is None:
         typer.echo(
             f"{run.stage_name}: {summary['iterations']} iterations; no validation images "
@@ -620,7 +642,7 @@ def publication_run(
         restart_stale=restart_stale,
         methods=parse_methods(methods) if methods else None,
         datasets=[d.strip() for d in datasets.split(",") if d.strip()] if datasets else None,
-        echo=typer.echo,
+        echo=_note,
     )
     if outcome.not_started:
         typer.echo(

@@ -3,7 +3,9 @@
 A sitting holds the publication (one at a time per folder), gets the data ready (acquire; prepare
 where the prepared folder is of other settings; the frozen teacher's embeddings; the splits), then
 makes each missing or stale run in the order dataset, ratio, seed, method: ``knowsam-bench train``
-then ``knowsam-bench evaluate`` in a child process, ``jobs`` runs side by side with ``threads`` each.
+then ``knowsam-bench evaluate`` in a child process, ``jobs`` runs side by side with ``threads`` each,
+each child's output in ``data/logs/<publication>/<run>.<train|evaluate>.log`` (training: one line
+per validation).
 As soon as a run is evaluated its results are stored in the publication
 (``report.publication.store_run``) and, with ``commit``, committed alone. With ``max_minutes`` no run
 is started that its estimate says would end after the sitting: the median wall time of the stored
@@ -49,6 +51,7 @@ from knowsam.runs import RunId
 from knowsam.summaries import identity
 
 POLL_SECONDS = 0.5
+LOG_ROOT = Path("data/logs")  # each child's output, kept after the sitting: data/logs/<publication>/<run>.<step>.log
 STOP_GRACE_SECONDS = 120  # a stopped child writes its last files in this time, or is killed
 
 
@@ -149,7 +152,9 @@ def run_missing(
                 "machine": machine_facts(),
                 "packages": package_versions(),
             }
-            Sitting(pub, params, params_file, Path(work), jobs, restart_stale, repo, record, echo).make(
+            logs = LOG_ROOT / pub.folder.resolve().name
+            logs.mkdir(parents=True, exist_ok=True)
+            Sitting(pub, params, params_file, logs, jobs, restart_stale, repo, record, echo).make(
                 outcome, estimate, deadline
             )
     return outcome
@@ -278,7 +283,7 @@ class Sitting:
     pub: Publication
     params: Params
     params_file: Path  # the children's: the publication's params with this sitting's threads
-    work: Path
+    logs: Path  # the children's logs
     jobs: int
     restart_stale: bool
     repo: Path | None  # commit each stored run there
@@ -293,6 +298,7 @@ class Sitting:
                 "train",
                 [
                     *cli,
+                    "--verbose",  # one line per validation in the run's log
                     "train",
                     "--method",
                     run.method,
@@ -324,7 +330,7 @@ class Sitting:
                     if deadline is not None and time.monotonic() + estimate[run] > deadline:
                         outcome.not_started.append((run, estimate[run]))
                         continue
-                    job = Job(run, self.commands(run), self.work, trained_here(self.params, run))
+                    job = Job(run, self.commands(run), self.logs, trained_here(self.params, run))
                     self.start(job)
                     running.append(job)
                     self.echo(f"{run.stage_name}: started")
@@ -341,7 +347,7 @@ class Sitting:
         said = last_line(job.log.read_text(errors="replace")).removeprefix("error: ")
         if job.proc.returncode != 0:
             outcome.failed.append((job.run, f"{job.name}: {said}"))
-            self.echo(f"{job.run.stage_name}: {job.name} failed: {said}")
+            self.echo(f"{job.run.stage_name}: {job.name} failed: {said} (log: {job.log})")
             return False
         self.echo(said)
         if job.phase + 1 < len(job.commands):

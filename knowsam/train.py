@@ -270,9 +270,13 @@ def train_run(
     *,
     runs_root: str | Path = "data/runs",
     progress: bool = True,
+    lines: bool = False,
     restart_stale: bool = False,
 ) -> dict:
     """Train one (method, dataset, ratio, seed) run to completion, resuming if possible.
+
+    ``progress``: a progress bar; ``lines``: one line per validation on stderr (step, validation Dice,
+    the best so far, losses, seconds per step, time left), readable in a log where no bar is drawn.
 
     Under ``torchrun`` the run is data-parallel over the launched processes (``knowsam.distributed``).
     """
@@ -349,7 +353,7 @@ def train_run(
             _rewind_live(live, step)
         method.train()
         started = time.perf_counter()
-        with _progress(progress and dist.is_main, run, t.iterations, step) as advance:
+        with _Feedback(progress and dist.is_main, lines and dist.is_main, run, t.iterations, step) as feedback:
             while step < t.iterations:
                 batch = batch_layout(stream.next_batch(), t)
                 with step_context(t, device):
@@ -386,8 +390,9 @@ def train_run(
                         _save_weights(run_dir / "best.pt", method, step)
                 if evaluation:
                     window = [0.0, 0]
+                    feedback.validated(step, losses, record.get("val_dice"), best)
                 live.next_step()
-                advance(losses)
+                feedback.advance(losses)
                 if step % t.checkpoint_every == 0 or step == t.iterations:
                     ranks = dist.gather({"stream": stream.state_dict(), "rng": _rng_state()})
                     if dist.is_main:
@@ -439,15 +444,37 @@ def _save_weights(path: Path, method: Method, step: int) -> None:
         torch.save({"version": CHECKPOINT_VERSION, "step": step, "weights": method.eval_state_dict()}, tmp)
 
 
-class _progress:
-    """Rich progress bar with the current losses and it/s; silent when disabled."""
+class _Feedback:
+    """What a run shows while it trains: a rich progress bar with the current losses and it/s (``bar``),
+    and/or one line per validation on stderr (``lines``); nothing when both are off."""
 
-    def __init__(self, enabled: bool, run: RunId, total: int, completed: int):
-        self.enabled, self.run, self.total, self.completed = enabled, run, total, completed
+    def __init__(self, bar: bool, lines: bool, run: RunId, total: int, completed: int):
+        self.enabled, self.lines, self.run, self.total, self.completed = bar, lines, run, total, completed
+        self.advance = lambda losses: None
+        self.started, self.start_step = time.perf_counter(), completed
+
+    def validated(self, step: int, losses: dict[str, float], dice: float | None, best: dict) -> None:
+        if not self.lines:
+            return
+        per_step = (time.perf_counter() - self.started) / max(step - self.start_step, 1)
+        left = per_step * (self.total - step)
+        text = (
+            f"{self.run.stage_name}: step {step}/{self.total}"
+            + ("" if dice is None else f", validation Dice {dice:.4f}")
+            + ("" if best.get("dice") is None else f" (best {best['dice']:.4f} at {best['step']})")
+            + ", "
+            + " ".join(f"{k}={v:.3f}" for k, v in list(losses.items())[:3])
+            + f", {per_step:.2f} s/step, {left / 60:.0f} min left"
+        )
+        console = self.bar.console if self.enabled else None
+        if console is not None:
+            console.print(text, soft_wrap=True, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def __enter__(self):
         if not self.enabled:
-            return lambda losses: None
+            return self
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
@@ -468,7 +495,8 @@ class _progress:
             text = " ".join(f"{k}={v:.3f}" for k, v in list(losses.items())[:3])
             self.bar.update(task, advance=1, losses=text, rate=rate)
 
-        return advance
+        self.advance = advance
+        return self
 
     def __exit__(self, *exc):
         if self.enabled:

@@ -473,6 +473,31 @@ def test_usage_errors_are_one_line_with_status_2(tmp_path, cli, argv, pattern):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_verbose_and_quiet_exclude_each_other(tmp_path, cli):
+    one_line(*cli(tmp_path, "-v", "-q", "methods"), 2, r"^error: give at most one of --verbose and --quiet$")
+
+
+def test_verbose_training_says_one_line_per_validation(train_ws, cli, capsys):
+    from knowsam.cli import main
+
+    shutil.rmtree(train_ws / RUN_DIR)
+    monkey_cwd = os.getcwd()
+    os.chdir(train_ws)
+    try:
+        capsys.readouterr()
+        assert main(["-v", "train", *RUN, "--no-progress"]) == 0
+        out = capsys.readouterr()
+    finally:
+        os.chdir(monkey_cwd)
+    lines = out.err.strip().splitlines()
+    # eval_every 1, 2 iterations: two validations, each with its Dice, the best so far and the time left
+    assert [re.sub(r"[\d.]+", "N", line.split(", loss")[0].split(" (best")[0]) for line in lines] == [
+        "labeled-only-demo-N-N: step N/N, validation Dice N",
+    ] * 2, out.err
+    assert lines[0].startswith("labeled-only-demo-0.1-0: step 1/2") and lines[1].endswith("0 min left")
+    assert "best validation Dice" in out.out  # the result line stays on stdout
+
+
 def test_shell_completion_completes_commands_and_choices(tmp_path):
     env = {**os.environ, "_KNOWSAM_BENCH_COMPLETE": "complete_bash"}
     for words, cword, expected in (

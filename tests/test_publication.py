@@ -189,6 +189,17 @@ def test_a_pin_keeps_stored_runs_done_while_the_training_code_changes(fabricated
     assert states(pub, params)["ucmt-polyp-0.1-0"] == ("stale", "other code")
 
 
+def test_quiet_leaves_out_the_sitting_s_notes(fabricated, monkeypatch, capsys):
+    from knowsam.cli import main
+
+    ws, pub, params = fabricated
+    monkeypatch.chdir(ws)
+    for quiet, expected in ((["-q"], ""), ([], "pub: no run to make (3 of 4 done)\n")):
+        capsys.readouterr()
+        assert main([*quiet, "publication", "run", "pub", "--methods", "ucmt"]) == 0
+        assert capsys.readouterr().out == expected
+
+
 def test_a_damaged_pin_is_one_line(fabricated, cli):
     ws, pub, _ = fabricated
     pub.pin_file.write_text("{}")
@@ -368,6 +379,8 @@ def test_a_sitting_prepares_trains_evaluates_and_stores_each_run(accumulated):
         summary = json.loads((folder / "summary.json").read_text())
         assert 0.0 <= summary["test_sets"]["Demo-Kvasir"]["mDice"] <= 1.0 and summary["iterations"] == 2
         assert len((folder / "curves.csv").read_text().splitlines()) == 3  # header and 2 iterations
+        log = (ws / "data/logs/pub" / f"{run.stage_name}.train.log").read_text()  # kept after the sitting
+        assert f"{run.stage_name}: step 2/2, validation Dice" in log
 
 
 def test_the_next_sitting_makes_only_the_missing_runs_and_commits_each_alone(accumulated, monkeypatch):
