@@ -231,8 +231,8 @@ def split(
 
 @app.command()
 def train(
+    dataset: str = typer.Argument(...),
     method: str = typer.Option(..., help="Method name (see `knowsam-bench methods`)."),
-    dataset: str = typer.Option(...),
     ratio: float = typer.Option(...),
     seed: int = typer.Option(...),
     params_file: Path = PARAMS_OPTION,

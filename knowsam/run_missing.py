@@ -300,10 +300,9 @@ class Sitting:
                     *cli,
                     "--verbose",  # one line per validation in the run's log
                     "train",
+                    run.dataset,
                     "--method",
                     run.method,
-                    "--dataset",
-                    run.dataset,
                     *where,
                     "--no-progress",
                     *(["--restart-stale"] if self.restart_stale else []),

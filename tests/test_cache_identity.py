@@ -110,7 +110,7 @@ def test_changed_training_image_is_encoded_again(ws, cli, capsys, monkeypatch):
     Image.fromarray(255 - pixels).save(frame)  # same name, same size, other pixels
     run(cli, ws, capsys, "prepare", "demo")
     one_line(
-        *cli(ws, "train", "--method", "knowsam", "--dataset", "demo", "--ratio", "0.1", "--seed", "0", "--no-progress"),
+        *cli(ws, "train", "demo", "--method", "knowsam", "--ratio", "0.1", "--seed", "0", "--no-progress"),
         1,
         r"data/embeddings/demo: embedding cache was made for other prepared images; run `knowsam-bench embed "
         r"demo`",

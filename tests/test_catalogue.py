@@ -30,7 +30,7 @@ from knowsam.errors import KnowsamError
 from knowsam.runs import RunId
 from tests.conftest import REPO
 
-RUN = ["--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0"]
+RUN = ["demo", "--method", "labeled-only", "--ratio", "0.1", "--seed", "0"]
 EVAL = ["demo", "--ratio", "0.1", "--seed", "0", "--methods", "labeled-only"]
 RUN_DIR = Path("data/runs/demo/ratio-0.1_seed-0/labeled-only")
 
@@ -461,8 +461,8 @@ def test_missing_params_file(tmp_path, cli):
     "argv, pattern",
     [
         (["compare", "--methods", "ucmt,knowsam", "--format", "csv"], r"Invalid value for '--format'.*'table', 'md'"),
-        (["train", *RUN[:4], "--ratio", "ten", "--seed", "0"], r"Invalid value for '--ratio'"),
-        (["train", "--method", "mt"], r"Missing option '--dataset'"),
+        (["train", *RUN[:3], "--ratio", "ten", "--seed", "0"], r"Invalid value for '--ratio'"),
+        (["train", "demo", "--ratio", "0.1"], r"Missing option '--method'"),
         (["no-such-command"], r"No such command 'no-such-command'"),
         (["methods", "--json"], r"No such option: --json"),
     ],
@@ -521,12 +521,14 @@ def test_unknown_profile(tmp_path, cli):
 
 
 def test_method_not_in_params(train_ws, cli):
-    one_line(*cli(train_ws, "train", "--method", "cps", *RUN[2:]), 2, r"method 'cps' is not in params 'methods'")
+    one_line(
+        *cli(train_ws, "train", "demo", "--method", "cps", *RUN[3:]), 2, r"method 'cps' is not in params 'methods'"
+    )
 
 
 def test_dataset_not_in_params(train_ws, cli):
     one_line(
-        *cli(train_ws, "train", "--method", "labeled-only", "--dataset", "acdc", *RUN[4:]),
+        *cli(train_ws, "train", "acdc", "--method", "labeled-only", *RUN[3:]),
         2,
         r"dataset 'acdc' is not in params 'datasets'",
     )
@@ -728,7 +730,7 @@ def test_missing_sam_checkpoint(train_ws, cli):
     raw["sam"]["checkpoint"] = str(train_ws / "weights/sam_tiny.pth")
     write_params(train_ws, raw)
     one_line(
-        *cli(train_ws, "train", "--method", "knowsam", *RUN[2:], "--no-progress"),
+        *cli(train_ws, "train", "demo", "--method", "knowsam", *RUN[3:], "--no-progress"),
         1,
         r"SAM checkpoint \S+/weights/sam_tiny.pth not found",
     )
@@ -935,9 +937,7 @@ def test_semi_supervised_method_at_ratio_one(train_ws, demo_prepared, cli):
     code, _ = cli(train_ws, "split", "demo")
     assert code == 0 and (train_ws / "data/splits/demo/ratio-1.0_seed-0.json").is_file()
     one_line(
-        *cli(
-            train_ws, "train", "--method", "mt", "--dataset", "demo", "--ratio", "1.0", "--seed", "0", "--no-progress"
-        ),
+        *cli(train_ws, "train", "demo", "--method", "mt", "--ratio", "1.0", "--seed", "0", "--no-progress"),
         1,
         r"labeled ratio 1 leaves no unlabeled image for a semi-supervised method",
     )

@@ -277,7 +277,7 @@ def test_garbage_sam_checkpoint_in_train(train_ws, cli, kind):
     raw["sam"]["checkpoint"] = str(path)
     write_params(train_ws, raw)
     one_line(
-        *cli(train_ws, "train", "--method", "knowsam", *RUN[2:], "--no-progress"),
+        *cli(train_ws, "train", "demo", "--method", "knowsam", *RUN[3:], "--no-progress"),
         1,
         r"^error: SAM checkpoint \S+weights.pth: not a torch checkpoint or unreadable \(UnpicklingError\)$",
     )

@@ -175,9 +175,7 @@ def test_val_fraction_zero_reports_the_final_weights(tmp_path, monkeypatch, caps
     split = json.loads((ws / "data/splits/demo/ratio-0.1_seed-0.json").read_text())
     assert split["validation"] == []
     capsys.readouterr()
-    code = main(
-        ["train", "--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0", "--no-progress"]
-    )
+    code = main(["train", "demo", "--method", "labeled-only", "--ratio", "0.1", "--seed", "0", "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "nan" not in out

@@ -78,8 +78,7 @@ def executed(tmp_path_factory) -> dict[str, set[str]]:
         "split": [[dataset, "--ratio", ratio, "--seed", seed]],
         # The train stage is one template for every method: its deps must cover the union.
         "train": [
-            ["--method", m, "--dataset", dataset, "--ratio", ratio, "--seed", seed, "--restart-stale"]
-            for m in params["methods"]
+            [dataset, "--method", m, "--ratio", ratio, "--seed", seed, "--restart-stale"] for m in params["methods"]
         ],
         "evaluate": [[dataset, "--ratio", ratio, "--seed", seed]],
         "leaderboard": [[]],

@@ -23,7 +23,7 @@ from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
 from tests.conftest import REPO
 
-RUN = ["--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0"]
+RUN = ["demo", "--method", "labeled-only", "--ratio", "0.1", "--seed", "0"]
 RUN_DIR = Path("data/runs/demo/ratio-0.1_seed-0/labeled-only")
 
 # Runs the real CLI. With KS_PAUSE > 0 the process pauses (a) inside every checkpoint write,

@@ -114,7 +114,7 @@ def train_ws(tmp_path, demo_prepared) -> Path:
     return ws
 
 
-TRAIN = ["train", "--method", "labeled-only", "--dataset", "demo", "--ratio", "0.1", "--seed", "0", "--no-progress"]
+TRAIN = ["train", "demo", "--method", "labeled-only", "--ratio", "0.1", "--seed", "0", "--no-progress"]
 
 
 def checkpoint_step(run: Path) -> int:
