@@ -477,7 +477,7 @@ def test_saved_weights_restore_predictions_without_the_frozen_sam():
     a.train_step(batch(2, 2), 0)
     saved = a.eval_state_dict()
     # The frozen SAM is rebuilt, not saved: only adapters and prompt heads are in the file.
-    assert saved["sam_trained"] and all(SamTeacher.is_added_name(k) for k in saved["sam_trained"])
+    assert saved["sam"]["trained"] and all(SamTeacher.is_added_name(k) for k in saved["sam"]["trained"])
     torch.manual_seed(123)  # evaluation builds the method under another RNG state
     b = make()
     b.load_eval_state_dict(saved)

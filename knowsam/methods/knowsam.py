@@ -24,18 +24,17 @@ import torch.nn.functional as F
 
 from knowsam import step_timing
 from knowsam.data.batch import Batch
-from knowsam.errors import ConfigError, KnowsamError
+from knowsam.errors import ConfigError
 from knowsam.losses import entropy_loss, kd_loss, sigmoid_rampup, soft_dice_loss
 from knowsam.methods.base import Method, MethodContext
 from knowsam.methods.params import KnowSamParams, iterations_of
 from knowsam.methods.registry import register_method
 from knowsam.methods.sam_support import (
+    TeacherWeights,
     build_sam_teacher,
-    frozen_fingerprint,
-    load_trained_state,
     sam_optimizer,
     teacher_forward,
-    trained_state,
+    teacher_prediction,
 )
 from knowsam.models import build_model
 
@@ -158,11 +157,11 @@ class KnowSam(Method):
         fusion = build_model("fusion", num_classes=k, official_output_activation=p.fusion_official_activation)
         self.add_net("fusion", fusion)
         self.sgd("nets", [q for n in (*STUDENTS, "fusion") for q in self.nets[n].parameters()])
-        sam, self._provenance = build_sam_teacher(ctx)
+        sam, provenance = build_sam_teacher(ctx)
         self.add_net("sam", sam)
+        self.teacher_weights = TeacherWeights(sam, provenance, self.name)
         if ctx.training:
             self.optimizers["sam"] = sam_optimizer(sam, p.sam_lr)
-        self._frozen_sha256 = frozen_fingerprint(sam)
         # Mixing runs at iterations after this one (0-based), as the official ``iter_num > 12000``.
         self.mix_after = iterations_of(p.mixed_iterations, ctx.iterations)
         self.ramp_span = iterations_of(p.consistency_ramp_iterations, ctx.iterations)
@@ -335,24 +334,17 @@ class KnowSam(Method):
         fused = self._fuse(*self._students(x))
         if variant is None:
             return fused.softmax(1)
-        sam = self.nets["sam"]
-        embeddings = sam.encode(x) if embeddings is None else embeddings.to(fused.dtype)
-        return sam.decode(embeddings, fused).float().softmax(1)
+        return teacher_prediction(self.nets["sam"], x, fused, embeddings)
 
     # --- persistence: the frozen SAM is rebuilt, never saved -------------------------------
     def eval_state_dict(self) -> dict:
         nets = {k: v.state_dict() for k, v in self.nets.items() if k != "sam"}
-        return {**nets, "sam_trained": trained_state(self.nets["sam"]), "sam_frozen_sha256": self._frozen_sha256}
+        return {**nets, "sam": self.teacher_weights.state()}
 
     def load_eval_state_dict(self, state: dict) -> None:
-        if state["sam_frozen_sha256"] != self._frozen_sha256:
-            raise KnowsamError(
-                "knowsam: saved weights were trained with other frozen SAM weights (checkpoint, "
-                "arch, image size or seed changed); retrain or restore that configuration"
-            )
-        load_trained_state(self.nets["sam"], state["sam_trained"])
+        self.teacher_weights.load(state["sam"])
         for k in (*STUDENTS, "fusion"):
             self.nets[k].load_state_dict(state[k])
 
     def provenance(self) -> dict:
-        return dict(self._provenance)
+        return dict(self.teacher_weights.provenance)

@@ -141,6 +141,42 @@ def linear_decay(lr: float, step: int, total: int) -> float:
     return lr * (1.0 - step / total)
 
 
+def teacher_prediction(
+    teacher: SamTeacher, x: torch.Tensor, prompt: torch.Tensor, embeddings: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Class probabilities of SAM on ``x`` prompted by ``prompt`` (a student's logits, as in training);
+    ``embeddings``: the cached encoder's output for ``x``, else SAM encodes ``x`` itself."""
+    embeddings = teacher.encode(x) if embeddings is None else embeddings.to(prompt.dtype)
+    return teacher.decode(embeddings, prompt).float().softmax(1)
+
+
+class TeacherWeights:
+    """The teacher's part of a method's saved weights: its trained tensors (adapters, prompt heads) and a
+    fingerprint of the frozen rest, which is rebuilt from the checkpoint and the run seed, never saved."""
+
+    def __init__(self, teacher: SamTeacher, provenance: dict[str, Any], owner: str):
+        self.teacher, self.provenance, self.owner = teacher, provenance, owner
+        self._frozen_sha256: str | None = None
+
+    def frozen_sha256(self) -> str:
+        """Computed once: the frozen weights never change."""
+        if self._frozen_sha256 is None:
+            self._frozen_sha256 = frozen_fingerprint(self.teacher)
+        return self._frozen_sha256
+
+    def state(self) -> dict[str, Any]:
+        return {"trained": trained_state(self.teacher), "frozen_sha256": self.frozen_sha256()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        if state["frozen_sha256"] != self.frozen_sha256():
+            raise KnowsamError(
+                f"{self.owner}: the saved weights were trained with other frozen SAM weights than the ones "
+                f"built now ({self.provenance['sam_weights']}; checkpoint, arch, image size or seed changed); "
+                "retrain or restore that configuration"
+            )
+        load_trained_state(self.teacher, state["trained"])
+
+
 def frozen_fingerprint(teacher: SamTeacher) -> str:
     """sha256 over the frozen SAM tensors (names, shapes, bytes): identifies the weights not saved."""
     h = hashlib.sha256()
