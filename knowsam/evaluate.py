@@ -10,7 +10,6 @@ reports read), and the group's headline metrics (DVC metrics, one key per method
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,8 @@ from knowsam.errors import KnowsamError
 from knowsam.machine import pick_device
 from knowsam.metrics import DVC_METRICS, EMPTY_MASK_POLICY, case_metrics, shown_in, summarize
 from knowsam.models import embedding_cache
-from knowsam.runs import RunId, build_method, config_hash, run_config
+from knowsam.run_state import trained_weights, training_history
+from knowsam.runs import RunId, build_method
 from knowsam.summaries import identity, read_summary, stale_reason
 
 
@@ -113,7 +113,7 @@ def evaluate_group(
         RunId(method=m, dataset=dataset, ratio=ratio, seed=seed)
         for m in (params.methods if methods is None else methods)
     ]
-    weights = {run: _trained_weights(params, run, runs_root) for run in runs}
+    weights = {run: trained_weights(params, run, runs_root) for run in runs}
     histories = {run: training_history(run, runs_root) for run in runs}
     device = pick_device(params.train.device)
     data = PreparedDataset(Path(params.data.prepared_root) / dataset)
@@ -165,7 +165,7 @@ def evaluate_run(
     eval_root: str | Path = "data/eval",
 ) -> dict:
     """Score one run from its checked ``best.pt``; write ``per_case.csv``, ``predictions.npz``,
-    ``curves.csv`` (``history``, see training_history) and ``summary.json`` (last); return the summary."""
+    ``curves.csv`` (``history``, see run_state.training_history) and ``summary.json`` (last); return the summary."""
     method = build_method(params, run, data, device, training=False)
     try:
         saved = torch.load(weights_path, map_location=device, weights_only=True)
@@ -217,7 +217,7 @@ def evaluate_run(
         {
             "run": {"method": run.method, "dataset": run.dataset, "ratio": run.ratio, "seed": run.seed},
             "best_step": int(saved["step"]),
-            "iterations": params.train.iterations,  # checked finished before scoring (see _trained_weights)
+            "iterations": params.train.iterations,  # checked finished before scoring (see run_state.trained_weights)
             "evaluation_resolution": resolution,
             "empty_mask_policy": EMPTY_MASK_POLICY,
             "provenance": method.provenance(),
@@ -230,96 +230,6 @@ def evaluate_run(
     summary.update(identity(params, run))
     fileio.write_json(run.summary_file(eval_root), summary)
     return summary
-
-
-def training_history(run: RunId, runs_root: str | Path) -> pd.DataFrame | None:
-    """Per-iteration loss terms and validation Dice of a run, from its dvclive curves (which span resumed
-    sessions: a resume drops the rows after its checkpoint); None for a run without curves.
-
-    One row per iteration (``step`` counts from 1; dvclive's steps from 0), one column per loss
-    term (rounded to 6 decimals, far below any reported digit) and ``val_<name>`` per validation metric.
-    """
-    metrics = run.live_dir(runs_root) / "plots" / "metrics"
-    files = sorted(metrics.glob("train/*.tsv"), key=lambda f: (f.stem != "loss", f.stem)) + sorted(
-        metrics.glob("val/*.tsv")
-    )
-    if not files:
-        return None
-    columns = []
-    for path in files:
-        try:
-            logged = pd.read_csv(path, sep="\t", dtype=float)
-            series = pd.Series(logged[path.stem].to_numpy(), index=logged["step"].astype(int).to_numpy() + 1)
-        except (OSError, ValueError, KeyError):
-            raise KnowsamError(
-                f"{path}: unreadable training curves; re-run the train stage for {run.stage_name}"
-            ) from None
-        if path.parent.name == "val":
-            columns.append(series.rename(f"val_{path.stem}"))
-        else:
-            columns.append(series.round(6).rename(path.stem))
-    table = pd.concat(columns, axis=1).sort_index()
-    return table.rename_axis("step").reset_index()
-
-
-def _trained_weights(params: Params, run: RunId, runs_root: str | Path) -> Path:
-    """The run's ``best.pt``, refused if absent or trained under other parameters."""
-    weights_path = run.train_dir(runs_root) / "best.pt"
-    if not weights_path.is_file():
-        raise KnowsamError(f"{weights_path}: trained weights not found; run the train stage for {run.stage_name}")
-    _check_trained_config(params, run, weights_path.parent)
-    step = trained_step(weights_path.parent)
-    if step < params.train.iterations:  # best.pt of a stopped run would score as a finished one
-        raise KnowsamError(
-            f"{run.train_dir(runs_root)}: training stopped at step {step} of "
-            f"{params.train.iterations} (unfinished); re-run the train stage for {run.stage_name} "
-            "to finish it"
-        )
-    return weights_path
-
-
-def is_complete(params: Params, run: RunId, runs_root: str | Path = "data/runs") -> bool:
-    """Whether the run trained to its configured iterations under the current configuration (what evaluate accepts)."""
-    try:
-        _trained_weights(params, run, runs_root)
-    except KnowsamError:
-        return False
-    return True
-
-
-def trained_step(run_dir: Path) -> int:
-    """The step of the run's newest readable checkpoint (0 if none): how far its training got."""
-    for path in (run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"):
-        try:  # mmap: only the step is read, never the whole optimiser state
-            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
-        except Exception:  # absent, truncated or foreign files raise many different types
-            continue
-    return 0
-
-
-def _check_trained_config(params: Params, run: RunId, run_dir: Path) -> None:
-    """Refuse weights trained under other parameters, training code or version (the run's config.json says which).
-
-    Locations (``runs.LOCATION_KEYS``) and code that cannot change a trained run (reports, the command
-    line) are outside the configuration, so changing them never refuses a run."""
-    path = run_dir / "config.json"
-    try:
-        trained = json.loads(path.read_text())
-        if not isinstance(trained, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:  # nothing says what the weights were trained with: never score them
-        what = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable, {type(exc).__name__}"
-        raise KnowsamError(
-            f"{path}: run configuration {what}, so {run_dir / 'best.pt'} cannot be matched to the "
-            f"params; re-run the train stage for {run.stage_name}"
-        ) from None
-    trained.pop("config_hash", None)
-    trained.pop("distributed", None)  # how it was trained (processes), not what
-    if not isinstance(trained.get("train"), dict) or config_hash(trained) != config_hash(run_config(params, run)):
-        raise KnowsamError(
-            f"{run_dir / 'best.pt'}: trained with other parameters, code or version "
-            f"(see {path}); re-run the train stage for {run.stage_name}"
-        )
 
 
 def _rounded(obj):

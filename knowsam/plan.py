@@ -25,8 +25,8 @@ import yaml
 from knowsam import config, step_timing, validation
 from knowsam.config import Params
 from knowsam.errors import ConfigError
-from knowsam.evaluate import is_complete
 from knowsam.report.results import matrix
+from knowsam.run_state import is_complete
 
 # Above this much training on one device, a plan says the profile needs a faster machine.
 FEASIBLE_SECONDS = 24 * 3600

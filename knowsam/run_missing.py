@@ -244,7 +244,7 @@ def trained_here(params: Params, run: RunId) -> int:
         return 0
     if recorded != identity(params, run)["config_hash"]:
         return 0
-    from knowsam.evaluate import trained_step
+    from knowsam.run_state import trained_step
 
     return trained_step(run.train_dir())
 

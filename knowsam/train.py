@@ -13,17 +13,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
-import os
 import random
-import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from knowsam import fileio
+from knowsam import fileio, run_state
 from knowsam.config import Params
 from knowsam.data.dataset import PreparedDataset, to_float
 from knowsam.data.splits import read_split, split_path
@@ -34,8 +34,6 @@ from knowsam.methods import Method
 from knowsam.models import embedding_cache
 from knowsam.runs import RunId, build_method, config_hash, run_config
 
-CHECKPOINT_VERSION = 2
-LOCK_FILE = ".train.lock"  # in the run folder; listed in .dvcignore because it holds the trainer's PID
 _KEEP_FREED_BYTES = 1 << 30  # glibc's mmap and trim thresholds while training (see keep_freed_memory)
 
 
@@ -124,117 +122,6 @@ def selection_score(method: Method, val_dice: float | None, window: list[float])
     return val_dice
 
 
-def _save_checkpoint(run_dir: Path, state: dict) -> None:
-    """New checkpoint in place atomically; the previous one kept as a fallback."""
-    current, previous = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
-    with fileio.atomic_path(current) as tmp:
-        torch.save(state, tmp)
-        if current.exists():
-            os.replace(current, previous)
-
-
-def _load_checkpoint(run_dir: Path, expected_hash: str, restart_stale: bool = False) -> dict | None:
-    """Newest readable checkpoint of this configuration; unreadable ones are reported and skipped.
-
-    A checkpoint of another configuration is an error (it may be someone's finished run),
-    unless ``restart_stale``: the pipeline passes that, because DVC re-runs a train stage
-    exactly when its configuration changed, and the old run folder is then stale.
-    """
-    from rich.console import Console
-
-    err = Console(stderr=True)
-    for path in (run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"):
-        if not path.exists():
-            continue
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):  # a readable torch file of something else (a bare tensor, a list)
-                raise TypeError(f"holds a {type(state).__name__}, not a training checkpoint")
-        except Exception as exc:  # truncated/corrupt files raise many different types
-            err.print(
-                f"[yellow]warning[/]: {path}: unreadable checkpoint ({type(exc).__name__}); trying an older one",
-                soft_wrap=True,
-            )  # one line, never wrapped at the terminal width
-            continue
-        if state.get("version") != CHECKPOINT_VERSION or state.get("config_hash") != expected_hash:
-            if restart_stale:
-                err.print(f"{run_dir}: checkpoint of another configuration; starting this run afresh", soft_wrap=True)
-                for entry in run_dir.iterdir():  # every rank may get here; the lock stays with its holder
-                    if entry.name == LOCK_FILE:
-                        continue
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
-                return None
-            raise KnowsamError(
-                f"{path}: checkpoint from a different configuration or version; "
-                f"delete {run_dir} to start this run afresh"
-            )
-        return state
-    return None
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """Hold the run folder for this process: a second trainer on it is refused, naming the holder's PID.
-
-    ``flock`` belongs to the open file, so the kernel releases it when the holder dies however it
-    dies: a lock file left behind never blocks anyone, it is simply locked again.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if not fileio.try_lock(fd):
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise KnowsamError(
-                f"{run_dir}: already being trained by process {holder}; wait for it or stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _rng_state() -> dict:
-    """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
-    name, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-
-
-def _rewind_live(live, step: int) -> None:
-    """Drop curve rows logged after the checkpoint being resumed (a killed run may have got further).
-
-    Iteration ``s`` (1-based) is dvclive step ``s - 1``, so a checkpoint at ``step`` keeps rows
-    with step < ``step`` and the next row is logged at ``step``: no duplicated or skipped steps.
-    """
-    for tsv in sorted(Path(live.plots_dir, "metrics").rglob("*.tsv")):
-        lines = tsv.read_text(encoding="utf-8").splitlines(keepends=True)
-        if not lines:
-            continue
-        col = lines[0].rstrip("\r\n").split("\t").index("step")
-        kept = [
-            line
-            for line in lines[1:]
-            if line.endswith("\n") and line.split("\t")[col].isdigit() and int(line.split("\t")[col]) < step
-        ]
-        fileio.write_text(tsv, "".join(lines[:1] + kept))
-    live.step = step
-
-
 def apply_speed_options(method: Method, t) -> None:
     """``train.channels_last`` / ``train.compile`` on every net of ``method`` (speed, not maths)."""
     for net in method.speed_modules():
@@ -264,6 +151,32 @@ def batch_layout(batch, t):
     )
 
 
+@dataclass
+class _Session:
+    """One run being trained in this process: what ``_setup`` builds and every later part reads."""
+
+    params: Params
+    run: RunId
+    dist: Any  # knowsam.distributed.Context
+    method: Method
+    stream: Any  # knowsam.data.loader.TrainStream
+    val: tuple | None  # validation_arrays
+    run_dir: Path
+    cfg: dict
+    chash: str
+    started: float = 0.0  # perf_counter when this session's iterations began
+
+
+@dataclass
+class _Progress:
+    """Where training stands: what a checkpoint saves besides weights, streams and RNG."""
+
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"dice": -1.0, "step": -1, "score": -math.inf})
+    record: dict = field(default_factory=dict)  # the last iteration's losses (and validation Dice)
+    window: list = field(default_factory=lambda: [0.0, 0])  # selection_loss sum and count since the last evaluation
+
+
 def train_run(
     params: Params,
     run: RunId,
@@ -277,9 +190,29 @@ def train_run(
 
     ``progress``: a progress bar; ``lines``: one line per validation on stderr (step, validation Dice,
     the best so far, losses, seconds per step, time left), readable in a log where no bar is drawn.
+    Restarting the same command after a crash resumes from the newest readable checkpoint and ends
+    with exactly the metrics of an uninterrupted run (on CPU).
 
     Under ``torchrun`` the run is data-parallel over the launched processes (``knowsam.distributed``).
     """
+    s = _setup(params, run, runs_root)
+    # One process per run folder; under torchrun rank 0 holds it for the whole group.
+    # SIGINT and SIGTERM raise in the main thread (knowsam.cli.main) and unwind through the atomic writes:
+    # no temporary file is left and the next run resumes from the last checkpoint.
+    with run_state.run_lock(s.run_dir) if s.dist.is_main else contextlib.nullcontext():
+        at, resumed = _resume(s, restart_stale)
+        live = _open_live(s, runs_root, at.step if resumed else None)
+        feedback = _Feedback(
+            progress and s.dist.is_main, lines and s.dist.is_main, run, params.train.iterations, at.step
+        )
+        s.started = time.perf_counter()
+        _loop(s, at, live, feedback)
+        run_state.end_live(live)
+        return _finish(s, at)
+
+
+def _setup(params: Params, run: RunId, runs_root: str | Path) -> _Session:
+    """Threads, process group, data, split, the method (seeded) and its training stream; nothing on disk yet."""
     from knowsam import distributed
     from knowsam.data.loader import TrainStream
 
@@ -287,17 +220,14 @@ def train_run(
         torch.set_num_threads(params.train.threads)
     keep_freed_memory()
     dist = distributed.setup(pick_device(params.train.device))  # one process unless launched by torchrun
-    device = dist.device
     data = PreparedDataset(Path(params.data.prepared_root) / run.dataset)
     split = read_split(split_path(params.data.splits_root, run.dataset, run.ratio, run.seed), data)
     cfg = run_config(params, run)
     if dist.enabled:  # batches (and so results) depend on the number of processes
         cfg["distributed"] = {"world_size": dist.world}
-    chash = config_hash(cfg)
-    run_dir = run.train_dir(runs_root)  # created only once the method builds (no empty folder on error)
 
     seed_everything(run.seed)
-    method = build_method(params, run, data, device)
+    method = build_method(params, run, data, dist.device)
     apply_speed_options(method, params.train)
     dist.prepare(method)  # rank 0's weights everywhere; optimisers average gradients over ranks
     if dist.rank:  # same initial weights on every rank (seeded above); own dropout draws from here on
@@ -314,134 +244,151 @@ def train_run(
         batch_size=batch_size,
         labeled_batch=labeled_batch,
         seed=dist.stream_seed(run.seed),
-        device=device,
+        device=dist.device,
         augmentation=method.augmentation,
         teacher_embeddings=None if cache is None else cache["train"],
         unlabeled_pool=method.unlabeled_pool,
     )
-    # One process per run folder; under torchrun rank 0 holds it for the whole group.
-    # SIGINT and SIGTERM raise in the main thread (knowsam.cli.main) and unwind through the atomic writes:
-    # no temporary file is left and the next run resumes from the last checkpoint.
-    with run_lock(run_dir) if dist.is_main else contextlib.nullcontext():
-        val = validation_arrays(data, split, cache)
-        t = params.train
-        state = _load_checkpoint(run_dir, chash, restart_stale)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob(".*.tmp"):  # left by a run killed while writing a file
-            stale.unlink(missing_ok=True)
-        dist.barrier()  # no rank removes a temporary file that rank 0 is writing
-        step, best, record = 0, {"dice": -1.0, "step": -1, "score": -math.inf}, {}
-        window = [0.0, 0]  # sum and count of the method's selection_loss since the last evaluation
-        if state is not None:
-            method.load_state_dict(state["method"])
-            stream.load_state_dict(dist.own(state)["stream"])
-            _set_rng_state(dist.own(state)["rng"])
-            step, best, record, window = state["step"], state["best"], state["last_record"], state["selection_window"]
-        if dist.is_main and step < t.iterations:  # its summary is written again only when the run ends
-            (run_dir / "train_log.json").unlink(missing_ok=True)
-        if dist.is_main:
-            fileio.write_json(run_dir / "config.json", {**cfg, "config_hash": chash})
+    return _Session(
+        params=params,
+        run=run,
+        dist=dist,
+        method=method,
+        stream=stream,
+        val=validation_arrays(data, split, cache),
+        run_dir=run.train_dir(runs_root),  # created only once the method builds (no empty folder on error)
+        cfg=cfg,
+        chash=config_hash(cfg),
+    )
 
-        from dvclive import Live
 
-        live = (
-            Live(str(run.live_dir(runs_root)), resume=state is not None, save_dvc_exp=False, dvcyaml=None)
-            if dist.is_main
-            else distributed.NullLive()
+def _resume(s: _Session, restart_stale: bool) -> tuple[_Progress, bool]:
+    """The run folder made ready and the newest checkpoint of this configuration loaded, if any;
+    returns where training stands and whether it resumed."""
+    dist, run_dir = s.dist, s.run_dir
+    state = run_state.load_checkpoint(run_dir, s.chash, restart_stale)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_state.remove_partial_files(run_dir)
+    dist.barrier()  # no rank removes a temporary file that rank 0 is writing
+    at = _Progress()
+    if state is not None:
+        s.method.load_state_dict(state["method"])
+        s.stream.load_state_dict(dist.own(state)["stream"])
+        run_state.set_rng_state(dist.own(state)["rng"])
+        at = _Progress(state["step"], state["best"], state["last_record"], state["selection_window"])
+    if dist.is_main and at.step < s.params.train.iterations:  # its summary is written again only when it ends
+        (run_dir / "train_log.json").unlink(missing_ok=True)
+    if dist.is_main:
+        fileio.write_json(run_dir / "config.json", {**s.cfg, "config_hash": s.chash})
+    return at, state is not None
+
+
+def _open_live(s: _Session, runs_root: str | Path, resumed_at: int | None):
+    """The run's dvclive logger on rank 0 (rewound to the checkpoint when resuming); a no-op logger elsewhere."""
+    from knowsam import distributed
+
+    if not s.dist.is_main:
+        return distributed.NullLive()
+    from dvclive import Live
+
+    live = Live(str(s.run.live_dir(runs_root)), resume=resumed_at is not None, save_dvc_exp=False, dvcyaml=None)
+    if resumed_at is not None:
+        run_state.rewind_live(live, resumed_at)
+    return live
+
+
+def _loop(s: _Session, at: _Progress, live, feedback: _Feedback) -> None:
+    """Iterations from ``at.step`` to the end: step, log, validate, checkpoint."""
+    t, method, dist, run = s.params.train, s.method, s.dist, s.run
+    method.train()
+    with feedback:
+        while at.step < t.iterations:
+            batch = batch_layout(s.stream.next_batch(), t)
+            with step_context(t, dist.device):
+                losses = method.train_step(batch, at.step)
+            dist.after_step()  # rank 0's BatchNorm statistics everywhere
+            losses = dist.average(losses)
+            for term, value in losses.items():
+                if not math.isfinite(value):
+                    raise KnowsamError(
+                        f"{run.method} on {run.dataset}: loss term '{term}' is {value} at iteration "
+                        f"{at.step}; stopped, last good checkpoint kept in {s.run_dir}"
+                    )
+            at.step += 1
+            if method.selection_loss:
+                at.window = [at.window[0] + losses[method.selection_loss], at.window[1] + 1]
+            for term, value in losses.items():
+                live.log_metric(f"train/{term}", value)
+            at.record = {"step": at.step, **{k: round(v, 6) for k, v in losses.items()}}
+            if at.step % t.eval_every == 0 or at.step == t.iterations:
+                _validate(s, at, live)
+                feedback.validated(at.step, losses, at.record.get("val_dice"), at.best)
+            live.next_step()
+            feedback.advance(losses)
+            if at.step % t.checkpoint_every == 0 or at.step == t.iterations:
+                _checkpoint(s, at)
+
+
+def _validate(s: _Session, at: _Progress, live) -> None:
+    """Validation Dice of the reported output and of each variant (rank 0), and ``best.pt`` by the selection rule."""
+    method, dist = s.method, s.dist
+    if dist.is_main and s.val is not None:
+        dice = validation_dice(method, *s.val, dist.device)
+        live.log_metric("val/dice", dice)
+        at.record["val_dice"] = dice
+        # e.g. the SAM teacher: does it learn? and each student (not used to pick weights)
+        for variant in (*method.variants, *method.curve_variants):
+            at.record[f"val_dice_{variant}"] = validation_dice(method, *s.val, dist.device, variant)
+            live.log_metric(f"val/dice_{variant}", at.record[f"val_dice_{variant}"])
+    if dist.is_main:
+        score = selection_score(method, at.record.get("val_dice"), at.window)
+        # Ties keep the earlier weights by Dice, the later by a loss (the official `<=`).
+        tie = score == at.best["score"] and method.selection_loss is not None
+        if score is not None and (score > at.best["score"] or tie):
+            at.best = {"dice": at.record.get("val_dice"), "step": at.step, "score": score}
+            run_state.save_weights(s.run_dir / "best.pt", method, at.step)
+    at.window = [0.0, 0]
+
+
+def _checkpoint(s: _Session, at: _Progress) -> None:
+    """Everything needed to go on from ``at.step`` exactly as if never stopped, written by rank 0."""
+    dist = s.dist
+    ranks = dist.gather({"stream": s.stream.state_dict(), "rng": run_state.rng_state()})
+    if dist.is_main:
+        run_state.save_checkpoint(
+            s.run_dir,
+            {
+                "version": run_state.CHECKPOINT_VERSION,
+                "config_hash": s.chash,
+                "step": at.step,
+                "method": s.method.state_dict(),
+                **ranks[0],
+                "best": at.best,
+                "last_record": at.record,
+                "selection_window": at.window,
+                **({"ranks": ranks} if dist.enabled else {}),
+            },
         )
-        if state is not None and dist.is_main:
-            _rewind_live(live, step)
-        method.train()
-        started = time.perf_counter()
-        with _Feedback(progress and dist.is_main, lines and dist.is_main, run, t.iterations, step) as feedback:
-            while step < t.iterations:
-                batch = batch_layout(stream.next_batch(), t)
-                with step_context(t, device):
-                    losses = method.train_step(batch, step)
-                dist.after_step()  # rank 0's BatchNorm statistics everywhere
-                losses = dist.average(losses)
-                for term, value in losses.items():
-                    if not math.isfinite(value):
-                        raise KnowsamError(
-                            f"{run.method} on {run.dataset}: loss term '{term}' is {value} at iteration "
-                            f"{step}; stopped, last good checkpoint kept in {run_dir}"
-                        )
-                step += 1
-                if method.selection_loss:
-                    window = [window[0] + losses[method.selection_loss], window[1] + 1]
-                for term, value in losses.items():
-                    live.log_metric(f"train/{term}", value)
-                record = {"step": step, **{k: round(v, 6) for k, v in losses.items()}}
-                evaluation = step % t.eval_every == 0 or step == t.iterations
-                if dist.is_main and val is not None and evaluation:
-                    dice = validation_dice(method, *val, device)
-                    live.log_metric("val/dice", dice)
-                    record["val_dice"] = dice
-                    # e.g. the SAM teacher: does it learn? and each student (not used to pick weights)
-                    for variant in (*method.variants, *method.curve_variants):
-                        record[f"val_dice_{variant}"] = validation_dice(method, *val, device, variant)
-                        live.log_metric(f"val/dice_{variant}", record[f"val_dice_{variant}"])
-                if dist.is_main and evaluation:
-                    score = selection_score(method, record.get("val_dice"), window)
-                    # Ties keep the earlier weights by Dice, the later by a loss (the official `<=`).
-                    tie = score == best["score"] and method.selection_loss is not None
-                    if score is not None and (score > best["score"] or tie):
-                        best = {"dice": record.get("val_dice"), "step": step, "score": score}
-                        _save_weights(run_dir / "best.pt", method, step)
-                if evaluation:
-                    window = [0.0, 0]
-                    feedback.validated(step, losses, record.get("val_dice"), best)
-                live.next_step()
-                feedback.advance(losses)
-                if step % t.checkpoint_every == 0 or step == t.iterations:
-                    ranks = dist.gather({"stream": stream.state_dict(), "rng": _rng_state()})
-                    if dist.is_main:
-                        _save_checkpoint(
-                            run_dir,
-                            {
-                                "version": CHECKPOINT_VERSION,
-                                "config_hash": chash,
-                                "step": step,
-                                "method": method.state_dict(),
-                                **ranks[0],
-                                "best": best,
-                                "last_record": record,
-                                "selection_window": window,
-                                **({"ranks": ranks} if dist.enabled else {}),
-                            },
-                        )
-        _end_live(live)
-        if best["step"] < 0:  # nothing selected (no validation images): the final weights are the reported ones
-            best = {"dice": None, "step": step}
-            if dist.is_main:
-                _save_weights(run_dir / "best.pt", method, step)
-        best = dist.gather(best)[0]  # rank 0 validated
-        summary = {
-            "iterations": step,
-            "best_step": best["step"],
-            "best_val_dice": best["dice"],
-            "final_losses": record,
-            "seconds_this_session": round(time.perf_counter() - started, 2),
-        }
+
+
+def _finish(s: _Session, at: _Progress) -> dict:
+    """The run's summary (``train_log.json``); without validation images the final weights are ``best.pt``."""
+    dist, best = s.dist, at.best
+    if best["step"] < 0:  # nothing selected (no validation images): the final weights are the reported ones
+        best = {"dice": None, "step": at.step}
         if dist.is_main:
-            fileio.write_json(run_dir / "train_log.json", {"summary": summary})
-        return summary
-
-
-def _end_live(live) -> None:
-    """``live.end()``, tolerating dvclive's race between runs side by side in one repository: its last act
-    removes a step signal file shared by every run of the repository (``<dvc root>/.dvc/tmp/exps/run/
-    DVCLIVE_STEP_COMPLETED``) by exists-then-remove, so the run that loses raised after its curves were written."""
-    try:
-        live.end()
-    except FileNotFoundError as exc:
-        if not str(exc.filename).endswith("DVCLIVE_STEP_COMPLETED"):
-            raise
-
-
-def _save_weights(path: Path, method: Method, step: int) -> None:
-    with fileio.atomic_path(path) as tmp:
-        torch.save({"version": CHECKPOINT_VERSION, "step": step, "weights": method.eval_state_dict()}, tmp)
+            run_state.save_weights(s.run_dir / "best.pt", s.method, at.step)
+    best = dist.gather(best)[0]  # rank 0 validated
+    summary = {
+        "iterations": at.step,
+        "best_step": best["step"],
+        "best_val_dice": best["dice"],
+        "final_losses": at.record,
+        "seconds_this_session": round(time.perf_counter() - s.started, 2),
+    }
+    if dist.is_main:
+        fileio.write_json(s.run_dir / "train_log.json", {"summary": summary})
+    return summary
 
 
 class _Feedback:

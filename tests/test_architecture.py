@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "runs",
         (
             "knowsam.runs",
+            "knowsam.run_state",
             "knowsam.validation",
             "knowsam.train",
             "knowsam.evaluate",

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
-from knowsam.evaluate import training_history
+from knowsam.run_state import training_history
 from knowsam.runs import RunId
 from tests.conftest import small_params
 

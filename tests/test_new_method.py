@@ -9,8 +9,8 @@ import pytest
 
 from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
-from knowsam.evaluate import training_history
 from knowsam.methods import get_method, registry
+from knowsam.run_state import training_history
 from knowsam.runs import RunId
 from knowsam.train import train_run
 from tests.conftest import REPO, small_params

@@ -119,7 +119,7 @@ TRAIN = ["train", "demo", "--method", "labeled-only", "--ratio", "0.1", "--seed"
 
 def checkpoint_step(run: Path) -> int:
     """The step the run would resume from (its newest readable checkpoint; 0 before the first)."""
-    from knowsam.evaluate import trained_step
+    from knowsam.run_state import trained_step
 
     return trained_step(run)
 

@@ -13,8 +13,8 @@ import torch
 
 from knowsam.data.dataset import PreparedDataset
 from knowsam.data.splits import split_path, write_split
-from knowsam.evaluate import training_history
 from knowsam.losses import ce_dice_loss
+from knowsam.run_state import training_history
 from knowsam.runs import RunId, build_method
 from knowsam.train import train_run, validation_dice
 from tests.conftest import small_params
