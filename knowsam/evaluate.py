@@ -99,6 +99,7 @@ def evaluate_group(
     runs_root: str | Path = "data/runs",
     eval_root: str | Path = "data/eval",
     metrics_root: str | Path = "reports/metrics",
+    curves_root: str | Path = "reports/curves",
     on_result=None,
 ) -> dict[str, dict]:
     """Score the runs of one (dataset, ratio, seed) group; return their summaries by method.
@@ -107,7 +108,8 @@ def evaluate_group(
     summary goes to its eval folder; the group's metrics file (DVC metrics) is then rebuilt from
     the summaries of every params method evaluated so far, so scoring one method by hand keeps
     the others. Every run's weights, training config and training curves are checked before any scoring starts;
-    ``on_result(method, summary)`` is called as each run finishes.
+    ``on_result(method, summary)`` is called as each run finishes. Each run with validation curves also
+    gets ``RunId.validation_curve_file`` under ``curves_root`` (what ``dvc plots`` draws).
     """
     runs = [
         RunId(method=m, dataset=dataset, ratio=ratio, seed=seed)
@@ -122,11 +124,22 @@ def evaluate_group(
         summaries[run.method] = evaluate_run(
             params, run, data, device, weights[run], histories[run], eval_root=eval_root
         )
+        write_validation_curve(run, histories[run], curves_root)
         if on_result is not None:
             on_result(run.method, summaries[run.method])
     group = [RunId(method=m, dataset=dataset, ratio=ratio, seed=seed) for m in params.methods]
     fileio.write_json(runs[0].metrics_file(metrics_root), headline_metrics(params, group, eval_root))
     return summaries
+
+
+def write_validation_curve(run: RunId, history: pd.DataFrame | None, curves_root: str | Path) -> None:
+    """``step,val_dice`` at each validation of the run (none without curves or validation images)."""
+    path = run.validation_curve_file(curves_root)
+    if history is None or "val_dice" not in history:
+        path.unlink(missing_ok=True)
+        return
+    rows = history[["step", "val_dice"]].dropna()
+    fileio.write_text(path, rows.to_csv(index=False, float_format="%.6f"))
 
 
 HEADLINE = tuple(m.name for m in shown_in(DVC_METRICS))  # summary.json has every metric

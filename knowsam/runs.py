@@ -73,6 +73,10 @@ class RunId:
         """The run's training curves (loss terms per iteration, validation Dice), copied by evaluate from live_dir."""
         return self.eval_dir(root) / "curves.csv"
 
+    def validation_curve_file(self, root: str | Path = "reports/curves") -> Path:
+        """The run's validation Dice per evaluation (``step,val_dice``): what ``dvc plots`` draws from data."""
+        return Path(root) / self.dataset / self.slug / f"{self.method}.csv"
+
     def metrics_file(self, root: str | Path = "reports/metrics") -> Path:
         """The group's headline metrics (DVC metrics); this run's are under its method's key."""
         return Path(root) / self.dataset / f"{self.slug}.json"

@@ -10,6 +10,9 @@ checkpoints stay behind (``.dvcignore``).
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import shutil
 import subprocess
@@ -98,3 +101,28 @@ def test_a_fresh_clone_pulls_the_whole_benchmark_without_running_anything(pushed
     assert not list((clone / "data/runs").rglob("checkpoint*.pt")), "resume checkpoints are not pushed"
     # Nothing to re-run: the stages' outputs are the pulled ones.
     assert "Running stage" not in dvc(clone, "repro", "--dry")
+
+
+def test_experiments_list_their_params_and_metrics_and_plots_diff_draws_both_curves(pushed, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(pushed[0], project, symlinks=True)
+    own_python(project)
+    dvc(project, "exp", "run", "-q", "-n", "faster", "-S", "train.lr=0.3")
+    rows = list(csv.DictReader(io.StringIO(dvc(project, "exp", "show", "--no-pager", "--csv"))))
+    faster = next(row for row in rows if row["Experiment"] == "faster")
+    assert faster["train.lr"] == "0.3" and float(faster["mt.Demo-Kvasir.mDice"]) >= 0
+    diff = json.loads(dvc(project, "plots", "diff", "HEAD", "faster", "--json"))["data"]
+    for method in ("labeled-only", "mt"):
+        (plot,) = diff[f"reports/curves/demo/ratio-0.1_seed-0/{method}.csv"]
+        values = plot["content"]["data"]["values"]
+        assert plot["revisions"] == ["HEAD", "faster"]
+        assert [(v["rev"], v["step"]) for v in values] == [
+            ("HEAD", "3"),
+            ("HEAD", "6"),
+            ("faster", "3"),
+            ("faster", "6"),
+        ]
+        curve = project / f"reports/curves/demo/ratio-0.1_seed-0/{method}.csv"  # the experiment's, in the workspace
+        assert [float(v["val_dice"]) for v in values if v["rev"] == "faster"] == [
+            float(line.split(",")[1]) for line in curve.read_text().splitlines()[1:]
+        ]
