@@ -14,21 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
+from knowsam.bench import cpu_seconds
 from knowsam.data.acquire import acquire
 from knowsam.data.frames import prepare_frames
 from knowsam.data.sources import POLYP, mirror_folder
 
 TARGET_S = 60.0
-
-
-def cpu_seconds() -> float:
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from knowsam.bench import cpu_seconds
 from knowsam.data.sources import mirror_folder
 from knowsam.report.score import score_folders
 
@@ -71,12 +71,6 @@ def ours(mirror: Path, predictions: Path, workers: int) -> np.ndarray:
         for subset in SUBSETS
     ]
     return np.concatenate([table[list(COLUMNS)].to_numpy() for table in tables])
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished workers: unlike wall time, not inflated by other load."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def timed(function, *args) -> tuple[float, float, np.ndarray]:

@@ -16,6 +16,7 @@ machine: the load average is reported at start and end.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 import platform
@@ -35,6 +36,8 @@ from knowsam import fileio
 from knowsam.config import SamParams, TrainParams
 from knowsam.errors import KnowsamError
 from knowsam.machine import cpu_model
+
+LOG = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 WRITER = "knowsam-bench bench"
@@ -209,7 +212,8 @@ def time_steps(name: str, data, split, s: StepSetting, threads: int, deadline: f
 
 
 def log(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    """Progress of a long benchmark (a note: shown unless -q)."""
+    LOG.info(f"bench: {message}")
 
 
 def step_section(

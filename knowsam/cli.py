@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import os
 import signal
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import typer
 from typer.exceptions import TyperException
 
+from knowsam import log
 from knowsam.errors import KnowsamError, environment_failure
 
 app = typer.Typer(
@@ -36,6 +38,46 @@ class CompareFormat(str, enum.Enum):
     json = "json"
 
 
+def _completions(names: list[str], incomplete: str) -> list[str]:
+    """Shell completion of a name, or of the last name of a comma-separated list."""
+    head, _, last = incomplete.rpartition(",")
+    prefix = f"{head}," if head else ""
+    return [prefix + n for n in names if n.startswith(last)]
+
+
+def _complete_method(incomplete: str) -> list[str]:
+    from knowsam.methods import method_names
+
+    return _completions(method_names(), incomplete)
+
+
+def _complete_dataset(incomplete: str) -> list[str]:
+    from knowsam.data.sources import DATASETS
+
+    return _completions(sorted(DATASETS), incomplete)
+
+
+def _complete_profile(incomplete: str) -> list[str]:
+    from knowsam.config import profile_names
+
+    return _completions(profile_names(), incomplete)
+
+
+DATASET_ARGUMENT = typer.Argument(
+    ..., help="Dataset name, e.g. polyp or acdc.", autocompletion=_complete_dataset, show_default=False
+)
+METHOD_HELP = "Method name (see `knowsam-bench methods`)."
+METHODS_HELP = "Comma-separated method names"
+
+
+class OutputFormat(str, enum.Enum):
+    """``--format`` of the commands that print one result: a table to read, or one JSON object."""
+
+    table = "table"
+    json = "json"
+
+
+FORMAT_OPTION = typer.Option(OutputFormat.table, "--format", help="table: for reading; json: one JSON object.")
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Params file (DVC's params.yaml).")
 ALLOW_STALE_OPTION = typer.Option(
     False,
@@ -56,17 +98,12 @@ def _root(
         raise KnowsamError("give at most one of --verbose and --quiet", 2)
     _state["debug"] = debug
     _state["verbosity"] = 1 if verbose else -1 if quiet else 0
+    log.configure(_state["verbosity"])
 
 
 def _bars() -> bool:
     """Whether progress bars are drawn (not under --quiet)."""
     return _state["verbosity"] >= 0
-
-
-def _note(message: str) -> None:
-    """A line about the work, not its result: left out under --quiet."""
-    if _state["verbosity"] >= 0:
-        typer.echo(message)
 
 
 def _load_params(path: Path):
@@ -78,10 +115,8 @@ def _load_params(path: Path):
 def _run_ids(params, method, dataset, ratio, seed):
     from knowsam.runs import RunId
 
-    if dataset not in params.datasets:
-        raise KnowsamError(f"dataset {dataset!r} is not in params 'datasets' ({', '.join(params.datasets)})", 2)
-    if method not in params.methods:
-        raise KnowsamError(f"method {method!r} is not in params 'methods' ({', '.join(params.methods)})", 2)
+    params.require("datasets", dataset)
+    params.require("methods", method)
     _check_ratio_seed(ratio, seed)
     return RunId(method=method, dataset=dataset, ratio=ratio, seed=seed)
 
@@ -89,10 +124,10 @@ def _run_ids(params, method, dataset, ratio, seed):
 def _check_ratio_seed(ratio: float | None, seed: int | None) -> None:
     if ratio is not None and not 0.0 < ratio <= 1.0:
         raise KnowsamError(f"--ratio {ratio:g} must be in (0, 1]", 2)
-    from knowsam.config import SEED_LIMIT
+    from knowsam.config import check_seed
 
-    if seed is not None and not 0 <= seed < SEED_LIMIT:
-        raise KnowsamError(f"--seed {seed} must be in [0, 2**32) (numpy's seed range)", 2)
+    if seed is not None:
+        check_seed(seed, f"--seed {seed}")
 
 
 @app.command()
@@ -111,12 +146,15 @@ def methods() -> None:
 
 @app.command()
 def describe(
-    method: str = typer.Argument(..., help="Method name (see `knowsam-bench methods`)."),
-    dataset: str | None = typer.Option(
-        None, help="Dataset whose classes and channels to use (default: the first in params)."
+    method: str = typer.Argument(..., help=METHOD_HELP, autocompletion=_complete_method, show_default=False),
+    dataset: str | None = typer.Argument(
+        None,
+        help="Dataset whose classes and channels to use (default: the first in params).",
+        autocompletion=_complete_dataset,
+        show_default=False,
     ),
     sam_arch: str | None = typer.Option(None, "--sam-arch", help="SAM variant (default: params' sam.arch)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    fmt: OutputFormat = FORMAT_OPTION,
     params_file: Path = PARAMS_OPTION,
 ) -> None:
     """A method's networks with their parameter counts (total and trainable), without training."""
@@ -124,12 +162,14 @@ def describe(
     from knowsam.describe import render
 
     params = _load_params(params_file)
-    typer.echo(render(describe_method(params, method, dataset or params.datasets[0], sam_arch), as_json))
+    summary = describe_method(params, method, dataset or params.datasets[0], sam_arch)
+    typer.echo(render(summary, fmt is OutputFormat.json))
 
 
 @app.command()
 def profile(
-    name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, paper."), params_file: Path = PARAMS_OPTION
+    name: str = typer.Argument(..., help="Profile name, e.g. demo, cpu, paper.", autocompletion=_complete_profile),
+    params_file: Path = PARAMS_OPTION,
 ) -> None:
     """Switch params.yaml to a profile (the demo is the default)."""
     from knowsam import config, fileio, validation
@@ -147,7 +187,7 @@ def profile(
 
 @app.command()
 def acquire(
-    dataset: str = typer.Argument(...),
+    dataset: str = DATASET_ARGUMENT,
     params_file: Path = PARAMS_OPTION,
     offline: bool = typer.Option(False, help="Use only the mirror, never the network."),
 ) -> None:
@@ -160,7 +200,7 @@ def acquire(
 
 
 @app.command()
-def prepare(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTION) -> None:
+def prepare(dataset: str = DATASET_ARGUMENT, params_file: Path = PARAMS_OPTION) -> None:
     """Prepare a dataset: checked, resized arrays + original masks + fingerprint report."""
     import time
 
@@ -178,7 +218,7 @@ def prepare(dataset: str = typer.Argument(...), params_file: Path = PARAMS_OPTIO
 
 @app.command()
 def embed(
-    dataset: str = typer.Argument(...),
+    dataset: str = DATASET_ARGUMENT,
     batch: int = typer.Option(1, help="Images per encoder call (1 was fastest on CPU; more on a GPU)."),
     params_file: Path = PARAMS_OPTION,
 ) -> None:
@@ -207,7 +247,7 @@ def embed(
 
 @app.command()
 def split(
-    dataset: str = typer.Argument(...),
+    dataset: str = DATASET_ARGUMENT,
     params_file: Path = PARAMS_OPTION,
     ratio: float | None = typer.Option(None, help="Only this ratio (default: every ratio in params)."),
     seed: int | None = typer.Option(None, help="Only this seed (default: every seed in params)."),
@@ -231,8 +271,8 @@ def split(
 
 @app.command()
 def train(
-    dataset: str = typer.Argument(...),
-    method: str = typer.Option(..., help="Method name (see `knowsam-bench methods`)."),
+    dataset: str = DATASET_ARGUMENT,
+    method: str = typer.Option(..., help=METHOD_HELP, autocompletion=_complete_method),
     ratio: float = typer.Option(...),
     seed: int = typer.Option(...),
     params_file: Path = PARAMS_OPTION,
@@ -265,11 +305,13 @@ def train(
 
 @app.command()
 def evaluate(
-    dataset: str = typer.Argument(...),
+    dataset: str = DATASET_ARGUMENT,
     ratio: float = typer.Option(...),
     seed: int = typer.Option(...),
     methods: str | None = typer.Option(
-        None, help="Comma-separated methods (default: every method in params, as the evaluate stage does)."
+        None,
+        help=f"{METHODS_HELP} (default: every method in params, as the evaluate stage does).",
+        autocompletion=_complete_method,
     ),
     params_file: Path = PARAMS_OPTION,
 ) -> None:
@@ -315,7 +357,7 @@ def leaderboard(
 
 @app.command("teacher-check")
 def teacher_check(
-    dataset: str = typer.Argument(..., help="Dataset name, e.g. polyp or acdc."),
+    dataset: str = DATASET_ARGUMENT,
     prompt: list[str] = typer.Option(
         ["box"],
         "--prompt",
@@ -323,7 +365,7 @@ def teacher_check(
     ),
     limit: int | None = typer.Option(None, help="Only the first N cases of each test set."),
     sets: str | None = typer.Option(None, help="Comma-separated test sets (default: all)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    fmt: OutputFormat = FORMAT_OPTION,
     raw: Path | None = typer.Option(None, help="Raw dataset folder (default: data.raw_root/DATASET)."),
     arch: str | None = typer.Option(None, help="SAM arch (default: params sam.arch)."),
     checkpoint: str | None = typer.Option(None, help="SAM checkpoint (default: params sam.checkpoint)."),
@@ -355,7 +397,7 @@ def teacher_check(
     only = [t.strip() for t in sets.split(",") if t.strip()] if sets is not None else None
     result = check(dataset, folder, teacher, prompts, limit=limit, test_sets=only)
     result["teacher"] = weights
-    if as_json:
+    if fmt is OutputFormat.json:
         typer.echo(json.dumps(result, indent=1))
         return
     typer.echo(f"{dataset}: {weights}; {result['images']} images in {result['seconds']:.0f} s")
@@ -390,7 +432,7 @@ def score(
         "(grey level / full scale) | colormap:<name> (matplotlib's). "
         "auto refuses what it cannot tell apart.",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    fmt: OutputFormat = FORMAT_OPTION,
     out: Path | None = typer.Option(
         None, help="Write the per-image CSV here (a new file, or one score wrote; not inside the folders it reads)."
     ),
@@ -401,13 +443,15 @@ def score(
     """Score any folder of predictions against ground-truth masks at the masks' resolution."""
     from knowsam.report.score import score_command
 
-    raise typer.Exit(score_command(pred_dir, gt_dir, threshold, out, as_json, resize, pred_encoding))
+    raise typer.Exit(score_command(pred_dir, gt_dir, threshold, out, fmt is OutputFormat.json, resize, pred_encoding))
 
 
 @app.command()
 def compare(
-    methods: list[str] = typer.Option(..., "--methods", help="Comma-separated methods, e.g. ucmt,knowsam."),
-    dataset: str | None = typer.Option(None, help="Only this dataset."),
+    methods: list[str] = typer.Option(
+        ..., "--methods", help=f"{METHODS_HELP}, e.g. ucmt,knowsam.", autocompletion=_complete_method
+    ),
+    dataset: str | None = typer.Option(None, help="Only this dataset.", autocompletion=_complete_dataset),
     ratio: float | None = typer.Option(None, help="Only this labeled ratio."),
     fmt: CompareFormat = typer.Option(
         CompareFormat.table,
@@ -433,7 +477,12 @@ def publish(
     out: Path = typer.Argument(
         ..., help="A new folder, or one publish wrote before (it is replaced), e.g. reports/published/cpu."
     ),
-    methods: str = typer.Option("ucmt,knowsam", "--compare", help="Methods for the comparison (first = baseline)."),
+    methods: str = typer.Option(
+        "ucmt,knowsam",
+        "--compare",
+        help="Methods for the comparison (first = baseline).",
+        autocompletion=_complete_method,
+    ),
     wall_seconds: float | None = typer.Option(None, help="Wall time of the pipeline run, in seconds."),
     command: str = typer.Option("dvc repro", help="The command that produced the runs."),
     allow_stale: bool = ALLOW_STALE_OPTION,
@@ -453,7 +502,7 @@ def publish(
 def plan(
     params_file: Path = PARAMS_OPTION,
     steps: int = typer.Option(2, min=1, help="Training steps timed per method (after one warm-up step)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+    fmt: OutputFormat = FORMAT_OPTION,
     profile: bool = typer.Option(
         False,
         "--profile",
@@ -479,7 +528,7 @@ def plan(
     result = make_plan(params, steps=steps, step_seconds=measured)
     if breakdown:
         result["breakdown"] = breakdown
-    if as_json:
+    if fmt is OutputFormat.json:
         typer.echo(json.dumps(result))
         return
     table = Table(title=f"profile '{result['profile']}': {result['iterations']} iterations per run")
@@ -532,9 +581,7 @@ STATE_STYLES = {"done": "green", "missing": "red", "stale": "yellow"}
 
 
 @publication_app.command("status")
-def publication_status(
-    folder: Path = FOLDER_ARGUMENT, as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")
-) -> None:
+def publication_status(folder: Path = FOLDER_ARGUMENT, fmt: OutputFormat = FORMAT_OPTION) -> None:
     """The publication's matrix: each run done, missing or stale (with the reason), and what is left."""
     import json
 
@@ -553,7 +600,7 @@ def publication_status(
     estimate = sum(known.get((r.dataset, r.method), 0.0) for r in todo)
     unknown = sum((r.dataset, r.method) not in known for r in todo)
     counts = {state: sum(s.state == state for s in states) for state in STATES}
-    if as_json:
+    if fmt is OutputFormat.json:
         typer.echo(
             json.dumps(
                 {
@@ -619,10 +666,13 @@ def publication_run(
         False, "--commit", help="git commit each run's results alone as soon as they are stored."
     ),
     methods: str | None = typer.Option(
-        None, "--methods", help="Only these methods (comma-separated), e.g. the key ones first."
+        None, "--methods", help=f"Only these: {METHODS_HELP}, e.g. the key ones first.", autocompletion=_complete_method
     ),
     datasets: str | None = typer.Option(
-        None, "--datasets", help="Only these datasets (comma-separated); the others' data are not made ready."
+        None,
+        "--datasets",
+        help="Only these datasets (comma-separated); the others' data are not made ready.",
+        autocompletion=_complete_dataset,
     ),
     restart_stale: bool = typer.Option(
         False, help="Discard a run folder of another configuration in data/runs instead of failing that run."
@@ -642,7 +692,7 @@ def publication_run(
         restart_stale=restart_stale,
         methods=parse_methods(methods) if methods else None,
         datasets=[d.strip() for d in datasets.split(",") if d.strip()] if datasets else None,
-        echo=_note,
+        echo=logging.getLogger("knowsam.publication").info,
     )
     if outcome.not_started:
         typer.echo(
@@ -686,7 +736,10 @@ def publication_pin(
 def publication_build(
     folder: Path = FOLDER_ARGUMENT,
     methods: list[str] = typer.Option(
-        ["ucmt,knowsam"], "--compare", help="Methods of one comparison, first = baseline (repeatable)."
+        ["ucmt,knowsam"],
+        "--compare",
+        help="Methods of one comparison, first = baseline (repeatable).",
+        autocompletion=_complete_method,
     ),
     allow_stale: bool = ALLOW_STALE_OPTION,
 ) -> None:

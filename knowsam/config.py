@@ -22,7 +22,7 @@ from typing import Any
 from knowsam.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
-SEED_LIMIT = 2**32  # numpy seeds with unsigned 32-bit integers; a larger seed fails only once training starts
+SEED_LIMIT = 2**32  # numpy's seeds are unsigned 32-bit integers
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,19 @@ class Params:
     sam: SamParams = field(default_factory=SamParams)
     eval: EvalParams = field(default_factory=EvalParams)
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def require(self, key: str, *names: str) -> None:
+        """Each of ``names`` is listed under ``key`` ('datasets' or 'methods'), or one error line (exit 2)."""
+        listed = getattr(self, key)
+        for name in names:
+            if name not in listed:
+                raise ConfigError(f"{key[:-1]} {name!r} is not in params '{key}' ({', '.join(listed)})")
+
+
+def check_seed(seed: int, name: str) -> None:
+    """Seeds are numpy's, unsigned 32-bit: a larger one would fail only once training starts."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{name} must be in [0, 2**32) (numpy's seed range)")
 
 
 INTERPOLATIONS = ("bilinear", "nearest")
@@ -191,8 +204,7 @@ def check(params: Params) -> Params:
         if not 0.0 < ratio <= 1.0:
             raise ConfigError(f"params: 'ratios[{i}]' = {ratio} must be in (0, 1]")
     for i, seed in enumerate(params.seeds):
-        if not 0 <= seed < SEED_LIMIT:
-            raise ConfigError(f"params: 'seeds[{i}]' = {seed} must be in [0, 2**32) (numpy's seed range)")
+        check_seed(seed, f"params: 'seeds[{i}]' = {seed}")
     d, t = params.data, params.train
     _check_choice(d.interpolation, INTERPOLATIONS, "data.interpolation")
     _check_choice(params.eval.resolution, RESOLUTIONS, "eval.resolution")

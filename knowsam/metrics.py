@@ -50,7 +50,7 @@ PERCENT, DISTANCE = "percent", "distance"  # table units: fractions x 100; pixel
 LEADERBOARD_2D = "leaderboard-2d"  # the leaderboard of a 2D (polyp) dataset, headed by summary names
 LEADERBOARD_VOLUME = "leaderboard-volume"  # the leaderboards of a volume dataset, headed by labels
 DVC_METRICS = "dvc-metrics"  # reports/metrics (``evaluate.headline_metrics``), what ``dvc metrics`` shows
-SCORE = "score"  # ``knowsam-bench score``: its per-image CSV, its table and (except paper-only) its --json
+SCORE = "score"  # ``knowsam-bench score``: its per-image CSV, its table and (except paper-only) its --format json
 
 
 @dataclass(frozen=True)

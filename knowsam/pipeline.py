@@ -24,6 +24,7 @@ ENTRY = (
     "knowsam/config.py",
     "knowsam/errors.py",
     "knowsam/fileio.py",
+    "knowsam/log.py",
     "knowsam/validation.py",
     "knowsam/data/__init__.py",
     "knowsam/data/sources.py",

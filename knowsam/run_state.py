@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -26,6 +27,8 @@ from knowsam.config import Params
 from knowsam.errors import KnowsamError
 from knowsam.methods import Method
 from knowsam.runs import RunId, config_hash, run_config
+
+LOG = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2
 LOCK_FILE = ".train.lock"  # in the run folder; listed in .dvcignore because it holds the trainer's PID
@@ -53,9 +56,6 @@ def load_checkpoint(run_dir: Path, expected_hash: str, restart_stale: bool = Fal
     unless ``restart_stale``: the pipeline passes that, because DVC re-runs a train stage
     exactly when its configuration changed, and the old run folder is then stale.
     """
-    from rich.console import Console
-
-    err = Console(stderr=True)
     for path in (run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"):
         if not path.exists():
             continue
@@ -64,14 +64,11 @@ def load_checkpoint(run_dir: Path, expected_hash: str, restart_stale: bool = Fal
             if not isinstance(state, dict):  # a readable torch file of something else (a bare tensor, a list)
                 raise TypeError(f"holds a {type(state).__name__}, not a training checkpoint")
         except Exception as exc:  # truncated/corrupt files raise many different types
-            err.print(
-                f"[yellow]warning[/]: {path}: unreadable checkpoint ({type(exc).__name__}); trying an older one",
-                soft_wrap=True,
-            )  # one line, never wrapped at the terminal width
+            LOG.warning(f"{path}: unreadable checkpoint ({type(exc).__name__}); trying an older one")
             continue
         if state.get("version") != CHECKPOINT_VERSION or state.get("config_hash") != expected_hash:
             if restart_stale:
-                err.print(f"{run_dir}: checkpoint of another configuration; starting this run afresh", soft_wrap=True)
+                LOG.warning(f"{run_dir}: checkpoint of another configuration; starting this run afresh")
                 for entry in run_dir.iterdir():  # every rank may get here; the lock stays with its holder
                     if entry.name == LOCK_FILE:
                         continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import math
 import random
 import sys
@@ -33,6 +34,8 @@ from knowsam.machine import pick_device
 from knowsam.methods import Method
 from knowsam.models import embedding_cache
 from knowsam.runs import RunId, build_method, config_hash, run_config
+
+LOG = logging.getLogger(__name__)
 
 _KEEP_FREED_BYTES = 1 << 30  # glibc's mmap and trim thresholds while training (see keep_freed_memory)
 
@@ -413,11 +416,7 @@ class _Feedback:
             + " ".join(f"{k}={v:.3f}" for k, v in list(losses.items())[:3])
             + f", {per_step:.2f} s/step, {left / 60:.0f} min left"
         )
-        console = self.bar.console if self.enabled else None
-        if console is not None:
-            console.print(text, soft_wrap=True, highlight=False)
-        else:
-            print(text, file=sys.stderr, flush=True)
+        LOG.info(text)
 
     def __enter__(self):
         if not self.enabled:

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "knowsam.distributed",
             "knowsam.step_timing",
             "knowsam.pipeline",
+            "knowsam.log",
         ),
     ),
     ("data and measures", ("knowsam.data", "knowsam.dice", "knowsam.metrics", "knowsam.losses")),

@@ -465,8 +465,9 @@ def test_missing_params_file(tmp_path, cli):
         (["train", "demo", "--ratio", "0.1"], r"Missing option '--method'"),
         (["no-such-command"], r"No such command 'no-such-command'"),
         (["methods", "--json"], r"No such option: --json"),
+        (["plan", "--format", "md"], r"Invalid value for '--format'.*'table', 'json'"),
     ],
-    ids=["bad-choice", "not-a-number", "missing-option", "unknown-command", "unknown-option"],
+    ids=["bad-choice", "not-a-number", "missing-option", "unknown-command", "unknown-option", "bad-format"],
 )
 def test_usage_errors_are_one_line_with_status_2(tmp_path, cli, argv, pattern):
     one_line(*cli(tmp_path, *argv), 2, pattern)
@@ -498,11 +499,17 @@ def test_verbose_training_says_one_line_per_validation(train_ws, cli, capsys):
     assert "best validation Dice" in out.out  # the result line stays on stdout
 
 
-def test_shell_completion_completes_commands_and_choices(tmp_path):
+def test_shell_completion_completes_commands_choices_and_names(tmp_path):
     env = {**os.environ, "_KNOWSAM_BENCH_COMPLETE": "complete_bash"}
     for words, cword, expected in (
         ("knowsam-bench comp", 1, ["compare"]),
         ("knowsam-bench compare --format ", 3, ["table", "md", "json"]),
+        ("knowsam-bench plan --format ", 3, ["table", "json"]),
+        ("knowsam-bench train p", 2, ["polyp", "promise12"]),
+        ("knowsam-bench train demo --method ucmt", 4, ["ucmt", "ucmt+skd"]),
+        ("knowsam-bench compare --methods ucmt,kno", 3, ["ucmt,knowsam"]),
+        ("knowsam-bench describe cps a", 3, ["acdc"]),
+        ("knowsam-bench profile ", 2, ["cpu", "demo", "paper"]),
     ):
         done = subprocess.run(
             [sys.executable, "-m", "knowsam"],

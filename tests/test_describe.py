@@ -10,7 +10,7 @@ from knowsam.cli import main
 
 def test_describe_knowsam_polyp_gives_the_official_counts(capsys):
     params = config.profile_path("demo")
-    code = main(["describe", "knowsam", "--dataset", "polyp", "--sam-arch", "vit_b", "--json", "--params", str(params)])
+    code = main(["describe", "knowsam", "polyp", "--sam-arch", "vit_b", "--format", "json", "--params", str(params)])
     assert code == 0
     info = json.loads(capsys.readouterr().out)
     modules = info["modules"]

@@ -383,7 +383,8 @@ def teacher_check_json(capsys, raw: Path, sam: Path) -> dict:
             "box",
             "--prompt",
             "none",
-            "--json",
+            "--format",
+            "json",
         ]
     )
     out, err = capsys.readouterr()

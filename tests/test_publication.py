@@ -451,7 +451,7 @@ def test_status_after_a_params_change_shows_stale_runs_with_the_reason(accumulat
     (ws / "pub/params.yaml").write_text(yaml.safe_dump(demo_params(lr=0.05), sort_keys=False))
     monkeypatch.chdir(ws)
     capsys.readouterr()
-    assert main(["publication", "status", "pub", "--json"]) == 0
+    assert main(["publication", "status", "pub", "--format", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["counts"] == {"done": 0, "missing": 0, "stale": 4}
     assert {r["run"]: r["reason"] for r in result["runs"]} == {

@@ -227,7 +227,7 @@ def test_float_prediction_is_read_only_as_an_explicit_probability_map(tmp_path: 
 
 
 def score_cli(pred: Path, gt: Path, *extra: str) -> tuple[int, dict | None, str]:
-    """``knowsam-bench score --json``: (exit status, summary or None, stderr)."""
+    """``knowsam-bench score --format json``: (exit status, summary or None, stderr)."""
     import contextlib
     import io
 
@@ -235,7 +235,7 @@ def score_cli(pred: Path, gt: Path, *extra: str) -> tuple[int, dict | None, str]
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["score", str(pred), str(gt), "--json", *extra])
+        code = main(["score", str(pred), str(gt), "--format", "json", *extra])
     return code, (json.loads(out.getvalue()) if out.getvalue() else None), err.getvalue()
 
 

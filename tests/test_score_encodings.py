@@ -431,7 +431,7 @@ def score_cli(pred: Path, gt: Path, *extra: str) -> tuple[int, dict | None, str]
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["score", str(pred), str(gt), "--json", *extra])
+        code = main(["score", str(pred), str(gt), "--format", "json", *extra])
     return code, (json.loads(out.getvalue()) if out.getvalue() else None), err.getvalue()
 
 

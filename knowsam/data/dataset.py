@@ -31,6 +31,19 @@ from knowsam.errors import KnowsamError
 FORMAT_VERSION = 1
 
 
+def meta_header(spec, image_size: int, interpolation: str) -> dict:
+    """The first keys of every prepared dataset's meta.json (``spec``: a ``sources.DatasetSpec``)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": spec.name,
+        "num_classes": spec.num_classes,
+        "in_channels": spec.in_channels,
+        "class_names": list(spec.class_names),
+        "image_size": image_size,
+        "interpolation": interpolation,
+    }
+
+
 def part_slug(part: str) -> str:
     """File-name-safe form of a part name (test set names contain dashes and may contain spaces)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", part)

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from knowsam import fileio
-from knowsam.data.dataset import FORMAT_VERSION, part_slug, write_npy, write_npz
+from knowsam.data.dataset import meta_header, part_slug, write_npy, write_npz
 from knowsam.data.image_files import image_files, open_image
 from knowsam.data.masks import MaskSource, check_empty_share, decode_mask, grey_levels
 from knowsam.data.sources import DatasetSpec
@@ -245,43 +245,13 @@ def prepare_frames(
             if not folder.is_dir():
                 fingerprint["unavailable"].append(test_set)
                 continue
-            pairs = find_pairs(folder / "images", folder / "masks")
-            results = _load_all(pairs, image_size, interpolation, workers)
-            fingerprint["problems"] += _empty_mask_problems(pairs, results)
-            slug = part_slug(test_set)
-            write_npy(tmp / f"{slug}_images.npy", np.stack([r.image for r in results]))
-            index = pd.DataFrame(
-                {
-                    "name": [r.name for r in results],
-                    "case": [r.name for r in results],
-                    "slice": 0,
-                    "orig_h": [r.mask_orig.shape[0] for r in results],
-                    "orig_w": [r.mask_orig.shape[1] for r in results],
-                    "spacing_z": 1.0,
-                    "spacing_y": 1.0,
-                    "spacing_x": 1.0,
-                }
+            fingerprint["test_sets"][test_set], problems = _write_test_set(
+                tmp, folder, test_set, train_hashes, image_size, interpolation, workers
             )
-            fileio.write_text(tmp / f"{slug}_index.csv", index.to_csv(index=False))
-            write_npz(tmp / f"{slug}_gt.npz", {r.name: r.mask_orig for r in results})
-            stats = _stats(results)
-            dupes = sorted(
-                f"{test_set}/{r.name} == train/{train_hashes[r.image_sha256]}"
-                for r in results
-                if r.image_sha256 in train_hashes
-            )
-            stats["duplicates_of_train"] = len(dupes)
-            fingerprint["problems"] += [f"cross-set duplicate: {d}" for d in dupes]
-            fingerprint["test_sets"][test_set] = stats
+            fingerprint["problems"] += problems
             available.append(test_set)
         meta = {
-            "format_version": FORMAT_VERSION,
-            "dataset": spec.name,
-            "num_classes": spec.num_classes,
-            "in_channels": spec.in_channels,
-            "class_names": list(spec.class_names),
-            "image_size": image_size,
-            "interpolation": interpolation,
+            **meta_header(spec, image_size, interpolation),
             "kind": spec.kind,
             "train": len(train),
             "test_sets": {s: fingerprint["test_sets"][s]["n"] for s in available},
@@ -291,3 +261,43 @@ def prepare_frames(
         fileio.write_json(tmp / "fingerprint.json", fingerprint)
         fileio.write_json(tmp / "meta.json", meta)
     return meta
+
+
+def _write_test_set(
+    tmp: Path,
+    folder: Path,
+    test_set: str,
+    train_hashes: dict[str, str],
+    image_size: int,
+    interpolation: str,
+    workers: int,
+) -> tuple[dict, list[str]]:
+    """One test set's images (training size), index and ground truth (original size); its stats and problems
+    (empty masks, and frames identical to a training frame)."""
+    pairs = find_pairs(folder / "images", folder / "masks")
+    results = _load_all(pairs, image_size, interpolation, workers)
+    problems = _empty_mask_problems(pairs, results)
+    slug = part_slug(test_set)
+    write_npy(tmp / f"{slug}_images.npy", np.stack([r.image for r in results]))
+    index = pd.DataFrame(
+        {
+            "name": [r.name for r in results],
+            "case": [r.name for r in results],
+            "slice": 0,
+            "orig_h": [r.mask_orig.shape[0] for r in results],
+            "orig_w": [r.mask_orig.shape[1] for r in results],
+            "spacing_z": 1.0,
+            "spacing_y": 1.0,
+            "spacing_x": 1.0,
+        }
+    )
+    fileio.write_text(tmp / f"{slug}_index.csv", index.to_csv(index=False))
+    write_npz(tmp / f"{slug}_gt.npz", {r.name: r.mask_orig for r in results})
+    stats = _stats(results)
+    dupes = sorted(
+        f"{test_set}/{r.name} == train/{train_hashes[r.image_sha256]}"
+        for r in results
+        if r.image_sha256 in train_hashes
+    )
+    stats["duplicates_of_train"] = len(dupes)
+    return stats, problems + [f"cross-set duplicate: {d}" for d in dupes]

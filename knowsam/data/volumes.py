@@ -29,7 +29,7 @@ import pandas as pd
 from PIL import Image
 
 from knowsam import fileio
-from knowsam.data.dataset import FORMAT_VERSION, part_slug, write_npy, write_npz
+from knowsam.data.dataset import meta_header, part_slug, write_npy, write_npz
 from knowsam.data.sources import DatasetSpec
 from knowsam.data.workers import map_in_workers
 from knowsam.errors import KnowsamError, describe_error
@@ -358,13 +358,7 @@ def write_volume_dataset(
     fingerprint = volume_fingerprint(spec, train=train, val=val, test_part=test_part, test=test, problems=problems)
     fingerprint.update(protocol=protocol, intensity=intensity, spacing_unit=spacing_unit)
     meta = {
-        "format_version": FORMAT_VERSION,
-        "dataset": spec.name,
-        "num_classes": spec.num_classes,
-        "in_channels": spec.in_channels,
-        "class_names": list(spec.class_names),
-        "image_size": image_size,
-        "interpolation": interpolation,
+        **meta_header(spec, image_size, interpolation),
         "label_interpolation": "nearest",
         "kind": spec.kind,
         "protocol": protocol,

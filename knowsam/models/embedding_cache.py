@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -37,6 +38,8 @@ import torch
 from knowsam import fileio
 from knowsam.data.dataset import PreparedDataset, part_slug, to_float
 from knowsam.errors import KnowsamError, is_disk_full
+
+LOG = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
 DTYPE = np.float16  # half of float32's disk and memory; the decoder's input differs by < 1e-3 relative
@@ -154,7 +157,7 @@ def embed_dataset(
             stale.unlink()
     for part, info in expected["parts"].items():
         if done[part] and (problem := _damage(embeddings_file(folder, part), info["rows"])):
-            _warn(f"{embeddings_file(folder, part)}: {problem}; embedding {part} again")
+            LOG.warning(f"{embeddings_file(folder, part)}: {problem}; embedding {part} again")
             done[part] = 0
     total = sum(info["rows"] for info in expected["parts"].values())
     first = sum(done.values())
@@ -204,12 +207,6 @@ def _damage(path: Path, rows: int) -> str | None:
     if stored.dtype != DTYPE or stored.ndim != 4 or len(stored) != rows:
         return f"embedding cache file holds {stored.dtype} {stored.shape}, expected {rows} rows of {np.dtype(DTYPE)}"
     return None
-
-
-def _warn(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[yellow]warning[/]: {message}", soft_wrap=True, highlight=False)
 
 
 def _allocate(folder: Path, files: dict[Path, tuple[int, ...]]) -> None:

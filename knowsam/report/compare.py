@@ -203,11 +203,9 @@ def _case_values(runs: list[RunId], eval_root: str | Path, summaries: dict[RunId
 def _check_selection(params: Params, methods: list[str], dataset: str | None, ratio: float | None) -> list[float]:
     if len(methods) < 2 or len(set(methods)) != len(methods):
         raise KnowsamError(f"compare needs two or more different methods, got {methods}", 2)
-    unknown = [m for m in methods if m not in params.methods]
-    if unknown:
-        raise KnowsamError(f"method {unknown[0]!r} is not in params 'methods' ({', '.join(params.methods)})", 2)
-    if dataset is not None and dataset not in params.datasets:
-        raise KnowsamError(f"dataset {dataset!r} is not in params 'datasets' ({', '.join(params.datasets)})", 2)
+    params.require("methods", *methods)
+    if dataset is not None:
+        params.require("datasets", dataset)
     if ratio is None:
         return list(params.ratios)
     chosen = [r for r in params.ratios if math.isclose(r, ratio)]

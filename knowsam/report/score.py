@@ -5,7 +5,7 @@ evaluated at the ground-truth mask's own resolution; the headline numbers are
 means of per-image values (``knowsam.metrics.summarize``).
 
 * Both files are read by one policy (``knowsam.report.encodings``), which names the rule
-  it applied to each; the table and ``--json`` list them. Ground truth is read as a mask
+  it applied to each; the table and ``--format json`` list them. Ground truth is read as a mask
   (preparation's policy, with its guesses refused); a prediction by ``--pred-encoding``:
   ``auto`` reads it as a probability map or a mask only where the readings cannot differ.
 * Both are turned upright by their EXIF orientation first.
