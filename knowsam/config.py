@@ -91,12 +91,13 @@ class Params:
     eval: EvalParams = field(default_factory=EvalParams)
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def require(self, key: str, *names: str) -> None:
-        """Each of ``names`` is listed under ``key`` ('datasets' or 'methods'), or one error line (exit 2)."""
+    def require(self, key: str, *names: str, source: str = "params") -> None:
+        """Each of ``names`` is listed under ``key`` ('datasets' or 'methods'), or one error line (exit 2)
+        naming the ``source`` of these params."""
         listed = getattr(self, key)
         for name in names:
             if name not in listed:
-                raise ConfigError(f"{key[:-1]} {name!r} is not in params '{key}' ({', '.join(listed)})")
+                raise ConfigError(f"{key[:-1]} {name!r} is not in {source} '{key}' ({', '.join(listed)})")
 
 
 def check_seed(seed: int, name: str) -> None:

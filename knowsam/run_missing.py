@@ -103,10 +103,8 @@ def run_missing(
     pub = Publication(Path(folder))
     params = pub.params()
     check_training_code(pub)
-    for kind, asked, known in (("method", methods, params.methods), ("dataset", datasets, params.datasets)):
-        unknown = [name for name in asked or [] if name not in known]
-        if unknown:
-            raise KnowsamError(f"{kind} {unknown[0]!r} is not in {pub.params_file} ({', '.join(known)})", 2)
+    params.require("methods", *(methods or []), source=str(pub.params_file))
+    params.require("datasets", *(datasets or []), source=str(pub.params_file))
     for ok, rule in (
         (jobs >= 1, f"--jobs {jobs} must be >= 1"),
         (threads is None or threads >= 0, f"--threads {threads} must be >= 0 (0: torch's default)"),

@@ -43,11 +43,24 @@ def _refuse_non_finite(token: str):
     raise _NonFinite(token)
 
 
+def redo_hint(run: RunId, eval_root: str | Path) -> str:
+    """What makes a run's evaluation files again: its evaluate stage, or, for the runs of a publication
+    folder (``<folder>/runs`` beside ``<folder>/params.yaml``, docs/publications.md), Git's copy or the
+    publication runner."""
+    root = Path(eval_root)
+    if root.name == "runs" and (root.parent / "params.yaml").is_file():
+        return (
+            f"restore it from Git (`git checkout -- {run.eval_dir(root)}`) or delete that folder and run "
+            f"`knowsam-bench publication run {root.parent}`"
+        )
+    return f"re-run `dvc repro evaluate@{run.group_stage_name}`"
+
+
 def read_summary(run: RunId, eval_root: str | Path = "data/eval") -> dict | None:
     """The run's summary, or None when it has none; a KnowsamError naming the file when it is
     empty, truncated, not a summary or holds a NaN (the empty-mask policy gives every case a finite value)."""
     path = run.summary_file(eval_root)
-    redo = f"re-run `dvc repro evaluate@{run.group_stage_name}`"
+    redo = redo_hint(run, eval_root)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

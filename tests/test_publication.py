@@ -197,7 +197,7 @@ def test_quiet_leaves_out_the_sitting_s_notes(fabricated, monkeypatch, capsys):
     for quiet, expected in ((["-q"], ""), ([], "pub: no run to make (3 of 4 done)\n")):
         capsys.readouterr()
         assert main([*quiet, "publication", "run", "pub", "--methods", "ucmt"]) == 0
-        assert capsys.readouterr().out == expected
+        assert capsys.readouterr().err == expected  # notes are log messages: stderr, as every progress line
 
 
 def test_a_damaged_pin_is_one_line(fabricated, cli):
@@ -207,6 +207,19 @@ def test_a_damaged_pin_is_one_line(fabricated, cli):
         *cli(ws, "publication", "status", "pub"),
         1,
         r"^error: pub/training-code\.json: has no 'fingerprint'; write it with `knowsam-bench publication pin pub`$",
+    )
+
+
+def test_a_damaged_stored_summary_names_the_file_and_how_to_get_it_back(fabricated, cli):
+    ws, pub, _ = fabricated
+    summary = RunId("ucmt", "polyp", 0.1, 1).summary_file(pub.runs_root)
+    summary.write_text(summary.read_text()[:40])
+    one_line(
+        *cli(ws, "publication", "status", "pub"),
+        1,
+        r"^error: pub/runs/polyp/ratio-0\.1_seed-1/ucmt/summary\.json: unreadable evaluation summary \(truncated or "
+        r"not JSON\); restore it from Git \(`git checkout -- pub/runs/polyp/ratio-0\.1_seed-1/ucmt`\) or delete "
+        r"that folder and run `knowsam-bench publication run pub`$",
     )
 
 
@@ -511,12 +524,12 @@ def test_run_refuses_an_unknown_method_a_commit_outside_git_and_a_second_sitting
     one_line(
         *cli(ws, "publication", "run", "pub", "--methods", "mt"),
         2,
-        r"^error: method 'mt' is not in pub/params\.yaml \(ucmt, knowsam\)$",
+        r"^error: method 'mt' is not in pub/params\.yaml 'methods' \(ucmt, knowsam\)$",
     )
     one_line(
         *cli(ws, "publication", "run", "pub", "--datasets", "polyp,acdc"),
         2,
-        r"^error: dataset 'acdc' is not in pub/params\.yaml \(polyp\)$",
+        r"^error: dataset 'acdc' is not in pub/params\.yaml 'datasets' \(polyp\)$",
     )
     one_line(
         *cli(ws, "publication", "run", "pub", "--commit"),
@@ -539,7 +552,7 @@ def test_failed_runs_are_named_and_the_others_go_on(accumulated, tmp_path, cli):
     before = tree(ws / "pub/runs")
     # data/runs holds the trainings of the old lr: without --restart-stale each train child refuses its folder.
     line = one_line(
-        *cli(ws, "publication", "run", "pub", "--methods", "labeled-only", "--jobs", "2"),
+        *cli(ws, "-q", "publication", "run", "pub", "--methods", "labeled-only", "--jobs", "2"),
         1,
         r"^error: 2 run\(s\) failed: labeled-only-demo-0\.1-0 \(train: data/runs/demo/ratio-0\.1_seed-0/"
         r"labeled-only/checkpoint\.pt: checkpoint from a different configuration or version; delete ",

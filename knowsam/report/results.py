@@ -22,7 +22,7 @@ from knowsam.config import Params
 from knowsam.errors import KnowsamError
 from knowsam.methods.registry import UPPER_BOUNDS
 from knowsam.runs import RunId
-from knowsam.summaries import identity, read_summary, stale_reason
+from knowsam.summaries import identity, read_summary, redo_hint, stale_reason
 
 # How a method's extra outputs (``Method.variants``) are named in tables.
 VARIANT_LABELS: dict[str, str] = {"sam": "SAM output"}
@@ -212,7 +212,7 @@ def load_per_case(
     that differs from the summary's (a file cut at a line end).
     """
     path = run.eval_dir(eval_root) / "per_case.csv"
-    redo = f"re-run `dvc repro evaluate@{run.group_stage_name}`"
+    redo = redo_hint(run, eval_root)
     try:
         raw = path.read_bytes()
         if not raw.endswith(b"\n"):  # evaluate ends every row with a newline: anything else was cut short
