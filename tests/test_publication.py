@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -501,6 +502,29 @@ def test_max_minutes_starts_no_run_its_stored_times_say_would_not_finish(accumul
     assert [(r.stage_name, s) for r, s in outcome.not_started] == [
         (r.stage_name, recorded[r.dataset, r.method]) for r in outcome.todo
     ]
+
+
+def test_a_run_finished_in_the_sitting_replaces_the_estimate_of_the_next_of_its_kind(fabricated, monkeypatch):
+    """Steps timed alone before a sitting underestimate a run (no neighbour, no validation): once a run of a
+    kind has finished, its wall time decides whether the next one of that kind still fits."""
+    from knowsam import run_missing
+
+    ws, pub, params = fabricated
+    monkeypatch.chdir(ws)
+    child = [sys.executable, "-c", "import time; time.sleep(1.0); print('done')"]
+    monkeypatch.setattr(run_missing.Sitting, "commands", lambda self, run: [("train", child), ("evaluate", child)])
+    monkeypatch.setattr(run_missing, "store_run", lambda pub, params, run, record: ws / "stored")
+    (ws / "logs").mkdir()
+    said: list[str] = []
+    record = {"threads": 1}
+    sitting = run_missing.Sitting(pub, params, ws / "params.yaml", ws / "logs", 1, False, None, record, said.append)
+    runs = [RunId("knowsam", "polyp", 0.1, seed) for seed in (1, 2)]
+    outcome = run_missing.Outcome(todo=list(runs))
+    # Timed alone, each run would take 0.2 s; the first takes over 2 s, so the second no longer fits in 3 s.
+    sitting.make(outcome, {r: 0.2 for r in runs}, time.monotonic() + 3.0)
+    assert outcome.stored == runs[:1], said
+    assert [r for r, _ in outcome.not_started] == runs[1:]
+    assert outcome.not_started[0][1] == sitting.finished[("polyp", "knowsam")] >= 2.0
 
 
 # --- one line for what is refused ------------------------------------------------------------------
