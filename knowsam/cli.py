@@ -692,7 +692,7 @@ def publication_run(
         restart_stale=restart_stale,
         methods=parse_methods(methods) if methods else None,
         datasets=[d.strip() for d in datasets.split(",") if d.strip()] if datasets else None,
-        echo=logging.getLogger("knowsam.publication").info,
+        echo=logging.getLogger("knowsam.run_missing").info,  # the runner's notes
     )
     if outcome.not_started:
         typer.echo(

@@ -48,7 +48,7 @@ def configure(verbosity: int = 0) -> None:
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(
-            console=Console(stderr=True, soft_wrap=True), show_time=False, show_path=False, markup=False
+            console=Console(stderr=True), show_time=False, show_path=False, markup=False
         )
     else:
         handler = _PlainHandler()
