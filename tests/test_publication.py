@@ -578,8 +578,13 @@ def test_failed_runs_are_named_and_the_others_go_on(accumulated, tmp_path, cli):
     line = one_line(
         *cli(ws, "-q", "publication", "run", "pub", "--methods", "labeled-only", "--jobs", "2"),
         1,
-        r"^error: 2 run\(s\) failed: labeled-only-demo-0\.1-0 \(train: data/runs/demo/ratio-0\.1_seed-0/"
+        r"^error: 2 run\(s\) failed: labeled-only-demo-0\.1-[01] \(train: data/runs/demo/ratio-0\.1_seed-[01]/"
         r"labeled-only/checkpoint\.pt: checkpoint from a different configuration or version; delete ",
     )
-    assert "labeled-only-demo-0.1-1 (train: data/runs/demo/ratio-0.1_seed-1/labeled-only/checkpoint.pt" in line
+    # The two runs fail side by side, named in the order they fail.
+    for seed in (0, 1):
+        assert (
+            f"labeled-only-demo-0.1-{seed} (train: data/runs/demo/ratio-0.1_seed-{seed}/labeled-only/checkpoint.pt"
+            in line
+        )
     assert tree(ws / "pub/runs") == before  # the stale results stay until new ones replace them
