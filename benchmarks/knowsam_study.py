@@ -7,7 +7,9 @@ alone and of the SAM teacher, every ``train.eval_every`` iterations) and ``summa
 configuration and test scores), then prints Markdown: the curves side by side, and per arm the
 mixing start, the fused output's best validation Dice, its lowest after mixing starts and whether
 that stays above half the best (issue "CPU publication": the stability criterion), and the test
-mDice of the fused and SAM outputs. ``--figure`` draws the four outputs' curves, one panel each.
+mDice of the fused and SAM outputs; then each student's supervised and distillation terms averaged
+over windows of ``--window`` iterations (which term drives a student). ``--figure`` draws the four
+outputs' curves, one panel each. A root may also be a publication folder (its ``runs/`` is read).
 
     python benchmarks/knowsam_study.py --figure study.png \\
         "official schedule=reports/published/cpu-ranked/runs" "no KD=reports/published/cpu-ranked/knowsam-study/kd0/runs"
@@ -30,11 +32,30 @@ OUTPUTS = {  # curves.csv column -> what it is
 }
 
 
-def load_arm(runs_root: Path, dataset: str, ratio: str, seed: int) -> tuple[pd.DataFrame, dict]:
+TERMS = ("unet_sup", "unet_kd", "vnet_sup", "vnet_kd")  # curves.csv columns: each student's CE+Dice and KD
+
+
+def load_arm(root: Path, dataset: str, ratio: str, seed: int) -> tuple[pd.DataFrame, dict]:
+    """(every curves.csv row indexed by step, summary.json) of the knowsam run under ``root``."""
+    runs_root = root / "runs" if (root / "params.yaml").is_file() else root
     folder = runs_root / dataset / f"ratio-{ratio}_seed-{seed}" / "knowsam"
-    curves = pd.read_csv(folder / "curves.csv")
+    curves = pd.read_csv(folder / "curves.csv").set_index("step")
     summary = json.loads((folder / "summary.json").read_text())
-    return curves.dropna(subset=["val_dice"]).set_index("step")[[c for c in OUTPUTS if c in curves]], summary
+    return curves, summary
+
+
+def validation(curves: pd.DataFrame) -> pd.DataFrame:
+    """The validation rows, one column per output."""
+    return curves.dropna(subset=["val_dice"])[[c for c in OUTPUTS if c in curves]]
+
+
+def term_windows(curves: pd.DataFrame, window: int) -> pd.DataFrame:
+    """Mean of each of ``TERMS`` over iterations 1-window, window+1-2 window, ... (rows: terms)."""
+    terms = curves[[t for t in TERMS if t in curves]]
+    first = (terms.index - 1) // window * window + 1
+    means = terms.groupby(first).mean().T
+    means.columns = [f"{a}-{a + window - 1}" for a in means.columns]
+    return means
 
 
 def mixing_start(summary: dict) -> int:
@@ -43,6 +64,15 @@ def mixing_start(summary: dict) -> int:
     iterations = cfg["train"]["iterations"]
     mixed = cfg["method_params"]["mixed_iterations"]
     return round(mixed * iterations) if isinstance(mixed, float) and mixed <= 1.0 else int(mixed)
+
+
+def stability(fused: pd.Series, start: int, iterations: int) -> tuple[str, float, str]:
+    """(mixing start, lowest fused Dice from the start on, whether it stays >= half the run's best)."""
+    if start >= iterations - 1:  # official: the mixed stage runs while iter_num > mixed_iterations
+        return "never", float("nan"), "-"
+    after = fused[fused.index >= start]
+    lowest = after.min() if len(after) else float("nan")
+    return str(start), lowest, "yes" if len(after) and lowest >= fused.max() / 2 else "no"
 
 
 def test_mdice(summary: dict, variant: str) -> dict[str, float]:
@@ -57,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="polyp")
     parser.add_argument("--ratio", default="0.1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=int, default=200, help="Iterations per window of the terms table.")
     parser.add_argument("--figure", type=Path, help="Draw the curves into this PNG.")
     args = parser.parse_args(argv)
     arms = {}
@@ -70,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {root}: no readable knowsam run of {args.dataset} {args.ratio} seed {args.seed} ({exc})")
             return 1
     table = pd.concat(
-        {f"{label}: {OUTPUTS[c]}": curves[c] for label, (curves, _) in arms.items() for c in curves.columns}, axis=1
+        {
+            f"{label}: {OUTPUTS[c]}": validation(curves)[c]
+            for label, (curves, _) in arms.items()
+            for c in validation(curves)
+        },
+        axis=1,
     )
     print("| iteration | " + " | ".join(table.columns) + " |")
     print("|---" * (len(table.columns) + 1) + "|")
@@ -83,11 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|")
     for label, (curves, summary) in arms.items():
-        start = mixing_start(summary)
-        fused = curves["val_dice"]
-        after = fused[fused.index >= start]
-        lowest = after.min() if len(after) else float("nan")
-        holds = "yes" if len(after) and lowest >= fused.max() / 2 else "no"
+        fused = validation(curves)["val_dice"]
+        start, lowest, holds = stability(fused, mixing_start(summary), summary["config"]["train"]["iterations"])
         tests = {k: " / ".join(f"{v:.2f}" for v in test_mdice(summary, k).values()) for k in ("", "sam")}
         print(
             f"| {label} | {start} | {fused.max():.3f} ({fused.idxmax()}) | {lowest:.3f} | {holds} | "
@@ -98,10 +131,22 @@ def main(argv: list[str] | None = None) -> int:
         f"\nTest sets, in order: {', '.join(test_sets)}. Iterations count from 1; validation every "
         f"{int(table.index[1] - table.index[0]) if len(table) > 1 else '?'} iterations."
     )
+    print_terms(arms, args.window)
     if args.figure:
         draw(arms, args.figure)
         print(f"wrote {args.figure}")
     return 0
+
+
+def print_terms(arms: dict[str, tuple[pd.DataFrame, dict]], window: int) -> None:
+    tables = {label: term_windows(curves, window) for label, (curves, _) in arms.items()}
+    columns = max((t.columns for t in tables.values()), key=len)
+    print(f"\nLoss terms, mean per window of {window} iterations:\n")
+    print("| arm | term | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 2) + "|")
+    for label, table in tables.items():
+        for term, row in table.reindex(columns=columns).iterrows():
+            print(f"| {label} | {term} | " + " | ".join("" if pd.isna(v) else f"{v:.3f}" for v in row) + " |")
 
 
 def draw(arms: dict[str, tuple[pd.DataFrame, dict]], path: Path) -> None:
@@ -111,7 +156,8 @@ def draw(arms: dict[str, tuple[pd.DataFrame, dict]], path: Path) -> None:
     fig = Figure(figsize=(11, 7), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True, sharey=True).ravel()
     for ax, (column, title) in zip(axes, OUTPUTS.items()):
-        for i, (label, (curves, summary)) in enumerate(arms.items()):
+        for i, (label, (run_curves, summary)) in enumerate(arms.items()):
+            curves = validation(run_curves)
             if column in curves:
                 line = ax.plot(curves.index, curves[column], label=label, color=f"C{i}", lw=1.3)[0]
                 ax.axvline(mixing_start(summary), color=line.get_color(), ls=":", lw=0.8)
