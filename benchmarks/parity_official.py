@@ -56,6 +56,16 @@ pre-activation within rounding of 0 here and there, and the gradient through tha
 then changes by 99% (slope 1 against 0.01); measured, it moved whole prompt heads' gradients by up
 to 2e-2 (root mean square) at 4 classes.
 
+SAM's pseudo-labels are an argmax (trainer.py:75), and at a pixel where SAM's two best classes are
+within rounding of a tie the two sides' 1.5e-6 apart logits may pick different classes: measured
+once on one CPU model, one pixel of the 2-class run at iteration 2 (official softmax 0.4999999949 /
+0.5000000051). Such a flip is no fault of either side, yet it changes a mixed label and, through
+it, the U-Net's gradient (1.07e-3 of its norm on the first convolution). So after each iteration
+the pixels where the official top-2 softmax margin is under ``TIE`` (1e-6) and the two argmaxes
+differ are counted; if there are any, our iteration is rewound (our weights, BatchNorm statistics
+and optimiser state as they were before it) and run again with the official label at those
+pixels only, and a line names how many were given.
+
 Dropout is on in the training step, both sides seeded alike before each iteration: the official
 step draws dropout masks in the U-Net (its joint forward interleaves the U-Net and the V-Net, but
 the V-Net and the fusion module have no dropout), then in the prompt heads class by class, then in
@@ -115,13 +125,14 @@ imported).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 import tempfile
 import types
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -132,6 +143,7 @@ import torch.nn as nn
 from knowsam.config import SamParams, TrainParams
 from knowsam.data.batch import Batch
 from knowsam.methods import MethodContext, get_method
+from knowsam.methods import knowsam as knowsam_module
 from knowsam.methods.knowsam import KnowSam
 from knowsam.methods.params import KnowSamParams
 from knowsam.methods.sam_support import teacher_forward
@@ -141,6 +153,7 @@ from knowsam.models.sam_teacher import AdaptedBlock, ClassPromptHead, build_sam_
 KINDS = ("outputs", "terms", "gradients", "updates")
 TOLERANCES = {"outputs": 1e-4, "terms": 1e-4, "gradients": 1e-3, "updates": 1e-4}
 GRADIENT_FLOOR = 1e-2  # a gradient's norm counts as at least this share of the largest in its module group
+TIE = 1e-6  # SAM's two best classes closer than this (softmax) make its argmax a coin toss
 SEED = 2024
 BATCH, LABELED, SIZE, CHANNELS = 4, 2, 256, 3
 # The official schedule over a run of T = 4 iterations: a ramp stage per iteration, mixing after
@@ -820,6 +833,47 @@ def iteration_terms(
     return terms
 
 
+def pseudo_label_tie_flips(official_frames: dict[str, dict], our_frames: dict[str, dict]) -> torch.Tensor:
+    """Unlabeled pixels where SAM's argmax differs on the two sides and the official top-2 margin is under ``TIE``."""
+    if "mix_up" not in official_frames or "mixed" not in our_frames:
+        return torch.zeros(0, dtype=torch.bool)
+    official_soft = official_frames["mix_up"]["pseudo_label"].detach()  # pred_sam_soft of the unlabeled rows
+    top2 = official_soft.topk(2, dim=1).values
+    ours = our_frames["mixed"]["teacher"].detach().argmax(1)[-len(official_soft) :]
+    return (top2[:, 0] - top2[:, 1] < TIE) & (ours != official_frames["mix_up"]["unlabel_pseudo_label"])
+
+
+def rewind(record: StepRecord, tensors: list[torch.Tensor], optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Put ``tensors`` and the optimisers' state back as they were before ``record``'s iteration."""
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(record.before[id(t)])
+    for name, optimizer in optimizers.items():
+        state = record.optimizers[name][3] if name in record.optimizers else {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                optimizer.state.pop(p, None)
+                if id(p) in state:
+                    optimizer.state[p] = _clone_state(state[id(p)])
+
+
+@contextlib.contextmanager
+def given_pseudo_labels(where: torch.Tensor, labels: torch.Tensor) -> Iterator[None]:
+    """Our uncertainty mixing takes the official pseudo-label of the unlabeled rows at ``where``."""
+    original = knowsam_module.uncertainty_mix
+
+    def mix(x: torch.Tensor, y_l: torch.Tensor, pseudo: torch.Tensor, *rest: object) -> tuple:
+        pseudo = pseudo.clone()
+        pseudo[-len(labels) :] = torch.where(where, labels, pseudo[-len(labels) :])
+        return original(x, y_l, pseudo, *rest)
+
+    knowsam_module.uncertainty_mix = mix
+    try:
+        yield
+    finally:
+        knowsam_module.uncertainty_mix = original
+
+
 def training_step_terms(
     official: types.SimpleNamespace, checkpoint: Path, config: Config, x: torch.Tensor
 ) -> list[Term]:
@@ -870,6 +924,20 @@ def training_step_terms(
         finally:
             hook.remove()
         theirs.frames["encoder"] = official_embedding
+        flips = pseudo_label_tie_flips(theirs.frames, mine.frames)
+        if flips.any():
+            print(
+                f"info: iteration {t}: {int(flips.sum())} pixel(s) of SAM's pseudo-labels at a tie (official top-2 "
+                f"softmax margin < {TIE:g}) took other classes on the two sides; ours rerun with the official label there"
+            )
+            rewind(mine, [p.ours for p in trainable + buffers], ours.optimizers)
+            with given_pseudo_labels(flips, theirs.frames["mix_up"]["unlabel_pseudo_label"]):
+                mine = record_iteration(
+                    lambda t=t: ours.train_step(batch, t),
+                    ours.optimizers,
+                    tracked,
+                    {"losses": KnowSam.losses, "mixed": KnowSam._mixed_stage, "teacher": teacher_forward},
+                )
         terms += iteration_terms(t, theirs, mine, trainable, buffers)
         # Trained officially but absent here (or the reverse): fine only while the step gives it no gradient.
         for side, tensors, record in (("official", official_extra, theirs), ("ours", our_extra, mine)):
