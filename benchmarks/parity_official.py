@@ -902,14 +902,14 @@ def training_step_terms(
     y = disc_labels(BATCH, config.classes)
     batch = Batch(x[:LABELED], y[:LABELED], x[LABELED:])
     official_optimizers = {"sam": trainer.optimizer_sam, "nets": trainer.optimizer_SGDL}
+    our_frames = {"losses": KnowSam.losses, "mixed": KnowSam._mixed_stage, "teacher": teacher_forward}
+
+    def our_iteration(t: int) -> StepRecord:
+        return record_iteration(lambda: ours.train_step(batch, t), ours.optimizers, tracked, our_frames)
+
     for t in range(COMPARED):
         synchronise(pairs, trainable, official_optimizers, ours.optimizers)
-        mine = record_iteration(
-            lambda t=t: ours.train_step(batch, t),
-            ours.optimizers,
-            tracked,
-            {"losses": KnowSam.losses, "mixed": KnowSam._mixed_stage, "teacher": teacher_forward},
-        )
+        mine = our_iteration(t)
         official_embedding: dict[str, torch.Tensor] = {}
         hook = trainer.sam_model.image_encoder.register_forward_hook(
             partial(given_values, mine.frames["teacher"]["embeddings"].detach(), official_embedding)
@@ -932,12 +932,7 @@ def training_step_terms(
             )
             rewind(mine, [p.ours for p in trainable + buffers], ours.optimizers)
             with given_pseudo_labels(flips, theirs.frames["mix_up"]["unlabel_pseudo_label"]):
-                mine = record_iteration(
-                    lambda t=t: ours.train_step(batch, t),
-                    ours.optimizers,
-                    tracked,
-                    {"losses": KnowSam.losses, "mixed": KnowSam._mixed_stage, "teacher": teacher_forward},
-                )
+                mine = our_iteration(t)
         terms += iteration_terms(t, theirs, mine, trainable, buffers)
         # Trained officially but absent here (or the reverse): fine only while the step gives it no gradient.
         for side, tensors, record in (("official", official_extra, theirs), ("ours", our_extra, mine)):

@@ -6,22 +6,16 @@ the official label there, and how our iteration is rewound before it is run agai
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location("parity_official", REPO / "benchmarks" / "parity_official.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_script("parity_official") as module:
+        yield module
 
 
 def frames(official_soft: torch.Tensor, our_logits: torch.Tensor) -> tuple[dict, dict]:
